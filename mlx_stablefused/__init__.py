@@ -1,0 +1,23 @@
+"""mlx-stablefused: Stable Diffusion on Apple Silicon through MLX, with stablefused's API."""
+
+__version__ = "0.1.0"
+
+from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError  # noqa: E402
+from .pipelines.base import BaseDiffusion  # noqa: E402
+from .pipelines.text_to_image import TextToImageDiffusion  # noqa: E402
+from .schedulers import SCHEDULER_NAMES  # noqa: E402
+from .tokenizer import PromptTruncatedWarning  # noqa: E402
+from .utils.images import image_grid, numpy_to_pil, pil_to_numpy  # noqa: E402
+
+__all__ = [
+    "BaseDiffusion",
+    "TextToImageDiffusion",
+    "SCHEDULER_NAMES",
+    "ModelSourceError",
+    "UnsupportedModelError",
+    "WeightLoadError",
+    "PromptTruncatedWarning",
+    "image_grid",
+    "numpy_to_pil",
+    "pil_to_numpy",
+]

@@ -1,0 +1,18 @@
+"""Framework backends behind one interface (see base.Backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Backend
+
+BACKENDS = ("mlx",)
+
+
+def create_backend(name: str, source: Any, **options: Any) -> Backend:
+    """Instantiate backend ``name`` for the model at ``source``; imports the framework only when asked."""
+    if name == "mlx":
+        from .mlx.backend import MLXBackend
+
+        return MLXBackend(source, **options)
+    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

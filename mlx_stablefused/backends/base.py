@@ -1,0 +1,70 @@
+"""The interface pipelines use to run the networks, whatever the framework.
+
+Pipelines and samplers never import MLX or torch: they hold "native" arrays (the
+backend's own type and internal layout) and use only arithmetic on them plus these
+methods. Latents cross the public API in diffusers' layout, (B, C, h, w), as numpy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+
+Array = Any  # a backend-native array
+
+
+class Backend(ABC):
+    name: str = ""
+
+    # Configs of the loaded networks (see mlx_stablefused.config).
+    text_config: Any
+    unet_config: Any
+    vae_config: Any
+
+    @abstractmethod
+    def encode_text(self, token_ids: np.ndarray) -> Array:
+        """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
+
+    @abstractmethod
+    def unet(self, latent: Array, timestep: float, context: Array) -> Array:
+        """Noise (or v) prediction for native ``latent`` (float32) at training time ``timestep``; float32 out."""
+
+    @abstractmethod
+    def vae_decode(self, latent: Array) -> Array:
+        """Unscaled native latents -> native images, float32, about [-1, 1]."""
+
+    @abstractmethod
+    def vae_encode(self, images: Array) -> tuple[Array, Array]:
+        """Native images in [-1, 1] -> posterior (mean, logvar), unscaled, float32."""
+
+    @abstractmethod
+    def latent_from_numpy(self, latent: np.ndarray) -> Array:
+        """(B, C, h, w) numpy -> native float32 latent."""
+
+    @abstractmethod
+    def latent_to_numpy(self, latent: Array) -> np.ndarray:
+        """Native latent -> (B, C, h, w) float32 numpy."""
+
+    @abstractmethod
+    def images_from_numpy(self, images: np.ndarray) -> Array:
+        """(B, H, W, 3) float numpy in [-1, 1] -> native images."""
+
+    @abstractmethod
+    def images_to_numpy(self, images: Array) -> np.ndarray:
+        """Native images -> (B, H, W, 3) float32 numpy."""
+
+    @abstractmethod
+    def concat(self, arrays: Sequence[Array]) -> Array:
+        """Concatenate along the batch axis."""
+
+    @abstractmethod
+    def per_sample_std(self, x: Array) -> Array:
+        """Standard deviation over all but the batch axis, broadcastable against ``x``."""
+
+    def evaluate(self, *arrays: Array) -> None:
+        """Force computation (lazy frameworks), so progress bars and timings mean something."""
+
+    def set_attention_chunk(self, chunk: int | None) -> None:
+        """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""

@@ -1,0 +1,1 @@
+"""MLX networks (CLIP text encoder, UNet, VAE) and the MLX backend."""

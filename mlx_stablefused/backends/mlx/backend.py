@@ -1,0 +1,84 @@
+"""The MLX backend: runs the networks on Metal (or MLX's CPU/CUDA builds), NHWC inside."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ...sources import ModelSource
+from ..base import Backend
+from .loading import load_components, parse_dtype
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+
+    def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
+                 use_cache: bool = True, device: str | None = None) -> None:
+        if device not in (None, "gpu", "cpu"):
+            raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
+        if device is not None:
+            mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        self.dtype = parse_dtype(dtype)
+        modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
+                                  vae_dtype=self._vae_dtype(source))
+        self.text_encoder = modules["text_encoder"]
+        self.unet_model = modules["unet"]
+        self.vae = modules["vae"]
+        self.text_config = self.text_encoder.config
+        self.unet_config = self.unet_model.config
+        self.vae_config = self.vae.config
+
+    def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
+        # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.
+        from ...config import VAEConfig, read_json
+
+        cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
+        return mx.float32 if self.dtype == mx.float16 and cfg.force_upcast else self.dtype
+
+    def encode_text(self, token_ids: np.ndarray) -> mx.array:
+        return self.text_encoder(mx.array(token_ids)).last_hidden_state
+
+    def unet(self, latent: mx.array, timestep: float, context: mx.array) -> mx.array:
+        x = latent.astype(self.dtype)
+        out = self.unet_model(x, mx.array(float(timestep), dtype=mx.float32), context.astype(self.dtype))
+        return out.astype(mx.float32)
+
+    def vae_decode(self, latent: mx.array) -> mx.array:
+        vae_dtype = self.vae.decoder.conv_in.weight.dtype
+        return self.vae.decode(latent.astype(vae_dtype)).astype(mx.float32)
+
+    def vae_encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
+        vae_dtype = self.vae.encoder.conv_in.weight.dtype
+        mean, logvar = self.vae.encode(images.astype(vae_dtype))
+        return mean.astype(mx.float32), logvar.astype(mx.float32)
+
+    def latent_from_numpy(self, latent: np.ndarray) -> mx.array:
+        return mx.array(np.ascontiguousarray(np.asarray(latent, dtype=np.float32).transpose(0, 2, 3, 1)))
+
+    def latent_to_numpy(self, latent: mx.array) -> np.ndarray:
+        return np.asarray(latent.astype(mx.float32)).transpose(0, 3, 1, 2).copy()
+
+    def images_from_numpy(self, images: np.ndarray) -> mx.array:
+        return mx.array(np.asarray(images, dtype=np.float32))
+
+    def images_to_numpy(self, images: mx.array) -> np.ndarray:
+        return np.asarray(images.astype(mx.float32))
+
+    def concat(self, arrays: Sequence[mx.array]) -> mx.array:
+        return mx.concatenate(list(arrays), axis=0)
+
+    def per_sample_std(self, x: mx.array) -> mx.array:
+        axes = tuple(range(1, x.ndim))
+        # torch.std is the unbiased (n-1) estimator; diffusers' rescale uses it.
+        return mx.sqrt(mx.var(x, axis=axes, keepdims=True, ddof=1))
+
+    def evaluate(self, *arrays: mx.array) -> None:
+        mx.eval(*arrays)
+
+    def set_attention_chunk(self, chunk: int | None) -> None:
+        for _, module in self.unet_model.named_modules():
+            if hasattr(module, "set_query_chunk"):
+                module.set_query_chunk(chunk)

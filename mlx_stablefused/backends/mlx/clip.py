@@ -1,0 +1,109 @@
+"""CLIP text encoder (transformers' CLIPTextModel) in MLX, with transformers' parameter names."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...config import CLIPTextConfig
+
+
+class CLIPOutput(NamedTuple):
+    last_hidden_state: mx.array
+    pooler_output: mx.array
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self._heads = heads
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, n, d = x.shape
+        h = self._heads
+        q, k, v = (p(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5, mask="causal")
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self._act = quick_gelu if act == "quick_gelu" else nn.gelu
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self._act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig) -> None:
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+
+    def __call__(self, input_ids: mx.array) -> CLIPOutput:
+        tm = self.text_model
+        ids = mx.array(input_ids)
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's "
+                             f"{self.config.max_position_embeddings} positions")
+        x = tm.embeddings(ids)
+        for layer in tm.encoder.layers:
+            x = layer(x)
+        x = tm.final_layer_norm(x)
+        # Pooled output at the first EOS (legacy configs with eos_token_id=2: at the highest id).
+        if self.config.eos_token_id == 2:
+            pos = mx.argmax(ids, axis=-1)
+        else:
+            pos = mx.argmax((ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
+        pooled = mx.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
+        return CLIPOutput(x, pooled)

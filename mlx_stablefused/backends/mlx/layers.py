@@ -1,0 +1,152 @@
+"""Building blocks shared by the MLX UNet and VAE, named as diffusers names them.
+
+Attribute names mirror diffusers (``to_q``, ``to_out.0``, ``ff.net.0.proj``, ``norm1``,
+``conv_shortcut`` ...) so that checkpoint keys map onto parameters one to one; only the
+array layout changes (MLX convolutions are channels-last). Tensors are NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    # pytorch_compatible=True groups adjacent channels, as torch does.
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True, pytorch_compatible=True)
+
+
+def resize_nearest(x: mx.array, size: tuple[int, int]) -> mx.array:
+    """Nearest-neighbour resize of NHWC ``x`` to ``size`` with torch's 'nearest' index rule."""
+    b, h, w, c = x.shape
+    oh, ow = size
+    if (oh, ow) == (2 * h, 2 * w):
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return x.reshape(b, oh, ow, c)
+    rows = mx.array([min(int(i * h / oh), h - 1) for i in range(oh)])
+    cols = mx.array([min(int(j * w / ow), w - 1) for j in range(ow)])
+    return mx.take(mx.take(x, rows, axis=1), cols, axis=2)
+
+
+def timestep_embedding(timesteps: mx.array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> mx.array:
+    """Sinusoidal embedding of (fractional) training timesteps, in float32 as diffusers computes it."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * mx.arange(half, dtype=mx.float32) / (half - freq_shift)
+    args = timesteps.astype(mx.float32)[:, None] * mx.exp(exponent)[None, :]
+    sin, cos = mx.sin(args), mx.cos(args)
+    emb = mx.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = mx.pad(emb, [(0, 0), (0, 1)])
+    return emb
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names; fused SDPA kernel."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
+                 bias: bool = False, out_bias: bool = True, upcast: bool = False) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim or query_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_out = [nn.Linear(inner, query_dim, bias=out_bias)]
+        self._heads = heads
+        self._dim_head = dim_head
+        self._upcast = upcast
+        self._query_chunk: int | None = None
+
+    def set_query_chunk(self, chunk: int | None) -> None:
+        """Attend in slices of ``chunk`` queries so the score matrix never exists whole."""
+        self._query_chunk = chunk
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+        context = x if context is None else context
+        b, lq, _ = x.shape
+        lk = context.shape[1]
+        h, d = self._heads, self._dim_head
+        q = self.to_q(x).reshape(b, lq, h, d).transpose(0, 2, 1, 3)
+        k = self.to_k(context).reshape(b, lk, h, d).transpose(0, 2, 1, 3)
+        v = self.to_v(context).reshape(b, lk, h, d).transpose(0, 2, 1, 3)
+        dtype = q.dtype
+        if self._upcast and dtype != mx.float32:
+            q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+        scale = d**-0.5
+        chunk = self._query_chunk
+        if chunk and lq > chunk:
+            parts = [mx.fast.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, scale=scale)
+                     for s in range(0, lq, chunk)]
+            o = mx.concatenate(parts, axis=2)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, h * d)
+        return self.to_out[0](o)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj(x), 2, axis=-1)  # value first, gate second
+        return value * nn.gelu(gate)  # exact (erf) GELU, as diffusers
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        # net.1 is diffusers' Dropout: kept so that net.2 keeps its checkpoint index.
+        self.net = [GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int,
+                 eps: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels is not None:
+            self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = group_norm(groups, out_channels, eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Linear(in_channels, out_channels)  # a 1x1 convolution
+
+    def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int, padding: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self._asymmetric_pad = padding == 0  # VAE style: pad right and bottom only
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._asymmetric_pad:
+            x = mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)])
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
+        size = size or (2 * x.shape[1], 2 * x.shape[2])
+        return self.conv(resize_nearest(x, size))

@@ -1,0 +1,150 @@
+"""AutoencoderKL in MLX, built from its diffusers config. Tensors are NHWC."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...config import VAEConfig
+from .layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+
+VAE_EPS = 1e-6
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE mid-block attention: one head over all pixels, with its own GroupNorm and residual."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.group_norm = group_norm(groups, channels, VAE_EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = [nn.Linear(channels, channels)]
+        self._query_chunk: int | None = None
+
+    def set_query_chunk(self, chunk: int | None) -> None:
+        self._query_chunk = chunk
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        y = self.group_norm(x).reshape(b, 1, h * w, c)
+        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
+        scale = c**-0.5
+        chunk = self._query_chunk
+        if chunk and h * w > chunk:
+            o = mx.concatenate([mx.fast.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, scale=scale)
+                                for s in range(0, h * w, chunk)], axis=2)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        return x + self.to_out[0](o).reshape(b, h, w, c)
+
+
+class UNetMidBlock2D(nn.Module):
+    def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
+        super().__init__()
+        self.resnets = [ResnetBlock2D(channels, channels, None, groups, VAE_EPS) for _ in range(2)]
+        if add_attention:
+            self.attentions = [SpatialSelfAttention(channels, groups)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.resnets[0](x)
+        if "attentions" in self:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool) -> None:
+        super().__init__()
+        self.resnets = [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups, VAE_EPS)
+                        for j in range(layers)]
+        if downsample:
+            self.downsamplers = [Downsample2D(out_channels, padding=0)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if "downsamplers" in self else x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
+        super().__init__()
+        self.resnets = [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups, VAE_EPS)
+                        for j in range(layers)]
+        if upsample:
+            self.upsamplers = [Upsample2D(out_channels)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if "upsamplers" in self else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        ch = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = [
+            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups, i < len(ch) - 1)
+            for i in range(len(ch))
+        ]
+        self.mid_block = UNetMidBlock2D(ch[-1], cfg.norm_num_groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[-1], VAE_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        rev = cfg.block_out_channels[::-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(rev[0], cfg.norm_num_groups, cfg.mid_block_add_attention)
+        self.up_blocks = [
+            DecoderBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(rev) - 1)
+            for i in range(len(rev))
+        ]
+        self.conv_norm_out = group_norm(cfg.norm_num_groups, rev[-1], VAE_EPS)
+        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        lc = config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Linear(2 * lc, 2 * lc)  # 1x1 convolutions
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Linear(lc, lc)
+
+    def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Posterior (mean, logvar) of NHWC images in [-1, 1]; latents are unscaled."""
+        moments = self.encoder(x)
+        if "quant_conv" in self:
+            moments = self.quant_conv(moments)
+        mean, logvar = mx.split(moments, 2, axis=-1)
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z: mx.array) -> mx.array:
+        """NHWC images in about [-1, 1] from unscaled latents."""
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)

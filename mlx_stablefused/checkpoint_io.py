@@ -1,0 +1,160 @@
+"""Reading and writing weight files safely.
+
+* safetensors headers are checked against the file size before any tensor is read, so a
+  truncated download is reported as such instead of crashing inside a reader;
+* PyTorch pickles (``.bin`` / ``.ckpt``) are read only with ``torch.load(weights_only=True)``,
+  which refuses to execute code;
+* every file we write lands under a temporary name and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import WeightLoadError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def check_safetensors(path: str | Path) -> dict:
+    """Validate a safetensors file's header and length; return the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightLoadError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise WeightLoadError(f"{path} is truncated or corrupt: its header claims {header_len} bytes "
+                                  f"but the file has {size}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightLoadError(f"{path} has a corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"{path} has a corrupt safetensors header")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as e:
+            raise WeightLoadError(f"{path}: malformed header entry for {name!r}") from e
+    expected = 8 + header_len + end
+    if size < expected:
+        raise WeightLoadError(f"{path} is truncated: its tensors need {expected} bytes but the file has {size} "
+                              "(an interrupted download? delete it and fetch it again)")
+    return header
+
+
+def _torch_to_mx(tensor) -> mx.array:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return mx.array(tensor.float().numpy()).astype(mx.bfloat16)
+    return mx.array(tensor.detach().cpu().numpy())
+
+
+def load_pickle(path: str | Path) -> dict[str, mx.array]:
+    """Tensors of a PyTorch checkpoint, read without executing any pickled code."""
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightLoadError(f"{path} is a PyTorch pickle; reading it needs torch "
+                              "(pip install 'mlx-stablefused[torch]'), or use a .safetensors file") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightLoadError(f"{path} does not hold a dictionary of tensors")
+    return {k: _torch_to_mx(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights(path: str | Path) -> dict[str, mx.array]:
+    """All tensors of one weight file, as (lazy) MLX arrays in the file's own layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadError(f"weight file {path} does not exist")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        check_safetensors(path)
+        try:
+            return mx.load(str(path))
+        except Exception as e:
+            raise WeightLoadError(f"could not read {path}: {e}") from e
+    if path.suffix in PICKLE_SUFFIXES:
+        return load_pickle(path)
+    raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+    with atomic_path(path, suffix=SAFETENSORS_SUFFIX) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+@contextmanager
+def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it onto ``target`` when complete."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

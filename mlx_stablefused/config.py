@@ -1,0 +1,218 @@
+"""Model configurations parsed from diffusers / transformers ``config.json`` files.
+
+Every field that changes the architecture is read from the file; fields that ask
+for features this port does not implement raise ``UnsupportedModelError`` naming
+the field, so an unsupported checkpoint is refused instead of loaded wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UnsupportedModelError
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except json.JSONDecodeError as e:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from e
+
+
+def _per_block(value: Any, n: int, name: str) -> tuple:
+    """diffusers lets many UNet fields be a scalar or one value per block."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UnsupportedModelError(f"{name} has {len(value)} entries for {n} blocks")
+        return tuple(value)
+    return (value,) * n
+
+
+def _require(cfg: dict, key: str, allowed: Sequence[Any], component: str) -> None:
+    if key in cfg and cfg[key] not in allowed:
+        raise UnsupportedModelError(
+            f"{component} config: {key}={cfg[key]!r} is not supported (supported: {list(allowed)})"
+        )
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "CLIPTextConfig":
+        _require(cfg, "hidden_act", ("quick_gelu", "gelu"), "text encoder")
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: tuple = (2, 2, 2, 2)
+    num_attention_heads: tuple = (8, 8, 8, 8)
+    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    attention_bias: bool = False
+    sample_size: int | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "UNetConfig":
+        c = "UNet"
+        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim",
+                    "num_class_embeds", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act"):
+            if cfg.get(key) is not None:
+                raise UnsupportedModelError(f"{c} config: {key}={cfg[key]!r} is not supported (SDXL-style and "
+                                            "class-conditioned UNets are not implemented)")
+        _require(cfg, "time_embedding_type", ("positional",), c)
+        _require(cfg, "resnet_time_scale_shift", ("default",), c)
+        _require(cfg, "act_fn", ("silu",), c)
+        _require(cfg, "dual_cross_attention", (False,), c)
+        _require(cfg, "only_cross_attention", (False,), c)
+        _require(cfg, "center_input_sample", (False,), c)
+        _require(cfg, "resnet_skip_time_act", (False,), c)
+        _require(cfg, "resnet_out_scale_factor", (1.0, 1), c)
+        _require(cfg, "mid_block_scale_factor", (1.0, 1), c)
+        _require(cfg, "conv_in_kernel", (3,), c)
+        _require(cfg, "conv_out_kernel", (3,), c)
+        _require(cfg, "attention_type", ("default",), c)
+        _require(cfg, "cross_attention_norm", (None,), c)
+        _require(cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn", None), c)
+        down = tuple(cfg.get("down_block_types", cls.down_block_types))
+        up = tuple(cfg.get("up_block_types", cls.up_block_types))
+        for t in down:
+            if t not in _UNET_DOWN:
+                raise UnsupportedModelError(f"{c} config: down block type {t!r} is not supported ({_UNET_DOWN})")
+        for t in up:
+            if t not in _UNET_UP:
+                raise UnsupportedModelError(f"{c} config: up block type {t!r} is not supported ({_UNET_UP})")
+        if len(up) != len(down):
+            raise UnsupportedModelError(f"{c} config: {len(down)} down blocks but {len(up)} up blocks")
+        n = len(down)
+        channels = tuple(cfg.get("block_out_channels", cls.block_out_channels))
+        if len(channels) != n:
+            raise UnsupportedModelError(f"{c} config: block_out_channels has {len(channels)} entries for {n} blocks")
+        # diffusers' legacy naming: for SD 1.x/2.x `attention_head_dim` holds the number of heads.
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        cross = cfg.get("cross_attention_dim", 768)
+        if isinstance(cross, (list, tuple)):
+            if len(set(cross)) != 1:
+                raise UnsupportedModelError(f"{c} config: per-block cross_attention_dim {cross} is not supported")
+            cross = cross[0]
+        tlayers = cfg.get("transformer_layers_per_block", 1)
+        if isinstance(tlayers, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in tlayers):
+            raise UnsupportedModelError(f"{c} config: nested transformer_layers_per_block is not supported")
+        if cfg.get("reverse_transformer_layers_per_block") is not None:
+            raise UnsupportedModelError(f"{c} config: reverse_transformer_layers_per_block is not supported")
+        groups = cfg.get("norm_num_groups", 32)
+        if groups is None:
+            raise UnsupportedModelError(f"{c} config: norm_num_groups=None is not supported")
+        for ch in channels:
+            if ch % groups:
+                raise UnsupportedModelError(f"{c} config: {ch} channels are not divisible into {groups} groups")
+        head_counts = _per_block(heads, n, "attention_head_dim")
+        for ch, h in zip(channels, head_counts):
+            if ch % h:
+                raise UnsupportedModelError(f"{c} config: {ch} channels are not divisible into {h} heads")
+        return cls(
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            block_out_channels=channels,
+            down_block_types=down,
+            up_block_types=up,
+            layers_per_block=_per_block(cfg.get("layers_per_block", 2), n, "layers_per_block"),
+            num_attention_heads=head_counts,
+            transformer_layers_per_block=_per_block(tlayers, n, "transformer_layers_per_block"),
+            cross_attention_dim=int(cross),
+            norm_num_groups=groups,
+            norm_eps=cfg.get("norm_eps", 1e-5),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            upcast_attention=bool(cfg.get("upcast_attention", False)),
+            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+            freq_shift=cfg.get("freq_shift", 0),
+            downsample_padding=cfg.get("downsample_padding", 1),
+            mid_block_type=cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            sample_size=cfg.get("sample_size"),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    force_upcast: bool = True
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "VAEConfig":
+        c = "VAE"
+        _require(cfg, "act_fn", ("silu",), c)
+        for t in cfg.get("down_block_types", ()):
+            if t != "DownEncoderBlock2D":
+                raise UnsupportedModelError(f"{c} config: down block type {t!r} is not supported")
+        for t in cfg.get("up_block_types", ()):
+            if t != "UpDecoderBlock2D":
+                raise UnsupportedModelError(f"{c} config: up block type {t!r} is not supported")
+        if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
+            raise UnsupportedModelError(f"{c} config: latents_mean/latents_std normalisation is not supported")
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        if "block_out_channels" in known:
+            known["block_out_channels"] = tuple(known["block_out_channels"])
+        out = cls(**known)
+        for ch in out.block_out_channels:
+            if ch % out.norm_num_groups:
+                raise UnsupportedModelError(f"{c} config: {ch} channels not divisible into {out.norm_num_groups} groups")
+        return out
+
+    @property
+    def downscale_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,18 @@
+"""Exceptions raised by mlx-stablefused.
+
+Each one subclasses the built-in exception a caller would naturally catch
+(ValueError, FileNotFoundError, ...), so generic handlers keep working while
+specific ones can tell a bad checkpoint from a bad argument.
+"""
+
+
+class ModelSourceError(FileNotFoundError):
+    """A model id or path could not be resolved to usable files."""
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint is unreadable, truncated, or does not fit the model (keys or shapes)."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model config asks for an architecture feature this port does not implement."""

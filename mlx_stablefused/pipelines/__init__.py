@@ -1,0 +1,1 @@
+"""Pipelines, written once for every backend."""

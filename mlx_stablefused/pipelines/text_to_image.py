@@ -1,0 +1,82 @@
+"""Text-to-image, with stablefused 0.2.0's keyword API plus ``seed`` and ``num_images_per_prompt``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedModelError
+from .base import Array, BaseDiffusion, PromptType
+
+
+class TextToImageDiffusion(BaseDiffusion):
+    def __call__(self, prompt: PromptType, image_height: int | None = None, image_width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
+                 output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
+                 num_images_per_prompt: int = 1) -> Any:
+        """Generate images for ``prompt``.
+
+        ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
+        sampler's initial sigma); else drawn from numpy with ``seed``. The size defaults to
+        512x512, or to the latent's size times 8.
+        """
+        self._check_output_type(output_type)
+        self.validate_steps(num_inference_steps)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        height, width = self._resolve_size(image_height, image_width, latent)
+        embedding = self.prompt_to_embedding(prompts, negatives)
+        latents = self.embedding_to_latent(embedding, height, width, num_inference_steps, guidance_scale,
+                                           guidance_rescale, latent=latent,
+                                           return_latent_history=return_latent_history, seed=seed)
+        return self.resolve_output(latents, output_type, return_latent_history)
+
+    generate = __call__
+
+    def _resolve_size(self, height: int | None, width: int | None, latent: Any) -> tuple[int, int]:
+        if latent is None:
+            height, width = height or 512, width or 512
+        else:
+            shape = np.shape(latent)
+            if len(shape) != 4:
+                raise ValueError(f"latent must be (B, C, h, w), got shape {shape}")
+            f = self.vae_scale_factor
+            lh, lw = shape[2] * f, shape[3] * f
+            if (height or lh, width or lw) != (lh, lw):
+                raise ValueError(f"latent of shape {shape} gives {lh}x{lw} images, "
+                                 f"but image_height={height} and image_width={width} were asked for")
+            height, width = lh, lw
+        self.validate_size(height, width)
+        return height, width
+
+    def embedding_to_latent(self, embedding: Array, image_height: int, image_width: int, num_inference_steps: int,
+                            guidance_scale: float, guidance_rescale: float, latent: np.ndarray | None = None,
+                            return_latent_history: bool = False, seed: int | None = None) -> list[Array]:
+        """Denoise from initial noise; returns the latents after each step (the first is the start)."""
+        if self.backend.unet_config.in_channels != self.latent_channels:
+            raise UnsupportedModelError(
+                f"this UNet takes {self.backend.unet_config.in_channels} input channels (an inpainting model); "
+                "text-to-image needs a plain model")
+        batch = embedding.shape[0] // 2
+        f = self.vae_scale_factor
+        shape = (batch, self.latent_channels, image_height // f, image_width // f)
+        rng = self.make_rng(seed)
+        if latent is None:
+            noise = self.random_latent(shape, rng)
+        else:
+            noise = np.asarray(latent, dtype=np.float32)
+            if noise.shape != shape:
+                raise ValueError(f"latent has shape {noise.shape}; expected {shape} "
+                                 "(batch = prompts x num_images_per_prompt, channels, height/8, width/8)")
+        self.scheduler.set_timesteps(num_inference_steps)
+        x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
+        history = [x]
+        for x in self.denoise_steps(x, embedding, guidance_scale, guidance_rescale, rng):
+            if return_latent_history:
+                history.append(x)
+        return history if return_latent_history else [x]

@@ -1,0 +1,132 @@
+"""Checkpoint keys to model parameters: mapping tables, layout transforms, strict loading.
+
+The MLX modules use diffusers' / transformers' attribute names, so most keys map to
+themselves. What differs is written down here as data: a table of rules per component
+(full-key regex -> replacement, or ``None`` to drop a non-weight buffer), applied
+first-match-wins and never chained. Layout follows from the array itself: every 4-D
+tensor in a PyTorch-layout checkpoint is a convolution kernel (O, I, kh, kw), which
+becomes (O, kh, kw, I) for an MLX Conv2d or (O, I) for a 1x1 convolution held as Linear.
+
+Loading is strict: a missing, unexpected or mis-shaped key raises ``WeightLoadError``
+naming every offender, so a model can never run with weights left at random init.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import WeightLoadError
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    replacement: str | None  # None drops the key (buffers such as position_ids)
+
+    def apply(self, key: str) -> tuple[bool, str | None]:
+        m = re.fullmatch(self.pattern, key)
+        if not m:
+            return False, key
+        return True, None if self.replacement is None else m.expand(self.replacement)
+
+
+_LEGACY_VAE_ATTENTION = [
+    Rule(rf"(.*\.attentions\.\d+)\.{old}\.(weight|bias)", rf"\1.{new}.\2")
+    for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+]
+
+# diffusers / transformers key -> our parameter name, per component.
+RULES: dict[str, list[Rule]] = {
+    "text_encoder": [Rule(r"text_model\.embeddings\.position_ids", None)],
+    "unet": [],
+    "vae": _LEGACY_VAE_ATTENTION,
+}
+
+
+def map_keys(state: Mapping[str, mx.array], rules: Iterable[Rule]) -> dict[str, mx.array]:
+    rules = list(rules)
+    out: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        target = key
+        for rule in rules:
+            matched, mapped = rule.apply(key)
+            if matched:
+                target = mapped
+                break
+        if target is None:
+            continue
+        if target in out:
+            raise WeightLoadError(f"checkpoint keys {origin[target]!r} and {key!r} both map to {target!r}")
+        out[target] = value
+        origin[target] = key
+    return out
+
+
+def torch_to_mlx_layout(key: str, value: mx.array, target_shape: tuple[int, ...]) -> mx.array:
+    """Convert one PyTorch-layout tensor to the layout of the MLX parameter it fills."""
+    if value.ndim == 4:
+        if len(target_shape) == 4:
+            value = value.transpose(0, 2, 3, 1)
+        elif len(target_shape) == 2 and value.shape[2:] == (1, 1):
+            value = value.reshape(value.shape[0], value.shape[1])
+    if tuple(value.shape) != tuple(target_shape):
+        raise WeightLoadError(f"weight {key!r} has shape {tuple(value.shape)} in the checkpoint "
+                              f"but the model expects {tuple(target_shape)}")
+    return value
+
+
+def _describe(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(model: nn.Module, weights: Mapping[str, mx.array], source: str) -> dict[str, tuple[int, ...]]:
+    """Raise unless ``weights`` has exactly the model's parameter names; return the expected shapes."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
+        raise WeightLoadError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+    return expected
+
+
+def convert_state(model: nn.Module, state: Mapping[str, mx.array], component: str, source: str,
+                  dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
+    """Map a PyTorch-layout checkpoint onto ``model``'s names and layouts (lazily; nothing is evaluated)."""
+    mapped = map_keys(state, RULES[component])
+    expected = check_keys(model, mapped, source)
+    out = {}
+    for key, value in mapped.items():
+        value = torch_to_mlx_layout(key, value, expected[key])
+        out[key] = cast(value, dtype)
+    return out
+
+
+def cast(value: mx.array, dtype: mx.Dtype | None) -> mx.array:
+    if dtype is not None and mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
+        return value.astype(dtype)
+    return value
+
+
+def apply_weights(model: nn.Module, weights: Mapping[str, mx.array], source: str,
+                  dtype: mx.Dtype | None = None) -> nn.Module:
+    """Load MLX-layout ``weights`` into ``model`` strictly (names and shapes must match exactly)."""
+    expected = check_keys(model, weights, source)
+    bad = [f"{k!r}: file {tuple(v.shape)} vs model {expected[k]}" for k, v in weights.items()
+           if tuple(v.shape) != expected[k]]
+    if bad:
+        raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: {'; '.join(bad[:12])}")
+    model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
+    return model
