@@ -21,7 +21,7 @@ from .sources import DEMO_MODEL_ID, MANIFEST_NAME
 DEMO_NOTICE = ("[mlx-stablefused] Using the built-in offline demo model: tiny, random weights. Its images are "
                "noise by design (a smoke test of the install). For real images pass a model, e.g. "
                "--model stable-diffusion-v1-5/stable-diffusion-v1-5")
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 # A few merges so the tokenizer exercises BPE, not only single bytes.
 _DEMO_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n"),
@@ -65,12 +65,14 @@ def demo_configs(vocab_size: int) -> dict[str, dict]:
                          "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
                          "hidden_act": "quick_gelu", "eos_token_id": vocab_size - 1},
         "unet": {"in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
-                 "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
+                 # Attention only at the lower resolution keeps the CPU smoke test fast.
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
                  "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8, "sample_size": 32},
         "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 32, 32, 32],
                 "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-                "layers_per_block": 1, "norm_num_groups": 8, "scaling_factor": 0.18215},
+                "layers_per_block": 1, "norm_num_groups": 8, "scaling_factor": 0.18215,
+                "mid_block_add_attention": False},
     }
 
 

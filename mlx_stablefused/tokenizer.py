@@ -36,6 +36,29 @@ def _token_content(value: object, default: str) -> str:
     return str(value)
 
 
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line or line.startswith("#version"):
+                continue
+            parts = line.split(" ")
+            if len(parts) != 2:
+                raise ValueError(f"{path}: malformed merge line {line!r}")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _vocab_and_merges_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if model.get("type") != "BPE" or "vocab" not in model:
+        raise ValueError(f"{path} does not hold a BPE tokenizer")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return dict(model["vocab"]), merges  # type: ignore[return-value]
+
+
 class CLIPTokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, pad_token: str = EOS,
                  max_length: int = 77) -> None:
@@ -54,7 +77,10 @@ class CLIPTokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.RobertaProcessing(
             (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False)
-        tok.add_special_tokens([AddedToken(BOS, special=True), AddedToken(EOS, special=True)])
+        # transformers registers the specials (the pad token included, "!" for SD 2.x) as added tokens,
+        # matched in the raw text before BPE: "!!!" is then three pad ids, not one merged token.
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in dict.fromkeys((pad_token, BOS, EOS))])
         self._tokenizer = tok
         self.vocab_size = len(vocab)
         self.max_length = int(max_length)
@@ -68,21 +94,14 @@ class CLIPTokenizer:
         """Load ``vocab.json`` + ``merges.txt`` (+ optional ``tokenizer_config.json``) from a model's tokenizer folder."""
         folder = Path(folder)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-        for f in (vocab_file, merges_file):
-            if not f.is_file():
-                raise ModelSourceError(f"tokenizer file {f} is missing")
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-        merges = []
-        with open(merges_file, encoding="utf-8") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if not line or line.startswith("#version"):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2:
-                    raise ValueError(f"{merges_file}: malformed merge line {line!r}")
-                merges.append((parts[0], parts[1]))
+        if vocab_file.is_file() and merges_file.is_file():
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+            merges = _read_merges(merges_file)
+        elif (folder / "tokenizer.json").is_file():  # transformers >= 5 saves only this file
+            vocab, merges = _vocab_and_merges_from_tokenizer_json(folder / "tokenizer.json")
+        else:
+            raise ModelSourceError(f"no tokenizer in {folder} (need vocab.json + merges.txt, or tokenizer.json)")
         pad, max_length = EOS, 77
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             path = folder / name

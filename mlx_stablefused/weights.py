@@ -43,7 +43,11 @@ _LEGACY_VAE_ATTENTION = [
 
 # diffusers / transformers key -> our parameter name, per component.
 RULES: dict[str, list[Rule]] = {
-    "text_encoder": [Rule(r"text_model\.embeddings\.position_ids", None)],
+    "text_encoder": [
+        Rule(r"(text_model\.)?embeddings\.position_ids", None),
+        # transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix.
+        Rule(r"((?:embeddings|encoder|final_layer_norm)\..*)", r"text_model.\1"),
+    ],
     "unet": [],
     "vae": _LEGACY_VAE_ATTENTION,
 }

@@ -36,6 +36,9 @@ class PNDMScheduler(Scheduler):
             self.prk_timesteps = np.zeros(0)
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
         else:
+            if n < 4:
+                raise ValueError(f"PNDM's Runge-Kutta warm-up needs at least 4 steps, got {n}; "
+                                 "use more steps or set_scheduler('pndm', skip_prk_steps=True)")
             ratio = c["num_train_timesteps"] // n
             prk = np.array(base[-4:]).repeat(2) + np.tile(np.array([0, ratio // 2]), 4)
             self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].copy()

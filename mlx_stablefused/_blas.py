@@ -1,0 +1,47 @@
+"""Use a system OpenBLAS for MLX's CPU build on Linux, when one is installed.
+
+MLX's Linux CPU wheel links a reference BLAS (about 3 GFLOP/s for a large matmul on a
+2-core x86 machine); OpenBLAS loaded globally before ``mlx.core`` is imported makes MLX
+resolve its BLAS calls there instead (about 125 GFLOP/s on the same machine). Debian and
+Ubuntu: ``apt-get install libopenblas0-pthread``. Set MLX_STABLEFUSED_NO_OPENBLAS=1 to
+opt out. On macOS MLX uses Accelerate and Metal, and nothing is done here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+status: str = "not attempted"
+
+
+def preload_openblas() -> str:
+    """Load OpenBLAS with RTLD_GLOBAL if possible; return a one-line status for diagnostics."""
+    global status
+    if not sys.platform.startswith("linux"):
+        status = "not needed (not Linux)"
+    elif os.environ.get("MLX_STABLEFUSED_NO_OPENBLAS"):
+        status = "disabled by MLX_STABLEFUSED_NO_OPENBLAS"
+    elif "mlx.core" in sys.modules:
+        status = "skipped: mlx.core was imported before mlx_stablefused"
+    else:
+        found = ctypes.util.find_library("openblas")
+        paths = ([found] if found else []) + [p for p in CANDIDATES if os.path.exists(p)]
+        status = "no OpenBLAS found (apt-get install libopenblas0-pthread makes MLX's CPU matmul ~40x faster)"
+        for path in paths:
+            try:
+                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            except OSError:
+                continue
+            status = f"loaded {path}"
+            break
+    return status

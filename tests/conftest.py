@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_stablefused  # noqa: F401  (first, so the OpenBLAS preload precedes any mlx import)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Converted-model cache in a temp dir, so tests never touch (or depend on) the user's cache."""
+    os.environ["MLX_STABLEFUSED_CACHE"] = str(tmp_path_factory.mktemp("msf-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def sd1(tmp_path_factory):
+    from tiny_models import SD1, build_pipeline
+
+    folder = tmp_path_factory.mktemp("sd1")
+    pipe = build_pipeline(SD1, folder)
+    return pipe, folder / "model"
+
+
+@pytest.fixture(scope="session")
+def sd2(tmp_path_factory):
+    from tiny_models import SD2, build_pipeline
+
+    folder = tmp_path_factory.mktemp("sd2")
+    pipe = build_pipeline(SD2, folder)
+    return pipe, folder / "model"
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def tiny(request):
+    """Each tiny configuration in turn: (diffusers pipeline, saved folder)."""
+    return request.getfixturevalue(request.param)
+
+
+def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))

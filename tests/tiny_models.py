@@ -1,0 +1,133 @@
+"""Tiny random-weight Stable Diffusion models built with diffusers/transformers: the parity oracles.
+
+Every parameter is randomised (norm scales near 1, everything else small Gaussian), with
+several channels per GroupNorm group, so that no weight sits at a trivial default and
+grouping order, biases and norms are all exercised.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlx_stablefused.demo import write_byte_level_tokenizer
+
+torch.set_num_threads(2)
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None,
+}
+SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "v_prediction", "trained_betas": None,
+}
+
+
+@dataclass
+class TinySpec:
+    name: str
+    unet: dict
+    vae: dict
+    text: dict
+    scheduler: dict
+    pad_token: str = "<|endoftext|>"
+    extra: dict = field(default_factory=dict)
+
+
+SD1 = TinySpec(
+    name="sd1",
+    unet=dict(block_out_channels=(16, 32, 32), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4, use_linear_projection=False),
+    vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             sample_size=64),
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act="quick_gelu"),
+    scheduler=SD1_SCHEDULER,
+)
+
+SD2 = TinySpec(
+    name="sd2",
+    unet=dict(block_out_channels=(16, 32, 48), layers_per_block=(1, 2, 1), sample_size=8, in_channels=4,
+              out_channels=4,
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=(2, 4, 8), norm_num_groups=8,
+              use_linear_projection=True, upcast_attention=True, transformer_layers_per_block=(1, 2, 1)),
+    vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=2, latent_channels=4, norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             sample_size=64, scaling_factor=0.5),
+    text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+              max_position_embeddings=77, hidden_act="gelu"),
+    scheduler=SD2_SCHEDULER,
+    pad_token="!",
+)
+
+INPAINT_UNET = dict(SD1.unet, in_channels=9)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                r = torch.randn(p.shape, generator=g)
+                if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and name == "weight":
+                    p.copy_(1.0 + 0.1 * r)
+                elif isinstance(m, torch.nn.Embedding):
+                    p.copy_(0.5 * r)
+                else:
+                    p.copy_(0.1 * r / max(1.0, (p[0].numel() / 16) ** 0.5) if p.ndim > 1 else 0.05 * r)
+    return module.eval()
+
+
+def build_unet(cfg: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    return randomize(UNet2DConditionModel(**cfg), seed)
+
+
+def build_vae(cfg: dict, seed: int = 1):
+    from diffusers import AutoencoderKL
+
+    return randomize(AutoencoderKL(**cfg), seed)
+
+
+def build_text_encoder(cfg: dict, vocab_size: int, pad_id: int, seed: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                            pad_token_id=pad_id, **cfg)
+    return randomize(CLIPTextModel(config), seed)
+
+
+def build_pipeline(spec: TinySpec, folder: Path):
+    """Save a complete diffusers StableDiffusionPipeline folder; return the in-memory pipeline."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = folder / "_tokenizer_src"
+    vocab_size = write_byte_level_tokenizer(tok_dir, pad_token=spec.pad_token)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token=spec.pad_token)
+    pad_id = tokenizer.pad_token_id
+    scheduler_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec.scheduler["_class_name"]]
+    scheduler = scheduler_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(spec.vae), text_encoder=build_text_encoder(spec.text, vocab_size, pad_id),
+        tokenizer=tokenizer, unet=build_unet(spec.unet), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(str(folder / "model"), safe_serialization=True)
+    # Write the scheduler config as the hub's SD repos have it (few keys, old diffusers), so that
+    # samplers must fill missing keys with their own class defaults, as diffusers' from_config does.
+    with open(folder / "model" / "scheduler" / "scheduler_config.json", "w") as f:
+        json.dump({**spec.scheduler, "_diffusers_version": "0.6.0"}, f)
+    return pipe
