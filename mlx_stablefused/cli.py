@@ -15,10 +15,13 @@ EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, Val
                    FileExistsError)
 
 
+DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEMO_MODEL_ID,
-                   help="hub repo id, diffusers folder or converted folder "
-                        f"(default: {DEMO_MODEL_ID}, an offline random-weight smoke-test model)")
+    p.add_argument("--model", default=None,
+                   help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
+                        f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
     p.add_argument("--backend", default="mlx", help="compute backend (default: mlx)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16")
@@ -70,9 +73,22 @@ def save_image_atomically(image, path: Path) -> None:
         image.save(tmp, format=fmt)
 
 
+def default_model(variant: str | None) -> str:
+    """The hub's SD 1.5 when reachable (or cached); otherwise the offline demo model, said out loud."""
+    from .sources import resolve_model
+
+    try:
+        return str(resolve_model(DEFAULT_HUB_MODEL, variant=variant).root)
+    except ModelSourceError as e:
+        print(f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable ({str(e).split('.')[0]}).", file=sys.stderr)
+        return DEMO_MODEL_ID
+
+
 def run_txt2img(args: argparse.Namespace) -> int:
     from .pipelines.text_to_image import TextToImageDiffusion
 
+    if args.model is None:
+        args.model = default_model(args.variant)
     demo = args.model == DEMO_MODEL_ID
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)

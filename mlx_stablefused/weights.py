@@ -73,17 +73,22 @@ def map_keys(state: Mapping[str, mx.array], rules: Iterable[Rule]) -> dict[str, 
     return out
 
 
-def torch_to_mlx_layout(key: str, value: mx.array, target_shape: tuple[int, ...]) -> mx.array:
-    """Convert one PyTorch-layout tensor to the layout of the MLX parameter it fills."""
+def torch_to_mlx_layout(value: mx.array, target_shape: tuple[int, ...]) -> mx.array:
+    """Convert one PyTorch-layout tensor to the layout of the MLX parameter it fills (shape unchecked)."""
     if value.ndim == 4:
         if len(target_shape) == 4:
-            value = value.transpose(0, 2, 3, 1)
-        elif len(target_shape) == 2 and value.shape[2:] == (1, 1):
-            value = value.reshape(value.shape[0], value.shape[1])
-    if tuple(value.shape) != tuple(target_shape):
-        raise WeightLoadError(f"weight {key!r} has shape {tuple(value.shape)} in the checkpoint "
-                              f"but the model expects {tuple(target_shape)}")
+            return value.transpose(0, 2, 3, 1)
+        if len(target_shape) == 2 and value.shape[2:] == (1, 1):
+            return value.reshape(value.shape[0], value.shape[1])
     return value
+
+
+def _check_shapes(weights: Mapping[str, mx.array], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+    bad = [f"{k!r} has shape {tuple(v.shape)} but the model expects {expected[k]}"
+           for k, v in weights.items() if tuple(v.shape) != expected[k]]
+    if bad:
+        raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: " + "; ".join(bad[:12])
+                              + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else ""))
 
 
 def _describe(keys: list[str], limit: int = 12) -> str:
@@ -111,11 +116,9 @@ def convert_state(model: nn.Module, state: Mapping[str, mx.array], component: st
     """Map a PyTorch-layout checkpoint onto ``model``'s names and layouts (lazily; nothing is evaluated)."""
     mapped = map_keys(state, RULES[component])
     expected = check_keys(model, mapped, source)
-    out = {}
-    for key, value in mapped.items():
-        value = torch_to_mlx_layout(key, value, expected[key])
-        out[key] = cast(value, dtype)
-    return out
+    out = {k: torch_to_mlx_layout(v, expected[k]) for k, v in mapped.items()}
+    _check_shapes(out, expected, source)
+    return {k: cast(v, dtype) for k, v in out.items()}
 
 
 def cast(value: mx.array, dtype: mx.Dtype | None) -> mx.array:
@@ -128,9 +131,6 @@ def apply_weights(model: nn.Module, weights: Mapping[str, mx.array], source: str
                   dtype: mx.Dtype | None = None) -> nn.Module:
     """Load MLX-layout ``weights`` into ``model`` strictly (names and shapes must match exactly)."""
     expected = check_keys(model, weights, source)
-    bad = [f"{k!r}: file {tuple(v.shape)} vs model {expected[k]}" for k, v in weights.items()
-           if tuple(v.shape) != expected[k]]
-    if bad:
-        raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: {'; '.join(bad[:12])}")
+    _check_shapes(weights, expected, source)
     model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
     return model

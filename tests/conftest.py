@@ -47,3 +47,19 @@ def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+PARITY: dict[str, float] = {}
+
+
+def report(name: str, value: float) -> float:
+    """Record a measured parity error; the worst per name is printed at the end of the run."""
+    PARITY[name] = max(PARITY.get(name, 0.0), float(value))
+    return float(value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("parity: worst measured error per check")
+        for name in sorted(PARITY):
+            terminalreporter.write_line(f"{name:<55} {PARITY[name]:.2e}")

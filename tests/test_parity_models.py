@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mlx.core as mx
-from conftest import rel_error
+from conftest import rel_error, report
 
 from mlx_stablefused.backends.mlx.loading import build_component, read_diffusers_component
 from mlx_stablefused.weights import apply_weights
@@ -34,8 +34,8 @@ def test_text_encoder(tiny):
     with torch.no_grad():
         ref = pipe.text_encoder(ids)
     ours = load_mlx(root, "text_encoder")(mx.array(ids.numpy()))
-    assert rel_error(ours.last_hidden_state, ref.last_hidden_state.numpy()) < TOL
-    assert rel_error(ours.pooler_output, ref.pooler_output.numpy()) < TOL
+    assert report("text encoder hidden (rel)", rel_error(ours.last_hidden_state, ref.last_hidden_state.numpy())) < TOL
+    assert report("text encoder pooled (rel)", rel_error(ours.pooler_output, ref.pooler_output.numpy())) < TOL
 
 
 @pytest.mark.parametrize("size", [(8, 8), (9, 7)])
@@ -45,7 +45,7 @@ def test_vae_decode(tiny, size):
     with torch.no_grad():
         ref = pipe.vae.decode(torch.from_numpy(z)).sample.numpy()
     ours = nhwc_to_nchw(load_mlx(root, "vae").decode(nchw_to_nhwc(z)))
-    assert rel_error(ours, ref) < TOL
+    assert report("VAE decode (rel)", rel_error(ours, ref)) < TOL
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 56)])
@@ -55,8 +55,8 @@ def test_vae_encode(tiny, size):
     with torch.no_grad():
         dist = pipe.vae.encode(torch.from_numpy(x)).latent_dist
     mean, logvar = load_mlx(root, "vae").encode(nchw_to_nhwc(x))
-    assert rel_error(nhwc_to_nchw(mean), dist.mean.numpy()) < TOL
-    assert rel_error(nhwc_to_nchw(logvar), dist.logvar.numpy()) < TOL
+    assert report("VAE encode mean (rel)", rel_error(nhwc_to_nchw(mean), dist.mean.numpy())) < TOL
+    assert report("VAE encode logvar (rel)", rel_error(nhwc_to_nchw(logvar), dist.logvar.numpy())) < TOL
 
 
 @pytest.mark.parametrize("size,t", [((8, 8), 500.0), ((9, 7), 321.5), ((6, 10), 0.0)])
@@ -68,7 +68,7 @@ def test_unet(tiny, size, t):
     with torch.no_grad():
         ref = pipe.unet(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(ctx)).sample.numpy()
     ours = nhwc_to_nchw(load_mlx(root, "unet")(nchw_to_nhwc(x), mx.array(t), mx.array(ctx)))
-    assert rel_error(ours, ref) < TOL
+    assert report("UNet (rel)", rel_error(ours, ref)) < TOL
 
 
 def test_inpainting_unet_nine_channels(tmp_path):
@@ -83,4 +83,4 @@ def test_inpainting_unet_nine_channels(tmp_path):
         ref = ref_model(torch.from_numpy(x), torch.tensor(981), torch.from_numpy(ctx)).sample.numpy()
     ours = nhwc_to_nchw(load_mlx(tmp_path, "unet")(nchw_to_nhwc(x), mx.array(981.0), mx.array(ctx)))
     assert ours.shape == (1, 4, 8, 8)
-    assert rel_error(ours, ref) < TOL
+    assert report("UNet 9-channel inpainting (rel)", rel_error(ours, ref)) < TOL

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import rel_error
+from conftest import rel_error, report
 
 from mlx_stablefused import TextToImageDiffusion
 
@@ -42,7 +42,7 @@ def test_text_to_image_matches_diffusers(tiny, scheduler, ours_cache):
     ref = reference(pipe, root, scheduler, latents, height=64, width=64, **args)
     got = ours(latent=latents, output_type="np", **args)
     assert got.shape == ref.shape == (2, 64, 64, 3)
-    assert np.abs(got - ref).max() < 5e-3
+    assert report(f"text-to-image {scheduler} (max abs, [0,1] image)", np.abs(got - ref).max()) < 5e-3
 
 
 def test_odd_latent_size_and_guidance_rescale(sd2, ours_cache):
@@ -53,7 +53,7 @@ def test_odd_latent_size_and_guidance_rescale(sd2, ours_cache):
     args = dict(prompt="the end", num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7)
     ref = reference(pipe, root, "ddim", latents, height=72, width=56, **args)
     got = ours(latent=latents, output_type="np", **args)
-    assert np.abs(got - ref).max() < 5e-3
+    assert report("text-to-image odd size + rescale (max abs)", np.abs(got - ref).max()) < 5e-3
 
 
 def test_prompt_embedding_matches_diffusers(tiny, ours_cache):
@@ -63,7 +63,7 @@ def test_prompt_embedding_matches_diffusers(tiny, ours_cache):
         cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=NEGATIVES)
     emb = np.asarray(ours.prompt_to_embedding(PROMPTS, NEGATIVES))
     assert emb.shape == (4, 77, 32)
-    assert rel_error(emb, torch.cat([uncond, cond]).numpy()) < 1e-4
+    assert report("prompt_to_embedding vs encode_prompt (rel)", rel_error(emb, torch.cat([uncond, cond]).numpy())) < 1e-4
 
 
 def test_guidance_scale_one_skips_unconditional_pass(sd1, ours_cache):

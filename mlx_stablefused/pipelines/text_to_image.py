@@ -40,14 +40,16 @@ class TextToImageDiffusion(BaseDiffusion):
 
     def _resolve_size(self, height: int | None, width: int | None, latent: Any) -> tuple[int, int]:
         if latent is None:
-            height, width = height or 512, width or 512
+            height = 512 if height is None else height
+            width = 512 if width is None else width
         else:
             shape = np.shape(latent)
             if len(shape) != 4:
                 raise ValueError(f"latent must be (B, C, h, w), got shape {shape}")
             f = self.vae_scale_factor
             lh, lw = shape[2] * f, shape[3] * f
-            if (height or lh, width or lw) != (lh, lw):
+            asked = (lh if height is None else height, lw if width is None else width)
+            if asked != (lh, lw):
                 raise ValueError(f"latent of shape {shape} gives {lh}x{lw} images, "
                                  f"but image_height={height} and image_width={width} were asked for")
             height, width = lh, lw
