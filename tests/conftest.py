@@ -9,7 +9,27 @@ import mlx_stablefused  # noqa: F401  (first, so the OpenBLAS preload precedes a
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-tokenizer"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "data" / "clip-tokenizer"
+
+
+def _real_clip_vocabulary() -> Path:
+    """The real CLIP vocabulary: unpacked from tests/data (gzipped there) into a temp folder once."""
+    import gzip
+    import tempfile
+
+    target = Path(tempfile.gettempdir()) / "mlx-stablefused-test-clip-tokenizer"
+    if not (target / "merges.txt").is_file():
+        target.mkdir(exist_ok=True)
+        for name in ("vocab.json", "merges.txt"):
+            with gzip.open(BUNDLED_TOKENIZER / f"{name}.gz", "rb") as src:
+                data = src.read()
+            tmp = target / f".{name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, target / name)
+    return target
+
+
+SHARED_TOKENIZER = _real_clip_vocabulary()
 
 
 @pytest.fixture(autouse=True, scope="session")

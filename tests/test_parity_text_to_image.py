@@ -103,3 +103,19 @@ def test_seed_is_deterministic_and_matches_numpy_draw(sd1, ours_cache):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, c, atol=1e-6)
     assert np.abs(a - d).max() > 1e-3
+
+
+def test_native_output_and_bfloat16(sd1, ours_cache):
+    import mlx.core as mx
+
+    _, root = sd1
+    ours = load_ours(root, ours_cache)
+    ours.set_scheduler("ddim")
+    args = dict(prompt="the cat", num_inference_steps=3, seed=5, image_height=64, image_width=64)
+    native = ours(output_type="mlx", **args)
+    assert isinstance(native, mx.array) and native.shape == (1, 64, 64, 3)
+    ref = ours(output_type="np", **args)
+    np.testing.assert_allclose(np.asarray(native), ref, atol=1e-6)
+    bf16 = TextToImageDiffusion(root, dtype="bfloat16", progress=False)
+    assert bf16.backend.unet_model.conv_in.weight.dtype == mx.bfloat16
+    assert np.abs(bf16(output_type="np", **args) - ref).max() < 0.1  # bf16 has 8 bits of mantissa
