@@ -120,6 +120,7 @@ class Scheduler:
         self.timesteps = np.zeros(0)
         self.num_inference_steps = 0
         self.init_noise_sigma = 1.0
+        self._last_index: int | None = None
 
     def _validate_config(self) -> None:
         c = self.config
@@ -148,6 +149,16 @@ class Scheduler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         raise NotImplementedError
+
+    def _is_fresh_start(self, i: int) -> bool:
+        """True when step ``i`` does not continue the previous call's step: multistep history must reset.
+
+        Lets one sampler object serve repeated runs and partial schedules (image-to-image starts
+        mid-table) without an explicit reset call.
+        """
+        fresh = self._last_index is None or i != self._last_index + 1
+        self._last_index = i
+        return fresh
 
     def scale_model_input(self, sample: Any, i: int) -> Any:
         return sample

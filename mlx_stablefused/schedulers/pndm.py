@@ -46,10 +46,11 @@ class PNDMScheduler(Scheduler):
         self.plms_timesteps = plms
         self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.float64)
         self._reset()
+        self._last_index = None
 
     def step(self, model_output: Any, i: int, sample: Any, noise: NoiseSource | None = None) -> Any:
-        if i == 0:
-            self._reset()  # a fresh loop must not inherit the previous run's history
+        if self._is_fresh_start(i):
+            self._reset()  # a new loop must not inherit the previous run's history
         t = int(self.timesteps[i])
         if self.counter < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
             return self._step_prk(model_output, t, sample)
