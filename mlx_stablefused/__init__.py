@@ -7,15 +7,22 @@ from ._blas import preload_openblas  # noqa: E402  (must run before mlx.core is 
 preload_openblas()
 
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError  # noqa: E402
-from .pipelines.base import BaseDiffusion  # noqa: E402
+from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
+from .pipelines.image_to_image import ImageToImageDiffusion  # noqa: E402
+from .pipelines.inpaint import InpaintDiffusion  # noqa: E402
 from .pipelines.text_to_image import TextToImageDiffusion  # noqa: E402
 from .schedulers import SCHEDULER_NAMES  # noqa: E402
 from .tokenizer import PromptTruncatedWarning  # noqa: E402
-from .utils.images import image_grid, numpy_to_pil, pil_to_numpy  # noqa: E402
+from .utils.images import (image_grid, numpy_to_pil, pil_to_gif, pil_to_numpy, pil_to_video,  # noqa: E402
+                           write_text_on_image)
+from .utils.interpolation import lerp, slerp  # noqa: E402
 
 __all__ = [
     "BaseDiffusion",
+    "ModelComponents",
     "TextToImageDiffusion",
+    "ImageToImageDiffusion",
+    "InpaintDiffusion",
     "SCHEDULER_NAMES",
     "ModelSourceError",
     "UnsupportedModelError",
@@ -24,4 +31,9 @@ __all__ = [
     "image_grid",
     "numpy_to_pil",
     "pil_to_numpy",
+    "pil_to_gif",
+    "pil_to_video",
+    "write_text_on_image",
+    "lerp",
+    "slerp",
 ]

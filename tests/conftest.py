@@ -57,6 +57,16 @@ def sd2(tmp_path_factory):
     return pipe, folder / "model"
 
 
+@pytest.fixture(scope="session")
+def sd1_inpaint(tmp_path_factory):
+    """The SD1-style tiny model with a 9-channel inpainting UNet, as StableDiffusionInpaintPipeline."""
+    from tiny_models import INPAINT_UNET, SD1, build_pipeline
+
+    folder = tmp_path_factory.mktemp("sd1-inpaint")
+    pipe = build_pipeline(SD1, folder, unet=INPAINT_UNET, pipeline_class="StableDiffusionInpaintPipeline")
+    return pipe, folder / "model"
+
+
 @pytest.fixture(params=["sd1", "sd2"])
 def tiny(request):
     """Each tiny configuration in turn: (diffusers pipeline, saved folder)."""

@@ -109,10 +109,13 @@ def build_text_encoder(cfg: dict, vocab_size: int, pad_id: int, seed: int = 2):
     return randomize(CLIPTextModel(config), seed)
 
 
-def build_pipeline(spec: TinySpec, folder: Path):
-    """Save a complete diffusers StableDiffusionPipeline folder; return the in-memory pipeline."""
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+def build_pipeline(spec: TinySpec, folder: Path, unet: dict | None = None, pipeline_class: str = "StableDiffusionPipeline"):
+    """Save a complete diffusers pipeline folder; return the in-memory pipeline."""
+    import diffusers
+    from diffusers import DDIMScheduler, PNDMScheduler
     from transformers import CLIPTokenizer
+
+    StableDiffusionPipeline = getattr(diffusers, pipeline_class)
 
     tok_dir = folder / "_tokenizer_src"
     vocab_size = write_byte_level_tokenizer(tok_dir, pad_token=spec.pad_token)
@@ -122,7 +125,7 @@ def build_pipeline(spec: TinySpec, folder: Path):
     scheduler = scheduler_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
     pipe = StableDiffusionPipeline(
         vae=build_vae(spec.vae), text_encoder=build_text_encoder(spec.text, vocab_size, pad_id),
-        tokenizer=tokenizer, unet=build_unet(spec.unet), scheduler=scheduler, safety_checker=None,
+        tokenizer=tokenizer, unet=build_unet(unet or spec.unet), scheduler=scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(folder / "model"), safe_serialization=True)

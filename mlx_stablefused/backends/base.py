@@ -60,6 +60,10 @@ class Backend(ABC):
         """Concatenate along the batch axis."""
 
     @abstractmethod
+    def concat_channels(self, arrays: Sequence[Array]) -> Array:
+        """Concatenate latents along the channel axis (wherever the backend keeps it)."""
+
+    @abstractmethod
     def per_sample_std(self, x: Array) -> Array:
         """Standard deviation over all but the batch axis, broadcastable against ``x``."""
 

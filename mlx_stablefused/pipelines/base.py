@@ -7,21 +7,22 @@ numpy (seeded), so one seed gives the same noise on MLX and torch, Mac and NVIDI
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..backends import create_backend
-from ..backends.base import Array
+from ..backends.base import Array, Backend
 from ..config import read_json
 from ..errors import ModelSourceError
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
-from ..sources import resolve_model
+from ..sources import ModelSource, resolve_model
 from ..tokenizer import CLIPTokenizer
-from ..utils.images import denormalize, normalize, numpy_to_pil, pil_to_numpy
+from ..utils.images import denormalize, normalize, numpy_to_pil
 
 PromptType = str | Sequence[str]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -35,32 +36,131 @@ def as_prompt_list(prompt: PromptType, name: str = "prompt") -> list[str]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r:.80}")
 
 
-class BaseDiffusion:
-    """Shared machinery of every pipeline. ``model_id``: hub repo id, diffusers folder, or converted folder."""
+@dataclass(frozen=True)
+class ModelComponents:
+    """Everything loaded from one model; pipelines built on it share it instead of loading twice."""
 
-    def __init__(self, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32",
-                 device: str | None = None, variant: str | None = None, revision: str | None = None,
-                 use_cache: bool = True, local_files_only: bool = False, scheduler: str | None = None,
-                 progress: bool = True) -> None:
-        self.model_id = model_id
-        self.source = resolve_model(model_id, variant=variant, revision=revision,
-                                    local_files_only=local_files_only)
-        self.backend = create_backend(backend, self.source, dtype=dtype, variant=variant, use_cache=use_cache,
-                                      device=device)
-        self.tokenizer = CLIPTokenizer.from_folder(self.source.root / "tokenizer")
-        scheduler_file = self.source.root / "scheduler" / "scheduler_config.json"
+    source: ModelSource
+    backend: Backend
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+
+    @classmethod
+    def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+             variant: str | None = None, revision: str | None = None, use_cache: bool = True,
+             local_files_only: bool = False) -> "ModelComponents":
+        source = resolve_model(model_id, variant=variant, revision=revision, local_files_only=local_files_only)
+        scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
-        self.scheduler_config: dict[str, Any] = read_json(scheduler_file)
+        tokenizer = CLIPTokenizer.from_folder(source.root / "tokenizer")
+        engine = create_backend(backend, source, dtype=dtype, variant=variant, use_cache=use_cache, device=device)
+        return cls(source, engine, tokenizer, read_json(scheduler_file))
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not read image file {path}: {e}") from e
+
+
+def load_pixels(image: Any, size: tuple[int, int] | None = None, mode: str = "RGB") -> np.ndarray:
+    """Path / PIL / list / numpy -> (B, H, W, C) float32 in [0, 1]; C is 3 for RGB, 1 for "L"."""
+    channels = 3 if mode == "RGB" else 1
+    items = image if isinstance(image, (list, tuple)) else [image]
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2 and channels == 1:
+            arr = arr[None, ..., None]
+        elif arr.ndim == 3 and (arr.shape[-1] == channels or channels == 1 and arr.shape[-1] != 3):
+            arr = arr[None] if arr.shape[-1] == channels else arr[..., None]
+        if arr.ndim != 4 or arr.shape[-1] != channels:
+            raise ValueError(f"{'image' if channels == 3 else 'mask'} arrays must be (B, H, W, {channels}) "
+                             f"or (H, W{', 3' if channels == 3 else ''}), got {image.shape}")
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        else:
+            arr = arr.astype(np.float32)
+            if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+                raise ValueError("float image arrays must be in [0, 1]")
+        if size is not None and arr.shape[1:3] != tuple(size):
+            pil = numpy_to_pil(arr if channels == 3 else arr)
+            return load_pixels(pil, size, mode)
+        return arr
+    if not items:
+        raise ValueError("no images given")
+    pils = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            item = _open_image(item)
+        if not isinstance(item, Image.Image):
+            raise TypeError(f"images must be paths, PIL images or numpy arrays, got {type(item).__name__}")
+        item = item.convert(mode)
+        if size is not None and item.size != (size[1], size[0]):
+            item = item.resize((size[1], size[0]), Image.LANCZOS)  # PIL sizes are (width, height)
+        pils.append(item)
+    arrays = [np.asarray(p, dtype=np.float32).reshape(p.size[1], p.size[0], channels) / 255.0 for p in pils]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images have different sizes: {sorted(shapes)}; pass image_height/image_width")
+    return np.stack(arrays)
+
+
+class BaseDiffusion:
+    """Shared machinery of every pipeline.
+
+    ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
+    another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
+    """
+
+    def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
+                 backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+                 variant: str | None = None, revision: str | None = None, use_cache: bool = True,
+                 local_files_only: bool = False, scheduler: str | None = None, progress: bool = True) -> None:
+        if (model_id is None) == (components is None):
+            raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
+        if components is None:
+            components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
+                                              variant=variant, revision=revision, use_cache=use_cache,
+                                              local_files_only=local_files_only)
+        self.components = components
+        self.model_id = model_id if model_id is not None else components.source.origin
+        self.source = components.source
+        self.backend = components.backend
+        self.tokenizer = components.tokenizer
+        self.scheduler_config = components.scheduler_config
         self.vae_scale_factor = self.backend.vae_config.downscale_factor
         self.progress = progress
+        self.decode_batch_size: int | None = None
         self.scheduler: Scheduler = self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
+
+    @classmethod
+    def from_pipeline(cls, other: "BaseDiffusion", **kwargs: Any) -> "BaseDiffusion":
+        """A pipeline of this class on ``other``'s loaded model (no weights loaded twice), same sampler."""
+        kwargs.setdefault("progress", other.progress)
+        pipe = cls(components=other.components, **kwargs)
+        if "scheduler" not in kwargs:
+            pipe.set_scheduler(other.scheduler_name, **other.scheduler_overrides)
+        return pipe
 
     # ----------------------------------------------------------------------------------- setup
     def set_scheduler(self, name: str, **overrides: Any) -> Scheduler:
         """Switch sampler by stablefused name, configured from the model's scheduler config + ``overrides``."""
         self.scheduler = make_scheduler(name, self.scheduler_config, **overrides)
+        self.scheduler_name, self.scheduler_overrides = str(getattr(name, "value", name)).lower(), dict(overrides)
         return self.scheduler
+
+    def enable_slicing(self) -> None:
+        """Decode one image at a time (VAE memory stays that of one image)."""
+        self.decode_batch_size = 1
+
+    def disable_slicing(self) -> None:
+        self.decode_batch_size = None
 
     @property
     def latent_channels(self) -> int:
@@ -102,6 +202,16 @@ class BaseDiffusion:
                                  "pass one negative prompt per prompt, or a single string")
         return prompts, negatives
 
+    def expand_prompts(self, prompt: PromptType, negative_prompt: PromptType | None,
+                       num_images_per_prompt: int) -> tuple[list[str], list[str]]:
+        """Prompt pairs with each repeated ``num_images_per_prompt`` times, in diffusers' order (p0, p0, p1 ...)."""
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or isinstance(num_images_per_prompt, bool) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
+        k = int(num_images_per_prompt)
+        return [p for p in prompts for _ in range(k)], [n for n in negatives for _ in range(k)]
+
     def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None) -> Array:
         """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to ""."""
         prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
@@ -133,13 +243,47 @@ class BaseDiffusion:
     def random_latent(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32)
 
+    @staticmethod
+    def given_or_random(array: Any, shape: tuple[int, ...], rng: np.random.Generator, name: str) -> np.ndarray:
+        """``array`` (checked against ``shape``) as float32 numpy, or a fresh standard-normal draw."""
+        if array is None:
+            return BaseDiffusion.random_latent(shape, rng)
+        out = np.asarray(array, dtype=np.float32)
+        if out.shape != tuple(shape):
+            raise ValueError(f"{name} has shape {out.shape}; expected {tuple(shape)}")
+        return out
+
+    def start_index(self, num_inference_steps: int, start_step: int | None, strength: float | None) -> int:
+        """Table index where a partial schedule starts: stablefused's ``start_step`` or diffusers' ``strength``.
+
+        Both count sampler steps; two-evaluation samplers have two table entries per step.
+        """
+        n = int(num_inference_steps)
+        if start_step is not None and strength is not None:
+            raise ValueError("pass start_step or strength, not both")
+        if strength is not None:
+            if not 0.0 <= float(strength) <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {strength}")
+            keep = min(int(n * float(strength)), n)
+            if keep == 0:
+                raise ValueError(f"strength={strength} with {n} steps leaves no denoising step; raise either")
+            first = n - keep
+        else:
+            first = 0 if start_step is None else start_step
+            if not isinstance(first, (int, np.integer)) or isinstance(first, bool) or not 0 <= first < n:
+                raise ValueError(f"start_step must be an integer in [0, {n - 1}] for {n} steps, got {start_step!r}")
+        return int(first) * self.scheduler.order
+
     # ------------------------------------------------------------------------------ the loop
     def denoise_steps(self, latent: Array, embedding: Array, guidance_scale: float, guidance_rescale: float,
-                      rng: np.random.Generator, start_step: int = 0) -> Iterator[Array]:
-        """Run the sampler from step ``start_step``; yield the latent after each step.
+                      rng: np.random.Generator, start_step: int = 0, conditioning: Array | None = None,
+                      after_step: Callable[[int, Array], Array] | None = None) -> Iterator[Array]:
+        """Run the sampler from table index ``start_step``; yield the latent after each step.
 
-        ``embedding`` is ``[uncond; cond]``; at guidance_scale == 1 exactly the
-        unconditional half cannot change the result and is skipped.
+        ``embedding`` is ``[uncond; cond]``; at guidance_scale == 1 exactly the unconditional half
+        cannot change the result and is skipped. ``conditioning`` (native, batch B) is appended to
+        the UNet input's channels (inpainting UNets). ``after_step(i, latent)`` may replace the
+        latent after step ``i`` (latent-blending inpainting).
         """
         scheduler, backend = self.scheduler, self.backend
         do_cfg = float(guidance_scale) != 1.0
@@ -154,10 +298,14 @@ class BaseDiffusion:
         steps = range(start_step, len(scheduler.timesteps))
         for i in tqdm(steps, disable=not self.progress, desc="denoising", leave=False):
             x = scheduler.scale_model_input(latent, i)
+            if conditioning is not None:
+                x = backend.concat_channels([x, conditioning])
             prediction = backend.unet(backend.concat([x, x]) if do_cfg else x, float(scheduler.timesteps[i]), context)
             if do_cfg:
                 prediction = self.classifier_free_guidance(prediction, guidance_scale, guidance_rescale)
             latent = scheduler.step(prediction, i, latent, noise)
+            if after_step is not None:
+                latent = after_step(i, latent)
             backend.evaluate(latent)
             yield latent
 
@@ -172,7 +320,7 @@ class BaseDiffusion:
             return self.backend.latent_to_numpy(latent)
         cfg = self.backend.vae_config
         n = latent.shape[0]
-        step = decode_batch_size or n
+        step = decode_batch_size or self.decode_batch_size or n
         chunks = []
         for s in range(0, n, step):
             z = latent[s:s + step] * (1.0 / cfg.scaling_factor)
@@ -190,33 +338,31 @@ class BaseDiffusion:
             return numpy_to_pil(images)
         return self.backend.images_from_numpy(images)  # the backend's native array type
 
-    def image_to_latent(self, image: Image.Image | Sequence[Image.Image] | np.ndarray) -> Array:
+    def image_to_latent(self, image: Image.Image | Sequence[Image.Image] | np.ndarray | str | Path,
+                        size: tuple[int, int] | None = None) -> Array:
         """Scaled latent of ``image``: mapped to [-1, 1], posterior mean times the VAE scaling factor."""
-        pixels = self.preprocess_image(image)
+        return self.pixels_to_latent(self.preprocess_image(image, size))
+
+    def pixels_to_latent(self, pixels: np.ndarray) -> Array:
+        """(B, H, W, 3) float pixels in [0, 1] -> scaled posterior-mean latents (native)."""
         mean, _ = self.backend.vae_encode(self.backend.images_from_numpy(normalize(pixels)))
         cfg = self.backend.vae_config
         if cfg.shift_factor:
             mean = mean - cfg.shift_factor
         return mean * cfg.scaling_factor
 
-    def preprocess_image(self, image: Any) -> np.ndarray:
-        """PIL / list of PIL / (B,)H,W,3 numpy (uint8, or float in [0, 1]) -> (B, H, W, 3) float32 in [0, 1]."""
-        if isinstance(image, Image.Image) or (isinstance(image, (list, tuple)) and image
-                                              and all(isinstance(i, Image.Image) for i in image)):
-            pixels = pil_to_numpy(image)
-        elif isinstance(image, np.ndarray):
-            pixels = image[None] if image.ndim == 3 else image
-            if pixels.ndim != 4 or pixels.shape[-1] != 3:
-                raise ValueError(f"image arrays must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
-            if pixels.dtype == np.uint8:
-                pixels = pixels.astype(np.float32) / 255.0
-            else:
-                pixels = pixels.astype(np.float32)
-                if pixels.min() < 0.0 or pixels.max() > 1.0:
-                    raise ValueError("float image arrays must be in [0, 1]")
-        else:
-            raise TypeError(f"image must be a PIL image, a list of them, or a numpy array, got {type(image).__name__}")
-        self.validate_size(pixels.shape[1], pixels.shape[2])
+    def preprocess_image(self, image: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+        """An image or batch -> (B, H, W, 3) float32 in [0, 1].
+
+        Accepts a path, a PIL image, a list of either, or a (B,)H,W,3 numpy array (uint8, or float in
+        [0, 1]). ``size=(height, width)`` resizes (Lanczos); without it the size must be a multiple of 8.
+        """
+        pixels = load_pixels(image, size)
+        h, w = pixels.shape[1:3]
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ValueError(f"image is {w}x{h} (width x height); both must be multiples of {f}. "
+                             "Pass image_height/image_width to resize it.")
         return pixels
 
     # --------------------------------------------------------------------------------- outputs

@@ -24,11 +24,7 @@ class TextToImageDiffusion(BaseDiffusion):
         """
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        prompts, negatives = self.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         height, width = self._resolve_size(image_height, image_width, latent)
         embedding = self.prompt_to_embedding(prompts, negatives)
         latents = self.embedding_to_latent(embedding, height, width, num_inference_steps, guidance_scale,
@@ -68,13 +64,8 @@ class TextToImageDiffusion(BaseDiffusion):
         f = self.vae_scale_factor
         shape = (batch, self.latent_channels, image_height // f, image_width // f)
         rng = self.make_rng(seed)
-        if latent is None:
-            noise = self.random_latent(shape, rng)
-        else:
-            noise = np.asarray(latent, dtype=np.float32)
-            if noise.shape != shape:
-                raise ValueError(f"latent has shape {noise.shape}; expected {shape} "
-                                 "(batch = prompts x num_images_per_prompt, channels, height/8, width/8)")
+        noise = self.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
+                                                         "channels, height/8, width/8)")
         self.scheduler.set_timesteps(num_inference_steps)
         x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
         history = [x]

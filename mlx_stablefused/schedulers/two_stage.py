@@ -48,7 +48,8 @@ class TwoStageScheduler(SigmaScheduler):
         return float(self.mid_sigmas[k] if second else self.step_sigmas[k])
 
     def add_noise(self, original: Any, noise: Any, i: int) -> Any:
-        return original + noise * float(self.step_sigmas[i // 2])
+        # As diffusers' doubled sigma table [s0, s1, s1, s2, s2, ...]: index 2k -> s_k, 2k+1 -> s_k+1.
+        return original + noise * float(self.step_sigmas[(i + 1) // 2])
 
     def step(self, model_output: Any, i: int, sample: Any, noise: NoiseSource | None = None) -> Any:
         k, second = divmod(i, 2)

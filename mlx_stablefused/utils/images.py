@@ -1,11 +1,13 @@
-"""Conversions between PIL images and numpy arrays, normalisation, and grids."""
+"""Conversions between PIL images and numpy arrays, normalisation, grids, captions, gif and video files."""
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -52,3 +54,68 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Ima
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def write_text_on_image(image: Image.Image, text: str, fontfile: str | None = None, fontsize: int = 30,
+                        padding: int = 10, color: str = "white", stroke: str = "black") -> Image.Image:
+    """Caption ``image`` (in place, and returned): word-wrapped, bottom-centred, outlined so it reads on
+    any background. Works on current Pillow (stablefused used ``textsize``, removed in Pillow 10)."""
+    draw = ImageDraw.Draw(image)
+    font = _load_font(fontfile, fontsize)
+    width, height = image.size
+    avg = max(1.0, draw.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    lines = textwrap.wrap(text, width=max(1, int((width - 2 * padding) / avg))) or [""]
+    line_height = draw.textbbox((0, 0), "Ay", font=font)[3] + padding // 2
+    y = max(padding, height - padding - line_height * len(lines))
+    for line in lines:
+        w = draw.textlength(line, font=font)
+        draw.text(((width - w) / 2, y), line, font=font, fill=color, stroke_width=max(1, fontsize // 15),
+                  stroke_fill=stroke)
+        y += line_height
+    return image
+
+
+def _load_font(fontfile: str | None, size: int) -> ImageFont.ImageFont:
+    for candidate in ([fontfile] if fontfile else []) + ["DejaVuSans.ttf", "Arial.ttf", "arial.ttf"]:
+        try:
+            return ImageFont.truetype(candidate, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def pil_to_gif(images: Sequence[Image.Image], filename: str | Path, fps: int = 8, loop: int = 0) -> Path:
+    """Write an animated GIF atomically; ``fps`` frames per second."""
+    from ..checkpoint_io import atomic_path
+
+    if not images:
+        raise ValueError("no frames to write")
+    path = Path(filename)
+    with atomic_path(path, suffix=".gif") as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=list(images[1:]),
+                       duration=max(1, round(1000 / fps)), loop=loop)
+    return path
+
+
+def pil_to_video(images: Sequence[Image.Image], filename: str | Path, fps: int = 8) -> Path:
+    """Write a video (mp4, webm, mkv, mov, avi ... by extension; needs imageio-ffmpeg) atomically."""
+    import imageio.v2 as imageio
+
+    from ..checkpoint_io import atomic_path
+
+    if not images:
+        raise ValueError("no frames to write")
+    path = Path(filename)
+    size = images[0].size
+    frames = [np.asarray(im.convert("RGB").resize(size) if im.size != size else im.convert("RGB")) for im in images]
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            writer = imageio.get_writer(str(tmp), fps=fps, format="FFMPEG", macro_block_size=1)
+            try:
+                for frame in frames:
+                    writer.append_data(frame)
+            finally:
+                writer.close()
+    except ImportError as e:
+        raise ImportError("writing video needs imageio-ffmpeg: pip install 'mlx-stablefused[video]'") from e
+    return path

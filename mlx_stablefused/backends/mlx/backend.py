@@ -70,6 +70,9 @@ class MLXBackend(Backend):
     def concat(self, arrays: Sequence[mx.array]) -> mx.array:
         return mx.concatenate(list(arrays), axis=0)
 
+    def concat_channels(self, arrays: Sequence[mx.array]) -> mx.array:
+        return mx.concatenate(list(arrays), axis=-1)  # NHWC
+
     def per_sample_std(self, x: mx.array) -> mx.array:
         axes = tuple(range(1, x.ndim))
         # torch.std is the unbiased (n-1) estimator; diffusers' rescale uses it.
