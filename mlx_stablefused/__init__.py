@@ -10,6 +10,8 @@ from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError  # 
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
 from .pipelines.image_to_image import ImageToImageDiffusion  # noqa: E402
 from .pipelines.inpaint import InpaintDiffusion  # noqa: E402
+from .pipelines.latent_walk import LatentWalkDiffusion  # noqa: E402
+from .pipelines.walk_geometry import WalkType  # noqa: E402
 from .pipelines.text_to_image import TextToImageDiffusion  # noqa: E402
 from .schedulers import SCHEDULER_NAMES  # noqa: E402
 from .tokenizer import PromptTruncatedWarning  # noqa: E402
@@ -23,6 +25,8 @@ __all__ = [
     "TextToImageDiffusion",
     "ImageToImageDiffusion",
     "InpaintDiffusion",
+    "LatentWalkDiffusion",
+    "WalkType",
     "SCHEDULER_NAMES",
     "ModelSourceError",
     "UnsupportedModelError",

@@ -56,6 +56,14 @@ class Backend(ABC):
         """Native images -> (B, H, W, 3) float32 numpy."""
 
     @abstractmethod
+    def from_numpy(self, array: np.ndarray) -> Array:
+        """Any numpy array -> native array of the same shape and layout (embeddings, masks...)."""
+
+    @abstractmethod
+    def to_numpy(self, array: Array) -> np.ndarray:
+        """Native array -> float32 numpy of the same shape and layout."""
+
+    @abstractmethod
     def concat(self, arrays: Sequence[Array]) -> Array:
         """Concatenate along the batch axis."""
 

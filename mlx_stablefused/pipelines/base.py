@@ -309,6 +309,26 @@ class BaseDiffusion:
             backend.evaluate(latent)
             yield latent
 
+    def run_sampler(self, latent: Array, embedding: Array, guidance_scale: float, guidance_rescale: float,
+                    rng: np.random.Generator, start_step: int = 0, return_latent_history: bool = False,
+                    **hooks: Any) -> list[Array]:
+        """Run ``denoise_steps`` to the end; the final latent, or every latent from the start if asked."""
+        history = [latent]
+        for latent in self.denoise_steps(latent, embedding, guidance_scale, guidance_rescale, rng, start_step,
+                                         **hooks):
+            if return_latent_history:
+                history.append(latent)
+        return history if return_latent_history else [latent]
+
+    def sample_from_noise(self, embedding: Array, noise: np.ndarray, num_inference_steps: int, guidance_scale: float,
+                          guidance_rescale: float, rng: np.random.Generator,
+                          return_latent_history: bool = False) -> list[Array]:
+        """The full schedule from initial noise (B, C, h, w) numpy, scaled by the sampler's initial sigma."""
+        self.scheduler.set_timesteps(num_inference_steps)
+        x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
+        return self.run_sampler(x, embedding, guidance_scale, guidance_rescale, rng,
+                                return_latent_history=return_latent_history)
+
     # ------------------------------------------------------------------------------------- VAE
     def latent_to_image(self, latent: Array | np.ndarray, output_type: str = "pil",
                         decode_batch_size: int | None = None) -> Any:

@@ -66,11 +66,7 @@ class ImageToImageDiffusion(BaseDiffusion):
         public = self.backend.latent_to_numpy(image_latent)
         eps = self.given_or_random(noise, public.shape, rng, "noise")
         x = self.scheduler.add_noise(image_latent, self.backend.latent_from_numpy(eps), start)
-        history = [x]
-        for x in self.denoise_steps(x, embedding, guidance_scale, guidance_rescale, rng, start_step=start):
-            if return_latent_history:
-                history.append(x)
-        return history if return_latent_history else [x]
+        return self.run_sampler(x, embedding, guidance_scale, guidance_rescale, rng, start, return_latent_history)
 
 
 __all__ = ["ImageToImageDiffusion"]

@@ -4,13 +4,16 @@ after every step (latent blending), so any model can inpaint."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import UnsupportedModelError
 from .base import Array, PromptType, load_pixels
 from .image_to_image import ImageToImageDiffusion
+from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 MODES = ("auto", "unet", "blend")
 
@@ -108,9 +111,87 @@ class InpaintDiffusion(ImageToImageDiffusion):
                 known = image_latent if i >= last else scheduler.add_noise(image_latent, eps, i + 1)
                 return known * keep + latent * mask_latent
 
-        history = [x]
-        for x in self.denoise_steps(x, embedding, guidance_scale, guidance_rescale, rng, start_step=start,
-                                    conditioning=conditioning, after_step=after_step):
-            if return_latent_history:
-                history.append(x)
-        return history if return_latent_history else [x]
+        return self.run_sampler(x, embedding, guidance_scale, guidance_rescale, rng, start, return_latent_history,
+                                conditioning=conditioning, after_step=after_step)
+
+    def walk(self, prompt: PromptType, image: Any, walk_type: str | WalkType | Sequence[str | WalkType],
+             image_height: int = 512, image_width: int = 512, height_translation_per_step: int = 64,
+             width_translation_per_step: int = 64, translation_factor: float | None = None,
+             num_inpainting_steps: int = 4, interpolation_steps: int = 60, num_inference_steps: int = 50,
+             start_step: int | None = None, strength: float | None = None, guidance_scale: float = 7.5,
+             guidance_rescale: float = 0.0, negative_prompt: PromptType | None = None, seed: int | None = None,
+             mode: str = "auto") -> list[Image.Image]:
+        """An outpainting animation: ``num_inpainting_steps`` times, move the camera (pan up/down/left/right,
+        or zoom out with "backward") and paint what comes into view, then add ``interpolation_steps``
+        frames that slide or zoom from the old view to the new one.
+
+        ``prompt``, ``negative_prompt`` and ``walk_type`` may be one value or one per step. "forward"
+        (zoom in) is a backward walk played in reverse, so it cannot be mixed with other types.
+        ``translation_factor`` in (0, 1) sets both translations as fractions of the image size.
+        Returns ``num_inpainting_steps * interpolation_steps`` PIL frames.
+        """
+        n = self._positive_int(num_inpainting_steps, "num_inpainting_steps")
+        frames_per_step = self._positive_int(interpolation_steps, "interpolation_steps")
+        self.validate_size(image_height, image_width)
+        prompts = self._per_step(prompt, n, "prompt")
+        negatives = [None] * n if negative_prompt is None else self._per_step(negative_prompt, n, "negative_prompt")
+        walks = [parse_walk_type(w) for w in self._per_step(walk_type, n, "walk_type")]
+        forward = [w == WalkType.FORWARD for w in walks]
+        if any(forward) and not all(forward):
+            raise ValueError("'forward' (zoom in) is a backward walk played in reverse and cannot be mixed with "
+                             "other walk types; make separate walks")
+        if all(forward):
+            walks = [WalkType.BACKWARD] * n
+        if translation_factor is not None:
+            if not 0.0 < float(translation_factor) < 1.0:
+                raise ValueError(f"translation_factor must be in (0, 1), got {translation_factor}")
+            height_translation_per_step = int(image_height * translation_factor)
+            width_translation_per_step = int(image_width * translation_factor)
+        ht, wt = int(height_translation_per_step), int(width_translation_per_step)
+        self._check_translations(walks, ht, wt, image_height, image_width)
+        current = load_pixels(image, (image_height, image_width))
+        current_image = Image.fromarray((current[0] * 255).round().astype(np.uint8))
+        step_seeds = self.make_rng(seed).integers(0, 2**31 - 1, size=n)
+        frames: list[Image.Image] = []
+        for k in tqdm(range(n), disable=not self.progress, desc="walk"):
+            walk = walks[k]
+            if walk == WalkType.BACKWARD:
+                source, mask = shrink_and_mask(current_image, (wt, ht))
+            else:
+                shift = ht if walk in (WalkType.UP, WalkType.DOWN) else wt
+                source, mask = shift_and_mask(current_image, walk, shift)
+            painted = self(prompts[k], source, mask, num_inference_steps=num_inference_steps, start_step=start_step,
+                           strength=strength, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                           negative_prompt=negatives[k], seed=int(step_seeds[k]), mode=mode, output_type="pil")[0]
+            if walk == WalkType.BACKWARD:
+                frames += zoom_out_frames(current_image, painted, (wt, ht), frames_per_step)
+            else:
+                frames += pan_frames(current_image, painted, walk, shift, frames_per_step)
+            current_image = painted
+        return frames[::-1] if all(forward) else frames
+
+    @staticmethod
+    def _positive_int(value: Any, name: str) -> int:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return int(value)
+
+    @staticmethod
+    def _per_step(value: Any, n: int, name: str) -> list:
+        if isinstance(value, (str, WalkType)) or not isinstance(value, (list, tuple)):
+            return [value] * n
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for num_inpainting_steps={n}; give one, or one per step")
+        return list(value)
+
+    @staticmethod
+    def _check_translations(walks: list[WalkType], ht: int, wt: int, height: int, width: int) -> None:
+        for walk in set(walks):
+            if walk == WalkType.BACKWARD:
+                if not (0 < 2 * ht < height and 0 < 2 * wt < width):
+                    raise ValueError(f"a zoom-out border of {wt}x{ht} px per side must be positive and leave part of "
+                                     f"the {width}x{height} image")
+            else:
+                shift, size = (ht, height) if walk in (WalkType.UP, WalkType.DOWN) else (wt, width)
+                if not 0 < shift < size:
+                    raise ValueError(f"a {walk.value} translation of {shift} px must be between 1 and {size - 1}")

@@ -66,10 +66,5 @@ class TextToImageDiffusion(BaseDiffusion):
         rng = self.make_rng(seed)
         noise = self.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
                                                          "channels, height/8, width/8)")
-        self.scheduler.set_timesteps(num_inference_steps)
-        x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
-        history = [x]
-        for x in self.denoise_steps(x, embedding, guidance_scale, guidance_rescale, rng):
-            if return_latent_history:
-                history.append(x)
-        return history if return_latent_history else [x]
+        return self.sample_from_noise(embedding, noise, num_inference_steps, guidance_scale, guidance_rescale, rng,
+                                      return_latent_history)

@@ -97,6 +97,9 @@ def pil_to_gif(images: Sequence[Image.Image], filename: str | Path, fps: int = 8
     return path
 
 
+VIDEO_CODECS = {".webm": "libvpx-vp9", ".avi": "mpeg4", ".mp4": "libx264", ".mkv": "libx264", ".mov": "libx264"}
+
+
 def pil_to_video(images: Sequence[Image.Image], filename: str | Path, fps: int = 8) -> Path:
     """Write a video (mp4, webm, mkv, mov, avi ... by extension; needs imageio-ffmpeg) atomically."""
     import imageio.v2 as imageio
@@ -108,14 +111,18 @@ def pil_to_video(images: Sequence[Image.Image], filename: str | Path, fps: int =
     path = Path(filename)
     size = images[0].size
     frames = [np.asarray(im.convert("RGB").resize(size) if im.size != size else im.convert("RGB")) for im in images]
+    codec = VIDEO_CODECS.get(path.suffix.lower(), "libx264")
     try:
         with atomic_path(path, suffix=path.suffix) as tmp:
-            writer = imageio.get_writer(str(tmp), fps=fps, format="FFMPEG", macro_block_size=1)
+            # macro_block_size=2: yuv420p needs even sides; larger blocks would rescale every frame.
+            writer = imageio.get_writer(str(tmp), fps=fps, format="FFMPEG", codec=codec, macro_block_size=2)
             try:
                 for frame in frames:
                     writer.append_data(frame)
             finally:
                 writer.close()
+            if tmp.stat().st_size == 0:
+                raise OSError(f"ffmpeg wrote nothing for {path} (codec {codec})")
     except ImportError as e:
         raise ImportError("writing video needs imageio-ffmpeg: pip install 'mlx-stablefused[video]'") from e
     return path

@@ -67,6 +67,12 @@ class MLXBackend(Backend):
     def images_to_numpy(self, images: mx.array) -> np.ndarray:
         return np.asarray(images.astype(mx.float32))
 
+    def from_numpy(self, array: np.ndarray) -> mx.array:
+        return mx.array(np.asarray(array, dtype=np.float32))
+
+    def to_numpy(self, array: mx.array) -> np.ndarray:
+        return np.asarray(array.astype(mx.float32))
+
     def concat(self, arrays: Sequence[mx.array]) -> mx.array:
         return mx.concatenate(list(arrays), axis=0)
 

@@ -1,0 +1,145 @@
+"""Latent walks: similar images around a latent, and prompt-to-prompt interpolation videos."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..utils.interpolation import interpolation_weights, lerp, slerp
+from .base import BaseDiffusion, PromptType, as_prompt_list
+
+INTERPOLATIONS = {"lerp": lerp, "slerp": slerp}
+
+
+def _interpolator(kind: str, what: str):
+    if kind not in INTERPOLATIONS:
+        raise ValueError(f"unknown {what} interpolation {kind!r}; expected one of {sorted(INTERPOLATIONS)}")
+    return INTERPOLATIONS[kind]
+
+
+class LatentWalkDiffusion(BaseDiffusion):
+    def __call__(self, prompt: PromptType, latent: np.ndarray, strength: float = 0.2, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 negative_prompt: PromptType | None = None, output_type: str = "pil",
+                 return_latent_history: bool = False, seed: int | None = None,
+                 noise: np.ndarray | None = None) -> Any:
+        """Images similar to the one ``latent`` (initial noise, (B, 4, h, w)) makes: the noise is moved
+        ``strength`` of the way toward fresh noise, re-standardised, then fully denoised.
+
+        A single prompt is used for every latent; otherwise one prompt per latent.
+        """
+        self._check_output_type(output_type)
+        self.validate_steps(num_inference_steps)
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        base = np.asarray(latent, dtype=np.float32)
+        if base.ndim != 4:
+            raise ValueError(f"latent must be (B, C, h, w), got shape {base.shape}")
+        prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
+        if len(prompts) == 1 and base.shape[0] > 1:
+            prompts, negatives = prompts * base.shape[0], negatives * base.shape[0]
+        if len(prompts) != base.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {base.shape[0]} latents; pass one prompt or one per latent")
+        rng = self.make_rng(seed)
+        walked = self.modify_latent(base, strength, self.given_or_random(noise, base.shape, rng, "noise"))
+        latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
+                                         guidance_scale, guidance_rescale, rng, return_latent_history)
+        return self.resolve_output(latents, output_type, return_latent_history)
+
+    generate = __call__
+
+    @staticmethod
+    def modify_latent(latent: np.ndarray, strength: float, noise: np.ndarray) -> np.ndarray:
+        """``(1 - s) * latent + s * noise``, standardised over the whole batch (as stablefused)."""
+        moved = (1.0 - strength) * latent + strength * noise
+        return ((moved - moved.mean()) / moved.std()).astype(np.float32)
+
+    def interpolate(self, prompt: Sequence[str], latent: np.ndarray | None = None, image_height: int | None = None,
+                    image_width: int | None = None, num_inference_steps: int = 50,
+                    interpolation_steps: int | Sequence[int] = 8, guidance_scale: float = 7.5,
+                    guidance_rescale: float = 0.0, negative_prompt: PromptType | None = None,
+                    output_type: str = "pil", return_latent_history: bool = False,
+                    embedding_interpolation_type: str = "lerp", latent_interpolation_type: str = "slerp",
+                    seed: int | None = None, batch_size: int = 4, duplicate_endpoints: bool = False) -> Any:
+        """A video from ``prompt[0]`` to ``prompt[-1]``: text embeddings and initial latents interpolated
+        between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
+
+        Frames are denoised ``batch_size`` at a time. Each prompt's frame appears once (the last frame
+        is the last prompt's own image); ``duplicate_endpoints=True`` repeats it at every pair boundary,
+        as stablefused did. ``latent``: one initial noise per prompt, (P, 4, h, w); else drawn from
+        ``seed`` at ``image_height`` x ``image_width`` (default 512).
+        """
+        self._check_output_type(output_type)
+        self.validate_steps(num_inference_steps)
+        prompts = as_prompt_list(prompt)
+        if len(prompts) < 2:
+            raise ValueError("interpolate needs at least two prompts")
+        prompts, negatives = self.prompt_pairs(prompts, negative_prompt)
+        steps = self._steps_per_pair(interpolation_steps, len(prompts) - 1)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        embed_fn = _interpolator(embedding_interpolation_type, "embedding")
+        latent_fn = _interpolator(latent_interpolation_type, "latent")
+        rng = self.make_rng(seed)
+        latents = self._initial_latents(latent, len(prompts), image_height, image_width, rng)
+        embedding = self.backend.to_numpy(self.prompt_to_embedding(prompts, negatives))
+        uncond, cond = embedding[: len(prompts)], embedding[len(prompts):]
+        frame_cond, frame_uncond, frame_latents = [], [], []
+        for i, k in enumerate(steps):
+            last_pair = i == len(steps) - 1
+            w = interpolation_weights(k, include_end=duplicate_endpoints)
+            frame_cond.append(embed_fn(cond[i], cond[i + 1], w))
+            frame_uncond.append(embed_fn(uncond[i], uncond[i + 1], w))
+            frame_latents.append(latent_fn(latents[i], latents[i + 1], w))
+            if last_pair and not duplicate_endpoints:
+                frame_cond.append(cond[-1:])
+                frame_uncond.append(uncond[-1:])
+                frame_latents.append(latents[-1:])
+        cond_all, uncond_all = np.concatenate(frame_cond), np.concatenate(frame_uncond)
+        lat_all = np.concatenate(frame_latents).astype(np.float32)
+        return self._render_frames(uncond_all, cond_all, lat_all, num_inference_steps, guidance_scale,
+                                   guidance_rescale, output_type, return_latent_history, batch_size, rng)
+
+    @staticmethod
+    def _steps_per_pair(interpolation_steps: int | Sequence[int], pairs: int) -> list[int]:
+        if isinstance(interpolation_steps, (int, np.integer)) and not isinstance(interpolation_steps, bool):
+            steps = [int(interpolation_steps)] * pairs
+        elif isinstance(interpolation_steps, (list, tuple)):
+            if len(interpolation_steps) != pairs:
+                raise ValueError(f"interpolation_steps has {len(interpolation_steps)} entries for {pairs} prompt "
+                                 "pairs; give one per consecutive pair")
+            steps = [int(s) for s in interpolation_steps]
+        else:
+            raise TypeError(f"interpolation_steps must be an int or a list of ints, got {interpolation_steps!r}")
+        if min(steps) < 1:
+            raise ValueError(f"interpolation_steps must be >= 1, got {interpolation_steps}")
+        return steps
+
+    def _initial_latents(self, latent: np.ndarray | None, count: int, height: int | None, width: int | None,
+                         rng: np.random.Generator) -> np.ndarray:
+        if latent is not None:
+            out = np.asarray(latent, dtype=np.float32)
+            if out.ndim != 4 or out.shape[0] != count:
+                raise ValueError(f"latent must be ({count}, C, h, w), one per prompt; got shape {out.shape}")
+            return out
+        height, width = height or 512, width or 512
+        self.validate_size(height, width)
+        f = self.vae_scale_factor
+        return self.random_latent((count, self.latent_channels, height // f, width // f), rng)
+
+    def _render_frames(self, uncond: np.ndarray, cond: np.ndarray, latents: np.ndarray, num_inference_steps: int,
+                       guidance_scale: float, guidance_rescale: float, output_type: str,
+                       return_latent_history: bool, batch_size: int, rng: np.random.Generator) -> Any:
+        outputs = []
+        for s in range(0, len(latents), batch_size):
+            e = slice(s, s + batch_size)
+            embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
+            result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
+                                            guidance_rescale, rng, return_latent_history)
+            outputs.append(self.resolve_output(result, output_type if output_type != self.backend.name else "np",
+                                               return_latent_history))
+        if output_type == "pil":
+            return [frame for batch in outputs for frame in batch]
+        merged = np.concatenate(outputs, axis=0)
+        return self.backend.images_from_numpy(merged) if output_type == self.backend.name else merged
