@@ -76,3 +76,59 @@ def test_module_entry_point_runs(tmp_path):
                            "--output", str(out), *FAST], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
+
+
+def _image_file(path, size=(64, 64)):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _mask_file(path):
+    import numpy as np
+
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    Image.fromarray(m).save(path)
+    return str(path)
+
+
+def test_img2img_and_inpaint_subcommands(tmp_path):
+    src = _image_file(tmp_path / "in.png")
+    mask = _mask_file(tmp_path / "mask.png")
+    out1, out2 = tmp_path / "i2i.png", tmp_path / "inp.png"
+    assert main(["img2img", "--prompt", "x", "--image", src, "--strength", "0.5", "--output", str(out1), *FAST]) == 0
+    assert main(["inpaint", "--prompt", "x", "--image", src, "--mask", mask, "--output", str(out2), *FAST]) == 0
+    assert Image.open(out1).size == (64, 64) and Image.open(out2).size == (64, 64)
+    inpainted, original = np.asarray(Image.open(out2), float), np.asarray(Image.open(src), float)
+    assert np.abs(inpainted - original)[16:48, 16:48].mean() > np.abs(inpainted - original)[:8, :8].mean()
+
+
+def test_walk_and_interpolate_subcommands(tmp_path):
+    import imageio.v2 as imageio
+
+    src = _image_file(tmp_path / "in.png")
+    gif, mp4 = tmp_path / "walk.gif", tmp_path / "interp.mp4"
+    assert main(["walk", "--prompt", "a", "b", "--image", src, "--walk-type", "left", "up", "--num-inpainting-steps",
+                 "2", "--interpolation-steps", "3", "--translation", "16", "--output", str(gif), *FAST]) == 0
+    with Image.open(gif) as im:
+        assert im.n_frames == 6
+    assert main(["interpolate", "--prompt", "a", "b", "c", "--interpolation-steps", "2", "--output", str(mp4),
+                 *FAST]) == 0
+    assert imageio.get_reader(str(mp4)).count_frames() == 5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["img2img", "--prompt", "x", "--image", "/no/such.png"], "No such file"),
+    (["img2img", "--prompt", "x", "--image", "{img}", "--strength", "2"], "strength"),
+    (["inpaint", "--prompt", "x", "--image", "{img}", "--mask", "{img}", "--mode", "unet"], "9-channel"),
+    (["walk", "--prompt", "x", "--image", "{img}", "--walk-type", "sideways"], "unknown walk type"),
+    (["interpolate", "--prompt", "only-one"], "at least two"),
+])
+def test_subcommand_errors_exit_1(tmp_path, capsys, argv, message):
+    img = _image_file(tmp_path / "in.png")
+    argv = [a.replace("{img}", img) for a in argv]
+    assert main([*argv, "--output", str(tmp_path / "o.png"), *FAST]) == 1
+    assert message in capsys.readouterr().err

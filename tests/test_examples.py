@@ -1,0 +1,53 @@
+"""Each example script (one per stablefused notebook) runs on the offline demo model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+# The package is importable whether or not it was pip-installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+FAST = ["--model", "demo:tiny-random", "--dtype", "float32", "--scheduler", "ddim", "--steps", "2", "--size", "64",
+        "--fps", "4"]
+
+CASES = {
+    "text_to_image.py": ([], {"text_to_image.png": None, "text_to_image_denoising.mp4": 3}),
+    "image_to_image.py": (["--start-step", "1"], {"image_to_image_input.png": None, "image_to_image.png": None,
+                                                   "image_to_image_denoising.mp4": 2}),
+    "inpaint.py": (["--walk-steps", "1", "--frames", "2"], {"inpaint.png": None, "inpaint_zoom_in.mp4": 2,
+                                                            "inpaint_pan.mp4": 4}),
+    "latent_walk.py": (["--frames", "2", "--similar", "2"], {"latent_walk_similar.png": None,
+                                                             "latent_walk_story.mp4": 7}),
+    "guidance_scale.py": (["--step-counts", "1", "2", "--scales", "-1.5", "0", "7.5"],
+                          {"guidance_scale_prompts.png": None, "guidance_scale_steps.png": None}),
+}
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_example_runs_on_the_demo_model(script, tmp_path):
+    extra, expected = CASES[script]
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *FAST, *extra, "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo model" in proc.stderr
+    for name, frames in expected.items():
+        path = tmp_path / name
+        assert path.is_file(), name
+        if frames is None:
+            Image.open(path).verify()
+        else:
+            reader = imageio.get_reader(str(path))
+            assert reader.count_frames() == frames, name
+            reader.close()
+
+
+def test_guidance_grid_shape(tmp_path):
+    subprocess.run([sys.executable, str(EXAMPLES / "guidance_scale.py"), *FAST, "--step-counts", "1", "--scales",
+                    "0", "1", "2", "--output-dir", str(tmp_path)], check=True, capture_output=True, timeout=600, env=ENV)
+    assert Image.open(tmp_path / "guidance_scale_prompts.png").size == (3 * 64, 2 * 64)
