@@ -188,6 +188,7 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     force_upcast: bool = True
+    sample_size: int = 32  # diffusers' default; SD repos say 512 (SD 2.x: 768). Sets the tiling tile size.
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "VAEConfig":
@@ -202,6 +203,8 @@ class VAEConfig:
         if cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None:
             raise UnsupportedModelError(f"{c} config: latents_mean/latents_std normalisation is not supported")
         known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        if isinstance(known.get("sample_size"), (list, tuple)):
+            known["sample_size"] = int(known["sample_size"][0])
         if "block_out_channels" in known:
             known["block_out_channels"] = tuple(known["block_out_channels"])
         out = cls(**known)

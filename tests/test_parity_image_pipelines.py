@@ -208,3 +208,45 @@ def test_inpaint_bad_inputs(sd1, sd1_inpaint, loaded):
     resized = ours("x", make_image(70, 60), make_mask(35, 30), image_height=48, image_width=64,
                    num_inference_steps=2, seed=0, output_type="np")
     assert resized.shape == (1, 48, 64, 3)
+
+
+def test_vae_tiling_matches_diffusers(sd1, loaded):
+    """Tiled decode and encode against diffusers' AutoencoderKL tiling (tiny VAE: 32 px tiles)."""
+    pipe, root = sd1
+    ours = get(TextToImageDiffusion, root, loaded)
+    vae = pipe.vae
+    assert vae.config.sample_size == 64
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # small tiles so a small image has many
+    vae.enable_tiling()
+    ours.enable_tiling(tile_size=32)
+    try:
+        z = np.random.default_rng(6).standard_normal((1, 4, 11, 9)).astype(np.float32)
+        with torch.no_grad():
+            ref = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample.numpy()
+        got = ours.latent_to_image(z, output_type="np")
+        ref_img = np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+        assert report("tiled VAE decode vs diffusers (max abs)", np.abs(got - ref_img).max()) < 5e-4
+        image = make_image(72, 88)
+        pixels = np.asarray(image, np.float32)[None] / 255.0
+        with torch.no_grad():
+            ref_mean = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2) * 2 - 1)).latent_dist.mean.numpy()
+        mean = ours.backend.latent_to_numpy(ours.image_to_latent(image)) / vae.config.scaling_factor
+        assert report("tiled VAE encode vs diffusers (max abs)", np.abs(mean - ref_mean).max()) < 5e-4
+    finally:
+        vae.disable_tiling()
+        ours.disable_tiling()
+
+
+def test_slicing_and_attention_chunking_change_nothing(sd1, loaded):
+    _, root = sd1
+    ours = get(TextToImageDiffusion, root, loaded)
+    ours.set_scheduler("ddim")
+    args = dict(prompt=["a", "b"], num_inference_steps=2, seed=1, image_height=64, image_width=64, output_type="np")
+    plain = ours(**args)
+    ours.enable_slicing()
+    ours.enable_attention_slicing(7)
+    try:
+        np.testing.assert_allclose(ours(**args), plain, atol=1e-5)
+    finally:
+        ours.disable_slicing()
+        ours.disable_attention_slicing()

@@ -23,6 +23,7 @@ from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
 from ..sources import ModelSource, resolve_model
 from ..tokenizer import CLIPTokenizer
 from ..utils.images import denormalize, normalize, numpy_to_pil
+from .vae_tiling import TileSpec, tiled_decode, tiled_encode
 
 PromptType = str | Sequence[str]
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -137,6 +138,7 @@ class BaseDiffusion:
         self.vae_scale_factor = self.backend.vae_config.downscale_factor
         self.progress = progress
         self.decode_batch_size: int | None = None
+        self.tiling: TileSpec | None = None
         self.scheduler: Scheduler = self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
 
     @classmethod
@@ -161,6 +163,17 @@ class BaseDiffusion:
 
     def disable_slicing(self) -> None:
         self.decode_batch_size = None
+
+    def enable_tiling(self, tile_size: int | None = None, overlap: float = 0.25) -> None:
+        """Run the VAE on overlapping ``tile_size``-pixel tiles (default: the VAE's sample_size) and blend
+        them, as diffusers' VAE tiling does: memory stays that of one tile for any image size."""
+        size = int(tile_size or self.backend.vae_config.sample_size)
+        if size % self.vae_scale_factor or not 0.0 <= overlap < 1.0:
+            raise ValueError(f"tile_size must be a multiple of {self.vae_scale_factor} and overlap in [0, 1)")
+        self.tiling = TileSpec(size, size // self.vae_scale_factor, overlap)
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
 
     @property
     def latent_channels(self) -> int:
@@ -346,10 +359,33 @@ class BaseDiffusion:
             z = latent[s:s + step] * (1.0 / cfg.scaling_factor)
             if cfg.shift_factor:
                 z = z + cfg.shift_factor
-            decoded = self.backend.vae_decode(z)
-            chunks.append(self.backend.images_to_numpy(decoded))
+            chunks.append(self._decode(z))
         images = denormalize(np.concatenate(chunks, axis=0)).astype(np.float32)
         return self._format_images(images, output_type)
+
+    def _decode(self, z: Array) -> np.ndarray:
+        """Unscaled native latents -> (B, H, W, 3) numpy, tiled when enabled and the latent exceeds a tile."""
+        backend, spec = self.backend, self.tiling
+        if spec is None:
+            return backend.images_to_numpy(backend.vae_decode(z))
+        public = backend.latent_to_numpy(z)
+        if max(public.shape[2:]) <= spec.latent_size:
+            return backend.images_to_numpy(backend.vae_decode(z))
+        return tiled_decode(public, lambda t: backend.images_to_numpy(backend.vae_decode(backend.latent_from_numpy(t))),
+                            spec)
+
+    def _encode_mean(self, images: np.ndarray) -> Array:
+        """(B, H, W, 3) numpy in [-1, 1] -> unscaled native posterior mean, tiled when enabled."""
+        backend, spec = self.backend, self.tiling
+        if spec is None or max(images.shape[1:3]) <= spec.sample_size:
+            return backend.vae_encode(backend.images_from_numpy(images))[0]
+
+        def encode(tile: np.ndarray) -> np.ndarray:
+            mean = backend.vae_encode(backend.images_from_numpy(np.ascontiguousarray(tile.transpose(0, 2, 3, 1))))[0]
+            return backend.latent_to_numpy(mean).transpose(0, 2, 3, 1)
+
+        mean = tiled_encode(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), encode, spec)
+        return backend.latent_from_numpy(np.ascontiguousarray(mean.transpose(0, 3, 1, 2)))
 
     def _format_images(self, images: np.ndarray, output_type: str) -> Any:
         if output_type == "np":
@@ -365,7 +401,7 @@ class BaseDiffusion:
 
     def pixels_to_latent(self, pixels: np.ndarray) -> Array:
         """(B, H, W, 3) float pixels in [0, 1] -> scaled posterior-mean latents (native)."""
-        mean, _ = self.backend.vae_encode(self.backend.images_from_numpy(normalize(pixels)))
+        mean = self._encode_mean(normalize(pixels))
         cfg = self.backend.vae_config
         if cfg.shift_factor:
             mean = mean - cfg.shift_factor

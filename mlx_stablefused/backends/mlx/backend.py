@@ -88,6 +88,7 @@ class MLXBackend(Backend):
         mx.eval(*arrays)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
-        for _, module in self.unet_model.named_modules():
-            if hasattr(module, "set_query_chunk"):
-                module.set_query_chunk(chunk)
+        for model in (self.unet_model, self.vae):
+            for _, module in model.named_modules():
+                if hasattr(module, "set_query_chunk"):
+                    module.set_query_chunk(chunk)
