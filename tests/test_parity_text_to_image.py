@@ -157,3 +157,16 @@ def test_every_sampler_end_to_end(tiny, scheduler, ours_cache, monkeypatch):
     got = ours(latent=latents, output_type="np", seed=5, **args)
     err = np.abs(got - ref).max()
     assert report(f"all samplers end to end (max abs, worst of {len(SCHEDULER_NAMES)})", err) < 5e-3, scheduler
+
+
+def test_zero_and_negative_guidance(sd1, ours_cache):
+    """g = 0 is the unconditional prediction: the same as the negative prompt alone at g = 1."""
+    _, root = sd1
+    ours = load_ours(root, ours_cache)
+    ours.set_scheduler("ddim")
+    args = dict(num_inference_steps=3, seed=2, image_height=64, image_width=64, output_type="np")
+    zero = ours("a photo of the cat", negative_prompt="blurry", guidance_scale=0.0, **args)
+    plain = ours("blurry", guidance_scale=1.0, **args)
+    np.testing.assert_allclose(zero, plain, atol=1e-5)
+    negative = ours("a photo of the cat", negative_prompt="blurry", guidance_scale=-1.5, **args)
+    assert np.isfinite(negative).all() and np.abs(negative - zero).max() > 1e-3
