@@ -69,7 +69,12 @@ def _torch_to_mx(tensor) -> mx.array:
 
 
 def load_pickle(path: str | Path) -> dict[str, mx.array]:
-    """Tensors of a PyTorch checkpoint, read without executing any pickled code."""
+    """Tensors of a PyTorch checkpoint as MLX arrays, read without executing any pickled code."""
+    return {k: _torch_to_mx(v) for k, v in load_torch_pickle(path).items()}
+
+
+def load_torch_pickle(path: str | Path) -> dict:
+    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
     try:
         import torch
     except ImportError as e:
@@ -83,7 +88,25 @@ def load_pickle(path: str | Path) -> dict[str, mx.array]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightLoadError(f"{path} does not hold a dictionary of tensors")
-    return {k: _torch_to_mx(v) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_torch_weights(path: str | Path) -> dict:
+    """All tensors of one weight file as torch tensors (CPU), in the file's own layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightLoadError(f"weight file {path} does not exist")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        check_safetensors(path)
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise WeightLoadError(f"could not read {path}: {e}") from e
+    if path.suffix in PICKLE_SUFFIXES:
+        return load_torch_pickle(path)
+    raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
 
 
 def load_weights(path: str | Path) -> dict[str, mx.array]:

@@ -22,7 +22,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
-    p.add_argument("--backend", default="mlx", help="compute backend (default: mlx)")
+    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend (default: mlx)")
+    p.add_argument("--device", default=None, help="torch: cuda, mps or cpu (default: the best available); "
+                                                  "mlx: gpu or cpu")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16")
     p.add_argument("--scheduler", default=None, help="sampler name (default: the model's own)")
@@ -143,7 +145,7 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         args.height, args.width = args.height or size, args.width or size
     args.steps = args.steps or (20 if demo else 30)
     return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
-               scheduler=args.scheduler, progress=not args.no_progress)
+               device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
 
 
 def output_paths(output: str, n: int) -> list[Path]:

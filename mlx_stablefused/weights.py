@@ -83,7 +83,7 @@ def torch_to_mlx_layout(value: mx.array, target_shape: tuple[int, ...]) -> mx.ar
     return value
 
 
-def _check_shapes(weights: Mapping[str, mx.array], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+def check_shapes(weights: Mapping[str, mx.array], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
     bad = [f"{k!r} has shape {tuple(v.shape)} but the model expects {expected[k]}"
            for k, v in weights.items() if tuple(v.shape) != expected[k]]
     if bad:
@@ -97,8 +97,15 @@ def _describe(keys: list[str], limit: int = 12) -> str:
 
 
 def check_keys(model: nn.Module, weights: Mapping[str, mx.array], source: str) -> dict[str, tuple[int, ...]]:
-    """Raise unless ``weights`` has exactly the model's parameter names; return the expected shapes."""
+    """Raise unless ``weights`` has exactly the MLX model's parameter names; return the expected shapes."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    return check_names(expected, weights, source, type(model).__name__)
+
+
+def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, object], source: str,
+                model_name: str) -> dict[str, tuple[int, ...]]:
+    """Raise unless ``weights`` has exactly the ``expected`` names, naming every missing and unexpected one."""
+    expected = dict(expected)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -107,7 +114,7 @@ def check_keys(model: nn.Module, weights: Mapping[str, mx.array], source: str) -
             parts.append(f"{len(missing)} missing: {_describe(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
-        raise WeightLoadError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+        raise WeightLoadError(f"{source} does not match {model_name}: " + "; ".join(parts))
     return expected
 
 
@@ -117,7 +124,7 @@ def convert_state(model: nn.Module, state: Mapping[str, mx.array], component: st
     mapped = map_keys(state, RULES[component])
     expected = check_keys(model, mapped, source)
     out = {k: torch_to_mlx_layout(v, expected[k]) for k, v in mapped.items()}
-    _check_shapes(out, expected, source)
+    check_shapes(out, expected, source)
     return {k: cast(v, dtype) for k, v in out.items()}
 
 
@@ -131,6 +138,6 @@ def apply_weights(model: nn.Module, weights: Mapping[str, mx.array], source: str
                   dtype: mx.Dtype | None = None) -> nn.Module:
     """Load MLX-layout ``weights`` into ``model`` strictly (names and shapes must match exactly)."""
     expected = check_keys(model, weights, source)
-    _check_shapes(weights, expected, source)
+    check_shapes(weights, expected, source)
     model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
     return model

@@ -67,6 +67,15 @@ def sd1_inpaint(tmp_path_factory):
     return pipe, folder / "model"
 
 
+BACKEND_NAMES = ["mlx", "torch"]
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend_name(request):
+    """Each backend in turn; tests that need CUDA or MPS mark themselves and skip where absent."""
+    return request.param
+
+
 @pytest.fixture(params=["sd1", "sd2"])
 def tiny(request):
     """Each tiny configuration in turn: (diffusers pipeline, saved folder)."""

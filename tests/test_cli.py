@@ -50,6 +50,15 @@ def test_bad_input_exits_1_with_a_message(tmp_path, capsys, argv, message):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_torch_backend_gives_the_same_file_as_mlx(tmp_path):
+    a, b = tmp_path / "mlx.png", tmp_path / "torch.png"
+    assert main(["txt2img", "--prompt", "a boat", "--output", str(a), *FAST]) == 0
+    assert main(["txt2img", "--prompt", "a boat", "--output", str(b), *FAST, "--backend", "torch", "--device",
+                 "cpu"]) == 0
+    diff = np.abs(np.asarray(Image.open(a), float) - np.asarray(Image.open(b), float))
+    assert diff.max() <= 1  # uint8 rounding of float images that agree to ~1e-5
+
+
 def test_default_model_falls_back_to_the_labelled_demo_when_offline(tmp_path, capsys, monkeypatch):
     import huggingface_hub
 

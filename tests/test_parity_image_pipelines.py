@@ -49,23 +49,23 @@ def loaded():
     return {}
 
 
-def get(cls, root, loaded):
-    key = (cls, root)
+def get(cls, root, loaded, backend="mlx"):
+    key = (cls, root, backend)
     if key not in loaded:
-        loaded[key] = cls(root, progress=False)
+        loaded[key] = cls(root, progress=False, backend=backend)
     return loaded[key]
 
 
 @pytest.mark.parametrize("scheduler,start_step", [("ddim", 2), ("pndm", 1), ("euler", 2), ("heun", 1),
                                                   ("dpm_multistep", 3)])
-def test_image_to_image_matches_diffusers(tiny, scheduler, start_step, loaded, monkeypatch):
+def test_image_to_image_matches_diffusers(tiny, scheduler, start_step, loaded, monkeypatch, backend_name):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe, root = tiny
     ref = StableDiffusionImg2ImgPipeline(**pipe.components)
     ref.set_progress_bar_config(disable=True)
     use_scheduler(ref, root, scheduler)
-    ours = get(ImageToImageDiffusion, root, loaded)
+    ours = get(ImageToImageDiffusion, root, loaded, backend_name)
     ours.set_scheduler(scheduler)
     image = make_image()
     steps = 5
@@ -76,7 +76,8 @@ def test_image_to_image_matches_diffusers(tiny, scheduler, start_step, loaded, m
                        num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
     got = ours(image, PROMPTS, num_inference_steps=steps, start_step=start_step, negative_prompt=NEGATIVES,
                noise=noise, output_type="np")
-    assert report("image-to-image vs StableDiffusionImg2ImgPipeline (max abs)", np.abs(got - expected).max()) < 5e-3
+    assert report(f"image-to-image vs StableDiffusionImg2ImgPipeline (max abs) [{backend_name}]",
+                  np.abs(got - expected).max()) < 5e-3
 
 
 def test_strength_equals_start_step(sd1, loaded):
@@ -88,10 +89,11 @@ def test_strength_equals_start_step(sd1, loaded):
 
 
 @pytest.mark.parametrize("scheduler,strength", [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.6), ("pndm", 1.0)])
-def test_nine_channel_inpainting_matches_diffusers(sd1_inpaint, scheduler, strength, loaded, monkeypatch):
+def test_nine_channel_inpainting_matches_diffusers(sd1_inpaint, scheduler, strength, loaded, monkeypatch,
+                                                  backend_name):
     pipe, root = sd1_inpaint
     use_scheduler(pipe, root, scheduler)
-    ours = get(InpaintDiffusion, root, loaded)
+    ours = get(InpaintDiffusion, root, loaded, backend_name)
     ours.set_scheduler(scheduler)
     image, mask = make_image(64, 48), make_mask(64, 48)
     noise = np.random.default_rng(4).standard_normal((2, 4, 6, 8)).astype(np.float32)
@@ -103,20 +105,20 @@ def test_nine_channel_inpainting_matches_diffusers(sd1_inpaint, scheduler, stren
     got = ours(PROMPTS, image, mask, num_inference_steps=steps, strength=strength, negative_prompt=NEGATIVES,
                noise=noise, output_type="np")
     assert got.shape == (2, 48, 64, 3)
-    assert report("9-channel inpainting vs StableDiffusionInpaintPipeline (max abs)",
+    assert report(f"9-channel inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
                   np.abs(got - expected).max()) < 5e-3
 
 
 @pytest.mark.parametrize("scheduler,strength", [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.8), ("heun", 1.0),
                                                 ("dpm_multistep", 0.6)])
-def test_latent_blending_inpainting_matches_diffusers(tiny, scheduler, strength, loaded, monkeypatch):
+def test_latent_blending_inpainting_matches_diffusers(tiny, scheduler, strength, loaded, monkeypatch, backend_name):
     from diffusers import StableDiffusionInpaintPipeline
 
     pipe, root = tiny
     ref = StableDiffusionInpaintPipeline(**pipe.components)
     ref.set_progress_bar_config(disable=True)
     use_scheduler(ref, root, scheduler)
-    ours = get(InpaintDiffusion, root, loaded)
+    ours = get(InpaintDiffusion, root, loaded, backend_name)
     ours.set_scheduler(scheduler)
     image, mask = make_image(), make_mask()
     noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -125,7 +127,7 @@ def test_latent_blending_inpainting_matches_diffusers(tiny, scheduler, strength,
         expected = ref(prompt="the cat", image=image, mask_image=mask, height=64, width=64, strength=strength,
                        num_inference_steps=5, guidance_scale=7.5, output_type="np").images
     got = ours("the cat", image, mask, num_inference_steps=5, strength=strength, noise=noise, output_type="np")
-    assert report("latent-blending inpainting vs StableDiffusionInpaintPipeline (max abs)",
+    assert report(f"latent-blending inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
                   np.abs(got - expected).max()) < 5e-3
 
 
@@ -210,10 +212,10 @@ def test_inpaint_bad_inputs(sd1, sd1_inpaint, loaded):
     assert resized.shape == (1, 48, 64, 3)
 
 
-def test_vae_tiling_matches_diffusers(sd1, loaded):
+def test_vae_tiling_matches_diffusers(sd1, loaded, backend_name):
     """Tiled decode and encode against diffusers' AutoencoderKL tiling (tiny VAE: 32 px tiles)."""
     pipe, root = sd1
-    ours = get(TextToImageDiffusion, root, loaded)
+    ours = get(TextToImageDiffusion, root, loaded, backend_name)
     vae = pipe.vae
     assert vae.config.sample_size == 64
     vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # small tiles so a small image has many
@@ -225,13 +227,13 @@ def test_vae_tiling_matches_diffusers(sd1, loaded):
             ref = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample.numpy()
         got = ours.latent_to_image(z, output_type="np")
         ref_img = np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-        assert report("tiled VAE decode vs diffusers (max abs)", np.abs(got - ref_img).max()) < 5e-4
+        assert report(f"tiled VAE decode vs diffusers (max abs) [{backend_name}]", np.abs(got - ref_img).max()) < 5e-4
         image = make_image(72, 88)
         pixels = np.asarray(image, np.float32)[None] / 255.0
         with torch.no_grad():
             ref_mean = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2) * 2 - 1)).latent_dist.mean.numpy()
         mean = ours.backend.latent_to_numpy(ours.image_to_latent(image)) / vae.config.scaling_factor
-        assert report("tiled VAE encode vs diffusers (max abs)", np.abs(mean - ref_mean).max()) < 5e-4
+        assert report(f"tiled VAE encode vs diffusers (max abs) [{backend_name}]", np.abs(mean - ref_mean).max()) < 5e-4
     finally:
         vae.disable_tiling()
         ours.disable_tiling()

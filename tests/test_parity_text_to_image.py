@@ -26,42 +26,43 @@ def ours_cache():
     return {}
 
 
-def load_ours(root, cache):
-    if root not in cache:
-        cache[root] = TextToImageDiffusion(model_id=root, progress=False)
-    return cache[root]
+def load_ours(root, cache, backend="mlx"):
+    if (root, backend) not in cache:
+        cache[(root, backend)] = TextToImageDiffusion(model_id=root, progress=False, backend=backend)
+    return cache[(root, backend)]
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler"])
-def test_text_to_image_matches_diffusers(tiny, scheduler, ours_cache):
+def test_text_to_image_matches_diffusers(tiny, scheduler, ours_cache, backend_name):
     pipe, root = tiny
-    ours = load_ours(root, ours_cache)
+    ours = load_ours(root, ours_cache, backend_name)
     ours.set_scheduler(scheduler)
     latents = np.random.default_rng(7).standard_normal((2, 4, 8, 8)).astype(np.float32)
     args = dict(prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=7.5)
     ref = reference(pipe, root, scheduler, latents, height=64, width=64, **args)
     got = ours(latent=latents, output_type="np", **args)
     assert got.shape == ref.shape == (2, 64, 64, 3)
-    assert report(f"text-to-image {scheduler} (max abs, [0,1] image)", np.abs(got - ref).max()) < 5e-3
+    assert report(f"text-to-image {scheduler} (max abs, [0,1] image) [{backend_name}]",
+                  np.abs(got - ref).max()) < 5e-3
 
 
-def test_odd_latent_size_and_guidance_rescale(sd2, ours_cache):
+def test_odd_latent_size_and_guidance_rescale(sd2, ours_cache, backend_name):
     pipe, root = sd2
-    ours = load_ours(root, ours_cache)
+    ours = load_ours(root, ours_cache, backend_name)
     ours.set_scheduler("ddim")
     latents = np.random.default_rng(8).standard_normal((1, 4, 9, 7)).astype(np.float32)
     args = dict(prompt="the end", num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7)
     ref = reference(pipe, root, "ddim", latents, height=72, width=56, **args)
     got = ours(latent=latents, output_type="np", **args)
-    assert report("text-to-image odd size + rescale (max abs)", np.abs(got - ref).max()) < 5e-3
+    assert report(f"text-to-image odd size + rescale (max abs) [{backend_name}]", np.abs(got - ref).max()) < 5e-3
 
 
-def test_prompt_embedding_matches_diffusers(tiny, ours_cache):
+def test_prompt_embedding_matches_diffusers(tiny, ours_cache, backend_name):
     pipe, root = tiny
-    ours = load_ours(root, ours_cache)
+    ours = load_ours(root, ours_cache, backend_name)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=NEGATIVES)
-    emb = np.asarray(ours.prompt_to_embedding(PROMPTS, NEGATIVES))
+    emb = ours.backend.to_numpy(ours.prompt_to_embedding(PROMPTS, NEGATIVES))
     assert emb.shape == (4, 77, 32)
     assert report("prompt_to_embedding vs encode_prompt (rel)", rel_error(emb, torch.cat([uncond, cond]).numpy())) < 1e-4
 
@@ -138,13 +139,13 @@ def _patch_diffusers_noise(monkeypatch, scheduler, seed, shape):
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
-def test_every_sampler_end_to_end(tiny, scheduler, ours_cache, monkeypatch):
+def test_every_sampler_end_to_end(tiny, scheduler, ours_cache, monkeypatch, backend_name):
     """Each sampler in a 4-step CFG run on SD1-style (epsilon) and SD2-style (v) models vs diffusers."""
     import diffusers
     from test_schedulers import DIFFUSERS
 
     pipe, root = tiny
-    ours = load_ours(root, ours_cache)
+    ours = load_ours(root, ours_cache, backend_name)
     ours.set_scheduler(scheduler)
     cls_name, preset = DIFFUSERS[scheduler]
     config = diffusers.DDIMScheduler.load_config(str(root), subfolder="scheduler")
@@ -156,7 +157,8 @@ def test_every_sampler_end_to_end(tiny, scheduler, ours_cache, monkeypatch):
         ref = pipe(latents=torch.from_numpy(latents), height=64, width=64, output_type="np", **args).images
     got = ours(latent=latents, output_type="np", seed=5, **args)
     err = np.abs(got - ref).max()
-    assert report(f"all samplers end to end (max abs, worst of {len(SCHEDULER_NAMES)})", err) < 5e-3, scheduler
+    assert report(f"all samplers end to end (max abs, worst of {len(SCHEDULER_NAMES)}) [{backend_name}]",
+                  err) < 5e-3, scheduler
 
 
 def test_zero_and_negative_guidance(sd1, ours_cache):

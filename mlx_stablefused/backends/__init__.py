@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Backend
 
-BACKENDS = ("mlx",)
+BACKENDS = ("mlx", "torch")
 
 
 def create_backend(name: str, source: Any, **options: Any) -> Backend:
@@ -15,4 +15,10 @@ def create_backend(name: str, source: Any, **options: Any) -> Backend:
         from .mlx.backend import MLXBackend
 
         return MLXBackend(source, **options)
+    if name == "torch":
+        try:
+            from .torch.backend import TorchBackend
+        except ImportError as e:
+            raise ImportError("the torch backend needs PyTorch: pip install 'mlx-stablefused[torch]'") from e
+        return TorchBackend(source, **options)
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

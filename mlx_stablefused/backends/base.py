@@ -17,6 +17,7 @@ Array = Any  # a backend-native array
 
 class Backend(ABC):
     name: str = ""
+    native_output_type: str = ""  # output_type that returns the framework's own arrays ("mlx", "pt")
 
     # Configs of the loaded networks (see mlx_stablefused.config).
     text_config: Any

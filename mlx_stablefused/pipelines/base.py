@@ -423,7 +423,7 @@ class BaseDiffusion:
 
     # --------------------------------------------------------------------------------- outputs
     def _check_output_type(self, output_type: str) -> None:
-        allowed = OUTPUT_TYPES + (self.backend.name,)
+        allowed = OUTPUT_TYPES + (self.backend.native_output_type,)
         if output_type not in allowed:
             raise ValueError(f"unknown output_type {output_type!r}; expected one of {allowed}")
 

@@ -137,9 +137,9 @@ class LatentWalkDiffusion(BaseDiffusion):
             embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
             result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
                                             guidance_rescale, rng, return_latent_history)
-            outputs.append(self.resolve_output(result, output_type if output_type != self.backend.name else "np",
+            outputs.append(self.resolve_output(result, output_type if output_type != self.backend.native_output_type else "np",
                                                return_latent_history))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
         merged = np.concatenate(outputs, axis=0)
-        return self.backend.images_from_numpy(merged) if output_type == self.backend.name else merged
+        return self.backend.images_from_numpy(merged) if output_type == self.backend.native_output_type else merged

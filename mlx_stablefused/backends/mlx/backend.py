@@ -14,6 +14,7 @@ from .loading import load_components, parse_dtype
 
 class MLXBackend(Backend):
     name = "mlx"
+    native_output_type = "mlx"
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None) -> None:

@@ -1,0 +1,102 @@
+"""The torch backend: the same pipelines on CUDA, MPS or CPU; tensors NCHW, as diffusers."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ...config import VAEConfig, read_json
+from ...sources import ModelSource
+from ..base import Backend
+from .loading import load_components, parse_dtype
+
+
+def best_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    native_output_type = "pt"
+
+    def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
+                 use_cache: bool = True, device: str | None = None) -> None:
+        self.device = torch.device(device) if device else best_device()
+        self.dtype = parse_dtype(dtype)
+        vae_cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
+        # fp16 SD VAEs overflow; run the VAE in fp32 then, as diffusers' force_upcast does.
+        vae_dtype = torch.float32 if self.dtype == torch.float16 and vae_cfg.force_upcast else self.dtype
+        modules = load_components(source, {"text_encoder": self.dtype, "unet": self.dtype, "vae": vae_dtype},
+                                  self.device, variant)
+        self.text_encoder, self.unet_model, self.vae = modules["text_encoder"], modules["unet"], modules["vae"]
+        self.vae_dtype = vae_dtype
+        self.text_config = self.text_encoder.config
+        self.unet_config = self.unet_model.config
+        self.vae_config = self.vae.config
+        if self.device.type == "cuda":
+            self.unet_model.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def encode_text(self, token_ids: np.ndarray) -> torch.Tensor:
+        ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
+        return self.text_encoder(ids).last_hidden_state
+
+    @torch.inference_mode()
+    def unet(self, latent: torch.Tensor, timestep: float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
+        out = self.unet_model(latent.to(self.dtype), t, context.to(self.dtype))
+        return out.float()
+
+    @torch.inference_mode()
+    def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent.to(self.vae_dtype)).float()
+
+    @torch.inference_mode()
+    def vae_encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.vae.encode(images.to(self.vae_dtype))
+        return mean.float(), logvar.float()
+
+    def latent_from_numpy(self, latent: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(latent, dtype=np.float32)).to(self.device)
+
+    def latent_to_numpy(self, latent: torch.Tensor) -> np.ndarray:
+        return latent.detach().float().cpu().numpy()
+
+    def images_from_numpy(self, images: np.ndarray) -> torch.Tensor:
+        nchw = np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2))
+        return torch.from_numpy(nchw).to(self.device)
+
+    def images_to_numpy(self, images: torch.Tensor) -> np.ndarray:
+        return images.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().float().cpu().numpy()
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=0)
+
+    def concat_channels(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=1)
+
+    def per_sample_std(self, x: torch.Tensor) -> torch.Tensor:
+        return x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    def evaluate(self, *arrays: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def set_attention_chunk(self, chunk: int | None) -> None:
+        for model in (self.unet_model, self.vae):
+            for module in model.modules():
+                if hasattr(module, "set_query_chunk"):
+                    module.set_query_chunk(chunk)
