@@ -13,6 +13,7 @@ from .pipelines.inpaint import InpaintDiffusion  # noqa: E402
 from .pipelines.latent_walk import LatentWalkDiffusion  # noqa: E402
 from .pipelines.walk_geometry import WalkType  # noqa: E402
 from .pipelines.text_to_image import TextToImageDiffusion  # noqa: E402
+from .pipelines.text_to_video import ANIMATEDIFF_DDIM, TextToVideoDiffusion  # noqa: E402
 from .schedulers import SCHEDULER_NAMES  # noqa: E402
 from .tokenizer import PromptTruncatedWarning  # noqa: E402
 from .utils.images import (image_grid, numpy_to_pil, pil_to_gif, pil_to_numpy, pil_to_video,  # noqa: E402
@@ -23,6 +24,8 @@ __all__ = [
     "BaseDiffusion",
     "ModelComponents",
     "TextToImageDiffusion",
+    "TextToVideoDiffusion",
+    "ANIMATEDIFF_DDIM",
     "ImageToImageDiffusion",
     "InpaintDiffusion",
     "LatentWalkDiffusion",

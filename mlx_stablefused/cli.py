@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .demo import DEMO_MODEL_ID, DEMO_NOTICE
+from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, ValueError, TypeError,
                    FileExistsError, FileNotFoundError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
@@ -111,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "interpolation.mp4", video=True)
     p.add_argument("--interpolation-steps", type=int, nargs="+", default=[8], help="frames per pair (one, or per pair)")
     p.add_argument("--batch-size", type=int, default=4, help="frames denoised together")
+
+    p = sub.add_parser("video", help="text-to-video with an AnimateDiff motion adapter")
+    _model_flags(p)
+    _sampling_flags(p)
+    _size_flags(p)
+    _output_flag(p, "video.mp4", video=True)
+    p.add_argument("--motion-adapter", default=None,
+                   help=f"MotionAdapter folder or hub id, or a .ckpt file (default: {DEFAULT_MOTION_ADAPTER}; "
+                        "with the demo model, a random demo adapter)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--context-length", type=int, default=None, help="sliding windows of this many frames")
+    p.add_argument("--context-stride", type=int, default=4)
 
     p = sub.add_parser("convert", help="convert a diffusers model to an MLX folder")
     p.add_argument("source", help="hub repo id or diffusers folder")
@@ -247,6 +260,23 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_video(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .pipelines.text_to_video import TextToVideoDiffusion
+
+    if args.model is None:
+        args.model = default_model(args.variant)
+    adapter = args.motion_adapter or (DEMO_MOTION_ADAPTER_ID if args.model == DEMO_MODEL_ID else DEFAULT_MOTION_ADAPTER)
+    pipe = load_pipeline(partial(TextToVideoDiffusion, motion_adapter=adapter), args)
+    if args.context_length:
+        pipe.enable_context_windows(args.context_length, args.context_stride)
+    videos = pipe(prompt=args.prompt, video_height=args.height, video_width=args.width, video_frames=args.frames,
+                  **_common(args))
+    save_frames(videos[0], args.output, args.fps)
+    return 0
+
+
 def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
     from .sources import resolve_model
@@ -259,7 +289,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "txt2img": run_txt2img, "img2img": run_img2img, "inpaint": run_inpaint, "walk": run_walk,
-    "interpolate": run_interpolate, "convert": run_convert,
+    "interpolate": run_interpolate, "video": run_video, "convert": run_convert,
 }
 
 

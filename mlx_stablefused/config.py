@@ -219,3 +219,57 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """An AnimateDiff motion adapter (diffusers' MotionAdapter config.json, or inferred from a checkpoint)."""
+
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: tuple = (2, 2, 2, 2)
+    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    num_attention_heads: tuple = (8, 8, 8, 8)
+    max_seq_length: int = 32
+    use_mid_block: bool = True
+    mid_transformer_layers: int = 1
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "MotionConfig":
+        c = "motion adapter"
+        channels = tuple(cfg.get("block_out_channels", cls.block_out_channels))
+        n = len(channels)
+        if cfg.get("conv_in_channels"):
+            raise UnsupportedModelError(f"{c} config: conv_in_channels (PIA / SparseCtrl adapters) is not supported")
+        tlayers = cfg.get("motion_transformer_layers_per_block", 1)
+        if isinstance(tlayers, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in tlayers):
+            raise UnsupportedModelError(f"{c} config: nested motion_transformer_layers_per_block is not supported")
+        mid = cfg.get("motion_transformer_layers_per_mid_block", 1)
+        if isinstance(mid, (list, tuple)):
+            if len(set(mid)) != 1:
+                raise UnsupportedModelError(f"{c} config: per-layer motion_transformer_layers_per_mid_block")
+            mid = mid[0]
+        if cfg.get("motion_mid_block_layers_per_block", 1) != 1:
+            raise UnsupportedModelError(f"{c} config: motion_mid_block_layers_per_block != 1 is not supported")
+        return cls(
+            block_out_channels=channels,
+            layers_per_block=_per_block(cfg.get("motion_layers_per_block", 2), n, "motion_layers_per_block"),
+            transformer_layers_per_block=_per_block(tlayers, n, "motion_transformer_layers_per_block"),
+            num_attention_heads=_per_block(cfg.get("motion_num_attention_heads", 8), n, "motion_num_attention_heads"),
+            max_seq_length=int(cfg.get("motion_max_seq_length", 32)),
+            use_mid_block=bool(cfg.get("use_motion_mid_block", True)),
+            mid_transformer_layers=int(mid),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_fits(self, unet: UNetConfig) -> None:
+        """Raise unless this adapter fits ``unet`` block for block (channels and layers)."""
+        if tuple(self.block_out_channels) != tuple(unet.block_out_channels):
+            raise UnsupportedModelError(f"motion adapter channels {list(self.block_out_channels)} do not match the "
+                                        f"UNet's {list(unet.block_out_channels)}; it was made for another base model")
+        if tuple(self.layers_per_block) != tuple(unet.layers_per_block):
+            raise UnsupportedModelError(f"motion adapter has {list(self.layers_per_block)} layers per block but the "
+                                        f"UNet has {list(unet.layers_per_block)}")
+        if self.use_mid_block and unet.mid_block_type is None:
+            raise UnsupportedModelError("motion adapter has a mid-block module but the UNet has no mid block")

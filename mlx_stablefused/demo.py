@@ -104,3 +104,34 @@ def ensure_demo_model() -> Path:
     if not (folder / MANIFEST_NAME).is_file():
         build_demo_model(folder)
     return folder
+
+
+DEMO_MOTION_ADAPTER_ID = "demo:motion"
+
+
+def ensure_demo_motion_adapter() -> Path:
+    """A random motion adapter for the demo model (diffusers MotionAdapter layout), built on first use."""
+    from .backends.mlx.loading import cache_root
+    from .backends.mlx.motion import AnimateDiffTransformer3D
+
+    folder = cache_root() / f"demo-motion-v{DEMO_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    unet = demo_configs(1)["unet"]
+    channels, groups, heads = unet["block_out_channels"], unet["norm_num_groups"], 4
+    mx.random.seed(1)
+    weights = {}
+    count = {"down_blocks": unet["layers_per_block"], "up_blocks": unet["layers_per_block"] + 1}
+    for kind, per_block in count.items():
+        order = channels if kind == "down_blocks" else channels[::-1]
+        for i, c in enumerate(order):
+            for j in range(per_block):
+                module = AnimateDiffTransformer3D(c, heads, 1, groups, 32)
+                weights.update({f"{kind}.{i}.motion_modules.{j}.{k}": v for k, v in tree_flatten(module.parameters())})
+    config = {"_class_name": "MotionAdapter", "block_out_channels": channels,
+              "motion_layers_per_block": unet["layers_per_block"], "motion_num_attention_heads": heads,
+              "motion_norm_num_groups": groups, "motion_max_seq_length": 32, "use_motion_mid_block": False}
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_safetensors(tmp / "diffusion_pytorch_model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+    return folder

@@ -118,13 +118,16 @@ def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, o
     return expected
 
 
-def convert_state(model: nn.Module, state: Mapping[str, mx.array], component: str, source: str,
+def convert_state(model: nn.Module, state: Mapping[str, mx.array], rules: Iterable[Rule],
                   dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """Map a PyTorch-layout checkpoint onto ``model``'s names and layouts (lazily; nothing is evaluated)."""
-    mapped = map_keys(state, RULES[component])
-    expected = check_keys(model, mapped, source)
-    out = {k: torch_to_mlx_layout(v, expected[k]) for k, v in mapped.items()}
-    check_shapes(out, expected, source)
+    """Map a PyTorch-layout checkpoint onto ``model``'s names and layouts (lazily; nothing is evaluated).
+
+    Keys the model lacks pass through unchanged: the strict check happens when weights are applied
+    (a model may take its weights from several files, as a motion UNet does).
+    """
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    mapped = map_keys(state, rules)
+    out = {k: torch_to_mlx_layout(v, expected[k]) if k in expected else v for k, v in mapped.items()}
     return {k: cast(v, dtype) for k, v in out.items()}
 
 

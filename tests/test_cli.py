@@ -129,7 +129,22 @@ def test_walk_and_interpolate_subcommands(tmp_path):
     assert imageio.get_reader(str(mp4)).count_frames() == 5
 
 
+def test_video_subcommand(tmp_path):
+    import imageio.v2 as imageio
+
+    out = tmp_path / "v.mp4"
+    assert main(["video", "--prompt", "a boat", "--frames", "5", "--output", str(out), *FAST]) == 0
+    assert imageio.get_reader(str(out)).count_frames() == 5
+    long = tmp_path / "long.gif"
+    assert main(["video", "--prompt", "a boat", "--frames", "36", "--context-length", "8", "--output", str(long),
+                 *FAST]) == 0
+    with Image.open(long) as im:
+        assert im.n_frames == 36
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["video", "--prompt", "x", "--frames", "40"], "maximum of 32"),
+    (["video", "--prompt", "x", "--motion-adapter", "/no/such/adapter"], "not a file, a folder or a hub repo id"),
     (["img2img", "--prompt", "x", "--image", "/no/such.png"], "No such file"),
     (["img2img", "--prompt", "x", "--image", "{img}", "--strength", "2"], "strength"),
     (["inpaint", "--prompt", "x", "--image", "{img}", "--mask", "{img}", "--mode", "unet"], "9-channel"),

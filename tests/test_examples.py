@@ -24,6 +24,8 @@ CASES = {
                                                             "inpaint_pan.mp4": 4}),
     "latent_walk.py": (["--frames", "2", "--similar", "2"], {"latent_walk_similar.png": None,
                                                              "latent_walk_story.mp4": 7}),
+    "text_to_video.py": (["--frames", "5"], {"text_to_video.gif": 5, "text_to_video.mp4": 5,
+                                             "text_to_video_batch_1.mp4": 5}),
     "guidance_scale.py": (["--step-counts", "1", "2", "--scales", "-1.5", "0", "7.5"],
                           {"guidance_scale_prompts.png": None, "guidance_scale_steps.png": None}),
 }
@@ -41,6 +43,9 @@ def test_example_runs_on_the_demo_model(script, tmp_path):
         assert path.is_file(), name
         if frames is None:
             Image.open(path).verify()
+        elif path.suffix == ".gif":
+            with Image.open(path) as im:
+                assert im.n_frames == frames, name
         else:
             reader = imageio.get_reader(str(path))
             assert reader.count_frames() == frames, name

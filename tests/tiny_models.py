@@ -134,3 +134,35 @@ def build_pipeline(spec: TinySpec, folder: Path, unet: dict | None = None, pipel
     with open(folder / "model" / "scheduler" / "scheduler_config.json", "w") as f:
         json.dump({**spec.scheduler, "_diffusers_version": "0.6.0"}, f)
     return pipe
+
+
+def build_motion_adapter(use_mid_block: bool, seed: int = 7, max_seq_length: int = 32):
+    """A MotionAdapter fitting the SD1 tiny UNet, every parameter (proj_out too) randomised."""
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter(block_out_channels=SD1.unet["block_out_channels"], motion_layers_per_block=2,
+                            motion_num_attention_heads=2, motion_norm_num_groups=4,
+                            motion_max_seq_length=max_seq_length, use_motion_mid_block=use_mid_block)
+    return randomize(adapter, seed)
+
+
+def to_original_format(state: dict, pe_length: int) -> dict:
+    """diffusers MotionAdapter keys -> the original AnimateDiff checkpoint naming (inverse of §4.2)."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        if key.endswith("pos_embed.pe"):
+            continue
+        m = re.match(r"(.*motion_modules\.\d+)\.(.*)", key)
+        prefix, rest = m.group(1), m.group(2)
+        rest = (rest.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
+                .replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.").replace(".norm3.", ".ff_norm."))
+        out[f"{prefix}.temporal_transformer.{rest}"] = value
+        if rest.startswith("transformer_blocks.") and rest.endswith("attention_blocks.0.to_q.weight"):
+            block = rest.split(".attention_blocks")[0]
+            dim = value.shape[0]
+            for a in (0, 1):
+                out[f"{prefix}.temporal_transformer.{block}.attention_blocks.{a}.pos_encoder.pe"] = \
+                    torch.zeros(1, pe_length, dim)
+    return out

@@ -28,9 +28,14 @@ class Backend(ABC):
     def encode_text(self, token_ids: np.ndarray) -> Array:
         """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
 
+    motion_config: Any = None  # the motion adapter's config when the UNet is a motion UNet
+
     @abstractmethod
     def unet(self, latent: Array, timestep: float, context: Array) -> Array:
-        """Noise (or v) prediction for native ``latent`` (float32) at training time ``timestep``; float32 out."""
+        """Noise (or v) prediction for native ``latent`` (float32) at training time ``timestep``; float32 out.
+
+        A video latent (5-D) runs every frame through the UNet with one context per video.
+        """
 
     @abstractmethod
     def vae_decode(self, latent: Array) -> Array:
@@ -42,11 +47,11 @@ class Backend(ABC):
 
     @abstractmethod
     def latent_from_numpy(self, latent: np.ndarray) -> Array:
-        """(B, C, h, w) numpy -> native float32 latent."""
+        """(B, C, h, w) numpy, or (B, C, F, h, w) for video -> native float32 latent."""
 
     @abstractmethod
     def latent_to_numpy(self, latent: Array) -> np.ndarray:
-        """Native latent -> (B, C, h, w) float32 numpy."""
+        """Native latent -> (B, C, h, w) or (B, C, F, h, w) float32 numpy."""
 
     @abstractmethod
     def images_from_numpy(self, images: np.ndarray) -> Array:
@@ -81,3 +86,7 @@ class Backend(ABC):
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""
+
+    def set_motion_norm_per_frame(self, per_frame: bool) -> None:
+        """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
+        raise NotImplementedError(f"the {self.name} backend has no motion modules")

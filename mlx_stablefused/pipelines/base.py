@@ -49,13 +49,16 @@ class ModelComponents:
     @classmethod
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-             local_files_only: bool = False) -> "ModelComponents":
+             local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
         source = resolve_model(model_id, variant=variant, revision=revision, local_files_only=local_files_only)
         scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
         tokenizer = CLIPTokenizer.from_folder(source.root / "tokenizer")
-        engine = create_backend(backend, source, dtype=dtype, variant=variant, use_cache=use_cache, device=device)
+        options: dict[str, Any] = dict(dtype=dtype, variant=variant, use_cache=use_cache, device=device)
+        if motion_adapter is not None:
+            options["motion_adapter"] = motion_adapter
+        engine = create_backend(backend, source, **options)
         return cls(source, engine, tokenizer, read_json(scheduler_file))
 
 
@@ -313,7 +316,8 @@ class BaseDiffusion:
             x = scheduler.scale_model_input(latent, i)
             if conditioning is not None:
                 x = backend.concat_channels([x, conditioning])
-            prediction = backend.unet(backend.concat([x, x]) if do_cfg else x, float(scheduler.timesteps[i]), context)
+            prediction = self.model_prediction(backend.concat([x, x]) if do_cfg else x, float(scheduler.timesteps[i]),
+                                               context)
             if do_cfg:
                 prediction = self.classifier_free_guidance(prediction, guidance_scale, guidance_rescale)
             latent = scheduler.step(prediction, i, latent, noise)
@@ -321,6 +325,10 @@ class BaseDiffusion:
                 latent = after_step(i, latent)
             backend.evaluate(latent)
             yield latent
+
+    def model_prediction(self, x: Array, timestep: float, context: Array) -> Array:
+        """The UNet's prediction for the (CFG-batched) input; video pipelines add frame windows here."""
+        return self.backend.unet(x, timestep, context)
 
     def run_sampler(self, latent: Array, embedding: Array, guidance_scale: float, guidance_rescale: float,
                     rng: np.random.Generator, start_step: int = 0, return_latent_history: bool = False,

@@ -7,6 +7,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
 from .loading import load_components, parse_dtype
@@ -17,20 +18,22 @@ class MLXBackend(Backend):
     native_output_type = "mlx"
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
-                 use_cache: bool = True, device: str | None = None) -> None:
+                 use_cache: bool = True, device: str | None = None,
+                 motion_adapter: MotionAdapterSource | None = None) -> None:
         if device not in (None, "gpu", "cpu"):
             raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
         if device is not None:
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         self.dtype = parse_dtype(dtype)
         modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
-                                  vae_dtype=self._vae_dtype(source))
+                                  vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
         self.text_encoder = modules["text_encoder"]
         self.unet_model = modules["unet"]
         self.vae = modules["vae"]
         self.text_config = self.text_encoder.config
         self.unet_config = self.unet_model.config
         self.vae_config = self.vae.config
+        self.motion_config = self.unet_model.motion
 
     def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
         # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.
@@ -43,9 +46,13 @@ class MLXBackend(Backend):
         return self.text_encoder(mx.array(token_ids)).last_hidden_state
 
     def unet(self, latent: mx.array, timestep: float, context: mx.array) -> mx.array:
-        x = latent.astype(self.dtype)
-        out = self.unet_model(x, mx.array(float(timestep), dtype=mx.float32), context.astype(self.dtype))
-        return out.astype(mx.float32)
+        t = mx.array(float(timestep), dtype=mx.float32)
+        if latent.ndim == 5:  # videos (B, F, h, w, C): frames join the batch, frame-minor
+            b, f = latent.shape[:2]
+            x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
+            ctx = mx.repeat(context.astype(self.dtype), f, axis=0)
+            return self.unet_model(x, t, ctx, num_frames=f).astype(mx.float32).reshape(latent.shape)
+        return self.unet_model(latent.astype(self.dtype), t, context.astype(self.dtype)).astype(mx.float32)
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
@@ -57,10 +64,14 @@ class MLXBackend(Backend):
         return mean.astype(mx.float32), logvar.astype(mx.float32)
 
     def latent_from_numpy(self, latent: np.ndarray) -> mx.array:
-        return mx.array(np.ascontiguousarray(np.asarray(latent, dtype=np.float32).transpose(0, 2, 3, 1)))
+        """(B, C, h, w) -> NHWC; videos (B, C, F, h, w) -> (B, F, h, w, C)."""
+        arr = np.asarray(latent, dtype=np.float32)
+        order = (0, 2, 3, 4, 1) if arr.ndim == 5 else (0, 2, 3, 1)
+        return mx.array(np.ascontiguousarray(arr.transpose(order)))
 
     def latent_to_numpy(self, latent: mx.array) -> np.ndarray:
-        return np.asarray(latent.astype(mx.float32)).transpose(0, 3, 1, 2).copy()
+        arr = np.asarray(latent.astype(mx.float32))
+        return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
     def images_from_numpy(self, images: np.ndarray) -> mx.array:
         return mx.array(np.asarray(images, dtype=np.float32))
@@ -87,6 +98,11 @@ class MLXBackend(Backend):
 
     def evaluate(self, *arrays: mx.array) -> None:
         mx.eval(*arrays)
+
+    def set_motion_norm_per_frame(self, per_frame: bool) -> None:
+        for _, module in self.unet_model.named_modules():
+            if hasattr(module, "per_frame_norm"):
+                module.per_frame_norm = bool(per_frame)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):

@@ -20,10 +20,11 @@ import mlx.nn as nn
 
 from ... import __version__
 from ...checkpoint_io import atomic_directory, load_weights, save_safetensors, write_json
-from ...config import CLIPTextConfig, UNetConfig, VAEConfig, read_json
+from ...config import CLIPTextConfig, MotionConfig, UNetConfig, VAEConfig, read_json
 from ...errors import ModelSourceError
+from ...motion_adapters import MotionAdapterSource, motion_state
 from ...sources import MANIFEST_NAME, MODEL_COMPONENTS, ModelSource, local_weight_file, shard_files
-from ...weights import apply_weights, convert_state
+from ...weights import RULES, apply_weights, check_keys, convert_state
 from .clip import CLIPTextModel
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -58,12 +59,13 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def build_component(root: Path, component: str) -> nn.Module:
+def build_component(root: Path, component: str, motion: MotionConfig | None = None) -> nn.Module:
     config_file = root / component / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{config_file} is missing")
     spec = SPECS[component]
-    return spec.build(spec.parse_config(read_json(config_file)))
+    config = spec.parse_config(read_json(config_file))
+    return UNet2DConditionModel(config, motion) if motion is not None else spec.build(config)
 
 
 def read_diffusers_component(root: Path, component: str, model: nn.Module, variant: str | None,
@@ -74,14 +76,7 @@ def read_diffusers_component(root: Path, component: str, model: nn.Module, varia
     state: dict[str, mx.array] = {}
     for f in files:
         state.update(load_weights(f))
-    return convert_state(model, state, component, str(path), dtype)
-
-
-def load_converted_component(root: Path, component: str, dtype: mx.Dtype) -> nn.Module:
-    model = build_component(root, component)
-    path = root / component / CONVERTED_WEIGHTS
-    apply_weights(model, load_weights(path), str(path), dtype)
-    return model
+    return convert_state(model, state, RULES[component], dtype)
 
 
 def _copy_support_files(src: Path, dst: Path) -> None:
@@ -110,6 +105,7 @@ def convert_model(source: ModelSource, destination: str | Path, *, dtype: str = 
         for component in MODEL_COMPONENTS:
             model = build_component(root, component)
             weights = read_diffusers_component(root, component, model, variant, target_dtype)
+            check_keys(model, weights, str(root / component))
             (tmp / component).mkdir(exist_ok=True)
             shutil.copy2(root / component / "config.json", tmp / component / "config.json")
             save_safetensors(tmp / component / CONVERTED_WEIGHTS, weights,
@@ -176,22 +172,32 @@ def converted_folder(source: ModelSource, dtype: mx.Dtype, variant: str | None, 
 
 
 def load_components(source: ModelSource, dtype: mx.Dtype, *, variant: str | None = None, use_cache: bool = True,
-                    vae_dtype: mx.Dtype | None = None) -> dict[str, nn.Module]:
-    """Text encoder, UNet and VAE of ``source`` with strict weights, in ``dtype`` (VAE in ``vae_dtype``)."""
+                    vae_dtype: mx.Dtype | None = None,
+                    motion_adapter: MotionAdapterSource | None = None) -> dict[str, nn.Module]:
+    """Text encoder, UNet and VAE of ``source`` with strict weights, in ``dtype`` (VAE in ``vae_dtype``).
+
+    With ``motion_adapter`` the UNet is a motion UNet: the model's weights plus the adapter's.
+    """
     folder = converted_folder(source, dtype, variant, use_cache)
-    dtypes = {"text_encoder": dtype, "unet": dtype, "vae": vae_dtype or dtype}
-    modules = {}
     if folder is not None:
         read_manifest(folder)
-        for component in MODEL_COMPONENTS:
-            modules[component] = load_converted_component(folder, component, dtypes[component])
-    else:
-        for component in MODEL_COMPONENTS:
-            model = build_component(source.root, component)
-            weights = read_diffusers_component(source.root, component, model, variant, dtypes[component])
-            apply_weights(model, weights, f"{source.root / component}", None)
-            modules[component] = model
-    for m in modules.values():
-        m.eval()
+    root = folder or source.root
+    dtypes = {"text_encoder": dtype, "unet": dtype, "vae": vae_dtype or dtype}
+    motion_weights, motion_config = {}, None
+    if motion_adapter is not None:
+        motion_weights, motion_config = motion_state(motion_adapter, load_weights)
+    modules = {}
+    for component in MODEL_COMPONENTS:
+        model = build_component(root, component, motion_config if component == "unet" else None)
+        if folder is not None:
+            weights = load_weights(folder / component / CONVERTED_WEIGHTS)
+        else:
+            weights = read_diffusers_component(source.root, component, model, variant, None)
+        if component == "unet" and motion_config is not None:
+            weights = {**weights, **convert_state(model, motion_weights, [])}
+        apply_weights(model, weights, f"{root / component}" + (f" + {motion_adapter.origin}"
+                                                               if component == "unet" and motion_adapter else ""),
+                      dtypes[component])
+        modules[component] = model.eval()
     return modules
 

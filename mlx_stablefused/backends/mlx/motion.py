@@ -1,0 +1,71 @@
+"""AnimateDiff motion modules in MLX: temporal self-attention across the frames of each pixel.
+
+A motion module is a residual block inserted after each spatial layer of the SD UNet. Frames
+live in the batch axis, (B*F, H, W, C), frame-minor; the module regroups them as one
+sequence of F tokens per pixel. GroupNorm statistics span all frames, as in diffusers
+(``per_frame_norm=True`` reproduces the original AnimateDiff repo, which normalised each frame).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import Attention, FeedForward, group_norm
+
+
+def sinusoidal_table(length: int, dim: int) -> mx.array:
+    """Interleaved sin/cos positions (sin at even channels), as AnimateDiff and diffusers compute them."""
+    position = mx.arange(length, dtype=mx.float32)[:, None]
+    div = mx.exp(mx.arange(0, dim, 2, dtype=mx.float32) * (-math.log(10000.0) / dim))
+    angles = position * div[None, :]
+    return mx.stack([mx.sin(angles), mx.cos(angles)], axis=-1).reshape(length, -1)[:, :dim]
+
+
+class TemporalTransformerBlock(nn.Module):
+    """Two temporal self-attentions (positions added to their inputs) and a GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, dim // heads)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
+        x = x + self.attn1(self.norm1(x) + positions)
+        x = x + self.attn2(self.norm2(x) + positions)
+        return x + self.ff(self.norm3(x))
+
+
+class AnimateDiffTransformer3D(nn.Module):
+    def __init__(self, channels: int, heads: int, num_layers: int, groups: int, max_seq_length: int) -> None:
+        super().__init__()
+        self.norm = group_norm(groups, channels, 1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = [TemporalTransformerBlock(channels, heads) for _ in range(num_layers)]
+        self.proj_out = nn.Linear(channels, channels)
+        self._max_seq_length = max_seq_length
+        self.per_frame_norm = False
+
+    def __call__(self, x: mx.array, num_frames: int) -> mx.array:
+        bf, h, w, c = x.shape
+        f = num_frames
+        b = bf // f
+        if f > self._max_seq_length:
+            raise ValueError(f"{f} frames exceed this motion module's maximum of {self._max_seq_length}; "
+                             "generate fewer frames or use context windows (context_length=...)")
+        y = self.norm(x.reshape(bf if self.per_frame_norm else b, -1, c))
+        # (B, F, HW, C) -> one sequence of F frames per pixel: (B*HW, F, C)
+        y = y.reshape(b, f, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, f, c)
+        y = self.proj_in(y)
+        positions = sinusoidal_table(f, c).astype(y.dtype)[None]
+        for block in self.transformer_blocks:
+            y = block(y, positions)
+        y = self.proj_out(y)
+        y = y.reshape(b, h * w, f, c).transpose(0, 2, 1, 3).reshape(bf, h, w, c)
+        return x + y
