@@ -22,11 +22,11 @@ def adapter(request, tmp_path_factory):
     return ad, folder
 
 
-@pytest.fixture(scope="module")
-def video_pipes(sd1, adapter):
+@pytest.fixture(scope="module", params=["mlx", "torch"])
+def video_pipes(request, sd1, adapter):
     _, root = sd1
     _, folder = adapter
-    return TextToVideoDiffusion(root, motion_adapter=folder, progress=False)
+    return TextToVideoDiffusion(root, motion_adapter=folder, progress=False, backend=request.param)
 
 
 class PerFrameNorm(torch.nn.Module):
@@ -43,7 +43,8 @@ class PerFrameNorm(torch.nn.Module):
 
 
 @pytest.mark.parametrize("per_frame", [False, True], ids=["diffusers-norm", "original-norm"])
-def test_one_motion_module(per_frame):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_one_motion_module(per_frame, backend):
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D as Reference
     from tiny_models import randomize
 
@@ -51,17 +52,28 @@ def test_one_motion_module(per_frame):
                               norm_num_groups=4, cross_attention_dim=None, attention_bias=False, activation_fn="geglu",
                               positional_embeddings="sinusoidal", num_positional_embeddings=32,
                               double_self_attention=True), seed=3)
-    ours = AnimateDiffTransformer3D(16, 2, 1, 4, 32)
-    apply_weights(ours, convert_state(ours, {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()},
-                                      MOTION_RULES), "motion module")
-    ours.per_frame_norm = per_frame
+    x = np.random.default_rng(0).standard_normal((2 * 6, 16, 5, 7)).astype(np.float32)  # B=2, F=6, odd H, W
+    if backend == "mlx":
+        ours = AnimateDiffTransformer3D(16, 2, 1, 4, 32)
+        apply_weights(ours, convert_state(ours, {k: mx.array(v.numpy()) for k, v in ref.state_dict().items()},
+                                          MOTION_RULES), "motion module")
+        ours.per_frame_norm = per_frame
+        run = lambda: np.asarray(ours(mx.array(x.transpose(0, 2, 3, 1)), 6)).transpose(0, 3, 1, 2)  # noqa: E731
+    else:
+        from mlx_stablefused.backends.torch.motion import AnimateDiffTransformer3D as TorchModule
+        from mlx_stablefused.weights import map_keys
+
+        ours = TorchModule(16, 2, 1, 4, 32).eval()
+        ours.load_state_dict(map_keys(ref.state_dict(), MOTION_RULES))
+        ours.per_frame_norm = per_frame
+        run = lambda: ours(torch.from_numpy(x), 6).detach().numpy()  # noqa: E731
     if per_frame:
         ref.norm = PerFrameNorm(ref.norm)
-    x = np.random.default_rng(0).standard_normal((2 * 6, 16, 5, 7)).astype(np.float32)  # B=2, F=6, odd H, W
     with torch.no_grad():
         expected = ref(torch.from_numpy(x), num_frames=6).numpy()
-    got = np.asarray(ours(mx.array(x.transpose(0, 2, 3, 1)), 6)).transpose(0, 3, 1, 2)
-    assert report(f"motion module (rel){' per-frame norm' if per_frame else ''}", rel_error(got, expected)) < 1e-4
+        got = run()
+    label = f"motion module (rel){' per-frame norm' if per_frame else ''} [{backend}]"
+    assert report(label, rel_error(got, expected)) < 1e-4
 
 
 def motion_unet_reference(sd1, adapter):
@@ -82,8 +94,8 @@ def test_motion_unet(sd1, adapter, video_pipes, frames, size):
         expected = ref(torch.from_numpy(sample), torch.tensor(500.0),
                        torch.from_numpy(ctx).repeat_interleave(frames, dim=0)).sample.numpy()
     b = video_pipes.backend
-    got = b.latent_to_numpy(b.unet(b.latent_from_numpy(sample), 500.0, mx.array(ctx)))
-    assert report("motion UNet, F in {1, 6, 16}, odd sizes (rel)", rel_error(got, expected)) < 1e-4
+    got = b.latent_to_numpy(b.unet(b.latent_from_numpy(sample), 500.0, b.from_numpy(ctx)))
+    assert report(f"motion UNet, F in {{1, 6, 16}}, odd sizes (rel) [{b.name}]", rel_error(got, expected)) < 1e-4
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
@@ -100,7 +112,7 @@ def test_original_checkpoint_equals_diffusers_folder(sd1, adapter, video_pipes, 
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in original.items()}, str(path))
-    from_file = TextToVideoDiffusion(root, motion_adapter=path, progress=False,
+    from_file = TextToVideoDiffusion(root, motion_adapter=path, progress=False, backend=video_pipes.backend.name,
                                      motion_adapter_config={"motion_num_attention_heads": 2})  # not in the file
     assert from_file.max_frames == 24  # taken from the pe buffers
     assert from_file.backend.motion_config.use_mid_block == video_pipes.backend.motion_config.use_mid_block
@@ -133,7 +145,8 @@ def test_pipeline_matches_animatediff_pipeline(sd1, adapter, video_pipes, schedu
     got = video_pipes("a cat walking", negative_prompt="blurry", latent=latents, num_inference_steps=3,
                       guidance_scale=7.5, output_type="np")
     assert got.shape == np.asarray(expected).shape == (1, 6, 64, 64, 3)
-    assert report("AnimateDiff pipeline vs AnimateDiffPipeline (max abs)", np.abs(got - expected).max()) < 5e-3
+    assert report(f"AnimateDiff pipeline vs AnimateDiffPipeline (max abs) [{video_pipes.backend.name}]",
+                  np.abs(got - expected).max()) < 5e-3
 
 
 def test_outputs_and_decode_batches(video_pipes):
@@ -142,10 +155,11 @@ def test_outputs_and_decode_batches(video_pipes):
     assert len(frames) == 2 and len(frames[0]) == 3 and frames[0][0].size == (48, 64)
     a = video_pipes(output_type="np", decode_batch_size=1, **args)
     b = video_pipes(output_type="np", decode_batch_size=5, **args)
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # batch size changes kernel choice, not results
     assert video_pipes(output_type="latent", **args).shape == (2, 4, 3, 8, 6)
-    native = video_pipes(output_type="mlx", **args)
-    assert isinstance(native, mx.array) and native.shape == (2, 3, 64, 48, 3)
+    native = video_pipes(output_type=video_pipes.backend.native_output_type, **args)
+    expected_shape = (2, 3, 64, 48, 3) if video_pipes.backend.name == "mlx" else (2, 3, 3, 64, 48)
+    assert tuple(native.shape) == expected_shape
 
 
 def test_per_frame_norm_switch_changes_the_video(video_pipes):
@@ -168,7 +182,7 @@ def test_context_windows_for_long_videos(video_pipes):
     short = video_pipes(video_frames=8, **args)
     video_pipes.enable_context_windows(length=16, stride=4)
     try:
-        np.testing.assert_allclose(video_pipes(video_frames=8, **args), short, atol=1e-6)  # one window: unchanged
+        np.testing.assert_allclose(video_pipes(video_frames=8, **args), short, atol=1e-5)  # one window: unchanged
         long = video_pipes(video_frames=40, **args)
         assert long.shape == (1, 40, 64, 64, 3) and np.isfinite(long).all()
     finally:

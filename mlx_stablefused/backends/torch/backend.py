@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ...config import VAEConfig, read_json
+from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
 from .loading import load_components, parse_dtype
@@ -26,19 +27,21 @@ class TorchBackend(Backend):
     native_output_type = "pt"
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
-                 use_cache: bool = True, device: str | None = None) -> None:
+                 use_cache: bool = True, device: str | None = None,
+                 motion_adapter: MotionAdapterSource | None = None) -> None:
         self.device = torch.device(device) if device else best_device()
         self.dtype = parse_dtype(dtype)
         vae_cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
         # fp16 SD VAEs overflow; run the VAE in fp32 then, as diffusers' force_upcast does.
         vae_dtype = torch.float32 if self.dtype == torch.float16 and vae_cfg.force_upcast else self.dtype
         modules = load_components(source, {"text_encoder": self.dtype, "unet": self.dtype, "vae": vae_dtype},
-                                  self.device, variant)
+                                  self.device, variant, motion_adapter)
         self.text_encoder, self.unet_model, self.vae = modules["text_encoder"], modules["unet"], modules["vae"]
         self.vae_dtype = vae_dtype
         self.text_config = self.text_encoder.config
         self.unet_config = self.unet_model.config
         self.vae_config = self.vae.config
+        self.motion_config = self.unet_model.motion
         if self.device.type == "cuda":
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -51,8 +54,13 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def unet(self, latent: torch.Tensor, timestep: float, context: torch.Tensor) -> torch.Tensor:
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
-        out = self.unet_model(latent.to(self.dtype), t, context.to(self.dtype))
-        return out.float()
+        if latent.ndim == 5:  # videos (B, C, F, h, w): frames join the batch, frame-minor
+            b, c, f, h, w = latent.shape
+            x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
+            ctx = context.to(self.dtype).repeat_interleave(f, dim=0)
+            out = self.unet_model(x, t, ctx, num_frames=f).float()
+            return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
+        return self.unet_model(latent.to(self.dtype), t, context.to(self.dtype)).float()
 
     @torch.inference_mode()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -94,6 +102,11 @@ class TorchBackend(Backend):
     def evaluate(self, *arrays: torch.Tensor) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def set_motion_norm_per_frame(self, per_frame: bool) -> None:
+        for module in self.unet_model.modules():
+            if hasattr(module, "per_frame_norm"):
+                module.per_frame_norm = bool(per_frame)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):

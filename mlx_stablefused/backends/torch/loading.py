@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ...checkpoint_io import load_torch_weights
-from ...config import CLIPTextConfig, UNetConfig, VAEConfig, read_json
+from ...config import CLIPTextConfig, MotionConfig, UNetConfig, VAEConfig, read_json
 from ...errors import ModelSourceError
+from ...motion_adapters import MotionAdapterSource, motion_state
 from ...sources import MODEL_COMPONENTS, ModelSource, local_weight_file, shard_files
 from ...weights import RULES, check_names, check_shapes, map_keys
 from .clip import CLIPTextModel
@@ -36,12 +37,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def build_component(root: Path, component: str) -> nn.Module:
+def build_component(root: Path, component: str, motion: MotionConfig | None = None) -> nn.Module:
     config_file = root / component / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{config_file} is missing")
     parse, build = SPECS[component]
-    return build(parse(read_json(config_file)))
+    config = parse(read_json(config_file))
+    return UNet2DConditionModel(config, motion) if motion is not None else build(config)
 
 
 def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor:
@@ -53,12 +55,14 @@ def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> t
     return value
 
 
-def component_state(source: ModelSource, component: str, model: nn.Module, variant: str | None) -> dict:
-    """The state dict for ``model`` from a diffusers or converted folder, names and shapes checked."""
+def component_state(source: ModelSource, component: str, model: nn.Module, variant: str | None,
+                    extra: dict | None = None) -> dict:
+    """The state dict for ``model`` from a diffusers or converted folder (plus ``extra`` weights, e.g. a
+    motion adapter's), names and shapes checked."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if source.kind == "mlx":
         path = source.root / component / "weights.safetensors"
-        state = load_torch_weights(path)
+        state = {**load_torch_weights(path), **(extra or {})}
         check_names(expected, state, str(path), type(model).__name__)
         state = {k: mlx_to_torch_layout(v, expected[k]) for k, v in state.items()}
     else:
@@ -67,17 +71,23 @@ def component_state(source: ModelSource, component: str, model: nn.Module, varia
         raw: dict = {}
         for f in files:
             raw.update(load_torch_weights(f))
-        state = map_keys(raw, RULES[component])
+        state = {**map_keys(raw, RULES[component]), **(extra or {})}
         check_names(expected, state, str(path), type(model).__name__)
     check_shapes(state, expected, str(path))
     return state
 
 
 def load_components(source: ModelSource, dtypes: dict[str, torch.dtype], device: torch.device,
-                    variant: str | None = None) -> dict[str, nn.Module]:
+                    variant: str | None = None, motion_adapter: MotionAdapterSource | None = None
+                    ) -> dict[str, nn.Module]:
+    motion_weights, motion_config = {}, None
+    if motion_adapter is not None:
+        motion_weights, motion_config = motion_state(motion_adapter, load_torch_weights)
     modules = {}
     for component in MODEL_COMPONENTS:
-        model = build_component(source.root, component)
-        model.load_state_dict(component_state(source, component, model, variant), strict=True)
+        unet = component == "unet"
+        model = build_component(source.root, component, motion_config if unet else None)
+        state = component_state(source, component, model, variant, motion_weights if unet else None)
+        model.load_state_dict(state, strict=True)
         modules[component] = model.to(device=device, dtype=dtypes[component]).eval().requires_grad_(False)
     return modules

@@ -6,9 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import UNetConfig
+from ...config import MotionConfig, UNetConfig
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
+from .motion import AnimateDiffTransformer3D
+
+
+def motion_modules(cfg: UNetConfig, motion: MotionConfig, channels: int, heads: int, layers: int,
+                   count: int) -> nn.ModuleList:
+    return nn.ModuleList([AnimateDiffTransformer3D(channels, heads, layers, cfg.norm_num_groups, motion.max_seq_length)
+                          for _ in range(count)])
 
 
 class BasicTransformerBlock(nn.Module):
@@ -65,10 +72,13 @@ def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int) -> Tra
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cfg: UNetConfig, index: int, in_channels: int, temb_channels: int, cross: bool) -> None:
+    def __init__(self, cfg: UNetConfig, index: int, in_channels: int, temb_channels: int, cross: bool,
+                 motion: MotionConfig | None = None) -> None:
         super().__init__()
         out = cfg.block_out_channels[index]
         layers = cfg.layers_per_block[index]
+        self.motion_modules = motion_modules(cfg, motion, out, motion.num_attention_heads[index],
+                                             motion.transformer_layers_per_block[index], layers) if motion else None
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels if j == 0 else out, out, temb_channels, cfg.norm_num_groups, cfg.norm_eps)
             for j in range(layers)])
@@ -78,12 +88,14 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(out, cfg.downsample_padding)]) \
             if index < len(cfg.block_out_channels) - 1 else None
 
-    def forward(self, x, temb, context):
+    def forward(self, x, temb, context, num_frames=None):
         states = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
+            if num_frames is not None:
+                x = self.motion_modules[j](x, num_frames)
             states.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -92,7 +104,8 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, cfg: UNetConfig, index: int, temb_channels: int, cross: bool) -> None:
+    def __init__(self, cfg: UNetConfig, index: int, temb_channels: int, cross: bool,
+                 motion: MotionConfig | None = None) -> None:
         super().__init__()
         rev = cfg.block_out_channels[::-1]
         n = len(rev)
@@ -105,30 +118,40 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList([
             _transformer(cfg, out, cfg.num_attention_heads[::-1][index], cfg.transformer_layers_per_block[::-1][index])
             for _ in range(layers)]) if cross else None
+        r = n - 1 - index
+        self.motion_modules = motion_modules(cfg, motion, out, motion.num_attention_heads[r],
+                                             motion.transformer_layers_per_block[r], layers) if motion else None
         self.upsamplers = nn.ModuleList([Upsample2D(out)]) if index < n - 1 else None
 
-    def forward(self, x, skips, temb, context, upsample_size):
+    def forward(self, x, skips, temb, context, upsample_size, num_frames=None):
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
+            if num_frames is not None:
+                x = self.motion_modules[j](x, num_frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    def __init__(self, cfg: UNetConfig, temb_channels: int) -> None:
+    def __init__(self, cfg: UNetConfig, temb_channels: int, motion: MotionConfig | None = None) -> None:
         super().__init__()
         c = cfg.block_out_channels[-1]
+        self.motion_modules = motion_modules(cfg, motion, c, motion.num_attention_heads[-1],
+                                             motion.mid_transformer_layers, 1) \
+            if motion is not None and motion.use_mid_block else None
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c, temb_channels, cfg.norm_num_groups, cfg.norm_eps)
                                       for _ in range(2)])
         self.attentions = nn.ModuleList([_transformer(cfg, c, cfg.num_attention_heads[-1],
                                                       cfg.transformer_layers_per_block[-1])])
 
-    def forward(self, x, temb, context):
-        x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context), temb)
+    def forward(self, x, temb, context, num_frames=None):
+        x = self.attentions[0](self.resnets[0](x, temb), context)
+        if num_frames is not None and self.motion_modules is not None:
+            x = self.motion_modules[0](x, num_frames)
+        return self.resnets[1](x, temb)
 
 
 class TimestepEmbedding(nn.Module):
@@ -142,25 +165,33 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    def __init__(self, config: UNetConfig) -> None:
+    """SD's UNet; with ``motion`` (an AnimateDiff adapter config) it is diffusers' UNetMotionModel."""
+
+    def __init__(self, config: UNetConfig, motion: MotionConfig | None = None) -> None:
         super().__init__()
         self.config = config
+        self.motion = motion
+        if motion is not None:
+            motion.check_fits(config)
         c0 = config.block_out_channels[0]
         temb = 4 * c0
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, temb)
         blocks, in_ch = [], c0
         for i, kind in enumerate(config.down_block_types):
-            blocks.append(DownBlock(config, i, in_ch, temb, kind == "CrossAttnDownBlock2D"))
+            blocks.append(DownBlock(config, i, in_ch, temb, kind == "CrossAttnDownBlock2D", motion))
             in_ch = config.block_out_channels[i]
         self.down_blocks = nn.ModuleList(blocks)
-        self.mid_block = UNetMidBlock2DCrossAttn(config, temb) if config.mid_block_type is not None else None
-        self.up_blocks = nn.ModuleList([UpBlock(config, i, temb, kind == "CrossAttnUpBlock2D")
+        self.mid_block = UNetMidBlock2DCrossAttn(config, temb, motion) if config.mid_block_type is not None else None
+        self.up_blocks = nn.ModuleList([UpBlock(config, i, temb, kind == "CrossAttnUpBlock2D", motion)
                                         for i, kind in enumerate(config.up_block_types)])
         self.conv_norm_out = group_norm(config.norm_num_groups, c0, config.norm_eps)
         self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                num_frames: int | None = None):
+        if num_frames is not None and self.motion is None:
+            raise ValueError("num_frames needs a UNet built with a motion adapter")
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
@@ -169,13 +200,13 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states)
+            x, states = block(x, temb, encoder_hidden_states, num_frames)
             skips.extend(states)
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, encoder_hidden_states)
+            x = self.mid_block(x, temb, encoder_hidden_states, num_frames)
         for block in self.up_blocks:
             n = len(block.resnets)
             own, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size)
+            x = block(x, own, temb, encoder_hidden_states, size, num_frames)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

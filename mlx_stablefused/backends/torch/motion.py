@@ -1,0 +1,66 @@
+"""AnimateDiff motion modules in PyTorch (mirrors backends/mlx/motion.py; NCHW, frames in the batch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import Attention, FeedForward, group_norm
+
+
+def sinusoidal_table(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    angles = position * div[None, :]
+    return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(length, -1)[:, :dim]
+
+
+class TemporalTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, dim // heads)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x) + positions)
+        x = x + self.attn2(self.norm2(x) + positions)
+        return x + self.ff(self.norm3(x))
+
+
+class AnimateDiffTransformer3D(nn.Module):
+    def __init__(self, channels: int, heads: int, num_layers: int, groups: int, max_seq_length: int) -> None:
+        super().__init__()
+        self.norm = group_norm(groups, channels, 1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads) for _ in range(num_layers)])
+        self.proj_out = nn.Linear(channels, channels)
+        self.max_seq_length = max_seq_length
+        self.per_frame_norm = False
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        f = num_frames
+        b = bf // f
+        if f > self.max_seq_length:
+            raise ValueError(f"{f} frames exceed this motion module's maximum of {self.max_seq_length}; "
+                             "generate fewer frames or use context windows (context_length=...)")
+        if self.per_frame_norm:
+            y = self.norm(x)
+        else:  # statistics across all frames of a video: (B, C, F*H, W)
+            y = self.norm(x.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, f * h, w))
+            y = y.reshape(b, c, f, h, w).permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)
+        # one sequence of F frames per pixel: (B*H*W, F, C)
+        y = y.reshape(b, f, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, f, c)
+        y = self.proj_in(y)
+        positions = sinusoidal_table(f, c, y.device).to(y.dtype)[None]
+        for block in self.transformer_blocks:
+            y = block(y, positions)
+        y = self.proj_out(y)
+        y = y.reshape(b, h * w, f, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
+        return x + y
