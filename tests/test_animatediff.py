@@ -216,3 +216,14 @@ def test_bad_adapters(sd1, tmp_path):
     with pytest.raises(WeightLoadError, match=r"missing: 'down_blocks\.0\.motion_modules\.0\.proj_out\.weight'"):
         TextToVideoDiffusion(root, motion_adapter=tmp_path / "missing.safetensors")
     assert SD1.unet["layers_per_block"] == 2
+
+
+def test_same_video_on_mlx_and_torch(sd1, adapter):
+    _, root = sd1
+    _, folder = adapter
+    args = dict(prompt=["a cat", "a dog"], video_frames=5, video_height=64, video_width=48, num_inference_steps=3,
+                seed=11, output_type="np")
+    pipes = [TextToVideoDiffusion(root, motion_adapter=folder, progress=False, backend=b,
+                                  scheduler="euler_ancestral") for b in ("mlx", "torch")]
+    a, b = (p(**args) for p in pipes)
+    assert report("MLX vs torch, AnimateDiff video, same seed (max abs)", np.abs(a - b).max()) < 5e-3
