@@ -260,6 +260,15 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_unet3d_model(model: str, variant: str | None) -> bool:
+    """ModelScope / Zeroscope models carry their own temporal layers and take no motion adapter."""
+    from .config import read_json, unet_class_name
+    from .sources import resolve_model
+
+    config = resolve_model(model, variant=variant).root / "unet" / "config.json"
+    return config.is_file() and unet_class_name(read_json(config)) == "UNet3DConditionModel"
+
+
 def run_video(args: argparse.Namespace) -> int:
     from functools import partial
 
@@ -267,7 +276,9 @@ def run_video(args: argparse.Namespace) -> int:
 
     if args.model is None:
         args.model = default_model(args.variant)
-    adapter = args.motion_adapter or (DEMO_MOTION_ADAPTER_ID if args.model == DEMO_MODEL_ID else DEFAULT_MOTION_ADAPTER)
+    adapter = args.motion_adapter
+    if adapter is None and not _is_unet3d_model(args.model, args.variant):
+        adapter = DEMO_MOTION_ADAPTER_ID if args.model == DEMO_MODEL_ID else DEFAULT_MOTION_ADAPTER
     pipe = load_pipeline(partial(TextToVideoDiffusion, motion_adapter=adapter), args)
     if args.context_length:
         pipe.enable_context_windows(args.context_length, args.context_stride)

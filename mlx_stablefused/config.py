@@ -273,3 +273,69 @@ class MotionConfig:
                                         f"UNet has {list(unet.layers_per_block)}")
         if self.use_mid_block and unet.mid_block_type is None:
             raise UnsupportedModelError("motion adapter has a mid-block module but the UNet has no mid block")
+
+
+_UNET3D_DOWN = ("CrossAttnDownBlock3D", "DownBlock3D")
+_UNET3D_UP = ("CrossAttnUpBlock3D", "UpBlock3D")
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """diffusers' UNet3DConditionModel (ModelScope text-to-video, Zeroscope).
+
+    ``attention_head_dim`` is a head *size* here: spatial and temporal attention use channels // it heads.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",)
+    up_block_types: tuple = ("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3
+    layers_per_block: int = 2
+    attention_head_dim: tuple = (64, 64, 64, 64)
+    cross_attention_dim: int = 1024
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    sample_size: int | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "UNet3DConfig":
+        c = "UNet3D"
+        if cfg.get("time_cond_proj_dim") is not None:
+            raise UnsupportedModelError(f"{c} config: time_cond_proj_dim is not supported")
+        _require(cfg, "act_fn", ("silu",), c)
+        _require(cfg, "mid_block_scale_factor", (1, 1.0), c)
+        down = tuple(cfg.get("down_block_types", cls.down_block_types))
+        up = tuple(cfg.get("up_block_types", cls.up_block_types))
+        for t in down:
+            if t not in _UNET3D_DOWN:
+                raise UnsupportedModelError(f"{c} config: down block type {t!r} is not supported ({_UNET3D_DOWN})")
+        for t in up:
+            if t not in _UNET3D_UP:
+                raise UnsupportedModelError(f"{c} config: up block type {t!r} is not supported ({_UNET3D_UP})")
+        channels = tuple(cfg.get("block_out_channels", cls.block_out_channels))
+        n = len(channels)
+        if len(down) != n or len(up) != n:
+            raise UnsupportedModelError(f"{c} config: {n} channel entries for {len(down)} down / {len(up)} up blocks")
+        head_dim = _per_block(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 64), n,
+                              "attention_head_dim")
+        groups = cfg.get("norm_num_groups", 32)
+        for ch, d in zip(channels, head_dim):
+            if ch % d or ch % groups:
+                raise UnsupportedModelError(f"{c} config: {ch} channels do not split into {d}-wide heads "
+                                            f"and {groups} groups")
+        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                   block_out_channels=channels, down_block_types=down, up_block_types=up,
+                   layers_per_block=int(cfg.get("layers_per_block", 2)), attention_head_dim=head_dim,
+                   cross_attention_dim=int(cfg.get("cross_attention_dim", 1024)), norm_num_groups=groups,
+                   norm_eps=cfg.get("norm_eps", 1e-5), downsample_padding=cfg.get("downsample_padding", 1),
+                   sample_size=cfg.get("sample_size"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unet_class_name(cfg: dict) -> str:
+    """Which UNet a config describes: diffusers names 3D UNets in ``_class_name``."""
+    return "UNet3DConditionModel" if cfg.get("_class_name") == "UNet3DConditionModel" else "UNet2DConditionModel"

@@ -75,6 +75,9 @@ def map_keys(state: Mapping[str, mx.array], rules: Iterable[Rule]) -> dict[str, 
 
 def torch_to_mlx_layout(value: mx.array, target_shape: tuple[int, ...]) -> mx.array:
     """Convert one PyTorch-layout tensor to the layout of the MLX parameter it fills (shape unchecked)."""
+    if value.ndim == 5 and len(target_shape) == 3 and value.shape[3:] == (1, 1):
+        # a (k, 1, 1) Conv3d over frames held as Conv1d: (O, I, k, 1, 1) -> (O, k, I)
+        return value.reshape(value.shape[:3]).transpose(0, 2, 1)
     if value.ndim == 4:
         if len(target_shape) == 4:
             return value.transpose(0, 2, 3, 1)

@@ -67,6 +67,15 @@ def sd1_inpaint(tmp_path_factory):
     return pipe, folder / "model"
 
 
+@pytest.fixture(scope="session")
+def unet3d_model(tmp_path_factory):
+    """A ModelScope-style text-to-video model (UNet3D), as TextToVideoSDPipeline."""
+    from tiny_models import build_video_pipeline
+
+    folder = tmp_path_factory.mktemp("unet3d")
+    return build_video_pipeline(folder), folder / "model"
+
+
 BACKEND_NAMES = ["mlx", "torch"]
 
 

@@ -195,7 +195,7 @@ def test_bad_adapters(sd1, tmp_path):
     from tiny_models import SD1, build_motion_adapter, randomize
 
     _, root = sd1
-    with pytest.raises(ValueError, match="needs motion_adapter"):
+    with pytest.raises(ValueError, match="pass motion_adapter="):
         TextToVideoDiffusion(root)
     from diffusers import MotionAdapter
 

@@ -166,3 +166,33 @@ def to_original_format(state: dict, pe_length: int) -> dict:
                 out[f"{prefix}.temporal_transformer.{block}.attention_blocks.{a}.pos_encoder.pe"] = \
                     torch.zeros(1, pe_length, dim)
     return out
+
+
+UNET3D = dict(block_out_channels=(16, 32), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+              down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D",
+                                                                                       "CrossAttnUpBlock3D"),
+              cross_attention_dim=32, attention_head_dim=8, norm_num_groups=4)
+
+
+def build_unet3d(cfg: dict = UNET3D, seed: int = 11):
+    from diffusers import UNet3DConditionModel
+
+    return randomize(UNet3DConditionModel(**cfg), seed)
+
+
+def build_video_pipeline(folder: Path):
+    """A TextToVideoSDPipeline (ModelScope-style) around the SD1 tiny VAE/CLIP and a tiny UNet3D."""
+    from diffusers import DPMSolverMultistepScheduler, TextToVideoSDPipeline
+    from transformers import CLIPTokenizer
+
+    tok_dir = folder / "_tokenizer_src"
+    vocab_size = write_byte_level_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in SD2_SCHEDULER.items() if k != "_class_name"} | {"prediction_type": "epsilon"})
+    pipe = TextToVideoSDPipeline(vae=build_vae(SD1.vae), text_encoder=build_text_encoder(SD1.text, vocab_size,
+                                                                                        tokenizer.pad_token_id),
+                                 tokenizer=tokenizer, unet=build_unet3d(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(str(folder / "model"), safe_serialization=True)
+    return pipe

@@ -29,6 +29,7 @@ class Backend(ABC):
         """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
 
     motion_config: Any = None  # the motion adapter's config when the UNet is a motion UNet
+    is_video_unet: bool = False  # a motion UNet or a UNet3D: takes (B, C, F, h, w) latents
 
     @abstractmethod
     def unet(self, latent: Array, timestep: float, context: Array) -> Array:

@@ -56,6 +56,8 @@ class TextToImageDiffusion(BaseDiffusion):
                             guidance_scale: float, guidance_rescale: float, latent: np.ndarray | None = None,
                             return_latent_history: bool = False, seed: int | None = None) -> list[Array]:
         """Denoise from initial noise; returns the latents after each step (the first is the start)."""
+        if self.backend.is_video_unet and self.backend.motion_config is None:
+            raise UnsupportedModelError("this is a text-to-video model (UNet3D); use TextToVideoDiffusion")
         if self.backend.unet_config.in_channels != self.latent_channels:
             raise UnsupportedModelError(
                 f"this UNet takes {self.backend.unet_config.in_channels} input channels (an inpainting model); "

@@ -1,8 +1,9 @@
-"""Text-to-video with AnimateDiff motion modules on a Stable Diffusion 1.x model.
+"""Text-to-video: AnimateDiff motion modules on a Stable Diffusion 1.x model, or a ModelScope /
+Zeroscope UNet3D model; the model itself says which.
 
 stablefused's keyword API (``video_height``, ``video_width``, ``video_frames``, ``decode_batch_size``)
 plus ``motion_adapter=``, ``seed=``, ``latent=`` (B, 4, F, h, w) and sliding context windows for
-videos longer than the motion module's maximum frame count.
+videos longer than a motion module's maximum frame count.
 """
 
 from __future__ import annotations
@@ -37,23 +38,21 @@ class TextToVideoDiffusion(BaseDiffusion):
         if components is None:
             if model_id is None:
                 raise ValueError("pass model_id (and motion_adapter), or components")
-            if motion_adapter is None:
-                raise ValueError("text-to-video needs motion_adapter= (e.g. 'guoyww/animatediff-motion-adapter-v1-5-2' "
-                                 "or an mm_sd_v15*.ckpt file)")
-            adapter = resolve_motion_adapter(motion_adapter, variant=adapter_variant, local_files_only=local_files_only,
-                                             config=motion_adapter_config)
+            adapter = None if motion_adapter is None else resolve_motion_adapter(
+                motion_adapter, variant=adapter_variant, local_files_only=local_files_only,
+                config=motion_adapter_config)
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device, variant=variant,
                                               revision=revision, use_cache=use_cache, local_files_only=local_files_only,
                                               motion_adapter=adapter)
         elif model_id is not None:
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        super().__init__(components=components, scheduler="ddim", progress=progress)
-        if self.backend.motion_config is None:
-            raise ValueError("these components have no motion adapter; load with motion_adapter=")
-        if scheduler is None:
-            self.set_scheduler("ddim", **ANIMATEDIFF_DDIM)
-        else:
-            self.set_scheduler(scheduler)
+        super().__init__(components=components, scheduler=scheduler, progress=progress)
+        if not self.backend.is_video_unet:
+            raise ValueError("text-to-video needs a video model: pass motion_adapter= (e.g. "
+                             "'guoyww/animatediff-motion-adapter-v1-5-2' or an mm_sd_v15*.ckpt file) for an SD "
+                             "model, or load a UNet3D model (cerspense/zeroscope_v2_576w)")
+        if scheduler is None and self.backend.motion_config is not None:
+            self.set_scheduler("ddim", **ANIMATEDIFF_DDIM)  # AnimateDiff's sampler; UNet3D models keep their own
         self.context_windows: ContextWindows | None = None
         # 16 frames with guidance make a UNet batch of 32; query chunks keep the 64x64 self-attention scores
         # (head size 40 has no fused kernel) at 32*8*512*4096 fp16 = 1 GB instead of 8.6 GB.
@@ -65,12 +64,14 @@ class TextToVideoDiffusion(BaseDiffusion):
         self.backend.set_motion_norm_per_frame(per_frame)
 
     @property
-    def max_frames(self) -> int:
-        return int(self.backend.motion_config.max_seq_length)
+    def max_frames(self) -> int | None:
+        """The motion module's frame limit (None: a UNet3D, which has no positional table)."""
+        motion = self.backend.motion_config
+        return None if motion is None else int(motion.max_seq_length)
 
     def enable_context_windows(self, length: int = 16, stride: int = 4, weighting: str = "pyramid") -> None:
         """Generate any number of frames: the UNet sees overlapping windows of ``length`` frames."""
-        if length > self.max_frames:
+        if self.max_frames is not None and length > self.max_frames:
             raise ValueError(f"context length {length} exceeds the motion module's maximum of {self.max_frames}")
         self.context_windows = ContextWindows(length, stride, weighting)
 
@@ -97,7 +98,7 @@ class TextToVideoDiffusion(BaseDiffusion):
         self.validate_size(video_height, video_width)
         if not isinstance(video_frames, (int, np.integer)) or video_frames < 1:
             raise ValueError(f"video_frames must be a positive integer, got {video_frames!r}")
-        if video_frames > self.max_frames and self.context_windows is None:
+        if self.max_frames is not None and video_frames > self.max_frames and self.context_windows is None:
             raise ValueError(f"{video_frames} frames exceed the motion module's maximum of {self.max_frames}; "
                              "generate fewer, or call enable_context_windows() for longer videos")
         shape = (len(prompts), self.latent_channels, int(video_frames), video_height // f, video_width // f)

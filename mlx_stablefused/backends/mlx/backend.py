@@ -34,6 +34,7 @@ class MLXBackend(Backend):
         self.unet_config = self.unet_model.config
         self.vae_config = self.vae.config
         self.motion_config = self.unet_model.motion
+        self.is_video_unet = self.motion_config is not None or type(self.unet_model).__name__ == "UNet3DConditionModel"
 
     def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
         # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.

@@ -20,13 +20,14 @@ import mlx.nn as nn
 
 from ... import __version__
 from ...checkpoint_io import atomic_directory, load_weights, save_safetensors, write_json
-from ...config import CLIPTextConfig, MotionConfig, UNetConfig, VAEConfig, read_json
+from ...config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig, read_json, unet_class_name
 from ...errors import ModelSourceError
 from ...motion_adapters import MotionAdapterSource, motion_state
 from ...sources import MANIFEST_NAME, MODEL_COMPONENTS, ModelSource, local_weight_file, shard_files
 from ...weights import RULES, apply_weights, check_keys, convert_state
 from .clip import CLIPTextModel
 from .unet import UNet2DConditionModel
+from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
 
 CONVERTED_WEIGHTS = "weights.safetensors"
@@ -63,8 +64,13 @@ def build_component(root: Path, component: str, motion: MotionConfig | None = No
     config_file = root / component / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{config_file} is missing")
+    raw = read_json(config_file)
+    if component == "unet" and unet_class_name(raw) == "UNet3DConditionModel":
+        if motion is not None:
+            raise ModelSourceError("this model's UNet is already a video UNet (UNet3D); it takes no motion adapter")
+        return UNet3DConditionModel(UNet3DConfig.from_dict(raw))
     spec = SPECS[component]
-    config = spec.parse_config(read_json(config_file))
+    config = spec.parse_config(raw)
     return UNet2DConditionModel(config, motion) if motion is not None else spec.build(config)
 
 

@@ -25,30 +25,37 @@ def sinusoidal_table(length: int, dim: int) -> mx.array:
 
 
 class TemporalTransformerBlock(nn.Module):
-    """Two temporal self-attentions (positions added to their inputs) and a GEGLU feed-forward."""
+    """Two temporal self-attentions (positions, if any, added to their inputs) and a GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn1 = Attention(dim, heads, dim // heads)
+        self.attn1 = Attention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn2 = Attention(dim, heads, dim // heads)
+        self.attn2 = Attention(dim, heads, head_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
-    def __call__(self, x: mx.array, positions: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x) + positions)
-        x = x + self.attn2(self.norm2(x) + positions)
+    def __call__(self, x: mx.array, positions: mx.array | None) -> mx.array:
+        h = self.norm1(x)
+        x = x + self.attn1(h if positions is None else h + positions)
+        h = self.norm2(x)
+        x = x + self.attn2(h if positions is None else h + positions)
         return x + self.ff(self.norm3(x))
 
 
-class AnimateDiffTransformer3D(nn.Module):
-    def __init__(self, channels: int, heads: int, num_layers: int, groups: int, max_seq_length: int) -> None:
+class TemporalTransformer(nn.Module):
+    """Attention across frames, per pixel: AnimateDiff's motion module (with sinusoidal positions and a
+    maximum length) and ModelScope's TransformerTemporalModel (without positions)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, num_layers: int, groups: int,
+                 max_seq_length: int | None) -> None:
         super().__init__()
+        inner = heads * head_dim
         self.norm = group_norm(groups, channels, 1e-6)
-        self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = [TemporalTransformerBlock(channels, heads) for _ in range(num_layers)]
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = [TemporalTransformerBlock(inner, heads, head_dim) for _ in range(num_layers)]
+        self.proj_out = nn.Linear(inner, channels)
         self._max_seq_length = max_seq_length
         self.per_frame_norm = False
 
@@ -56,16 +63,24 @@ class AnimateDiffTransformer3D(nn.Module):
         bf, h, w, c = x.shape
         f = num_frames
         b = bf // f
-        if f > self._max_seq_length:
+        if self._max_seq_length is not None and f > self._max_seq_length:
             raise ValueError(f"{f} frames exceed this motion module's maximum of {self._max_seq_length}; "
                              "generate fewer frames or use context windows (context_length=...)")
         y = self.norm(x.reshape(bf if self.per_frame_norm else b, -1, c))
         # (B, F, HW, C) -> one sequence of F frames per pixel: (B*HW, F, C)
         y = y.reshape(b, f, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, f, c)
         y = self.proj_in(y)
-        positions = sinusoidal_table(f, c).astype(y.dtype)[None]
+        positions = None
+        if self._max_seq_length is not None:
+            positions = sinusoidal_table(f, y.shape[-1]).astype(y.dtype)[None]
         for block in self.transformer_blocks:
             y = block(y, positions)
         y = self.proj_out(y)
         y = y.reshape(b, h * w, f, c).transpose(0, 2, 1, 3).reshape(bf, h, w, c)
         return x + y
+
+
+def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups: int,  # noqa: N802
+                             max_seq_length: int) -> TemporalTransformer:
+    """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
+    return TemporalTransformer(channels, heads, channels // heads, num_layers, groups, max_seq_length)

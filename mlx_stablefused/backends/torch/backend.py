@@ -12,6 +12,7 @@ from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
 from .loading import load_components, parse_dtype
+from .unet3d import UNet3DConditionModel
 
 
 def best_device() -> torch.device:
@@ -42,6 +43,7 @@ class TorchBackend(Backend):
         self.unet_config = self.unet_model.config
         self.vae_config = self.vae.config
         self.motion_config = self.unet_model.motion
+        self.is_video_unet = self.motion_config is not None or isinstance(self.unet_model, UNet3DConditionModel)
         if self.device.type == "cuda":
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from ...checkpoint_io import load_torch_weights
-from ...config import CLIPTextConfig, MotionConfig, UNetConfig, VAEConfig, read_json
+from ...config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig, read_json, unet_class_name
 from ...errors import ModelSourceError
 from ...motion_adapters import MotionAdapterSource, motion_state
 from ...sources import MODEL_COMPONENTS, ModelSource, local_weight_file, shard_files
 from ...weights import RULES, check_names, check_shapes, map_keys
 from .clip import CLIPTextModel
 from .unet import UNet2DConditionModel
+from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
 
 SPECS = {
@@ -41,8 +42,13 @@ def build_component(root: Path, component: str, motion: MotionConfig | None = No
     config_file = root / component / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"{config_file} is missing")
+    raw = read_json(config_file)
+    if component == "unet" and unet_class_name(raw) == "UNet3DConditionModel":
+        if motion is not None:
+            raise ModelSourceError("this model's UNet is already a video UNet (UNet3D); it takes no motion adapter")
+        return UNet3DConditionModel(UNet3DConfig.from_dict(raw))
     parse, build = SPECS[component]
-    config = parse(read_json(config_file))
+    config = parse(raw)
     return UNet2DConditionModel(config, motion) if motion is not None else build(config)
 
 
@@ -52,6 +58,8 @@ def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> t
         return value.permute(0, 3, 1, 2).contiguous()
     if value.ndim == 2 and len(target_shape) == 4 and target_shape[2:] == (1, 1):
         return value.reshape(*value.shape, 1, 1)
+    if value.ndim == 3 and len(target_shape) == 5:  # Conv1d over frames (O, k, I) -> Conv3d (O, I, k, 1, 1)
+        return value.permute(0, 2, 1).reshape(*target_shape).contiguous()
     return value
 
 

@@ -18,28 +18,36 @@ def sinusoidal_table(length: int, dim: int, device: torch.device) -> torch.Tenso
 
 
 class TemporalTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn1 = Attention(dim, heads, dim // heads)
+        self.attn1 = Attention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn2 = Attention(dim, heads, dim // heads)
+        self.attn2 = Attention(dim, heads, head_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x) + positions)
-        x = x + self.attn2(self.norm2(x) + positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn1(h if positions is None else h + positions)
+        h = self.norm2(x)
+        x = x + self.attn2(h if positions is None else h + positions)
         return x + self.ff(self.norm3(x))
 
 
-class AnimateDiffTransformer3D(nn.Module):
-    def __init__(self, channels: int, heads: int, num_layers: int, groups: int, max_seq_length: int) -> None:
+class TemporalTransformer(nn.Module):
+    """Attention across frames per pixel: AnimateDiff's motion module (sinusoidal positions, a maximum
+    length) or ModelScope's TransformerTemporalModel (no positions)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, num_layers: int, groups: int,
+                 max_seq_length: int | None) -> None:
         super().__init__()
+        inner = heads * head_dim
         self.norm = group_norm(groups, channels, 1e-6)
-        self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, heads) for _ in range(num_layers)])
-        self.proj_out = nn.Linear(channels, channels)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(inner, heads, head_dim)
+                                                 for _ in range(num_layers)])
+        self.proj_out = nn.Linear(inner, channels)
         self.max_seq_length = max_seq_length
         self.per_frame_norm = False
 
@@ -47,7 +55,7 @@ class AnimateDiffTransformer3D(nn.Module):
         bf, c, h, w = x.shape
         f = num_frames
         b = bf // f
-        if f > self.max_seq_length:
+        if self.max_seq_length is not None and f > self.max_seq_length:
             raise ValueError(f"{f} frames exceed this motion module's maximum of {self.max_seq_length}; "
                              "generate fewer frames or use context windows (context_length=...)")
         if self.per_frame_norm:
@@ -58,9 +66,17 @@ class AnimateDiffTransformer3D(nn.Module):
         # one sequence of F frames per pixel: (B*H*W, F, C)
         y = y.reshape(b, f, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, f, c)
         y = self.proj_in(y)
-        positions = sinusoidal_table(f, c, y.device).to(y.dtype)[None]
+        positions = None
+        if self.max_seq_length is not None:
+            positions = sinusoidal_table(f, y.shape[-1], y.device).to(y.dtype)[None]
         for block in self.transformer_blocks:
             y = block(y, positions)
         y = self.proj_out(y)
         y = y.reshape(b, h * w, f, c).permute(0, 2, 3, 1).reshape(bf, c, h, w)
         return x + y
+
+
+def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups: int,  # noqa: N802
+                             max_seq_length: int) -> TemporalTransformer:
+    """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
+    return TemporalTransformer(channels, heads, channels // heads, num_layers, groups, max_seq_length)
