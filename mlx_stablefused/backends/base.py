@@ -88,6 +88,10 @@ class Backend(ABC):
     def set_attention_chunk(self, chunk: int | None) -> None:
         """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""
 
+    def release_text_encoder(self) -> bool:
+        """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
+        return False
+
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")

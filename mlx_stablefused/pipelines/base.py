@@ -142,6 +142,7 @@ class BaseDiffusion:
         self.progress = progress
         self.decode_batch_size: int | None = None
         self.tiling: TileSpec | None = None
+        self.release_text_encoder = False
         self.scheduler: Scheduler = self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
 
     @classmethod
@@ -159,6 +160,27 @@ class BaseDiffusion:
         self.scheduler = make_scheduler(name, self.scheduler_config, **overrides)
         self.scheduler_name, self.scheduler_overrides = str(getattr(name, "value", name)).lower(), dict(overrides)
         return self.scheduler
+
+    def enable_low_memory(self, enabled: bool = True) -> None:
+        """Free the text encoder's weights after each prompt encoding (re-read lazily when next needed):
+        the denoising loop and the VAE then run with only the UNet and VAE in memory."""
+        self.release_text_encoder = enabled
+
+    def enable_compile(self, enabled: bool = True) -> None:
+        """Compile the UNet step into fused kernels (MLX: ``mx.compile``); pays most on Metal."""
+        if not hasattr(self.backend, "compile_unet"):
+            raise NotImplementedError(f"the {self.backend.name} backend has no compiled path")
+        self.backend.compile_unet(enabled)
+
+    def quantize(self, bits: int = 8, group_size: int = 64, components: Sequence[str] = ("unet",)) -> None:
+        """Quantize the Linear layers of the UNet (and optionally the text encoder) to ``bits`` bits."""
+        if not hasattr(self.backend, "quantize"):
+            raise NotImplementedError(f"the {self.backend.name} backend has no quantized path")
+        unknown = set(components) - {"unet", "text_encoder"}
+        if unknown or bits not in (2, 3, 4, 6, 8):
+            raise ValueError(f"quantize: bits in (2, 3, 4, 6, 8) and components from ('unet', 'text_encoder'); "
+                             f"got bits={bits}, components={list(components)}")
+        self.backend.quantize(bits, group_size, tuple(components))
 
     def enable_slicing(self) -> None:
         """Decode one image at a time (VAE memory stays that of one image)."""
@@ -232,7 +254,10 @@ class BaseDiffusion:
         """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to ""."""
         prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
         ids = np.concatenate([self.tokenizer(negatives), self.tokenizer(prompts)], axis=0)
-        return self.backend.encode_text(ids)
+        embedding = self.backend.encode_text(ids)
+        if self.release_text_encoder:
+            self.backend.release_text_encoder()
+        return embedding
 
     # --------------------------------------------------------------------------------- guidance
     def classifier_free_guidance(self, prediction: Array, guidance_scale: float, guidance_rescale: float) -> Array:

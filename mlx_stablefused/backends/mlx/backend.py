@@ -27,6 +27,8 @@ class MLXBackend(Backend):
         self.dtype = parse_dtype(dtype)
         modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
                                   vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
+        self._weights_files = modules.get("weights_files", {})
+        self._unet_fn = None
         self.text_encoder = modules["text_encoder"]
         self.unet_model = modules["unet"]
         self.vae = modules["vae"]
@@ -44,16 +46,47 @@ class MLXBackend(Backend):
         return mx.float32 if self.dtype == mx.float16 and cfg.force_upcast else self.dtype
 
     def encode_text(self, token_ids: np.ndarray) -> mx.array:
-        return self.text_encoder(mx.array(token_ids)).last_hidden_state
+        out = self.text_encoder(mx.array(token_ids)).last_hidden_state
+        mx.eval(out)
+        return out
+
+    def release_text_encoder(self) -> bool:
+        """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
+        file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
+        path = self._weights_files.get("text_encoder")
+        if path is None or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
+            return False
+        from ...checkpoint_io import load_weights
+        from ...weights import apply_weights
+
+        dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
+        apply_weights(self.text_encoder, load_weights(path), str(path), dtype)
+        return True
+
+    def compile_unet(self, enabled: bool = True) -> None:
+        """Trace the UNet once per input shape and run the fused graph (``mx.compile``)."""
+        self._unet_fn = mx.compile(self.unet_model.__call__) if enabled else None
+
+    def quantize(self, bits: int = 8, group_size: int = 64, components: tuple[str, ...] = ("unet",)) -> None:
+        """Quantize the Linear layers of ``components`` (``nn.quantize``); convolutions stay as they are."""
+        import mlx.nn as nn
+
+        for name in components:
+            model = {"unet": self.unet_model, "text_encoder": self.text_encoder}[name]
+            nn.quantize(model, group_size=group_size, bits=bits,
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
+        if self._unet_fn is not None:
+            self.compile_unet()
 
     def unet(self, latent: mx.array, timestep: float, context: mx.array) -> mx.array:
         t = mx.array(float(timestep), dtype=mx.float32)
+        run = self._unet_fn or self.unet_model
         if latent.ndim == 5:  # videos (B, F, h, w, C): frames join the batch, frame-minor
             b, f = latent.shape[:2]
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(context.astype(self.dtype), f, axis=0)
-            return self.unet_model(x, t, ctx, num_frames=f).astype(mx.float32).reshape(latent.shape)
-        return self.unet_model(latent.astype(self.dtype), t, context.astype(self.dtype)).astype(mx.float32)
+            return run(x, t, ctx, num_frames=f).astype(mx.float32).reshape(latent.shape)
+        return run(latent.astype(self.dtype), t, context.astype(self.dtype)).astype(mx.float32)
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype

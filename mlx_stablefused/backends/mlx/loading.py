@@ -205,5 +205,7 @@ def load_components(source: ModelSource, dtype: mx.Dtype, *, variant: str | None
                                                                if component == "unet" and motion_adapter else ""),
                       dtypes[component])
         modules[component] = model.eval()
+    if folder is not None:  # where each component's weights can be re-read lazily (see MLXBackend.release_*)
+        modules["weights_files"] = {c: folder / c / CONVERTED_WEIGHTS for c in MODEL_COMPONENTS}
     return modules
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import VAEConfig
-from .layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from .layers import Downsample2D, ResnetBlock2D, StripConv2d, Upsample2D, group_norm
 
 VAE_EPS = 1e-6
 
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = StripConv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = [
             EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups, i < len(ch) - 1)
             for i in range(len(ch))
@@ -99,6 +99,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
+            mx.eval(x)
         x = self.mid_block(x)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
@@ -114,12 +115,13 @@ class Decoder(nn.Module):
             for i in range(len(rev))
         ]
         self.conv_norm_out = group_norm(cfg.norm_num_groups, rev[-1], VAE_EPS)
-        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = StripConv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
+            mx.eval(x)  # one block's activations alive at a time: the decoder's peak is its last block
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
 

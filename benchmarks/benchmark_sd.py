@@ -1,0 +1,206 @@
+"""Side-by-side speed and memory: diffusers vs mlx-stablefused (MLX and torch backends), same weights, same work.
+
+Each measured run is a fresh worker process (so its peak RSS is its own); implementations alternate
+run by run so machine drift hits all of them alike. Default work: the full SD 1.5 architecture with
+random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guidance, batch 1, fp32.
+
+    python benchmarks/benchmark_sd.py                     # default work, 3 rounds
+    python benchmarks/benchmark_sd.py --size 512 --steps 20 --dtype float16 --device cuda --json out.json
+    python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
+
+Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
+ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPLEMENTATIONS = ("diffusers", "mlx", "torch")
+
+
+def default_model_dir() -> Path:
+    base = Path(os.environ.get("MLX_STABLEFUSED_CACHE", Path.home() / ".cache" / "mlx-stablefused"))
+    return base / "bench-sd15-random"
+
+
+def build_random_sd15(folder: Path) -> None:
+    """The SD 1.5 architecture (diffusers' default configs) with random weights, as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused.checkpoint_io import atomic_directory
+    from mlx_stablefused.demo import write_byte_level_tokenizer
+
+    torch.manual_seed(0)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        vocab = write_byte_level_tokenizer(tmp / "_tok")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "_tok"))
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, hidden_act="quick_gelu",
+                                            eos_token_id=vocab - 1, bos_token_id=vocab - 2))
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------------- worker side
+def worker(impl: str, args: argparse.Namespace) -> dict:
+    """One measured run in this (fresh) process: load, warm up, time, report."""
+    import numpy as np
+
+    prompt = "a photograph of an astronaut riding a horse"
+    steps, size, batch = args.steps, args.size, args.batch
+    latents = np.random.default_rng(0).standard_normal((batch, 4, size // 8, size // 8)).astype(np.float32)
+    t0 = time.perf_counter()
+    if impl == "diffusers":
+        import torch
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        torch.set_num_threads(args.threads)
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to(args.device)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        lat = torch.from_numpy(latents).to(args.device, dtype)
+
+        def run(n):
+            with torch.inference_mode():
+                pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
+                     width=size, output_type="np")
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+    else:
+        sys.path.insert(0, str(ROOT))
+        from mlx_stablefused import TextToImageDiffusion
+
+        kwargs = {"device": args.device} if impl == "torch" else {}
+        if impl == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
+        pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False, scheduler="ddim",
+                                    **kwargs)
+        if args.low_memory:
+            pipe.enable_low_memory()
+        if args.compile and impl == "mlx":
+            pipe.enable_compile()
+
+        def run(n):
+            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np")
+
+    load_s = time.perf_counter() - t0
+    run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
+    t1 = time.perf_counter()
+    run(steps)
+    total = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    run(1)
+    one_step_total = time.perf_counter() - t2
+    per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
+    result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if impl == "mlx":
+        import mlx.core as mx
+
+        result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
+        from mlx_stablefused import _blas
+
+        result["blas"] = _blas.status
+    return result
+
+
+# ------------------------------------------------------------------------------ orchestrator side
+def run_worker(impl: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", str(args.model), "--size", str(args.size),
+           "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype, "--device", args.device,
+           "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
+        (["--compile"] if args.compile else [])
+    env = dict(os.environ)
+    if args.no_openblas:
+        env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for impl, runs in results.items():
+        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+        out[impl] = {k: statistics.median(r[k] for r in runs) for k in keys}
+        out[impl].update({k: v for k, v in runs[0].items() if isinstance(v, str)})
+    base = out.get("diffusers")
+    if base:
+        for impl, row in out.items():
+            for k in ("per_step_s", "end_to_end_s", "peak_rss_mb"):
+                row[f"{k}_ratio"] = row[k] / base[k]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="diffusers SD folder (default: random SD 1.5, built once)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="torch device for diffusers and the torch backend")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    p.add_argument("--no-openblas", action="store_true", help="MLX with its bundled reference BLAS")
+    p.add_argument("--low-memory", action="store_true", help="ours: release the text encoder after encoding")
+    p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    if args.model is None:
+        args.model = default_model_dir()
+        if not (Path(args.model) / "model_index.json").is_file():
+            print(f"building the random SD 1.5 model in {args.model} (once) ...", file=sys.stderr)
+            build_random_sd15(Path(args.model))
+    results: dict[str, list[dict]] = {impl: [] for impl in args.impl}
+    for r in range(args.rounds):
+        for impl in args.impl:
+            results[impl].append(run_worker(impl, args))
+            print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
+    summary = summarise(results)
+    work = f"SD1.5 {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
+           f"device {args.device}"
+    print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")
+    print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
+    for impl, row in summary.items():
+        print(f"{impl:10s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
+              f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
+              f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"work": work, "summary": summary, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
