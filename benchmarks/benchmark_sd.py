@@ -91,14 +91,15 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             if args.device == "cuda":
                 torch.cuda.synchronize()
     else:
+        kwargs = {}
+        if impl == "torch":
+            import torch  # before mlx_stablefused, whose import preloads OpenBLAS globally
+
+            torch.set_num_threads(args.threads)
+            kwargs["device"] = args.device
         sys.path.insert(0, str(ROOT))
         from mlx_stablefused import TextToImageDiffusion
 
-        kwargs = {"device": args.device} if impl == "torch" else {}
-        if impl == "torch":
-            import torch
-
-            torch.set_num_threads(args.threads)
         pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False, scheduler="ddim",
                                     **kwargs)
         if args.low_memory:

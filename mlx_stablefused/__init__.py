@@ -2,9 +2,6 @@
 
 __version__ = "0.1.0"
 
-from ._blas import preload_openblas  # noqa: E402  (must run before mlx.core is imported)
-
-preload_openblas()
 
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError  # noqa: E402
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import mlx.core as mx
 import numpy as np
 
 from .errors import WeightLoadError
@@ -60,7 +59,8 @@ def check_safetensors(path: str | Path) -> dict:
     return header
 
 
-def _torch_to_mx(tensor) -> mx.array:
+def _torch_to_mx(tensor):
+    import mlx.core as mx
     import torch
 
     if tensor.dtype == torch.bfloat16:
@@ -68,7 +68,7 @@ def _torch_to_mx(tensor) -> mx.array:
     return mx.array(tensor.detach().cpu().numpy())
 
 
-def load_pickle(path: str | Path) -> dict[str, mx.array]:
+def load_pickle(path: str | Path) -> dict:
     """Tensors of a PyTorch checkpoint as MLX arrays, read without executing any pickled code."""
     return {k: _torch_to_mx(v) for k, v in load_torch_pickle(path).items()}
 
@@ -109,8 +109,10 @@ def load_torch_weights(path: str | Path) -> dict:
     raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
 
 
-def load_weights(path: str | Path) -> dict[str, mx.array]:
+def load_weights(path: str | Path) -> dict:
     """All tensors of one weight file, as (lazy) MLX arrays in the file's own layout."""
+    import mlx.core as mx
+
     path = Path(path)
     if not path.is_file():
         raise WeightLoadError(f"weight file {path} does not exist")
@@ -141,7 +143,10 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def save_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write MLX arrays as safetensors, atomically."""
+    import mlx.core as mx
+
     with atomic_path(path, suffix=SAFETENSORS_SUFFIX) as tmp:
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 

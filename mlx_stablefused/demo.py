@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
 from tokenizers import pre_tokenizers
 
 from . import __version__
@@ -78,6 +76,9 @@ def demo_configs(vocab_size: int) -> dict[str, dict]:
 
 def build_demo_model(folder: str | Path, seed: int = 0) -> Path:
     """Write the demo model as a converted MLX folder (atomically)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     from .backends.mlx.loading import SPECS
 
     mx.random.seed(seed)
@@ -98,7 +99,7 @@ def build_demo_model(folder: str | Path, seed: int = 0) -> Path:
 
 def ensure_demo_model() -> Path:
     """Path of the demo model, built into the cache on first use."""
-    from .backends.mlx.loading import cache_root
+    from .sources import cache_root
 
     folder = cache_root() / f"demo-v{DEMO_VERSION}"
     if not (folder / MANIFEST_NAME).is_file():
@@ -111,8 +112,11 @@ DEMO_MOTION_ADAPTER_ID = "demo:motion"
 
 def ensure_demo_motion_adapter() -> Path:
     """A random motion adapter for the demo model (diffusers MotionAdapter layout), built on first use."""
-    from .backends.mlx.loading import cache_root
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
     from .backends.mlx.motion import AnimateDiffTransformer3D
+    from .sources import cache_root
 
     folder = cache_root() / f"demo-motion-v{DEMO_VERSION}"
     if (folder / "config.json").is_file():

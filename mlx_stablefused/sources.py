@@ -129,6 +129,17 @@ def _download(repo_id: str, *, variant: str | None, revision: str | None, local_
     return root
 
 
+def cache_root() -> Path:
+    """Where converted models and the demo model live (MLX_STABLEFUSED_CACHE, else ~/.cache/mlx-stablefused)."""
+    import os
+
+    env = os.environ.get("MLX_STABLEFUSED_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlx-stablefused"
+
+
 def local_weight_file(root: Path, component: str, variant: str | None) -> Path:
     folder = root / component
     if not folder.is_dir():

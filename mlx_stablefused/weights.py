@@ -8,18 +8,16 @@ tensor in a PyTorch-layout checkpoint is a convolution kernel (O, I, kh, kw), wh
 becomes (O, kh, kw, I) for an MLX Conv2d or (O, I) for a 1x1 convolution held as Linear.
 
 Loading is strict: a missing, unexpected or mis-shaped key raises ``WeightLoadError``
-naming every offender, so a model can never run with weights left at random init.
+naming every offender, so a model can never run with weights left at random init. The layout
+transforms and the loading into modules are per backend (``backends/*/``); this module imports
+no framework.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
-
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from typing import Any, Iterable, Mapping
 
 from .errors import WeightLoadError
 
@@ -53,9 +51,9 @@ RULES: dict[str, list[Rule]] = {
 }
 
 
-def map_keys(state: Mapping[str, mx.array], rules: Iterable[Rule]) -> dict[str, mx.array]:
+def map_keys(state: Mapping[str, Any], rules: Iterable[Rule]) -> dict[str, Any]:
     rules = list(rules)
-    out: dict[str, mx.array] = {}
+    out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in state.items():
         target = key
@@ -73,36 +71,10 @@ def map_keys(state: Mapping[str, mx.array], rules: Iterable[Rule]) -> dict[str, 
     return out
 
 
-def torch_to_mlx_layout(value: mx.array, target_shape: tuple[int, ...]) -> mx.array:
-    """Convert one PyTorch-layout tensor to the layout of the MLX parameter it fills (shape unchecked)."""
-    if value.ndim == 5 and len(target_shape) == 3 and value.shape[3:] == (1, 1):
-        # a (k, 1, 1) Conv3d over frames held as Conv1d: (O, I, k, 1, 1) -> (O, k, I)
-        return value.reshape(value.shape[:3]).transpose(0, 2, 1)
-    if value.ndim == 4:
-        if len(target_shape) == 4:
-            return value.transpose(0, 2, 3, 1)
-        if len(target_shape) == 2 and value.shape[2:] == (1, 1):
-            return value.reshape(value.shape[0], value.shape[1])
-    return value
-
-
-def check_shapes(weights: Mapping[str, mx.array], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    bad = [f"{k!r} has shape {tuple(v.shape)} but the model expects {expected[k]}"
-           for k, v in weights.items() if tuple(v.shape) != expected[k]]
-    if bad:
-        raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: " + "; ".join(bad[:12])
-                              + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else ""))
-
-
 def _describe(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
-
-def check_keys(model: nn.Module, weights: Mapping[str, mx.array], source: str) -> dict[str, tuple[int, ...]]:
-    """Raise unless ``weights`` has exactly the MLX model's parameter names; return the expected shapes."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    return check_names(expected, weights, source, type(model).__name__)
 
 
 def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, object], source: str,
@@ -121,29 +93,10 @@ def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, o
     return expected
 
 
-def convert_state(model: nn.Module, state: Mapping[str, mx.array], rules: Iterable[Rule],
-                  dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """Map a PyTorch-layout checkpoint onto ``model``'s names and layouts (lazily; nothing is evaluated).
 
-    Keys the model lacks pass through unchanged: the strict check happens when weights are applied
-    (a model may take its weights from several files, as a motion UNet does).
-    """
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    mapped = map_keys(state, rules)
-    out = {k: torch_to_mlx_layout(v, expected[k]) if k in expected else v for k, v in mapped.items()}
-    return {k: cast(v, dtype) for k, v in out.items()}
-
-
-def cast(value: mx.array, dtype: mx.Dtype | None) -> mx.array:
-    if dtype is not None and mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
-        return value.astype(dtype)
-    return value
-
-
-def apply_weights(model: nn.Module, weights: Mapping[str, mx.array], source: str,
-                  dtype: mx.Dtype | None = None) -> nn.Module:
-    """Load MLX-layout ``weights`` into ``model`` strictly (names and shapes must match exactly)."""
-    expected = check_keys(model, weights, source)
-    check_shapes(weights, expected, source)
-    model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
-    return model
+def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+    bad = [f"{k!r} has shape {tuple(v.shape)} but the model expects {expected[k]}"
+           for k, v in weights.items() if tuple(v.shape) != expected[k]]
+    if bad:
+        raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: " + "; ".join(bad[:12])
+                              + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else ""))

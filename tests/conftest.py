@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mlx_stablefused  # noqa: F401  (first, so the OpenBLAS preload precedes any mlx import)
+import mlx_stablefused.backends.mlx  # noqa: F401  (first, so the OpenBLAS preload precedes any mlx import)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

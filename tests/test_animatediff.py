@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx_stablefused import ANIMATEDIFF_DDIM, TextToVideoDiffusion, UnsupportedModelError, WeightLoadError
 from mlx_stablefused.backends.mlx.motion import AnimateDiffTransformer3D
 from mlx_stablefused.motion_adapters import MOTION_RULES
-from mlx_stablefused.weights import apply_weights, convert_state
+from mlx_stablefused.backends.mlx.weights import apply_weights, convert_state
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["mid-block", "no-mid-block"])

@@ -8,7 +8,7 @@ import mlx.core as mx
 from conftest import rel_error, report
 
 from mlx_stablefused.backends.mlx.loading import build_component, read_diffusers_component
-from mlx_stablefused.weights import apply_weights
+from mlx_stablefused.backends.mlx.weights import apply_weights
 
 TOL = 1e-4
 

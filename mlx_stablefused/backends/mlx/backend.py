@@ -57,7 +57,7 @@ class MLXBackend(Backend):
         if path is None or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
             return False
         from ...checkpoint_io import load_weights
-        from ...weights import apply_weights
+        from .weights import apply_weights
 
         dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
         apply_weights(self.text_encoder, load_weights(path), str(path), dtype)

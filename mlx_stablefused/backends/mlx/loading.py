@@ -8,7 +8,6 @@ loads directly. Either way loading is strict (see ``weights``).
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 import shutil
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from ...checkpoint_io import atomic_directory, load_weights, save_safetensors, w
 from ...config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig, read_json, unet_class_name
 from ...errors import ModelSourceError
 from ...motion_adapters import MotionAdapterSource, motion_state
-from ...sources import MANIFEST_NAME, MODEL_COMPONENTS, ModelSource, local_weight_file, shard_files
-from ...weights import RULES, apply_weights, check_keys, convert_state
+from ...sources import MANIFEST_NAME, MODEL_COMPONENTS, ModelSource, cache_root, local_weight_file, shard_files
+from ...weights import RULES
+from .weights import apply_weights, check_keys, convert_state
 from .clip import CLIPTextModel
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
@@ -137,14 +137,6 @@ def read_manifest(root: Path) -> dict:
         raise ModelSourceError(f"{root} was converted with format version {manifest.get('format_version')}; "
                                f"this version reads {FORMAT_VERSION}. Convert the model again.")
     return manifest
-
-
-def cache_root() -> Path:
-    env = os.environ.get("MLX_STABLEFUSED_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mlx-stablefused"
 
 
 def _cache_key(source: ModelSource, dtype: mx.Dtype, variant: str | None) -> str:
