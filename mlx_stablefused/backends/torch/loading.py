@@ -94,8 +94,11 @@ def load_components(source: ModelSource, dtypes: dict[str, torch.dtype], device:
     modules = {}
     for component in MODEL_COMPONENTS:
         unet = component == "unet"
-        model = build_component(source.root, component, motion_config if unet else None)
+        # Built on the meta device and filled by assignment: the checkpoint's tensors become the
+        # parameters, so no random initialisation and no second copy of the weights is ever made.
+        with torch.device("meta"):
+            model = build_component(source.root, component, motion_config if unet else None)
         state = component_state(source, component, model, variant, motion_weights if unet else None)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
         modules[component] = model.to(device=device, dtype=dtypes[component]).eval().requires_grad_(False)
     return modules
