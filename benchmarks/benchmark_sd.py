@@ -106,6 +106,8 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             pipe.enable_low_memory()
         if args.compile and impl == "mlx":
             pipe.enable_compile()
+        if impl == "mlx":
+            streams = pipe.set_cpu_streams(args.cpu_streams)
 
         def run(n):
             pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np")
@@ -128,6 +130,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         from mlx_stablefused import _blas
 
         result["blas"] = _blas.status
+        result["cpu_streams"] = streams
     return result
 
 
@@ -136,7 +139,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(args.model), "--size", str(args.size),
            "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype, "--device", args.device,
            "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
-        (["--compile"] if args.compile else [])
+        (["--compile"] if args.compile else []) + \
+        (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -174,6 +178,8 @@ def main() -> None:
     p.add_argument("--no-openblas", action="store_true", help="MLX with its bundled reference BLAS")
     p.add_argument("--low-memory", action="store_true", help="ours: release the text encoder after encoding")
     p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
+    p.add_argument("--cpu-streams", type=int, default=None,
+                   help="MLX on a CPU: streams run in parallel (default one per core; 1 = a single stream)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -22,11 +22,12 @@ CANDIDATES = (
 )
 
 status: str = "not attempted"
+_library: ctypes.CDLL | None = None
 
 
 def preload_openblas() -> str:
     """Load OpenBLAS with RTLD_GLOBAL if possible; return a one-line status for diagnostics."""
-    global status
+    global status, _library
     if not sys.platform.startswith("linux"):
         status = "not needed (not Linux)"
     elif os.environ.get("MLX_STABLEFUSED_NO_OPENBLAS"):
@@ -39,9 +40,22 @@ def preload_openblas() -> str:
         status = "no OpenBLAS found (apt-get install libopenblas0-pthread makes MLX's CPU matmul ~40x faster)"
         for path in paths:
             try:
-                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+                _library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
             except OSError:
                 continue
             status = f"loaded {path}"
             break
     return status
+
+
+def set_threads(count: int) -> bool:
+    """Set the preloaded OpenBLAS's thread count; False when no OpenBLAS was loaded here.
+
+    When several MLX CPU streams run matrix products at once (see ``backends.mlx.cpu_streams``), each
+    should get its share of the cores, not all of them: oversubscribed OpenBLAS threads spin and wait.
+    """
+    setter = getattr(_library, "openblas_set_num_threads", None) if _library is not None else None
+    if setter is None:
+        return False
+    setter(max(1, int(count)))
+    return True

@@ -79,3 +79,71 @@ def test_quantize_rejects_bad_arguments(pipe):
         p.quantize(bits=5)
     with pytest.raises(ValueError, match="components"):
         p.quantize(components=("vae",))
+
+
+# ------------------------------------------------------------------ CPU streams (MLX's CPU build)
+def test_cpu_streams_give_the_same_images(sd1):
+    """Guidance halves and VAE row bands on 1, 2 or 3 streams: the same images up to float32 rounding."""
+    _, root = sd1
+    p = TextToImageDiffusion(root, progress=False, scheduler="ddim")
+    args = dict(ARGS, image_height=104, image_width=72)  # 13x9 latents: 3 bands of uneven height
+    outs = {}
+    for count in (1, 2, 3):
+        assert p.set_cpu_streams(count) == count
+        outs[count] = p(**args)
+    for count in (2, 3):
+        assert report(f"{count} CPU streams vs 1 (max abs)", np.abs(outs[count] - outs[1]).max()) < 1e-5
+
+
+def test_vae_row_bands_match_the_whole_image(sd1):
+    """Decoder and encoder on row bands (with strip convolutions inside the bands) vs one stream."""
+    from mlx_stablefused.backends.mlx.cpu_streams import StreamSet
+    from mlx_stablefused.backends.mlx.layers import StripConv2d
+
+    _, root = sd1
+    vae = TextToImageDiffusion(root, progress=False).backend.vae
+    z = mx.random.normal((2, 11, 13, 4), key=mx.random.key(0))
+    images = mx.random.uniform(-1, 1, (1, 88, 72, 3), key=mx.random.key(1))
+    vae.set_stream_set(None)
+    whole = [vae.decode(z), *vae.encode(images)]
+    old = StripConv2d.max_patch_bytes
+    for count, patch in ((2, old), (3, 4096)):
+        StripConv2d.max_patch_bytes = patch
+        try:
+            vae.set_stream_set(StreamSet(count))
+            banded = [vae.decode(z), *vae.encode(images)]
+        finally:
+            StripConv2d.max_patch_bytes = old
+        for name, a, b in zip(("decode", "encode mean", "encode logvar"), whole, banded):
+            scale = float(mx.abs(a).max())
+            assert report(f"VAE {name} on {count} row bands (rel)", float(mx.abs(a - b).max()) / scale) < 1e-5
+
+
+def test_unet_batch_split_over_streams(sd1):
+    """An odd batch split over streams (2 + 1) and a context batch that cannot be split."""
+    _, root = sd1
+    backend = TextToImageDiffusion(root, progress=False).backend
+    lat = mx.random.normal((3, 8, 8, 4), key=mx.random.key(2))
+    ctx = mx.random.normal((3, 77, backend.text_config.hidden_size), key=mx.random.key(3))
+    backend.set_cpu_streams(1)
+    one = backend.unet(lat, 321.0, ctx)
+    backend.set_cpu_streams(2)
+    two = backend.unet(lat, 321.0, ctx)
+    assert float(mx.abs(one - two).max()) < 1e-5 * float(mx.abs(one).max())
+    shared = backend.unet(lat[:1], 321.0, ctx[:1])  # batch 1: nothing to split
+    np.testing.assert_allclose(np.array(shared), np.array(one[:1]), atol=1e-5)
+
+
+def test_cpu_stream_counts_are_validated(sd1, monkeypatch):
+    from mlx_stablefused.backends.mlx.cpu_streams import ENV_STREAMS, default_stream_count, split_sizes
+
+    _, root = sd1
+    p = TextToImageDiffusion(root, progress=False)
+    with pytest.raises(ValueError, match="at least 1"):
+        p.set_cpu_streams(0)
+    monkeypatch.setenv(ENV_STREAMS, "two")
+    with pytest.raises(ValueError, match=ENV_STREAMS):
+        default_stream_count()
+    monkeypatch.setenv(ENV_STREAMS, "3")
+    assert default_stream_count() == 3
+    assert split_sizes(7, 3) == [3, 2, 2] and split_sizes(2, 5) == [1, 1]

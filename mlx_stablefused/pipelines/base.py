@@ -172,6 +172,13 @@ class BaseDiffusion:
             raise NotImplementedError(f"the {self.backend.name} backend has no compiled path")
         self.backend.compile_unet(enabled)
 
+    def set_cpu_streams(self, count: int | None = None) -> int:
+        """MLX on a CPU: run the guidance halves and VAE row bands on ``count`` cores at once (None: one
+        per core, the default; 1: everything on one stream). Returns the count in use."""
+        if not hasattr(self.backend, "set_cpu_streams"):
+            raise NotImplementedError(f"the {self.backend.name} backend schedules its own threads")
+        return self.backend.set_cpu_streams(count)
+
     def quantize(self, bits: int = 8, group_size: int = 64, components: Sequence[str] = ("unet",)) -> None:
         """Quantize the Linear layers of the UNet (and optionally the text encoder) to ``bits`` bits."""
         if not hasattr(self.backend, "quantize"):

@@ -39,6 +39,43 @@ class GroupNorm(nn.Module):
         out = d * scale + self.bias.reshape(g, c // g)
         return (out if dtype == mx.float32 else out.astype(dtype)).reshape(shape)
 
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream], silu: bool = False) -> list[mx.array]:
+        """The same normalisation of an image held as row bands, each band's work on its own stream.
+
+        Group statistics are summed over all bands (two passes, as above); only the order of the
+        float32 additions differs from the whole-image call. ``silu`` fuses the activation that
+        follows every GroupNorm in a resnet.
+        """
+        g, c, dtype = self._groups, bands[0].shape[-1], bands[0].dtype
+
+        def grouped(x: mx.array) -> mx.array:
+            y = x.reshape(x.shape[0], -1, g, c // g)
+            return y if dtype == mx.float32 else y.astype(mx.float32)
+
+        ys = on_bands(grouped, streams, bands)
+        count = sum(y.shape[1] for y in ys) * (c // g)
+        mean = sum(on_bands(lambda y: mx.sum(y, axis=(1, 3), keepdims=True), streams, ys)) / count
+        ds = on_bands(lambda y: y - mean, streams, ys)
+        var = sum(on_bands(lambda d: mx.sum(d * d, axis=(1, 3), keepdims=True), streams, ds)) / count
+        scale = mx.rsqrt(var + self._eps) * self.weight.reshape(g, c // g)
+        bias = self.bias.reshape(g, c // g)
+
+        def finish(d: mx.array, band: mx.array) -> mx.array:
+            out = d * scale + bias
+            out = (out if dtype == mx.float32 else out.astype(dtype)).reshape(band.shape)
+            return nn.silu(out) if silu else out
+
+        return on_bands(finish, streams, ds, bands)
+
+
+def on_bands(fn, streams: list[mx.Stream], *band_lists: list[mx.array]) -> list[mx.array]:
+    """``fn`` applied band by band, each band's graph built on its own stream (so it runs on its own core)."""
+    out = []
+    for stream, args in zip(streams, zip(*band_lists)):
+        with mx.stream(stream):
+            out.append(fn(*args))
+    return out
+
 
 def group_norm(groups: int, channels: int, eps: float) -> GroupNorm:
     return GroupNorm(groups, channels, eps)
@@ -155,6 +192,13 @@ class ResnetBlock2D(nn.Module):
             x = self.conv_shortcut(x)
         return x + h
 
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        """The block on an image held as row bands (VAE resnets: no time embedding)."""
+        h = self.conv1.over_bands(self.norm1.over_bands(bands, streams, silu=True), streams)
+        h = self.conv2.over_bands(self.norm2.over_bands(h, streams, silu=True), streams)
+        shortcut = self.conv_shortcut if "conv_shortcut" in self else (lambda x: x)
+        return on_bands(lambda x, y: shortcut(x) + y, streams, bands, h)
+
 
 class StripConv2d(nn.Conv2d):
     """A 3x3, stride-1 convolution that runs on horizontal strips when the image is large.
@@ -171,14 +215,31 @@ class StripConv2d(nn.Conv2d):
         patch_bytes = b * h * w * c * 9 * x.itemsize
         if patch_bytes <= self.max_patch_bytes or h < 8:
             return super().__call__(x)
-        rows = max(1, int(h * self.max_patch_bytes / patch_bytes))
-        xp = mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)])  # rows padded here, columns by the conv
+        return self._rows_padded(mx.pad(x, [(0, 0), (1, 1), (0, 0), (0, 0)]))
+
+    def _rows_padded(self, xp: mx.array) -> mx.array:
+        """Convolve an input whose rows are already padded (columns are padded by the conv)."""
+        b, h, w, c = xp.shape[0], xp.shape[1] - 2, xp.shape[2], xp.shape[3]
+        patch_bytes = b * h * w * c * 9 * xp.itemsize
+        rows = h if patch_bytes <= self.max_patch_bytes else max(1, int(h * self.max_patch_bytes / patch_bytes))
         strips = []
         for s in range(0, h, rows):
             e = min(h, s + rows)
             y = mx.conv2d(xp[:, s:e + 2], self.weight, padding=(0, 1))
             strips.append(y + self.bias if "bias" in self else y)
-        return mx.concatenate(strips, axis=1)
+        return strips[0] if len(strips) == 1 else mx.concatenate(strips, axis=1)
+
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        """The convolution of an image held as row bands: each band borrows one row from each neighbour."""
+        last = len(bands) - 1
+
+        def padded(i: int) -> mx.array:
+            band = bands[i]
+            top = bands[i - 1][:, -1:] if i > 0 else mx.zeros_like(band[:, :1])
+            bottom = bands[i + 1][:, :1] if i < last else mx.zeros_like(band[:, :1])
+            return self._rows_padded(mx.concatenate([top, band, bottom], axis=1))
+
+        return on_bands(padded, streams, list(range(len(bands))))
 
 
 class Downsample2D(nn.Module):
@@ -201,3 +262,8 @@ class Upsample2D(nn.Module):
     def __call__(self, x: mx.array, size: tuple[int, int] | None = None) -> mx.array:
         size = size or (2 * x.shape[1], 2 * x.shape[2])
         return self.conv(resize_nearest(x, size))
+
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        """2x nearest upsampling is row-local: each band doubles on its own stream."""
+        up = on_bands(lambda x: resize_nearest(x, (2 * x.shape[1], 2 * x.shape[2])), streams, bands)
+        return self.conv.over_bands(up, streams)

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import VAEConfig
+from .cpu_streams import StreamSet, split_axis
 from .layers import Downsample2D, ResnetBlock2D, StripConv2d, Upsample2D, group_norm
 
 VAE_EPS = 1e-6
@@ -81,6 +82,18 @@ class DecoderBlock(nn.Module):
             x = resnet(x)
         return self.upsamplers[0](x) if "upsamplers" in self else x
 
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        for resnet in self.resnets:
+            bands = resnet.over_bands(bands, streams)
+        return self.upsamplers[0].over_bands(bands, streams) if "upsamplers" in self else bands
+
+
+def band_streams(stream_set: StreamSet | None, rows: int) -> list[mx.Stream]:
+    """The streams to split ``rows`` over: none when there is one stream or too few rows to share."""
+    if stream_set is None or len(stream_set) < 2:
+        return []
+    return stream_set.streams[:min(len(stream_set), rows // 4)] if rows >= 8 else []
+
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
@@ -95,13 +108,37 @@ class Encoder(nn.Module):
         self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[-1], VAE_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
+        self.stream_set: StreamSet | None = None
+
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-            mx.eval(x)
+        streams = band_streams(self.stream_set, x.shape[1])
+        if len(streams) < 2:
+            x = self.conv_in(x)
+            for block in self.down_blocks:
+                x = block(x)
+                mx.eval(x)
+        else:
+            with self.stream_set.sharing_cores(len(streams)):
+                x = self._down_over_bands(x)
         x = self.mid_block(x)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def _down_over_bands(self, x: mx.array) -> mx.array:
+        """Resnets on row bands, one stream each; the stride-2 downsampling on the joined image."""
+        streams = band_streams(self.stream_set, x.shape[1])
+        bands = self.conv_in.over_bands(split_axis(x, len(streams), axis=1), streams)
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                bands = resnet.over_bands(bands, streams)
+            x = mx.concatenate(bands, axis=1)
+            if "downsamplers" in block:
+                x = block.downsamplers[0](x)
+            mx.eval(x)
+            streams = band_streams(self.stream_set, x.shape[1])
+            if len(streams) < 2:
+                streams = [mx.default_stream(mx.default_device())]
+            bands = split_axis(x, len(streams), axis=1)
+        return mx.concatenate(bands, axis=1) if len(bands) > 1 else bands[0]
 
 
 class Decoder(nn.Module):
@@ -117,12 +154,26 @@ class Decoder(nn.Module):
         self.conv_norm_out = group_norm(cfg.norm_num_groups, rev[-1], VAE_EPS)
         self.conv_out = StripConv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
+        self.stream_set: StreamSet | None = None
+
     def __call__(self, z: mx.array) -> mx.array:
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-            mx.eval(x)  # one block's activations alive at a time: the decoder's peak is its last block
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        streams = band_streams(self.stream_set, x.shape[1])
+        if len(streams) < 2:
+            for block in self.up_blocks:
+                x = block(x)
+                mx.eval(x)  # one block's activations alive at a time: the decoder's peak is its last block
+            return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        # CPU: row bands, each on its own stream (one core each); the mid block stays whole (attention).
+        with self.stream_set.sharing_cores(len(streams)):
+            bands = split_axis(x, len(streams), axis=1)
+            for block in self.up_blocks:
+                bands = block.over_bands(bands, streams)
+                mx.eval(bands)
+            bands = self.conv_out.over_bands(self.conv_norm_out.over_bands(bands, streams, silu=True), streams)
+            x = mx.concatenate(bands, axis=1)
+            mx.eval(x)
+        return x
 
 
 class AutoencoderKL(nn.Module):
@@ -144,6 +195,11 @@ class AutoencoderKL(nn.Module):
             moments = self.quant_conv(moments)
         mean, logvar = mx.split(moments, 2, axis=-1)
         return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def set_stream_set(self, stream_set: StreamSet | None) -> None:
+        """Split large feature maps into row bands run on these CPU streams (None: one stream)."""
+        self.encoder.stream_set = stream_set
+        self.decoder.stream_set = stream_set
 
     def decode(self, z: mx.array) -> mx.array:
         """NHWC images in about [-1, 1] from unscaled latents."""
