@@ -122,7 +122,8 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     one_step_total = time.perf_counter() - t2
     per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
     result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
     if impl == "mlx":
         import mlx.core as mx
 
@@ -131,6 +132,10 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
 
         result["blas"] = _blas.status
         result["cpu_streams"] = streams
+    if impl != "diffusers":
+        from mlx_stablefused import _malloc
+
+        result["malloc"] = _malloc.status
     return result
 
 

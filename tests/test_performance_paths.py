@@ -147,3 +147,18 @@ def test_cpu_stream_counts_are_validated(sd1, monkeypatch):
     monkeypatch.setenv(ENV_STREAMS, "3")
     assert default_stream_count() == 3
     assert split_sizes(7, 3) == [3, 2, 2] and split_sizes(2, 5) == [1, 1]
+
+
+def test_malloc_tuning_reports_and_can_be_disabled(monkeypatch):
+    import sys
+
+    from mlx_stablefused import _malloc
+
+    monkeypatch.setenv("MLX_STABLEFUSED_NO_MALLOC_TUNING", "1")
+    assert _malloc.keep_freed_memory() == "disabled by MLX_STABLEFUSED_NO_MALLOC_TUNING"
+    monkeypatch.delenv("MLX_STABLEFUSED_NO_MALLOC_TUNING")
+    status = _malloc.keep_freed_memory()
+    if sys.platform.startswith("linux"):
+        assert status.startswith("glibc thresholds raised") or status == "not glibc: left alone"
+    else:
+        assert status == "not needed (not Linux)"

@@ -32,6 +32,10 @@ class TorchBackend(Backend):
                  motion_adapter: MotionAdapterSource | None = None) -> None:
         self.device = torch.device(device) if device else best_device()
         self.dtype = parse_dtype(dtype)
+        if self.device.type == "cpu":
+            from ..._malloc import keep_freed_memory
+
+            keep_freed_memory()  # no page-fault churn between steps (see _malloc)
         vae_cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
         # fp16 SD VAEs overflow; run the VAE in fp32 then, as diffusers' force_upcast does.
         vae_dtype = torch.float32 if self.dtype == torch.float16 and vae_cfg.force_upcast else self.dtype
