@@ -8,6 +8,9 @@ a process whose allocation history happened to raise glibc's dynamic thresholds 
 loading does). Raising both thresholds once makes every process behave like the lucky one. Peak
 memory is unchanged; memory freed after a run stays with the process for the next run.
 Set MLX_STABLEFUSED_NO_MALLOC_TUNING=1 to leave glibc's defaults alone.
+
+Only the torch backend uses it: MLX keeps its own buffer cache, and measured on the same work the
+tuning left MLX's time unchanged (35.0 vs 35.2 s) while its peak RSS rose by 500 MB.
 """
 
 from __future__ import annotations

@@ -26,10 +26,6 @@ class MLXBackend(Backend):
         if device is not None:
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         self.dtype = parse_dtype(dtype)
-        if mx.default_device() == mx.cpu:
-            from ..._malloc import keep_freed_memory
-
-            keep_freed_memory()  # no page-fault churn between steps (see _malloc)
         modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
                                   vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
         self._weights_files = modules.get("weights_files", {})
