@@ -77,6 +77,11 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         torch.set_num_threads(args.threads)
+        if args.fair_malloc:  # the glibc settings our torch backend uses, so allocator luck is not measured
+            sys.path.insert(0, str(ROOT))
+            from mlx_stablefused._malloc import keep_freed_memory
+
+            keep_freed_memory()
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
         pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False).to(args.device)
@@ -132,7 +137,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
 
         result["blas"] = _blas.status
         result["cpu_streams"] = streams
-    if impl != "diffusers":
+    if impl != "diffusers" or args.fair_malloc:
         from mlx_stablefused import _malloc
 
         result["malloc"] = _malloc.status
@@ -145,7 +150,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
            "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype, "--device", args.device,
            "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
         (["--compile"] if args.compile else []) + \
-        (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else [])
+        (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
+        (["--fair-malloc"] if args.fair_malloc else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -185,6 +191,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
     p.add_argument("--cpu-streams", type=int, default=None,
                    help="MLX on a CPU: streams run in parallel (default one per core; 1 = a single stream)")
+    p.add_argument("--fair-malloc", action="store_true",
+                   help="diffusers too runs with the torch backend's glibc thresholds (see mlx_stablefused/_malloc.py)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
