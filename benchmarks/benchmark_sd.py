@@ -7,6 +7,7 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py                     # default work, 3 rounds
     python benchmarks/benchmark_sd.py --size 512 --steps 20 --dtype float16 --device cuda --json out.json
     python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
+    python benchmarks/benchmark_sd.py --frames 16 --size 128 --steps 2  # AnimateDiff: 16 frames, random adapter
 
 Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
 ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
@@ -63,14 +64,41 @@ def build_random_sd15(folder: Path) -> None:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
 
 
+def default_adapter_dir() -> Path:
+    return default_model_dir().parent / "bench-motion-adapter-random"
+
+
+def build_random_motion_adapter(folder: Path) -> None:
+    """AnimateDiff's v1-5-2 adapter architecture (diffusers' MotionAdapter defaults) with random weights.
+
+    diffusers zero-initialises each motion module's proj_out (the module starts as the identity); the
+    benchmark gives it small random weights so the motion modules change the result, as trained ones do.
+    """
+    import torch
+    from diffusers import MotionAdapter
+
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused.checkpoint_io import atomic_directory
+
+    torch.manual_seed(1)
+    adapter = MotionAdapter()  # (320, 640, 1280, 1280), 2 layers per block, 8 heads, 32 positions, mid block
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if ".proj_out." in name:
+                param.normal_(0.0, 0.02)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        adapter.save_pretrained(str(tmp), safe_serialization=True)
+
+
 # ----------------------------------------------------------------------------------- worker side
 def worker(impl: str, args: argparse.Namespace) -> dict:
     """One measured run in this (fresh) process: load, warm up, time, report."""
     import numpy as np
 
     prompt = "a photograph of an astronaut riding a horse"
-    steps, size, batch = args.steps, args.size, args.batch
-    latents = np.random.default_rng(0).standard_normal((batch, 4, size // 8, size // 8)).astype(np.float32)
+    steps, size, batch, frames = args.steps, args.size, args.batch, args.frames
+    shape = (batch, 4, size // 8, size // 8) if not frames else (batch, 4, frames, size // 8, size // 8)
+    latents = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t0 = time.perf_counter()
     if impl == "diffusers":
         import torch
@@ -83,16 +111,29 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
 
             keep_freed_memory()
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False).to(args.device)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if frames:
+            from diffusers import AnimateDiffPipeline, MotionAdapter
+
+            sys.path.insert(0, str(ROOT))
+            from mlx_stablefused.pipelines.text_to_video import ANIMATEDIFF_DDIM
+
+            adapter = MotionAdapter.from_pretrained(args.motion_adapter, torch_dtype=dtype)
+            pipe = AnimateDiffPipeline.from_pretrained(args.model, motion_adapter=adapter, torch_dtype=dtype,
+                                                       safety_checker=None, feature_extractor=None).to(args.device)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ANIMATEDIFF_DDIM)
+            extra = {"num_frames": frames}
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False).to(args.device)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            extra = {}
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
 
         def run(n):
             with torch.inference_mode():
                 pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                     width=size, output_type="np")
+                     width=size, output_type="np", **extra)
             if args.device == "cuda":
                 torch.cuda.synchronize()
     else:
@@ -103,10 +144,14 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             torch.set_num_threads(args.threads)
             kwargs["device"] = args.device
         sys.path.insert(0, str(ROOT))
-        from mlx_stablefused import TextToImageDiffusion
+        from mlx_stablefused import TextToImageDiffusion, TextToVideoDiffusion
 
-        pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False, scheduler="ddim",
-                                    **kwargs)
+        if frames:  # AnimateDiff's own sampler (DDIM on linear betas), as the diffusers run uses
+            pipe = TextToVideoDiffusion(args.model, motion_adapter=args.motion_adapter, backend=impl,
+                                        dtype=args.dtype, progress=False, **kwargs)
+        else:
+            pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False,
+                                        scheduler="ddim", **kwargs)
         if args.low_memory:
             pipe.enable_low_memory()
         if args.compile and impl == "mlx":
@@ -151,7 +196,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
            "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
         (["--compile"] if args.compile else []) + \
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
-        (["--fair-malloc"] if args.fair_malloc else [])
+        (["--fair-malloc"] if args.fair_malloc else []) + \
+        (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -193,6 +239,10 @@ def main() -> None:
                    help="MLX on a CPU: streams run in parallel (default one per core; 1 = a single stream)")
     p.add_argument("--fair-malloc", action="store_true",
                    help="diffusers too runs with the torch backend's glibc thresholds (see mlx_stablefused/_malloc.py)")
+    p.add_argument("--frames", type=int, default=0,
+                   help="AnimateDiff text-to-video with this many frames (e.g. 16) instead of text-to-image")
+    p.add_argument("--motion-adapter", default=None,
+                   help="with --frames: a diffusers MotionAdapter folder (default: random v1-5-2 shape, built once)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -204,13 +254,21 @@ def main() -> None:
         if not (Path(args.model) / "model_index.json").is_file():
             print(f"building the random SD 1.5 model in {args.model} (once) ...", file=sys.stderr)
             build_random_sd15(Path(args.model))
+    if args.frames < 0:
+        p.error("--frames must be 0 (images) or a positive frame count")
+    if args.frames and args.motion_adapter is None:
+        args.motion_adapter = default_adapter_dir()
+        if not (Path(args.motion_adapter) / "config.json").is_file():
+            print(f"building the random motion adapter in {args.motion_adapter} (once) ...", file=sys.stderr)
+            build_random_motion_adapter(Path(args.motion_adapter))
     results: dict[str, list[dict]] = {impl: [] for impl in args.impl}
     for r in range(args.rounds):
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
             print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
     summary = summarise(results)
-    work = f"SD1.5 {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
+    what = f"AnimateDiff {args.frames} frames" if args.frames else "SD1.5"
+    work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
            f"device {args.device}"
     print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")
     print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")

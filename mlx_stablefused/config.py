@@ -8,7 +8,7 @@ the field, so an unsupported checkpoint is refused instead of loaded wrongly.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

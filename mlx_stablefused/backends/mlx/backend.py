@@ -10,6 +10,7 @@ import numpy as np
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
+from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
 from .cpu_streams import StreamSet, default_stream_count, split_axis
 from .loading import load_components, parse_dtype
 
@@ -25,6 +26,11 @@ class MLXBackend(Backend):
             raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
         if device is not None:
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        if mx.default_device() == mx.cpu:
+            from ..._malloc import keep_freed_memory
+
+            keep_freed_memory()  # MLX's CPU allocator has no buffer cache: no page-fault churn (see _malloc)
+        self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
         self.dtype = parse_dtype(dtype)
         modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
                                   vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
@@ -119,12 +125,18 @@ class MLXBackend(Backend):
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        return self.vae.decode(latent.astype(vae_dtype)).astype(mx.float32)
+        with bounded_run_ahead(self.cpu_run_ahead):
+            images = self.vae.decode(latent.astype(vae_dtype)).astype(mx.float32)
+            mx.eval(images)
+        return images
 
     def vae_encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         vae_dtype = self.vae.encoder.conv_in.weight.dtype
-        mean, logvar = self.vae.encode(images.astype(vae_dtype))
-        return mean.astype(mx.float32), logvar.astype(mx.float32)
+        with bounded_run_ahead(self.cpu_run_ahead):
+            mean, logvar = self.vae.encode(images.astype(vae_dtype))
+            mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
+            mx.eval(mean, logvar)
+        return mean, logvar
 
     def latent_from_numpy(self, latent: np.ndarray) -> mx.array:
         """(B, C, h, w) -> NHWC; videos (B, C, F, h, w) -> (B, F, h, w, C)."""

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import CLIPTextConfig
+from .cpu_math import sigmoid_scaled
 
 
 class CLIPOutput(NamedTuple):
@@ -16,7 +17,7 @@ class CLIPOutput(NamedTuple):
 
 
 def quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
+    return x * sigmoid_scaled(x, 1.702)
 
 
 class CLIPAttention(nn.Module):

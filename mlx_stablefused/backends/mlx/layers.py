@@ -12,13 +12,18 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_math
+from .cpu_math import attention, silu
+
 
 class GroupNorm(nn.Module):
     """GroupNorm over the last axis with torch's grouping of adjacent channels.
 
-    Two-pass statistics (mean, then mean of squared deviations) and the affine folded into one
-    multiply-add: on MLX's CPU build this is 1.5-4x faster than ``nn.GroupNorm`` and about 10x closer
-    to a float64 reference. Statistics are taken in float32 whatever the input dtype.
+    Two-pass statistics (mean, then mean of squared deviations), taken per channel and then summed
+    per group, in float32 whatever the input dtype. On the CPU the per-channel sums are BLAS
+    products with a ones vector: MLX's strided reductions over (pixels, channels-in-group) took 140 ms
+    on a 256x256x128 map, the products 30 ms for the whole norm, and BLAS's blocked sums land 20x
+    closer to a float64 reference (max abs 1.8e-6 vs 3.3e-5; torch's own: 6.2e-5).
     """
 
     def __init__(self, groups: int, channels: int, eps: float) -> None:
@@ -28,44 +33,57 @@ class GroupNorm(nn.Module):
         self._groups, self._eps = groups, eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        shape, dtype = x.shape, x.dtype
-        g = self._groups
-        c = shape[-1]
-        y = x.reshape(shape[0], -1, g, c // g)
-        if dtype != mx.float32:
-            y = y.astype(mx.float32)
-        d = y - mx.mean(y, axis=(1, 3), keepdims=True)
-        scale = mx.rsqrt(mx.mean(d * d, axis=(1, 3), keepdims=True) + self._eps) * self.weight.reshape(g, c // g)
-        out = d * scale + self.bias.reshape(g, c // g)
-        return (out if dtype == mx.float32 else out.astype(dtype)).reshape(shape)
+        y = self._as_rows(x)
+        count = y.shape[1] * (y.shape[2] // self._groups)
+        d = y - self._per_group(channel_sums(y)) / count
+        scale = self._scale(self._per_group(channel_sums(d * d)) / count)
+        return self._finish(d, scale, x)
 
     def over_bands(self, bands: list[mx.array], streams: list[mx.Stream], silu: bool = False) -> list[mx.array]:
         """The same normalisation of an image held as row bands, each band's work on its own stream.
 
-        Group statistics are summed over all bands (two passes, as above); only the order of the
+        Per-channel sums are added over all bands (two passes, as above); only the order of the
         float32 additions differs from the whole-image call. ``silu`` fuses the activation that
         follows every GroupNorm in a resnet.
         """
-        g, c, dtype = self._groups, bands[0].shape[-1], bands[0].dtype
-
-        def grouped(x: mx.array) -> mx.array:
-            y = x.reshape(x.shape[0], -1, g, c // g)
-            return y if dtype == mx.float32 else y.astype(mx.float32)
-
-        ys = on_bands(grouped, streams, bands)
-        count = sum(y.shape[1] for y in ys) * (c // g)
-        mean = sum(on_bands(lambda y: mx.sum(y, axis=(1, 3), keepdims=True), streams, ys)) / count
+        ys = on_bands(self._as_rows, streams, bands)
+        count = sum(y.shape[1] for y in ys) * (ys[0].shape[2] // self._groups)
+        mean = self._per_group(sum(on_bands(channel_sums, streams, ys))) / count
         ds = on_bands(lambda y: y - mean, streams, ys)
-        var = sum(on_bands(lambda d: mx.sum(d * d, axis=(1, 3), keepdims=True), streams, ds)) / count
-        scale = mx.rsqrt(var + self._eps) * self.weight.reshape(g, c // g)
-        bias = self.bias.reshape(g, c // g)
+        scale = self._scale(self._per_group(sum(on_bands(lambda d: channel_sums(d * d), streams, ds))) / count)
 
         def finish(d: mx.array, band: mx.array) -> mx.array:
-            out = d * scale + bias
-            out = (out if dtype == mx.float32 else out.astype(dtype)).reshape(band.shape)
-            return nn.silu(out) if silu else out
+            out = self._finish(d, scale, band)
+            return cpu_math.silu(out) if silu else out
 
         return on_bands(finish, streams, ds, bands)
+
+    @staticmethod
+    def _as_rows(x: mx.array) -> mx.array:
+        """(B, ..., C) -> (B, N, C) in float32."""
+        y = x.reshape(x.shape[0], -1, x.shape[-1])
+        return y if y.dtype == mx.float32 else y.astype(mx.float32)
+
+    def _per_group(self, sums: mx.array) -> mx.array:
+        """(B, 1, C) per-channel sums -> each channel's group total, (B, 1, C)."""
+        b, _, c = sums.shape
+        g = self._groups
+        totals = sums.reshape(b, 1, g, c // g).sum(axis=-1, keepdims=True)
+        return mx.broadcast_to(totals, (b, 1, g, c // g)).reshape(b, 1, c)
+
+    def _scale(self, var: mx.array) -> mx.array:
+        return mx.rsqrt(var + self._eps) * self.weight
+
+    def _finish(self, d: mx.array, scale: mx.array, like: mx.array) -> mx.array:
+        out = d * scale + self.bias
+        return (out if like.dtype == mx.float32 else out.astype(like.dtype)).reshape(like.shape)
+
+
+def channel_sums(y: mx.array) -> mx.array:
+    """Per-channel sums of (B, N, C) rows, (B, 1, C): a ones-vector product on the CPU (see GroupNorm)."""
+    if cpu_math.on_cpu():
+        return mx.ones((y.shape[0], 1, y.shape[1]), dtype=y.dtype) @ y
+    return y.sum(axis=1, keepdims=True)
 
 
 def on_bands(fn, streams: list[mx.Stream], *band_lists: list[mx.array]) -> list[mx.array]:
@@ -140,11 +158,11 @@ class Attention(nn.Module):
         scale = d**-0.5
         chunk = self._query_chunk
         if chunk and lq > chunk:
-            parts = [mx.fast.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, scale=scale)
+            parts = [attention(q[:, :, s:s + chunk], k, v, scale)
                      for s in range(0, lq, chunk)]
             o = mx.concatenate(parts, axis=2)
         else:
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            o = attention(q, k, v, scale)
         o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, h * d)
         return self.to_out[0](o)
 
@@ -184,10 +202,10 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Linear(in_channels, out_channels)  # a 1x1 convolution
 
     def __call__(self, x: mx.array, temb: mx.array | None = None) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv1(silu(self.norm1(x)))
         if temb is not None:
-            h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = self.conv2(nn.silu(self.norm2(h)))
+            h = h + self.time_emb_proj(silu(temb))[:, None, None, :]
+        h = self.conv2(silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import MotionConfig, UNetConfig
+from .cpu_math import silu
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
 from .motion import AnimateDiffTransformer3D
@@ -172,7 +173,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class UNet2DConditionModel(nn.Module):
@@ -227,4 +228,4 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size: exactly 2x normally, the odd size when the input was odd.
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
             x = block(x, own, temb, encoder_hidden_states, size, num_frames)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))

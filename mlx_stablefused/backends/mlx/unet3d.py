@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import UNet3DConfig
+from .cpu_math import silu
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, timestep_embedding
 from .motion import TemporalTransformer
 from .unet import TimestepEmbedding, Transformer2DModel
@@ -36,7 +37,7 @@ class TemporalConvLayer(nn.Module):
         y = x.reshape(b, f, h * w, c)
         for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
             norm, conv = stage[0], stage[-1]
-            y = nn.silu(norm(y.reshape(b, f * h * w, c)))  # statistics across frames, as on (B, C, F, H, W)
+            y = silu(norm(y.reshape(b, f * h * w, c)))  # statistics across frames, as on (B, C, F, H, W)
             # a convolution over frames for every pixel: (B*HW, F, C)
             y = y.reshape(b, f, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, f, c)
             y = conv(y).reshape(b, h * w, f, c).transpose(0, 2, 1, 3)
@@ -169,4 +170,4 @@ class UNet3DConditionModel(nn.Module):
             own, skips = skips[-n:], skips[:-n]
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
             x = block(x, own, temb, ctx, f, size)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))

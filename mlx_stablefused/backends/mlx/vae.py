@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import VAEConfig
+from .cpu_math import attention, silu
 from .cpu_streams import StreamSet, split_axis
 from .layers import Downsample2D, ResnetBlock2D, StripConv2d, Upsample2D, group_norm
 
@@ -34,10 +35,10 @@ class SpatialSelfAttention(nn.Module):
         scale = c**-0.5
         chunk = self._query_chunk
         if chunk and h * w > chunk:
-            o = mx.concatenate([mx.fast.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v, scale=scale)
+            o = mx.concatenate([attention(q[:, :, s:s + chunk], k, v, scale)
                                 for s in range(0, h * w, chunk)], axis=2)
         else:
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            o = attention(q, k, v, scale)
         return x + self.to_out[0](o).reshape(b, h, w, c)
 
 
@@ -121,7 +122,7 @@ class Encoder(nn.Module):
             with self.stream_set.sharing_cores(len(streams)):
                 x = self._down_over_bands(x)
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(silu(self.conv_norm_out(x)))
 
     def _down_over_bands(self, x: mx.array) -> mx.array:
         """Resnets on row bands, one stream each; the stride-2 downsampling on the joined image."""
@@ -163,7 +164,7 @@ class Decoder(nn.Module):
             for block in self.up_blocks:
                 x = block(x)
                 mx.eval(x)  # one block's activations alive at a time: the decoder's peak is its last block
-            return self.conv_out(nn.silu(self.conv_norm_out(x)))
+            return self.conv_out(silu(self.conv_norm_out(x)))
         # CPU: row bands, each on its own stream (one core each); the mid block stays whole (attention).
         with self.stream_set.sharing_cores(len(streams)):
             bands = split_axis(x, len(streams), axis=1)

@@ -1,0 +1,48 @@
+"""Softmax attention and sigmoid-based activations in forms that MLX's CPU build runs fast.
+
+On MLX's CPU build ``mx.exp`` (and with it ``mx.sigmoid``, ``nn.silu`` and the softmax inside
+``mx.fast.scaled_dot_product_attention``) runs at about 40-60 M elements/s per core, while
+``mx.power(2.0, x)`` runs at 160 M/s to the same float32 accuracy (relative error 8.6e-7 against a
+float64 reference for both, measured on 8M normal samples). The attention softmax alone was a third
+of a UNet step on the CPU (1.7 of 5.3 s per sample at 256x256). So on the CPU: attention scores are
+taken in base 2 (the log2(e) factor folded into the query scale) and normalised after the product
+with the values, and SiLU is ``x / (1 + 2^(-x log2 e))``. On Metal and CUDA the fused kernels run.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LOG2E = 1.4426950408889634
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for (B, H, L, D) arrays, without a mask."""
+    if not on_cpu():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    dtype = q.dtype
+    if dtype != mx.float32:  # softmax statistics in float32, as the fused kernel keeps them
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
+    scores = (q * (scale * LOG2E)) @ k.swapaxes(-1, -2)
+    weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
+    out = (weights @ v) / weights.sum(axis=-1, keepdims=True)
+    return out if dtype == mx.float32 else out.astype(dtype)
+
+
+def sigmoid_scaled(x: mx.array, slope: float = 1.0) -> mx.array:
+    """sigmoid(slope * x); base-2 form on the CPU."""
+    if not on_cpu():
+        return mx.sigmoid(x * slope if slope != 1.0 else x)
+    return 1.0 / (1.0 + mx.power(2.0, x * (-slope * LOG2E)))
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x); ``x / (1 + 2^(-x log2 e))`` on the CPU (exact limits: -0 for x -> -inf, x for +inf)."""
+    if not on_cpu():
+        return nn.silu(x)
+    return x / (1.0 + mx.power(2.0, x * -LOG2E))

@@ -1,0 +1,38 @@
+"""Bound the memory MLX's CPU build runs ahead with, so a large VAE pass does not peak at 3x its need.
+
+On the CPU, MLX encodes a graph's kernels ahead of the thread that runs them and allocates each
+output (and each convolution's patch matrix) at encoding time. A VAE block is one graph of dozens
+of kernels on maps of 32-64 MB, so every buffer of the block is allocated before the first one is
+freed: decoding a 256x256 image peaked at 1.05 GB over the weights, measured, for maps that need a
+third of it. MLX throttles its encoder while the active memory is over ``mx.set_memory_limit``; a
+limit of the memory in use now plus a headroom, held only for the pass, bounds the run-ahead.
+
+A headroom too small serialises the CPU streams (128 MB: decode 34% slower); 512 MB kept the
+speed and cut the decode's peak from 1046 to 583 MB over the weights (256x256, SD 1.5 VAE).
+Not used on Metal, where MLX's own limit and command buffers govern the run-ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import mlx.core as mx
+
+DEFAULT_HEADROOM = 512 * 2**20
+
+
+@contextlib.contextmanager
+def bounded_run_ahead(headroom: int | None) -> Iterator[None]:
+    """While inside, MLX on the CPU allocates at most ``headroom`` bytes over what is in use on entry.
+
+    ``None`` (or a GPU default device) leaves MLX's limit alone. The previous limit is restored on exit.
+    """
+    if headroom is None or mx.default_device() != mx.cpu:
+        yield
+        return
+    previous = mx.set_memory_limit(mx.get_active_memory() + int(headroom))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)

@@ -1,0 +1,129 @@
+"""The CPU formulations (base-2 softmax and SiLU, BLAS GroupNorm sums, bounded run-ahead) against the
+fused / reduction forms Metal runs, and against float64 references. CI runs on a CPU, so every
+diffusers parity test exercises the CPU forms; these tests keep the Metal forms checked as well."""
+
+import numpy as np
+import pytest
+from conftest import report
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_stablefused import TextToImageDiffusion
+from mlx_stablefused.backends.mlx import cpu_math
+from mlx_stablefused.backends.mlx.cpu_memory import bounded_run_ahead
+from mlx_stablefused.backends.mlx.cpu_streams import StreamSet, split_axis
+from mlx_stablefused.backends.mlx.layers import GroupNorm, StripConv2d
+
+
+@pytest.fixture
+def metal_forms(monkeypatch):
+    """Run the code paths that a GPU default device takes, on this CPU."""
+    monkeypatch.setattr(cpu_math, "on_cpu", lambda: False)
+
+
+def softmax_attention_64(q, k, v, scale):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) * scale
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return (w / w.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("lq,lk,d", [(64, 64, 40), (100, 77, 64), (3, 300, 8)])
+def test_cpu_attention_matches_the_fused_kernel_and_float64(lq, lk, d):
+    rng = np.random.default_rng(lq)
+    q, k, v = (mx.array(rng.standard_normal((2, 3, n, d)).astype(np.float32) * 2) for n in (lq, lk, lk))
+    ref = softmax_attention_64(q, k, v, d**-0.5)
+    ours = np.asarray(cpu_math.attention(q, k, v, d**-0.5))
+    fused = np.asarray(mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5))
+    err = report(f"CPU base-2 attention vs float64 (max abs) L={lq}x{lk}", np.abs(ours - ref).max())
+    assert err < 1.5e-5 and err <= 2 * np.abs(fused - ref).max() + 1e-6  # as close as the fused kernel
+    half = cpu_math.attention(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), d**-0.5)
+    assert half.dtype == mx.float16 and np.abs(np.asarray(half.astype(mx.float32)) - ref).max() < 2e-2
+
+
+def test_cpu_activations_match_mlx_and_float64():
+    x = mx.array(np.concatenate([np.linspace(-120, 120, 20001), [-1e30, 1e30, 0.0]]).astype(np.float32))
+    x64 = np.asarray(x, np.float64)
+    with np.errstate(over="ignore"):
+        silu64 = x64 / (1 + np.exp(-x64))
+        sig64 = 1 / (1 + np.exp(-1.702 * x64))
+    silu, mlx_silu = np.asarray(cpu_math.silu(x)), np.asarray(nn.silu(x))
+    assert np.isfinite(silu).all() and silu[-3] == 0 and silu[-2] == 1e30 and silu[-1] == 0
+    normal = np.abs(silu64) > 1e-30  # below, float32 underflows for both forms alike
+    rel = np.abs(silu - silu64)[normal] / np.abs(silu64)[normal]
+    mlx_rel = np.abs(mlx_silu - silu64)[normal] / np.abs(silu64)[normal]
+    assert report("CPU SiLU vs float64 (max rel, normal range)", rel.max()) <= max(2e-6, 1.5 * mlx_rel.max())
+    sig = np.asarray(cpu_math.sigmoid_scaled(x, 1.702))
+    normal = sig64 > 1e-30
+    assert np.isfinite(sig).all() and np.max(np.abs(sig - sig64)[normal] / sig64[normal]) < 4e-6
+
+
+def test_metal_forms_are_the_fused_ones(metal_forms):
+    x = mx.array(np.linspace(-5, 5, 101).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(cpu_math.silu(x)), np.asarray(nn.silu(x)))
+    np.testing.assert_array_equal(np.asarray(cpu_math.sigmoid_scaled(x, 1.702)), np.asarray(mx.sigmoid(1.702 * x)))
+
+
+def group_norm_64(x, groups, weight, bias, eps):
+    b, c = x.shape[0], x.shape[-1]
+    y = np.asarray(x, np.float64).reshape(b, -1, groups, c // groups)
+    mean = y.mean(axis=(1, 3), keepdims=True)
+    var = ((y - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    out = (y - mean) / np.sqrt(var + eps) * np.asarray(weight).reshape(groups, -1) + np.asarray(bias).reshape(groups, -1)
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("form", ["cpu", "metal"])
+@pytest.mark.parametrize("shape,groups", [((2, 24, 20, 64), 32), ((1, 5, 3, 7, 48), 4), ((3, 77, 32), 8)])
+def test_group_norm_matches_float64(request, form, shape, groups):
+    if form == "metal":
+        request.getfixturevalue("metal_forms")
+    rng = np.random.default_rng(1)
+    x = mx.array((rng.standard_normal(shape) * 3 + 5).astype(np.float32))  # an offset mean tests the two passes
+    norm = GroupNorm(groups, shape[-1], 1e-6)
+    norm.weight = mx.array(rng.standard_normal(shape[-1]).astype(np.float32))
+    norm.bias = mx.array(rng.standard_normal(shape[-1]).astype(np.float32))
+    ref = group_norm_64(x, groups, norm.weight, norm.bias, 1e-6)
+    assert report(f"GroupNorm {shape} vs float64 [{form}]", np.abs(np.asarray(norm(x)) - ref).max()) < 1e-5
+    if len(shape) == 4:
+        bands = norm.over_bands(split_axis(x, 2, axis=1), StreamSet(2).streams)
+        assert np.abs(np.asarray(mx.concatenate(bands, axis=1)) - ref).max() < 1e-5
+    half = norm(x.astype(mx.float16))
+    assert half.dtype == mx.float16 and np.abs(np.asarray(half.astype(mx.float32)) - ref).max() < 2e-2
+
+
+def test_metal_forms_give_the_same_images(sd1, metal_forms, monkeypatch):
+    """The whole pipeline with the GPU formulations (fused attention, reductions) vs the CPU ones."""
+    _, root = sd1
+    args = dict(prompt="a cat", negative_prompt="blurry", num_inference_steps=2, seed=3, image_height=64,
+                image_width=64, output_type="np")
+    pipe = TextToImageDiffusion(root, progress=False, scheduler="ddim")
+    metal = pipe(**args)
+    monkeypatch.setattr(cpu_math, "on_cpu", lambda: True)
+    cpu = pipe(**args)
+    assert report("pipeline, Metal forms vs CPU forms (max abs)", np.abs(metal - cpu).max()) < 1e-4
+
+
+def test_bounded_run_ahead_restores_the_limit_and_lowers_the_peak():
+    conv = StripConv2d(64, 64, 3, padding=1)
+    conv.max_patch_bytes = 2 * 2**20  # 8 strips of a 9 MB patch matrix
+    x = mx.random.normal((1, 128, 128, 64))
+    mx.eval(x, conv.parameters())
+
+    def peak_over_start(headroom):
+        start = mx.get_active_memory()
+        mx.reset_peak_memory()
+        with bounded_run_ahead(headroom):
+            y = conv(x)
+            mx.eval(y)
+        return (mx.get_peak_memory() - start) / 2**20, np.asarray(y)
+
+    before = mx.set_memory_limit(0)
+    mx.set_memory_limit(before)
+    free_peak, free = peak_over_start(None)
+    bounded_peak, bounded = peak_over_start(4 * 2**20)
+    assert mx.set_memory_limit(before) == before  # the limit came back after the pass
+    np.testing.assert_array_equal(bounded, free)
+    report("strip conv peak MB without / with a 4 MB run-ahead", free_peak)
+    report("  with the bound", bounded_peak)
+    assert bounded_peak < free_peak
