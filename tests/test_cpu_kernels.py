@@ -58,9 +58,24 @@ def test_cpu_activations_match_mlx_and_float64():
     assert np.isfinite(sig).all() and np.max(np.abs(sig - sig64)[normal] / sig64[normal]) < 4e-6
 
 
+def test_cpu_gelu_matches_float64_as_closely_as_mlx():
+    from scipy.special import erf
+
+    x = mx.array(np.concatenate([np.linspace(-15, 15, 300001), [-1e30, 1e30, 0.0, 1e-30, -1e-30]]).astype(np.float32))
+    x64 = np.asarray(x, np.float64)
+    ref = 0.5 * x64 * (1 + erf(x64 / np.sqrt(2)))
+    ours, theirs = np.asarray(cpu_math.gelu(x), np.float64), np.asarray(nn.gelu(x), np.float64)
+    err = report("CPU GELU (A&S erfc) vs float64 (max abs)", np.abs(ours - ref)[:-5].max())
+    assert err <= 1.2 * np.abs(theirs - ref)[:-5].max() + 1e-7
+    small = np.abs(x64) < 1  # near zero GELU ~ x/2: relative accuracy matters
+    assert np.max(np.abs(ours - ref)[small] / np.maximum(np.abs(ref[small]), 1e-30)) < 1e-5
+    np.testing.assert_array_equal(ours[-5:], theirs[-5:])  # -0, 1e30, 0, +-5e-31: limits and tiny inputs
+
+
 def test_metal_forms_are_the_fused_ones(metal_forms):
     x = mx.array(np.linspace(-5, 5, 101).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(cpu_math.silu(x)), np.asarray(nn.silu(x)))
+    np.testing.assert_array_equal(np.asarray(cpu_math.gelu(x)), np.asarray(nn.gelu(x)))
     np.testing.assert_array_equal(np.asarray(cpu_math.sigmoid_scaled(x, 1.702)), np.asarray(mx.sigmoid(1.702 * x)))
 
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import CLIPTextConfig
-from .cpu_math import sigmoid_scaled
+from .cpu_math import gelu, sigmoid_scaled
 
 
 class CLIPOutput(NamedTuple):
@@ -42,7 +42,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self._act = quick_gelu if act == "quick_gelu" else nn.gelu
+        self._act = quick_gelu if act == "quick_gelu" else gelu
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.fc2(self._act(self.fc1(x)))

@@ -6,7 +6,10 @@ On MLX's CPU build ``mx.exp`` (and with it ``mx.sigmoid``, ``nn.silu`` and the s
 float64 reference for both, measured on 8M normal samples). The attention softmax alone was a third
 of a UNet step on the CPU (1.7 of 5.3 s per sample at 256x256). So on the CPU: attention scores are
 taken in base 2 (the log2(e) factor folded into the query scale) and normalised after the product
-with the values, and SiLU is ``x / (1 + 2^(-x log2 e))``. On Metal and CUDA the fused kernels run.
+with the values, and SiLU is ``x / (1 + 2^(-x log2 e))``. ``mx.erf`` is slower still (20-30 M/s):
+GELU uses erfc from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32's rounding
+of the result: max abs error 4.7e-7 against float64 on 1.3M samples in [-15, 15], as nn.gelu's 4.65e-7)
+at 1.8x the speed. On Metal and CUDA the fused kernels and MLX's own functions run.
 """
 
 from __future__ import annotations
@@ -46,3 +49,19 @@ def silu(x: mx.array) -> mx.array:
     if not on_cpu():
         return nn.silu(x)
     return x / (1.0 + mx.power(2.0, x * -LOG2E))
+
+
+# Abramowitz & Stegun 7.1.26: erfc(z) ~ t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z)
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, x * Phi(x); on the CPU through a rational erfc, without cancellation for x < 0."""
+    if not on_cpu():
+        return nn.gelu(x)
+    z = mx.abs(x) * 0.7071067811865476
+    t = 1.0 / (1.0 + _AS_P * z)
+    a1, a2, a3, a4, a5 = _AS_A
+    tail = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5)))) * mx.power(2.0, (z * z) * -LOG2E)  # erfc(|x|/sqrt2)
+    return 0.5 * x * mx.where(x < 0, tail, 2.0 - tail)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_math
-from .cpu_math import attention, silu
+from .cpu_math import attention, gelu, silu
 
 
 class GroupNorm(nn.Module):
@@ -174,7 +174,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         value, gate = mx.split(self.proj(x), 2, axis=-1)  # value first, gate second
-        return value * nn.gelu(gate)  # exact (erf) GELU, as diffusers
+        return value * gelu(gate)  # exact (erf) GELU, as diffusers
 
 
 class FeedForward(nn.Module):
