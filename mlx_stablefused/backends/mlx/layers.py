@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_math
-from .cpu_math import attention, gelu, silu
+from .cpu_math import attention, channel_sums, gelu, silu
 
 
 class GroupNorm(nn.Module):
@@ -77,13 +77,6 @@ class GroupNorm(nn.Module):
     def _finish(self, d: mx.array, scale: mx.array, like: mx.array) -> mx.array:
         out = d * scale + self.bias
         return (out if like.dtype == mx.float32 else out.astype(like.dtype)).reshape(like.shape)
-
-
-def channel_sums(y: mx.array) -> mx.array:
-    """Per-channel sums of (B, N, C) rows, (B, 1, C): a ones-vector product on the CPU (see GroupNorm)."""
-    if cpu_math.on_cpu():
-        return mx.ones((y.shape[0], 1, y.shape[1]), dtype=y.dtype) @ y
-    return y.sum(axis=1, keepdims=True)
 
 
 def on_bands(fn, streams: list[mx.Stream], *band_lists: list[mx.array]) -> list[mx.array]:
@@ -156,13 +149,7 @@ class Attention(nn.Module):
         if self._upcast and dtype != mx.float32:
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
         scale = d**-0.5
-        chunk = self._query_chunk
-        if chunk and lq > chunk:
-            parts = [attention(q[:, :, s:s + chunk], k, v, scale)
-                     for s in range(0, lq, chunk)]
-            o = mx.concatenate(parts, axis=2)
-        else:
-            o = attention(q, k, v, scale)
+        o = attention(q, k, v, scale, self._query_chunk)
         o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, h * d)
         return self.to_out[0](o)
 

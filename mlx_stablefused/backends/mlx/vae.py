@@ -33,12 +33,7 @@ class SpatialSelfAttention(nn.Module):
         y = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
         scale = c**-0.5
-        chunk = self._query_chunk
-        if chunk and h * w > chunk:
-            o = mx.concatenate([attention(q[:, :, s:s + chunk], k, v, scale)
-                                for s in range(0, h * w, chunk)], axis=2)
-        else:
-            o = attention(q, k, v, scale)
+        o = attention(q, k, v, scale, self._query_chunk)
         return x + self.to_out[0](o).reshape(b, h, w, c)
 
 
