@@ -8,16 +8,38 @@ methods. Latents cross the public API in diffusers' layout, (B, C, h, w), as num
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..conditioning import Conditioning
+
 Array = Any  # a backend-native array
+
+# Optional capabilities a backend may declare (``Backend.capabilities``); pipelines ask, never probe.
+COMPILE = "compile"  # fused UNet graphs
+QUANTIZE = "quantize"  # low-bit Linear layers
+CPU_STREAMS = "cpu_streams"  # independent work on several CPU cores at once
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a pipeline wants the shared networks to run. Each pipeline owns one; the backend applies it
+    for the duration of that pipeline's call and restores the previous one after, so pipelines sharing
+    components never change each other's settings."""
+
+    attention_chunk: int | None = None  # query tokens per attention slice (None: all at once)
+    motion_norm_per_frame: bool = False  # AnimateDiff motion GroupNorm per frame (original repo) or across
+    compile: bool = False  # run the UNet as a compiled graph (needs COMPILE)
+    cpu_streams: int | None = None  # CPU streams (None: the backend's default; needs CPU_STREAMS)
 
 
 class Backend(ABC):
     name: str = ""
     native_output_type: str = ""  # output_type that returns the framework's own arrays ("mlx", "pt")
+    capabilities: frozenset[str] = frozenset()  # of COMPILE, QUANTIZE, CPU_STREAMS
 
     # Configs of the loaded networks (see mlx_stablefused.config).
     text_config: Any
@@ -32,11 +54,27 @@ class Backend(ABC):
     is_video_unet: bool = False  # a motion UNet or a UNet3D: takes (B, C, F, h, w) latents
 
     @abstractmethod
-    def unet(self, latent: Array, timestep: float, context: Array) -> Array:
+    def unet(self, latent: Array, timestep: float, conditioning: Conditioning | Array) -> Array:
         """Noise (or v) prediction for native ``latent`` (float32) at training time ``timestep``; float32 out.
 
-        A video latent (5-D) runs every frame through the UNet with one context per video.
+        ``conditioning``: a ``Conditioning`` of the same batch (a bare text embedding is accepted too).
+        Its ``image_channels`` are concatenated to the input's channels. A video latent (5-D) runs every
+        frame through the UNet with one text embedding per video.
         """
+
+    @staticmethod
+    def unet_keywords(cond: Conditioning, cast: Any) -> dict[str, Any]:
+        """The UNet module's optional inputs under diffusers' keyword names, each through ``cast``
+        (to the model dtype)."""
+        extra: dict[str, Any] = {}
+        if cond.down_block_residuals is not None:
+            extra["down_block_additional_residuals"] = [cast(r) for r in cond.down_block_residuals]
+        if cond.mid_block_residual is not None:
+            extra["mid_block_additional_residual"] = cast(cond.mid_block_residual)
+        if cond.pooled_text is not None or cond.time_ids is not None:
+            raise NotImplementedError("pooled text embeddings and time ids need an SDXL UNet, which this "
+                                      "version does not implement yet")
+        return extra
 
     @abstractmethod
     def vae_decode(self, latent: Array) -> Array:
@@ -81,6 +119,55 @@ class Backend(ABC):
     @abstractmethod
     def per_sample_std(self, x: Array) -> Array:
         """Standard deviation over all but the batch axis, broadcastable against ``x``."""
+
+    @abstractmethod
+    def latent_shape(self, latent: Array) -> tuple[int, ...]:
+        """The shape of a native latent in diffusers' layout, (B, C, h, w) or (B, C, F, h, w); no copy."""
+
+    frame_axis: int = 2  # where a native video latent keeps its frames
+
+    def take_frames(self, latent: Array, start: int, stop: int) -> Array:
+        """Frames ``start:stop`` of a native video latent (a view where the framework allows)."""
+        index = (slice(None),) * self.frame_axis + (slice(start, stop),)
+        return latent[index]
+
+    @abstractmethod
+    def pad_frames(self, latent: Array, before: int, after: int) -> Array:
+        """A native video latent with ``before``/``after`` zero frames added."""
+
+    def frame_weights(self, weights: np.ndarray, ndim: int) -> Array:
+        """Per-frame weights (F,) as a native array that broadcasts against a ``ndim``-D video latent."""
+        shape = [1] * ndim
+        shape[self.frame_axis] = len(weights)
+        return self.from_numpy(np.asarray(weights, np.float32).reshape(shape))
+
+    # ---------------------------------------------------------------------------- run settings
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    @property
+    def settings(self) -> RunSettings:
+        """The settings in force now."""
+        return getattr(self, "_settings", RunSettings())
+
+    def apply_settings(self, settings: RunSettings) -> None:
+        """Make ``settings`` the ones in force (only what changed is touched)."""
+        old = self.settings
+        if settings.attention_chunk != old.attention_chunk:
+            self.set_attention_chunk(settings.attention_chunk)
+        if settings.motion_norm_per_frame != old.motion_norm_per_frame and self.motion_config is not None:
+            self.set_motion_norm_per_frame(settings.motion_norm_per_frame)
+        self._settings = settings
+
+    @contextmanager
+    def using(self, settings: RunSettings) -> Iterator[None]:
+        """``settings`` for the duration of a block; the previous ones after it, also on error."""
+        previous = self.settings
+        self.apply_settings(settings)
+        try:
+            yield
+        finally:
+            self.apply_settings(previous)
 
     def evaluate(self, *arrays: Array) -> None:
         """Force computation (lazy frameworks), so progress bars and timings mean something."""

@@ -7,7 +7,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..utils.interpolation import interpolation_weights, lerp, slerp
-from .base import BaseDiffusion, PromptType, as_prompt_list
+from . import inputs
+from .base import BaseDiffusion, PromptType, with_run_settings
+from .denoise import Guidance, StepCallback
 
 INTERPOLATIONS = {"lerp": lerp, "slerp": slerp}
 
@@ -19,32 +21,37 @@ def _interpolator(kind: str, what: str):
 
 
 class LatentWalkDiffusion(BaseDiffusion):
+    @with_run_settings
     def __call__(self, prompt: PromptType, latent: np.ndarray, strength: float = 0.2, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, output_type: str = "pil",
                  return_latent_history: bool = False, seed: int | None = None,
-                 noise: np.ndarray | None = None) -> Any:
+                 noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None) -> Any:
         """Images similar to the one ``latent`` (initial noise, (B, 4, h, w)) makes: the noise is moved
         ``strength`` of the way toward fresh noise, re-standardised, then fully denoised.
 
         A single prompt is used for every latent; otherwise one prompt per latent.
         """
+        self._begin()
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        strength = inputs.fraction(strength, "strength")
+        Guidance(guidance_scale, guidance_rescale)  # checked before any work
         base = np.asarray(latent, dtype=np.float32)
         if base.ndim != 4:
             raise ValueError(f"latent must be (B, C, h, w), got shape {base.shape}")
-        prompts, negatives = self.prompt_pairs(prompt, negative_prompt)
+        if not np.isfinite(base).all():
+            raise ValueError("latent contains NaN or infinite values")
+        prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
         if len(prompts) == 1 and base.shape[0] > 1:
             prompts, negatives = prompts * base.shape[0], negatives * base.shape[0]
         if len(prompts) != base.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {base.shape[0]} latents; pass one prompt or one per latent")
-        rng = self.make_rng(seed)
-        walked = self.modify_latent(base, strength, self.given_or_random(noise, base.shape, rng, "noise"))
+        rng = inputs.make_rng(seed)
+        walked = self.modify_latent(base, strength, inputs.given_or_random(noise, base.shape, rng, "noise"))
         latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
-                                         guidance_scale, guidance_rescale, rng, return_latent_history)
+                                         guidance_scale, guidance_rescale, rng, return_latent_history,
+                                         callback_on_step_end)
         return self.resolve_output(latents, output_type, return_latent_history)
 
     generate = __call__
@@ -55,13 +62,15 @@ class LatentWalkDiffusion(BaseDiffusion):
         moved = (1.0 - strength) * latent + strength * noise
         return ((moved - moved.mean()) / moved.std()).astype(np.float32)
 
+    @with_run_settings
     def interpolate(self, prompt: Sequence[str], latent: np.ndarray | None = None, image_height: int | None = None,
                     image_width: int | None = None, num_inference_steps: int = 50,
                     interpolation_steps: int | Sequence[int] = 8, guidance_scale: float = 7.5,
                     guidance_rescale: float = 0.0, negative_prompt: PromptType | None = None,
                     output_type: str = "pil", return_latent_history: bool = False,
                     embedding_interpolation_type: str = "lerp", latent_interpolation_type: str = "slerp",
-                    seed: int | None = None, batch_size: int = 4, duplicate_endpoints: bool = False) -> Any:
+                    seed: int | None = None, batch_size: int = 4, duplicate_endpoints: bool = False,
+                    callback_on_step_end: StepCallback | list | None = None) -> Any:
         """A video from ``prompt[0]`` to ``prompt[-1]``: text embeddings and initial latents interpolated
         between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
 
@@ -70,18 +79,19 @@ class LatentWalkDiffusion(BaseDiffusion):
         as stablefused did. ``latent``: one initial noise per prompt, (P, 4, h, w); else drawn from
         ``seed`` at ``image_height`` x ``image_width`` (default 512).
         """
+        self._begin()
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
-        prompts = as_prompt_list(prompt)
+        Guidance(guidance_scale, guidance_rescale)  # checked before any work
+        prompts = inputs.as_prompt_list(prompt)
         if len(prompts) < 2:
             raise ValueError("interpolate needs at least two prompts")
-        prompts, negatives = self.prompt_pairs(prompts, negative_prompt)
+        prompts, negatives = inputs.prompt_pairs(prompts, negative_prompt)
         steps = self._steps_per_pair(interpolation_steps, len(prompts) - 1)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = inputs.positive_int(batch_size, "batch_size")
         embed_fn = _interpolator(embedding_interpolation_type, "embedding")
         latent_fn = _interpolator(latent_interpolation_type, "latent")
-        rng = self.make_rng(seed)
+        rng = inputs.make_rng(seed)
         latents = self._initial_latents(latent, len(prompts), image_height, image_width, rng)
         embedding = self.backend.to_numpy(self.prompt_to_embedding(prompts, negatives))
         uncond, cond = embedding[: len(prompts)], embedding[len(prompts):]
@@ -99,7 +109,8 @@ class LatentWalkDiffusion(BaseDiffusion):
         cond_all, uncond_all = np.concatenate(frame_cond), np.concatenate(frame_uncond)
         lat_all = np.concatenate(frame_latents).astype(np.float32)
         return self._render_frames(uncond_all, cond_all, lat_all, num_inference_steps, guidance_scale,
-                                   guidance_rescale, output_type, return_latent_history, batch_size, rng)
+                                   guidance_rescale, output_type, return_latent_history, batch_size, rng,
+                                   callback_on_step_end)
 
     @staticmethod
     def _steps_per_pair(interpolation_steps: int | Sequence[int], pairs: int) -> list[int]:
@@ -126,20 +137,23 @@ class LatentWalkDiffusion(BaseDiffusion):
         height, width = height or 512, width or 512
         self.validate_size(height, width)
         f = self.vae_scale_factor
-        return self.random_latent((count, self.latent_channels, height // f, width // f), rng)
+        return inputs.random_latent((count, self.latent_channels, height // f, width // f), rng)
 
     def _render_frames(self, uncond: np.ndarray, cond: np.ndarray, latents: np.ndarray, num_inference_steps: int,
                        guidance_scale: float, guidance_rescale: float, output_type: str,
-                       return_latent_history: bool, batch_size: int, rng: np.random.Generator) -> Any:
+                       return_latent_history: bool, batch_size: int, rng: np.random.Generator,
+                       callback_on_step_end: StepCallback | list | None = None) -> Any:
         outputs = []
         for s in range(0, len(latents), batch_size):
+            if self._interrupted:
+                break
             e = slice(s, s + batch_size)
             embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
             result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
-                                            guidance_rescale, rng, return_latent_history)
-            outputs.append(self.resolve_output(result, output_type if output_type != self.backend.native_output_type else "np",
-                                               return_latent_history))
+                                            guidance_rescale, rng, return_latent_history, callback_on_step_end)
+            native = output_type == self.backend.native_output_type
+            outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
         merged = np.concatenate(outputs, axis=0)
-        return self.backend.images_from_numpy(merged) if output_type == self.backend.native_output_type else merged
+        return self.vae_io.format(merged, output_type) if output_type == self.backend.native_output_type else merged

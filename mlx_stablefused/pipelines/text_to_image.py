@@ -1,4 +1,5 @@
-"""Text-to-image, with stablefused 0.2.0's keyword API plus ``seed`` and ``num_images_per_prompt``."""
+"""Text-to-image, with stablefused 0.2.0's keyword API plus ``seed``, ``num_images_per_prompt`` and
+diffusers' ``callback_on_step_end``."""
 
 from __future__ import annotations
 
@@ -7,32 +8,59 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedModelError
-from .base import Array, BaseDiffusion, PromptType
+from . import inputs
+from .base import Array, BaseDiffusion, PromptType, with_run_settings
+from .denoise import Guidance, StepCallback
 
 
 class TextToImageDiffusion(BaseDiffusion):
+    @with_run_settings
     def __call__(self, prompt: PromptType, image_height: int | None = None, image_width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
-                 num_images_per_prompt: int = 1) -> Any:
+                 num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
         """Generate images for ``prompt``.
 
         ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
         sampler's initial sigma); else drawn from numpy with ``seed``. The size defaults to
-        512x512, or to the latent's size times 8.
+        512x512, or to the latent's size times 8. ``callback_on_step_end(pipe, step, timestep,
+        tensors)`` runs after every step (see ``StepCallbacks``).
         """
+        # 1. Check inputs before any work.
+        self._begin()
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
-        prompts, negatives = self.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
+        self._check_plain_image_model()
+        guidance = Guidance(guidance_scale, guidance_rescale)
+        prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         height, width = self._resolve_size(image_height, image_width, latent)
-        embedding = self.prompt_to_embedding(prompts, negatives)
-        latents = self.embedding_to_latent(embedding, height, width, num_inference_steps, guidance_scale,
-                                           guidance_rescale, latent=latent,
-                                           return_latent_history=return_latent_history, seed=seed)
-        return self.resolve_output(latents, output_type, return_latent_history)
+        f = self.vae_scale_factor
+        shape = (len(prompts), self.latent_channels, height // f, width // f)
+        rng = inputs.make_rng(seed)
+        noise = inputs.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
+                                                           "channels, height/8, width/8)")
+        # 2. Encode the prompt.
+        positive, negative = self.encode_prompt(prompts, negatives)
+        # 3. Prepare timesteps and latents.
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
+        # 4. Denoise.
+        history = self.run_denoise(latents, positive, negative, guidance, rng,
+                                   callback_on_step_end=callback_on_step_end,
+                                   return_latent_history=return_latent_history)
+        # 5. Decode.
+        return self.resolve_output(history, output_type, return_latent_history)
 
     generate = __call__
+
+    def _check_plain_image_model(self) -> None:
+        if self.backend.is_video_unet and self.backend.motion_config is None:
+            raise UnsupportedModelError("this is a text-to-video model (UNet3D); use TextToVideoDiffusion")
+        if self.backend.unet_config.in_channels != self.latent_channels:
+            raise UnsupportedModelError(
+                f"this UNet takes {self.backend.unet_config.in_channels} input channels (an inpainting model); "
+                "text-to-image needs a plain model")
 
     def _resolve_size(self, height: int | None, width: int | None, latent: Any) -> tuple[int, int]:
         if latent is None:
@@ -55,18 +83,14 @@ class TextToImageDiffusion(BaseDiffusion):
     def embedding_to_latent(self, embedding: Array, image_height: int, image_width: int, num_inference_steps: int,
                             guidance_scale: float, guidance_rescale: float, latent: np.ndarray | None = None,
                             return_latent_history: bool = False, seed: int | None = None) -> list[Array]:
-        """Denoise from initial noise; returns the latents after each step (the first is the start)."""
-        if self.backend.is_video_unet and self.backend.motion_config is None:
-            raise UnsupportedModelError("this is a text-to-video model (UNet3D); use TextToVideoDiffusion")
-        if self.backend.unet_config.in_channels != self.latent_channels:
-            raise UnsupportedModelError(
-                f"this UNet takes {self.backend.unet_config.in_channels} input channels (an inpainting model); "
-                "text-to-image needs a plain model")
-        batch = embedding.shape[0] // 2
+        """Denoise from initial noise for ``embedding`` (``[uncond; cond]``); returns the latents after each
+        step (the first is the start), or only the final one."""
+        self._check_plain_image_model()
+        self.validate_size(image_height, image_width)
         f = self.vae_scale_factor
-        shape = (batch, self.latent_channels, image_height // f, image_width // f)
-        rng = self.make_rng(seed)
-        noise = self.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
-                                                         "channels, height/8, width/8)")
+        shape = (embedding.shape[0] // 2, self.latent_channels, image_height // f, image_width // f)
+        rng = inputs.make_rng(seed)
+        noise = inputs.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
+                                                           "channels, height/8, width/8)")
         return self.sample_from_noise(embedding, noise, num_inference_steps, guidance_scale, guidance_rescale, rng,
                                       return_latent_history)

@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from dataclasses import replace
+
+from ..conditioning import Conditioning
 from ..motion_adapters import resolve_motion_adapter
-from ..utils.images import numpy_to_pil
-from .base import Array, BaseDiffusion, ModelComponents, PromptType
+from . import inputs
+from .base import Array, BaseDiffusion, ModelComponents, PromptType, with_run_settings
 from .context_windows import ContextWindows
+from .denoise import Guidance, StepCallback
 
 # AnimateDiff's sampler: DDIM on *linear* betas (not SD's scaled_linear), no clipping, linspace spacing.
 ANIMATEDIFF_DDIM = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
@@ -55,13 +59,16 @@ class TextToVideoDiffusion(BaseDiffusion):
             self.set_scheduler("ddim", **ANIMATEDIFF_DDIM)  # AnimateDiff's sampler; UNet3D models keep their own
         self.context_windows: ContextWindows | None = None
         # 16 frames with guidance make a UNet batch of 32; query chunks keep the 64x64 self-attention scores
-        # (head size 40 has no fused kernel) at 32*8*512*4096 fp16 = 1 GB instead of 8.6 GB.
+        # (head size 40 has no fused kernel) at 32*8*512*4096 fp16 = 1 GB instead of 8.6 GB. A setting of
+        # this pipeline only: an image pipeline sharing the components keeps its own.
         self.enable_attention_slicing(DEFAULT_VIDEO_ATTENTION_CHUNK)
 
     def set_motion_norm(self, per_frame: bool) -> None:
         """``per_frame=True``: the original AnimateDiff repo's motion GroupNorm (statistics per frame);
         False (default): diffusers' (statistics across all frames of a video)."""
-        self.backend.set_motion_norm_per_frame(per_frame)
+        if self.backend.motion_config is None:
+            raise NotImplementedError("this model has no motion modules (a UNet3D model)")
+        self.settings = replace(self.settings, motion_norm_per_frame=bool(per_frame))
 
     @property
     def max_frames(self) -> int | None:
@@ -78,67 +85,73 @@ class TextToVideoDiffusion(BaseDiffusion):
     def disable_context_windows(self) -> None:
         self.context_windows = None
 
+    @with_run_settings
     def __call__(self, prompt: PromptType, video_height: int = 512, video_width: int = 512, video_frames: int = 16,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,
-                 num_videos_per_prompt: int = 1) -> Any:
+                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
         """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w)."""
+        # 1. Check inputs.
+        self._begin()
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
-        if not isinstance(decode_batch_size, int) or decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size must be a positive integer, got {decode_batch_size!r}")
-        prompts, negatives = self.expand_prompts(prompt, negative_prompt, num_videos_per_prompt)
+        guidance = Guidance(guidance_scale, guidance_rescale)
+        decode_batch_size = inputs.positive_int(decode_batch_size, "decode_batch_size")
+        prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_videos_per_prompt,
+                                                   "num_videos_per_prompt")
         f = self.vae_scale_factor
         if latent is not None:
             shape = np.shape(latent)
             if len(shape) != 5:
                 raise ValueError(f"latent must be (B, C, F, h, w), got shape {shape}")
             video_frames, video_height, video_width = shape[2], shape[3] * f, shape[4] * f
-        self.validate_size(video_height, video_width)
-        if not isinstance(video_frames, (int, np.integer)) or video_frames < 1:
-            raise ValueError(f"video_frames must be a positive integer, got {video_frames!r}")
+        inputs.check_size(video_height, video_width, f, ("video_height", "video_width"))
+        video_frames = inputs.positive_int(video_frames, "video_frames")
         if self.max_frames is not None and video_frames > self.max_frames and self.context_windows is None:
             raise ValueError(f"{video_frames} frames exceed the motion module's maximum of {self.max_frames}; "
                              "generate fewer, or call enable_context_windows() for longer videos")
-        shape = (len(prompts), self.latent_channels, int(video_frames), video_height // f, video_width // f)
-        rng = self.make_rng(seed)
-        noise = self.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
-        embedding = self.prompt_to_embedding(prompts, negatives)
-        final = self.sample_from_noise(embedding, noise, num_inference_steps, guidance_scale, guidance_rescale, rng)[-1]
+        shape = (len(prompts), self.latent_channels, video_frames, video_height // f, video_width // f)
+        rng = inputs.make_rng(seed)
+        noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
+        # 2. Encode the prompt.
+        positive, negative = self.encode_prompt(prompts, negatives)
+        # 3. Prepare timesteps and latents.
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
+        # 4. Denoise (over context windows when enabled).
+        final = self.run_denoise(latents, positive, negative, guidance, rng, predict=self._predictor(video_frames),
+                                 callback_on_step_end=callback_on_step_end)[-1]
+        # 5. Decode.
         return self.video_output(final, output_type, decode_batch_size)
 
     generate = __call__
 
-    def model_prediction(self, x: Array, timestep: float, context: Array) -> Array:
-        windows = self.context_windows.windows(self._frames(x)) if self.context_windows else None
+    def _predictor(self, frames: int):
+        """The UNet over the whole video, or over overlapping context windows blended per frame."""
+        windows = self.context_windows.windows(frames) if self.context_windows else None
         if not windows or len(windows) == 1:
-            return self.backend.unet(x, timestep, context)
-        backend = self.backend
-        public = backend.latent_to_numpy(x)  # (B, C, F, h, w)
-        total = np.zeros_like(public)
-        weight_sum = np.zeros(public.shape[2], np.float32)
+            return None
+        backend, spans = self.backend, self.context_windows
+        weight_sum = np.zeros(frames, np.float32)
         for start, stop in windows:
-            part = backend.unet(backend.latent_from_numpy(public[:, :, start:stop]), timestep, context)
-            w = self.context_windows.weights(stop - start)
-            total[:, :, start:stop] += backend.latent_to_numpy(part) * w[None, None, :, None, None]
-            weight_sum[start:stop] += w
-        return backend.latent_from_numpy(total / weight_sum[None, None, :, None, None])
+            weight_sum[start:stop] += spans.weights(stop - start)
 
-    def _frames(self, x: Array) -> int:
-        return int(self.backend.latent_to_numpy(x[:1]).shape[2])
+        def predict(x: Array, timestep: float, conditioning: Conditioning) -> Array:
+            total = None
+            for start, stop in windows:
+                part = backend.unet(backend.take_frames(x, start, stop), timestep, conditioning)
+                part = part * backend.frame_weights(spans.weights(stop - start), part.ndim)
+                part = backend.pad_frames(part, start, frames - stop)
+                total = part if total is None else total + part
+            return total / backend.frame_weights(weight_sum, total.ndim)
 
+        return predict
+
+    @with_run_settings
     def video_output(self, latent: Array, output_type: str, decode_batch_size: int = 4) -> Any:
-        public = self.backend.latent_to_numpy(latent)  # (B, C, F, h, w)
-        if output_type == "latent":
-            return public
-        b, c, frames, h, w = public.shape
-        flat = public.transpose(0, 2, 1, 3, 4).reshape(b * frames, c, h, w)
-        images = self.latent_to_image(flat, "np", decode_batch_size=decode_batch_size)
-        videos = images.reshape(b, frames, *images.shape[1:])
-        if output_type == "np":
-            return videos
-        if output_type == "pil":
-            return [numpy_to_pil(v) for v in videos]
-        native = self.backend.images_from_numpy(images)
-        return native.reshape(b, frames, *native.shape[1:])
+        """Native (or numpy) video latents -> ``output_type``, decoded ``decode_batch_size`` frames at a time."""
+        self._check_output_type(output_type)
+        if isinstance(latent, np.ndarray):
+            latent = self.backend.latent_from_numpy(latent)
+        return self.vae_io.output(latent, output_type, decode_batch_size)

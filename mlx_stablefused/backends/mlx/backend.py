@@ -7,17 +7,20 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ...conditioning import Conditioning, as_conditioning
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
-from ..base import Backend
+from ..base import COMPILE, CPU_STREAMS, QUANTIZE, Backend, RunSettings
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
-from .cpu_streams import StreamSet, default_stream_count, split_axis
+from .cpu_streams import StreamSet, default_stream_count, split_axis, split_sizes
 from .loading import load_components, parse_dtype
 
 
 class MLXBackend(Backend):
     name = "mlx"
     native_output_type = "mlx"
+    capabilities = frozenset({COMPILE, QUANTIZE, CPU_STREAMS})
+    frame_axis = 1  # video latents are (B, F, h, w, C)
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None,
@@ -45,6 +48,7 @@ class MLXBackend(Backend):
         self.motion_config = self.unet_model.motion
         self.is_video_unet = self.motion_config is not None or type(self.unet_model).__name__ == "UNet3DConditionModel"
         self.set_cpu_streams(cpu_streams)
+        self._settings = RunSettings(cpu_streams=cpu_streams)
 
     def set_cpu_streams(self, count: int | None = None) -> int:
         """Run independent work on ``count`` CPU streams (one core each): the halves of a guidance batch
@@ -58,6 +62,10 @@ class MLXBackend(Backend):
         self.stream_set = StreamSet(count) if count > 1 else None
         self.vae.set_stream_set(self.stream_set)
         return count
+
+    @property
+    def cpu_stream_count(self) -> int:
+        return 1 if self.stream_set is None else len(self.stream_set.streams)
 
     def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
         # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.
@@ -99,29 +107,35 @@ class MLXBackend(Backend):
         if self._unet_fn is not None:
             self.compile_unet()
 
-    def unet(self, latent: mx.array, timestep: float, context: mx.array) -> mx.array:
+    def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
+        cond = as_conditioning(conditioning)
         streams = self.stream_set.streams[:latent.shape[0]] if self.stream_set is not None else []
-        if len(streams) < 2 or context.shape[0] != latent.shape[0]:
-            return self._unet_once(latent, timestep, context)
+        if len(streams) < 2 or cond.batch_size != latent.shape[0]:
+            return self._unet_once(latent, timestep, cond)
         # CPU: each part of the batch (e.g. the unconditional and conditional halves) on its own core.
         parts = []
-        for stream, lat, ctx in zip(streams, split_axis(latent, len(streams), 0), split_axis(context, len(streams), 0)):
+        sizes = split_sizes(latent.shape[0], len(streams))
+        for stream, lat, part in zip(streams, split_axis(latent, len(streams), 0), cond.split(sizes)):
             with mx.stream(stream):
-                parts.append(self._unet_once(lat, timestep, ctx))
+                parts.append(self._unet_once(lat, timestep, part))
         with self.stream_set.sharing_cores(len(parts)):
             out = mx.concatenate(parts, axis=0)
             mx.eval(out)
         return out
 
-    def _unet_once(self, latent: mx.array, timestep: float, context: mx.array) -> mx.array:
+    def _unet_once(self, latent: mx.array, timestep: float, cond: Conditioning) -> mx.array:
         t = mx.array(float(timestep), dtype=mx.float32)
         run = self._unet_fn or self.unet_model
+        if cond.image_channels is not None:
+            latent = mx.concatenate([latent, cond.image_channels], axis=-1)
+        extra = self.unet_keywords(cond, lambda a: a.astype(self.dtype))
         if latent.ndim == 5:  # videos (B, F, h, w, C): frames join the batch, frame-minor
             b, f = latent.shape[:2]
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
-            ctx = mx.repeat(context.astype(self.dtype), f, axis=0)
-            return run(x, t, ctx, num_frames=f).astype(mx.float32).reshape(latent.shape)
-        return run(latent.astype(self.dtype), t, context.astype(self.dtype)).astype(mx.float32)
+            ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
+            out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
+            return out.reshape(b, f, *out.shape[1:])
+        return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
@@ -171,8 +185,25 @@ class MLXBackend(Backend):
         # torch.std is the unbiased (n-1) estimator; diffusers' rescale uses it.
         return mx.sqrt(mx.var(x, axis=axes, keepdims=True, ddof=1))
 
+    def latent_shape(self, latent: mx.array) -> tuple[int, ...]:
+        shape = tuple(latent.shape)
+        return (shape[0], shape[-1]) + shape[1:-1]
+
+    def pad_frames(self, latent: mx.array, before: int, after: int) -> mx.array:
+        widths = [(0, 0)] * latent.ndim
+        widths[self.frame_axis] = (before, after)
+        return mx.pad(latent, widths)
+
     def evaluate(self, *arrays: mx.array) -> None:
         mx.eval(*arrays)
+
+    def apply_settings(self, settings: RunSettings) -> None:
+        old = self.settings
+        if settings.compile != old.compile:
+            self.compile_unet(settings.compile)
+        if settings.cpu_streams != old.cpu_streams:
+            self.set_cpu_streams(settings.cpu_streams)
+        super().apply_settings(settings)
 
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         for _, module in self.unet_model.named_modules():

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...conditioning import Conditioning, as_conditioning
 from ...config import VAEConfig, read_json
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
@@ -58,15 +59,19 @@ class TorchBackend(Backend):
         return self.text_encoder(ids).last_hidden_state
 
     @torch.inference_mode()
-    def unet(self, latent: torch.Tensor, timestep: float, context: torch.Tensor) -> torch.Tensor:
+    def unet(self, latent: torch.Tensor, timestep: float, conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
+        cond = as_conditioning(conditioning)
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
+        if cond.image_channels is not None:
+            latent = torch.cat([latent, cond.image_channels], dim=1)
+        extra = self.unet_keywords(cond, lambda a: a.to(self.dtype))
         if latent.ndim == 5:  # videos (B, C, F, h, w): frames join the batch, frame-minor
             b, c, f, h, w = latent.shape
             x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
-            ctx = context.to(self.dtype).repeat_interleave(f, dim=0)
-            out = self.unet_model(x, t, ctx, num_frames=f).float()
+            ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
+            out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
-        return self.unet_model(latent.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
 
     @torch.inference_mode()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -104,6 +109,18 @@ class TorchBackend(Backend):
 
     def per_sample_std(self, x: torch.Tensor) -> torch.Tensor:
         return x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    def latent_shape(self, latent: torch.Tensor) -> tuple[int, ...]:
+        return tuple(latent.shape)
+
+    def pad_frames(self, latent: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        shape = list(latent.shape)
+        parts = [latent]
+        if before:
+            parts.insert(0, latent.new_zeros(shape[:2] + [before] + shape[3:]))
+        if after:
+            parts.append(latent.new_zeros(shape[:2] + [after] + shape[3:]))
+        return torch.cat(parts, dim=self.frame_axis) if len(parts) > 1 else latent
 
     def evaluate(self, *arrays: torch.Tensor) -> None:
         if self.device.type == "cuda":

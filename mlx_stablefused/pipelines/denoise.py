@@ -1,0 +1,136 @@
+"""The sampling core: one generator that runs a sampler over the UNet and yields after every step.
+
+Every pipeline (images, walks, inpainting, video) denoises through ``denoise``. It knows
+nothing of prompts, images or outputs: it takes a latent, the ``Conditioning`` of each
+guidance branch and a ``Guidance``, and yields a mutable ``StepState``; whoever iterates may
+replace ``state.latents`` before asking for the next step (callbacks, history, previews and
+cancellation are built on that, see ``StepCallbacks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..backends.base import Array, Backend
+from ..conditioning import Conditioning
+from ..schedulers import Scheduler
+from .inputs import finite_float, random_latent
+
+Predictor = Callable[[Array, float, Conditioning], Array]
+StepCallback = Callable[[Any, int, float, dict], "dict | None"]
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``, optionally rescaled toward cond's
+    standard deviation (arXiv 2305.08891). At exactly 1.0 the unconditional pass cannot change the
+    result and is skipped."""
+
+    scale: float = 7.5
+    rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", finite_float(self.scale, "guidance_scale"))
+        object.__setattr__(self, "rescale", finite_float(self.rescale, "guidance_rescale"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale != 1.0
+
+    def combine(self, backend: Backend, prediction: Array) -> Array:
+        """The guided prediction from the UNet's ``[uncond; cond]`` batch."""
+        b = prediction.shape[0] // 2
+        uncond, cond = prediction[:b], prediction[b:]
+        guided = uncond + (cond - uncond) * self.scale
+        if self.rescale > 0:
+            std = backend.per_sample_std
+            rescaled = guided * (std(cond) / std(guided))
+            guided = rescaled * self.rescale + guided * (1.0 - self.rescale)
+        return guided
+
+
+@dataclass
+class StepState:
+    """One finished step: ``index`` into the sampler's table, its ``timestep``, the new ``latents`` (native,
+    may be replaced by the consumer) and the guided ``noise_pred`` that produced them."""
+
+    index: int
+    timestep: float
+    latents: Array
+    noise_pred: Array
+
+
+def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning: Conditioning,
+            negative: Conditioning | None, guidance: Guidance, rng: np.random.Generator, start: int = 0,
+            predict: Predictor | None = None,
+            after_step: Callable[[int, Array], Array] | None = None) -> Iterator[StepState]:
+    """Run ``scheduler`` (timesteps already set) from table index ``start``; yield after every step.
+
+    ``negative`` is the unconditional branch (needed unless guidance is off). ``predict`` replaces
+    ``backend.unet`` (context windows over frames); ``after_step(i, latents)`` is part of the
+    algorithm (latent-blending inpainting re-imposes the known region) and runs before the yield.
+    Ancestral and SDE samplers draw their noise from ``rng`` in diffusers' layout.
+    """
+    predict = predict or backend.unet
+    if guidance.enabled:
+        if negative is None:
+            raise ValueError("classifier-free guidance needs the negative (unconditional) conditioning")
+        batched = Conditioning.concat([negative, conditioning], backend.concat)
+    else:
+        batched = conditioning
+    noise_shape = backend.latent_shape(latents)
+
+    def noise() -> Array:
+        return backend.latent_from_numpy(random_latent(noise_shape, rng))
+
+    for i in range(start, len(scheduler.timesteps)):
+        t = float(scheduler.timesteps[i])
+        x = scheduler.scale_model_input(latents, i)
+        prediction = predict(backend.concat([x, x]) if guidance.enabled else x, t, batched)
+        if guidance.enabled:
+            prediction = guidance.combine(backend, prediction)
+        latents = scheduler.step(prediction, i, latents, noise)
+        if after_step is not None:
+            latents = after_step(i, latents)
+        backend.evaluate(latents)
+        state = StepState(i, t, latents, prediction)
+        yield state
+        latents = state.latents
+
+
+class StepCallbacks:
+    """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: each callback gets the
+    step's tensors as a dict (``latents``, ``noise_pred``) and may return a dict whose ``latents`` replace
+    the current ones; ``pipe.interrupt()`` (from a callback or another thread) stops after the step."""
+
+    def __init__(self, pipe: Any, callbacks: StepCallback | Sequence[StepCallback] | None) -> None:
+        if callbacks is None:
+            callbacks = []
+        elif callable(callbacks):
+            callbacks = [callbacks]
+        elif not all(callable(c) for c in callbacks):
+            raise TypeError("callback_on_step_end must be a callable or a list of callables")
+        self.pipe, self.callbacks = pipe, list(callbacks)
+
+    def __call__(self, state: StepState) -> None:
+        for callback in self.callbacks:
+            tensors = {"latents": state.latents, "noise_pred": state.noise_pred}
+            out = callback(self.pipe, state.index, state.timestep, tensors)
+            if out is None:
+                continue
+            if not isinstance(out, dict):
+                raise TypeError(f"callback_on_step_end must return a dict or None, got {type(out).__name__}")
+            if "latents" in out:
+                new = out["latents"]
+                if tuple(getattr(new, "shape", ())) != tuple(state.latents.shape):
+                    raise ValueError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', None)}; "
+                                     f"expected {tuple(state.latents.shape)} (the backend's native layout)")
+                state.latents = new
+
+
+def with_text(conditioning: Conditioning, text: Array) -> Conditioning:
+    """The same conditioning with other text embeddings (the other guidance branch)."""
+    return replace(conditioning, text=text)
