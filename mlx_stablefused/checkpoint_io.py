@@ -186,3 +186,12 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_numpy_safetensors(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                           ) -> None:
+    """Write numpy arrays as safetensors, atomically (no framework needed)."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path, suffix=SAFETENSORS_SUFFIX) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)

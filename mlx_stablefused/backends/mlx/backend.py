@@ -12,7 +12,7 @@ from ...sources import ModelSource
 from ..base import Backend
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
 from .cpu_streams import StreamSet, default_stream_count, split_axis
-from .loading import load_components, parse_dtype
+from .loading import dtype_name, load_model, parse_dtype
 
 
 class MLXBackend(Backend):
@@ -32,18 +32,12 @@ class MLXBackend(Backend):
             keep_freed_memory()  # MLX's CPU allocator has no buffer cache: no page-fault churn (see _malloc)
         self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
         self.dtype = parse_dtype(dtype)
-        modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
-                                  vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
-        self._weights_files = modules.get("weights_files", {})
+        loaded = load_model(source, dtype_name(self.dtype), variant=variant, use_cache=use_cache,
+                            motion_adapter=motion_adapter)
+        for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
+            setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
+        self._weights_files = loaded.weights_files  # converted files, re-read lazily (see release_text_encoder)
         self._unet_fn = None
-        self.text_encoder = modules["text_encoder"]
-        self.unet_model = modules["unet"]
-        self.vae = modules["vae"]
-        self.text_config = self.text_encoder.config
-        self.unet_config = self.unet_model.config
-        self.vae_config = self.vae.config
-        self.motion_config = self.unet_model.motion
-        self.is_video_unet = self.motion_config is not None or type(self.unet_model).__name__ == "UNet3DConditionModel"
         self.set_cpu_streams(cpu_streams)
 
     def set_cpu_streams(self, count: int | None = None) -> int:
@@ -58,13 +52,6 @@ class MLXBackend(Backend):
         self.stream_set = StreamSet(count) if count > 1 else None
         self.vae.set_stream_set(self.stream_set)
         return count
-
-    def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
-        # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.
-        from ...config import VAEConfig, read_json
-
-        cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
-        return mx.float32 if self.dtype == mx.float16 and cfg.force_upcast else self.dtype
 
     def encode_text(self, token_ids: np.ndarray) -> mx.array:
         out = self.text_encoder(mx.array(token_ids)).last_hidden_state

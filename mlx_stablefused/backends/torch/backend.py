@@ -7,12 +7,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ...config import VAEConfig, read_json
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
-from .loading import load_components, parse_dtype
-from .unet3d import UNet3DConditionModel
+from .loading import dtype_name, load_model, parse_dtype
 
 
 def best_device() -> torch.device:
@@ -36,18 +34,11 @@ class TorchBackend(Backend):
             from ..._malloc import keep_freed_memory
 
             keep_freed_memory()  # no page-fault churn between steps (see _malloc)
-        vae_cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
-        # fp16 SD VAEs overflow; run the VAE in fp32 then, as diffusers' force_upcast does.
-        vae_dtype = torch.float32 if self.dtype == torch.float16 and vae_cfg.force_upcast else self.dtype
-        modules = load_components(source, {"text_encoder": self.dtype, "unet": self.dtype, "vae": vae_dtype},
-                                  self.device, variant, motion_adapter)
-        self.text_encoder, self.unet_model, self.vae = modules["text_encoder"], modules["unet"], modules["vae"]
-        self.vae_dtype = vae_dtype
-        self.text_config = self.text_encoder.config
-        self.unet_config = self.unet_model.config
-        self.vae_config = self.vae.config
-        self.motion_config = self.unet_model.motion
-        self.is_video_unet = self.motion_config is not None or isinstance(self.unet_model, UNet3DConditionModel)
+        loaded = load_model(source, dtype_name(self.dtype), self.device, variant=variant,
+                            motion_adapter=motion_adapter)
+        for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
+            setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
+        self.vae_dtype = parse_dtype(loaded.dtypes["vae"])  # fp32 for an fp16 force_upcast VAE, as diffusers
         if self.device.type == "cuda":
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
