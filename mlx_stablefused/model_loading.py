@@ -178,10 +178,10 @@ def cache_key(source: ModelSource, dtype: str, variant: str | None, description:
 
 
 def write_converted(destination: Path, source: ModelSource, description: ModelDescription,
-                    weights: Mapping[str, Mapping[str, Any]], dtype: str, variant: str | None, networks: Networks,
-                    overwrite: bool = False) -> Path:
-    """A converted folder (see ``converted_format``) from converted ``weights``, assembled under a
-    temporary name and renamed into place when complete."""
+                    parsed: Mapping[str, ParsedComponent], weights: Mapping[str, Mapping[str, Any]], dtype: str,
+                    variant: str | None, networks: Networks, overwrite: bool = False) -> Path:
+    """A converted folder (see ``converted_format``) from converted ``weights`` and the configs already
+    read, assembled under a temporary name and renamed into place when complete."""
     root = source.root
     with atomic_directory(destination, overwrite=overwrite) as tmp:
         for rel in description.support_files:
@@ -192,8 +192,7 @@ def write_converted(destination: Path, source: ModelSource, description: ModelDe
             if (root / folder).is_dir():
                 shutil.copytree(root / folder, tmp / folder, dirs_exist_ok=True)
         for c in description.components:
-            (tmp / c.folder).mkdir(exist_ok=True)
-            shutil.copy2(root / c.folder / "config.json", tmp / c.folder / "config.json")
+            write_json(tmp / c.folder / "config.json", parsed[c.name].raw_config)
             networks.save(fmt.weights_path(tmp, c.folder), weights[c.name], {"format": "mlx", "component": c.name})
         write_json(tmp / fmt.MANIFEST_NAME, fmt.manifest(
             source=source.origin, dtype=dtype, components=description.names, converter_version=__version__,
@@ -219,7 +218,7 @@ def convert_model(source: ModelSource, destination: str | Path, networks: Networ
         native = native_weights(networks, networks.parameter_shapes(module), [(state, DIFFUSERS_LAYOUT)],
                                 str(source.root / p.component.folder), p.kind.class_name)
         weights[name] = {k: networks.cast(v, dtype) for k, v in native.items()}
-    return write_converted(Path(destination), source, description, weights, dtype, variant, networks, overwrite)
+    return write_converted(Path(destination), source, description, parsed, weights, dtype, variant, networks, overwrite)
 
 
 def load_model(source: ModelSource, networks: Networks, dtype: str = "float32", *, variant: str | None = None,
@@ -275,7 +274,7 @@ def load_model(source: ModelSource, networks: Networks, dtype: str = "float32", 
     weights_files: dict[str, Path] = {}
     if cache_to is not None:
         try:
-            write_converted(cache_to, source, description, base, dtype, variant, networks, overwrite=True)
+            write_converted(cache_to, source, description, parsed, base, dtype, variant, networks, overwrite=True)
             converted = cache_to
         except OSError as e:  # a read-only or full cache must not stop loading
             warnings.warn(f"could not cache the converted model in {cache_to} ({e}); loading from the source",

@@ -7,6 +7,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
@@ -21,7 +22,8 @@ class MLXBackend(Backend):
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None,
-                 motion_adapter: MotionAdapterSource | None = None, cpu_streams: int | None = None) -> None:
+                 motion_adapter: MotionAdapterSource | None = None, cpu_streams: int | None = None,
+                 description: ModelDescription = STABLE_DIFFUSION) -> None:
         if device not in (None, "gpu", "cpu"):
             raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
         if device is not None:
@@ -33,7 +35,7 @@ class MLXBackend(Backend):
         self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
         self.dtype = parse_dtype(dtype)
         loaded = load_model(source, dtype_name(self.dtype), variant=variant, use_cache=use_cache,
-                            motion_adapter=motion_adapter)
+                            motion_adapter=motion_adapter, description=description)
         for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
             setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
         self._weights_files = loaded.weights_files  # converted files, re-read lazily (see release_text_encoder)

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
@@ -27,7 +28,8 @@ class TorchBackend(Backend):
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None,
-                 motion_adapter: MotionAdapterSource | None = None) -> None:
+                 motion_adapter: MotionAdapterSource | None = None,
+                 description: ModelDescription = STABLE_DIFFUSION) -> None:
         self.device = torch.device(device) if device else best_device()
         self.dtype = parse_dtype(dtype)
         if self.device.type == "cpu":
@@ -35,7 +37,7 @@ class TorchBackend(Backend):
 
             keep_freed_memory()  # no page-fault churn between steps (see _malloc)
         loaded = load_model(source, dtype_name(self.dtype), self.device, variant=variant,
-                            motion_adapter=motion_adapter)
+                            motion_adapter=motion_adapter, description=description)
         for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
             setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
         self.vae_dtype = parse_dtype(loaded.dtypes["vae"])  # fp32 for an fp16 force_upcast VAE, as diffusers
