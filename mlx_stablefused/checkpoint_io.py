@@ -16,7 +16,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -91,40 +91,34 @@ def load_torch_pickle(path: str | Path) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_torch_weights(path: str | Path) -> dict:
-    """All tensors of one weight file as torch tensors (CPU), in the file's own layout."""
+def _read_weight_file(path: str | Path, read_safetensors: Callable[[str], dict],
+                      read_pickle: Callable[[Path], dict]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightLoadError(f"weight file {path} does not exist")
     if path.suffix == SAFETENSORS_SUFFIX:
         check_safetensors(path)
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
+            return read_safetensors(str(path))
         except Exception as e:
             raise WeightLoadError(f"could not read {path}: {e}") from e
     if path.suffix in PICKLE_SUFFIXES:
-        return load_torch_pickle(path)
+        return read_pickle(path)
     raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
+
+
+def load_torch_weights(path: str | Path) -> dict:
+    """All tensors of one weight file as torch tensors (CPU), in the file's own layout."""
+    from safetensors.torch import load_file
+
+    return _read_weight_file(path, load_file, load_torch_pickle)
 
 
 def load_weights(path: str | Path) -> dict:
     """All tensors of one weight file, as (lazy) MLX arrays in the file's own layout."""
     import mlx.core as mx
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadError(f"weight file {path} does not exist")
-    if path.suffix == SAFETENSORS_SUFFIX:
-        check_safetensors(path)
-        try:
-            return mx.load(str(path))
-        except Exception as e:
-            raise WeightLoadError(f"could not read {path}: {e}") from e
-    if path.suffix in PICKLE_SUFFIXES:
-        return load_pickle(path)
-    raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
+    return _read_weight_file(path, mx.load, load_pickle)
 
 
 @contextmanager

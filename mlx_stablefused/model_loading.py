@@ -41,6 +41,20 @@ class Networks(ABC):
     name: str
     layout: str  # the tensor layout of this backend's modules: DIFFUSERS_LAYOUT or converted_format.LAYOUT
     classes: Mapping[str, Callable[..., Any]]  # diffusers class name -> module class
+    dtypes: Mapping[str, Any]  # dtype name (DTYPE_NAMES) -> the framework's dtype
+
+    @classmethod
+    def native_dtype(cls, dtype: Any) -> Any:
+        """A dtype name, or already one of the framework's dtypes, as the framework's dtype."""
+        if isinstance(dtype, str):
+            return cls.dtypes[check_dtype(dtype)]
+        if dtype not in cls.dtypes.values():
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_NAMES)}")
+        return dtype
+
+    @classmethod
+    def dtype_name(cls, dtype: Any) -> str:
+        return next(name for name, v in cls.dtypes.items() if v == cls.native_dtype(dtype))
 
     @property
     def caches_conversion(self) -> bool:
@@ -138,10 +152,12 @@ def parse_components(root: Path, description: ModelDescription) -> dict[str, Par
 
 def _motion_target(description: ModelDescription, parsed: Mapping[str, ParsedComponent]) -> str:
     unet = description.first_with_role("unet")
-    if unet is None or not parsed[unet.name].kind.takes_motion_adapter:
-        what = parsed[unet.name].kind.class_name if unet is not None else "no UNet"
-        raise ModelSourceError(f"this model's UNet is already a video UNet ({what}); it takes no motion adapter"
-                               if unet is not None else "this model has no UNet to take a motion adapter")
+    if unet is None:
+        raise ModelSourceError(f"{description.name} has no UNet to take a motion adapter")
+    kind = parsed[unet.name].kind
+    if not kind.takes_motion_adapter:
+        raise ModelSourceError(f"this model's UNet is a {kind.class_name}, which takes no motion adapter "
+                               "(a UNet3D is already a video UNet)")
     return unet.name
 
 
@@ -200,6 +216,40 @@ def write_converted(destination: Path, source: ModelSource, description: ModelDe
     return Path(destination)
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one load reads its weights: a converted folder, or a diffusers folder's files (and, for a
+    backend in the converted layout with the cache on, the cache folder to convert them into)."""
+
+    converted: Path | None
+    files: dict[str, list[Path]]
+    cache_to: Path | None = None
+
+    def read(self, networks: Networks, source: ModelSource, p: ParsedComponent) -> tuple[dict[str, Any], str, str]:
+        """One component's tensors under our names: (state, its layout, a label for errors)."""
+        if self.converted is not None:
+            path = fmt.weights_path(self.converted, p.component.folder)
+            return networks.read(path), fmt.LAYOUT, str(path.parent)
+        state = read_diffusers_state(networks, self.files[p.component.name], p.kind)
+        return state, DIFFUSERS_LAYOUT, str(source.root / p.component.folder)
+
+
+def weight_source(source: ModelSource, networks: Networks, description: ModelDescription, dtype: str,
+                  variant: str | None, use_cache: bool) -> WeightSource:
+    if source.kind == "mlx":
+        where = WeightSource(source.root, {})
+    else:
+        files = {c.name: weight_files(source.root, c, variant) for c in description.components}
+        target = None
+        if use_cache and networks.caches_conversion:
+            target = cache_root() / "converted" / cache_key(source, dtype, variant, description, files)
+        where = WeightSource(target, files) if target is not None and fmt.is_converted(target) \
+            else WeightSource(None, files, target)
+    if where.converted is not None:
+        fmt.check_components(where.converted, fmt.read_manifest(where.converted), description.names)
+    return where
+
+
 def convert_model(source: ModelSource, destination: str | Path, networks: Networks, *, dtype: str = "float16",
                   variant: str | None = None, overwrite: bool = False,
                   description: ModelDescription = STABLE_DIFFUSION) -> Path:
@@ -210,13 +260,13 @@ def convert_model(source: ModelSource, destination: str | Path, networks: Networ
         raise ValueError(f"the {networks.name} backend reads diffusers folders directly and writes no converted ones")
     check_dtype(dtype)
     parsed = parse_components(source.root, description)
-    files = {n: weight_files(source.root, p.component, variant) for n, p in parsed.items()}
+    where = weight_source(source, networks, description, dtype, variant, use_cache=False)
     weights = {}
     for name, p in parsed.items():
         module = networks.build(p.kind, p.config)
-        state = read_diffusers_state(networks, files[name], p.kind)
-        native = native_weights(networks, networks.parameter_shapes(module), [(state, DIFFUSERS_LAYOUT)],
-                                str(source.root / p.component.folder), p.kind.class_name)
+        state, layout, label = where.read(networks, source, p)
+        native = native_weights(networks, networks.parameter_shapes(module), [(state, layout)], label,
+                                p.kind.class_name)
         weights[name] = {k: networks.cast(v, dtype) for k, v in native.items()}
     return write_converted(Path(destination), source, description, parsed, weights, dtype, variant, networks, overwrite)
 
@@ -228,61 +278,43 @@ def load_model(source: ModelSource, networks: Networks, dtype: str = "float32", 
 
     dtypes follow each component's policy (an fp16 SD VAE stays fp32). With ``motion_adapter`` the UNet
     is a motion UNet: the model's weights plus the adapter's. A diffusers model loaded by a backend in
-    the converted layout is converted into the cache on first use (``use_cache``), later loads read that.
+    the converted layout is converted into the cache on first use (``use_cache``): the weights converted
+    for the cache are the ones assigned, and later loads read the cache.
     """
     check_dtype(dtype)
     parsed = parse_components(source.root, description)
     dtypes = {n: p.component.dtype_policy(p.config, dtype) for n, p in parsed.items()}
-    motion_weights: dict[str, Any] = {}
-    motion_config, motion_into = None, None
+    motion_weights, motion_config, motion_into = {}, None, None
     if motion_adapter is not None:
         motion_into = _motion_target(description, parsed)
         motion_weights, motion_config = motion_state(motion_adapter, networks.read)
+    where = weight_source(source, networks, description, dtype, variant, use_cache)
 
-    converted: Path | None = None
-    files: dict[str, list[Path]] = {}
-    cache_to: Path | None = None
-    if source.kind == "mlx":
-        converted = source.root
-    else:
-        files = {n: weight_files(source.root, p.component, variant) for n, p in parsed.items()}
-        if use_cache and networks.caches_conversion:
-            target = cache_root() / "converted" / cache_key(source, dtype, variant, description, files)
-            converted, cache_to = (target, None) if fmt.is_converted(target) else (None, target)
-    if converted is not None:
-        fmt.check_components(converted, fmt.read_manifest(converted), description.names)
-
-    modules, base = {}, {}
+    built, for_cache = {}, {}
     for name, p in parsed.items():
-        extra = {"motion": motion_config} if name == motion_into else {}
-        module = networks.build(p.kind, p.config, **extra)
-        if converted is not None:
-            path = fmt.weights_path(converted, p.component.folder)
-            state, layout, label = networks.read(path), fmt.LAYOUT, str(path.parent)
-        else:
-            state, layout = read_diffusers_state(networks, files[name], p.kind), DIFFUSERS_LAYOUT
-            label = str(source.root / p.component.folder)
-        parts = [(state, layout)] + ([(motion_weights, DIFFUSERS_LAYOUT)] if extra else [])
-        if extra:
-            label += f" + {motion_adapter.origin}"
+        motion = name == motion_into
+        module = networks.build(p.kind, p.config, **({"motion": motion_config} if motion else {}))
+        state, layout, label = where.read(networks, source, p)
+        parts = [(state, layout)] + ([(motion_weights, DIFFUSERS_LAYOUT)] if motion else [])
+        label += f" + {motion_adapter.origin}" if motion else ""
         weights = native_weights(networks, networks.parameter_shapes(module), parts, label, p.kind.class_name)
-        if cache_to is not None:  # stored in the load dtype, as the cache will be read next time
-            base[name] = {k: networks.cast(weights[k], dtype) for k in state}
-            weights.update(base[name])
-        modules[name] = (module, weights)
+        if where.cache_to is not None:  # in the load dtype, as the next load will read them from the cache
+            for_cache[name] = {k: networks.cast(weights[k], dtype) for k in state}
+            weights.update(for_cache[name])
+        built[name] = (module, weights)
 
-    weights_files: dict[str, Path] = {}
-    if cache_to is not None:
+    converted = where.converted
+    if where.cache_to is not None:
         try:
-            write_converted(cache_to, source, description, parsed, base, dtype, variant, networks, overwrite=True)
-            converted = cache_to
+            converted = write_converted(where.cache_to, source, description, parsed, for_cache, dtype, variant,
+                                        networks, overwrite=True)
         except OSError as e:  # a read-only or full cache must not stop loading
-            warnings.warn(f"could not cache the converted model in {cache_to} ({e}); loading from the source",
+            warnings.warn(f"could not cache the converted model in {where.cache_to} ({e}); loading from the source",
                           stacklevel=3)
-    if converted is not None:
-        weights_files = {n: fmt.weights_path(converted, p.component.folder) for n, p in parsed.items()}
-    loaded = {n: networks.assign(m, w, dtypes[n]) for n, (m, w) in modules.items()}
-    return LoadedModel(description, parsed, loaded, dtypes, motion_config, weights_files)
+    weights_files = {} if converted is None else {n: fmt.weights_path(converted, p.component.folder)
+                                                   for n, p in parsed.items()}
+    modules = {n: networks.assign(m, w, dtypes[n]) for n, (m, w) in built.items()}
+    return LoadedModel(description, parsed, modules, dtypes, motion_config, weights_files)
 
 
 def load_network(root: str | Path, name: str, networks: Networks, *, variant: str | None = None,

@@ -13,7 +13,7 @@ from ...sources import ModelSource
 from ..base import Backend
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
 from .cpu_streams import StreamSet, default_stream_count, split_axis
-from .loading import dtype_name, load_model, parse_dtype
+from .loading import MLXNetworks, load_model
 
 
 class MLXBackend(Backend):
@@ -33,8 +33,8 @@ class MLXBackend(Backend):
 
             keep_freed_memory()  # MLX's CPU allocator has no buffer cache: no page-fault churn (see _malloc)
         self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
-        self.dtype = parse_dtype(dtype)
-        loaded = load_model(source, dtype_name(self.dtype), variant=variant, use_cache=use_cache,
+        self.dtype = MLXNetworks.native_dtype(dtype)
+        loaded = load_model(source, MLXNetworks.dtype_name(self.dtype), variant=variant, use_cache=use_cache,
                             motion_adapter=motion_adapter, description=description)
         for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
             setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config

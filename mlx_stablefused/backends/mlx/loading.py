@@ -24,24 +24,12 @@ from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
 from .weights import cast, torch_to_mlx_layout
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
-    if isinstance(dtype, mx.Dtype):
-        return dtype
-    return DTYPES[model_loading.check_dtype(dtype)]
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
 class MLXNetworks(model_loading.Networks):
     name = "mlx"
     layout = LAYOUT
     classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
+    dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
     def parameter_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
@@ -53,10 +41,10 @@ class MLXNetworks(model_loading.Networks):
         return value if layout == self.layout else torch_to_mlx_layout(value, target_shape)
 
     def cast(self, value: mx.array, dtype: str) -> mx.array:
-        return cast(value, DTYPES[dtype])
+        return cast(value, self.dtypes[dtype])
 
     def assign(self, module: nn.Module, weights: Mapping[str, mx.array], dtype: str) -> nn.Module:
-        module.update(tree_unflatten([(k, cast(v, DTYPES[dtype])) for k, v in weights.items()]))
+        module.update(tree_unflatten([(k, cast(v, self.dtypes[dtype])) for k, v in weights.items()]))
         return module.eval()
 
     def save(self, path: Path, weights: Mapping[str, mx.array], metadata: dict[str, str]) -> None:

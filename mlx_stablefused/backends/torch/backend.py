@@ -11,7 +11,7 @@ from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
-from .loading import dtype_name, load_model, parse_dtype
+from .loading import TorchNetworks, load_model
 
 
 def best_device() -> torch.device:
@@ -31,16 +31,16 @@ class TorchBackend(Backend):
                  motion_adapter: MotionAdapterSource | None = None,
                  description: ModelDescription = STABLE_DIFFUSION) -> None:
         self.device = torch.device(device) if device else best_device()
-        self.dtype = parse_dtype(dtype)
+        self.dtype = TorchNetworks.native_dtype(dtype)
         if self.device.type == "cpu":
             from ..._malloc import keep_freed_memory
 
             keep_freed_memory()  # no page-fault churn between steps (see _malloc)
-        loaded = load_model(source, dtype_name(self.dtype), self.device, variant=variant,
+        loaded = load_model(source, TorchNetworks.dtype_name(self.dtype), self.device, variant=variant,
                             motion_adapter=motion_adapter, description=description)
         for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
             setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
-        self.vae_dtype = parse_dtype(loaded.dtypes["vae"])  # fp32 for an fp16 force_upcast VAE, as diffusers
+        self.vae_dtype = TorchNetworks.native_dtype(loaded.dtypes["vae"])  # fp32 for an fp16 force_upcast VAE, as diffusers
         if self.device.type == "cuda":
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)

@@ -22,19 +22,6 @@ from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return DTYPES[model_loading.check_dtype(dtype)]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
 def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor:
     """Undo the converter's layout: (O, kh, kw, I) kernels and 1x1 convolutions held as (O, I)."""
     if value.ndim == 4 and len(target_shape) == 4:
@@ -51,6 +38,7 @@ class TorchNetworks(model_loading.Networks):
     layout = model_loading.DIFFUSERS_LAYOUT
     classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -70,7 +58,7 @@ class TorchNetworks(model_loading.Networks):
 
     def assign(self, module: nn.Module, weights: Mapping[str, torch.Tensor], dtype: str) -> nn.Module:
         module.load_state_dict(dict(weights), strict=True, assign=True)
-        return module.to(device=self.device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+        return module.to(device=self.device, dtype=self.dtypes[dtype]).eval().requires_grad_(False)
 
 
 def load_model(source: ModelSource, dtype: str = "float32", device: str | torch.device = "cpu",
