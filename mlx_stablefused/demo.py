@@ -120,7 +120,7 @@ def demo_tensor(name: str, shape: tuple[int, ...], layout: str, seed: int) -> np
     bound = 1.0 / np.sqrt(np.prod(full[1:]))
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     value = rng.uniform(-bound, bound, full).astype(np.float32)
-    return value.transpose(0, 2, 3, 1) if full != shape else value
+    return value.transpose(0, 2, 3, 1) if layout == fmt.LAYOUT and len(shape) == 4 else value
 
 
 def _demo_weights(networks: Any, kind: Any, config: Any, seed: int, **extra: Any) -> dict[str, np.ndarray]:

@@ -76,6 +76,10 @@ def test_demo_runs_on_torch_without_mlx(tmp_path):
     mlx_built = pipe("a red boat", num_inference_steps=1, image_height=64, image_width=64, seed=0, output_type="np")
     assert pipe.source.origin == "demo:tiny-random"
     assert np.abs(np.load(tmp_path / "torch_built.npy") - mlx_built).max() < 1e-6
+    torch_built = _backend("torch", resolve_model(demo))
+    for name, module in pipe.backend.components.items():
+        theirs = torch_built.components[name].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in module.state_dict().items()), name
 
 
 def test_neutral_modules_import_no_framework():
