@@ -16,7 +16,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -91,40 +91,34 @@ def load_torch_pickle(path: str | Path) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_torch_weights(path: str | Path) -> dict:
-    """All tensors of one weight file as torch tensors (CPU), in the file's own layout."""
+def _read_weight_file(path: str | Path, read_safetensors: Callable[[str], dict],
+                      read_pickle: Callable[[Path], dict]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightLoadError(f"weight file {path} does not exist")
     if path.suffix == SAFETENSORS_SUFFIX:
         check_safetensors(path)
-        from safetensors.torch import load_file
-
         try:
-            return load_file(str(path))
+            return read_safetensors(str(path))
         except Exception as e:
             raise WeightLoadError(f"could not read {path}: {e}") from e
     if path.suffix in PICKLE_SUFFIXES:
-        return load_torch_pickle(path)
+        return read_pickle(path)
     raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
+
+
+def load_torch_weights(path: str | Path) -> dict:
+    """All tensors of one weight file as torch tensors (CPU), in the file's own layout."""
+    from safetensors.torch import load_file
+
+    return _read_weight_file(path, load_file, load_torch_pickle)
 
 
 def load_weights(path: str | Path) -> dict:
     """All tensors of one weight file, as (lazy) MLX arrays in the file's own layout."""
     import mlx.core as mx
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightLoadError(f"weight file {path} does not exist")
-    if path.suffix == SAFETENSORS_SUFFIX:
-        check_safetensors(path)
-        try:
-            return mx.load(str(path))
-        except Exception as e:
-            raise WeightLoadError(f"could not read {path}: {e}") from e
-    if path.suffix in PICKLE_SUFFIXES:
-        return load_pickle(path)
-    raise WeightLoadError(f"{path}: unknown weight format {path.suffix!r} (expected .safetensors or .bin/.ckpt)")
+    return _read_weight_file(path, mx.load, load_pickle)
 
 
 @contextmanager
@@ -186,3 +180,12 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_numpy_safetensors(path: str | Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+                           ) -> None:
+    """Write numpy arrays as safetensors, atomically (no framework needed)."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path, suffix=SAFETENSORS_SUFFIX) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE
+from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, ValueError, TypeError,
@@ -265,7 +265,7 @@ def _is_unet3d_model(model: str, variant: str | None) -> bool:
     from .config import read_json, unet_class_name
     from .sources import resolve_model
 
-    config = resolve_model(model, variant=variant).root / "unet" / "config.json"
+    config = resolve_model(resolve_special_id(model), variant=variant).root / "unet" / "config.json"
     return config.is_file() and unet_class_name(read_json(config)) == "UNet3DConditionModel"
 
 
@@ -292,7 +292,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
     from .sources import resolve_model
 
-    source = resolve_model(args.source, variant=args.variant)
+    source = resolve_model(resolve_special_id(args.source), variant=args.variant)
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
     print(f"converted {args.source} -> {out} ({args.dtype})")
     return 0

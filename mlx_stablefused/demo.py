@@ -8,18 +8,28 @@ makes noise-like images. It proves the install works; it is not a generative mod
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tokenizers import pre_tokenizers
 
 from . import __version__
-from .checkpoint_io import atomic_directory, save_safetensors, write_json
-from .sources import DEMO_MODEL_ID, MANIFEST_NAME
+from . import converted_format as fmt
+from .checkpoint_io import atomic_directory, save_numpy_safetensors, write_json
+from .config import MotionConfig, UNetConfig
+from .errors import ModelSourceError
+from .model_description import STABLE_DIFFUSION, UNET_2D
+from .sources import SPECIAL_ID_PREFIX, cache_root
+
+DEMO_MODEL_ID = SPECIAL_ID_PREFIX + "tiny-random"
+DEMO_MOTION_ADAPTER_ID = SPECIAL_ID_PREFIX + "motion"
 
 DEMO_NOTICE = ("[mlx-stablefused] Using the built-in offline demo model: tiny, random weights. Its images are "
                "noise by design (a smoke test of the install). For real images pass a model, e.g. "
                "--model stable-diffusion-v1-5/stable-diffusion-v1-5")
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: weights drawn with numpy, so any installed backend builds the same model
 
 # A few merges so the tokenizer exercises BPE, not only single bytes.
 _DEMO_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n"),
@@ -74,68 +84,124 @@ def demo_configs(vocab_size: int) -> dict[str, dict]:
     }
 
 
+def installed_networks() -> Any:
+    """The loading side of whichever backend is installed (MLX first): the demo needs only its shapes."""
+    try:
+        from .backends.mlx.loading import NETWORKS
+
+        return NETWORKS
+    except ImportError:
+        pass
+    try:
+        from .backends.torch.loading import TorchNetworks
+    except ImportError as e:
+        raise ImportError("the demo model needs MLX or PyTorch installed") from e
+    return TorchNetworks("cpu")
+
+
+def _diffusers_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    # Converted (MLX) kernels are (O, kh, kw, I); diffusers' are (O, I, kh, kw). Every other demo
+    # parameter has the same element order in both layouts (a 1x1 convolution held as Linear included).
+    if layout == fmt.LAYOUT and len(shape) == 4:
+        return (shape[0], shape[3], shape[1], shape[2])
+    if layout == fmt.LAYOUT and len(shape) not in (1, 2):
+        raise ValueError(f"the demo has no rule for a {len(shape)}-D parameter in the {layout} layout")
+    return shape
+
+
+def demo_tensor(name: str, shape: tuple[int, ...], layout: str, seed: int) -> np.ndarray:
+    """A deterministic initial value for parameter ``name`` of native ``shape``: norm scales 1, biases 0,
+    other weights uniform in +-1/sqrt(fan_in), drawn in diffusers' layout so every backend gets the same."""
+    if name.endswith(".bias"):
+        return np.zeros(shape, np.float32)
+    if len(shape) == 1:
+        return np.ones(shape, np.float32)
+    full = _diffusers_shape(shape, layout)
+    bound = 1.0 / np.sqrt(np.prod(full[1:]))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    value = rng.uniform(-bound, bound, full).astype(np.float32)
+    return value.transpose(0, 2, 3, 1) if layout == fmt.LAYOUT and len(shape) == 4 else value
+
+
+def _demo_weights(networks: Any, kind: Any, config: Any, seed: int, **extra: Any) -> dict[str, np.ndarray]:
+    shapes = networks.parameter_shapes(networks.build(kind, config, **extra))
+    return {k: demo_tensor(k, s, networks.layout, seed) for k, s in shapes.items()}
+
+
 def build_demo_model(folder: str | Path, seed: int = 0) -> Path:
-    """Write the demo model as a converted MLX folder (atomically)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from .backends.mlx.loading import SPECS
-
-    mx.random.seed(seed)
+    """Write the demo model (atomically): a converted folder when MLX is installed, else a diffusers folder."""
+    networks = installed_networks()
+    converted = networks.layout == fmt.LAYOUT
     with atomic_directory(folder, overwrite=True) as tmp:
         vocab_size = write_byte_level_tokenizer(tmp / "tokenizer")
         write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
         write_json(tmp / "model_index.json", {"_class_name": "StableDiffusionPipeline", "demo": True})
-        for component, cfg in demo_configs(vocab_size).items():
-            spec = SPECS[component]
-            model = spec.build(spec.parse_config(cfg))
-            write_json(tmp / component / "config.json", cfg)
-            save_safetensors(tmp / component / "weights.safetensors", dict(tree_flatten(model.parameters())))
-        write_json(tmp / MANIFEST_NAME, {"format": "mlx-stablefused", "format_version": 1,
-                                          "converter_version": __version__, "source": DEMO_MODEL_ID,
-                                          "dtype": "float32", "demo_version": DEMO_VERSION})
+        for name, raw in demo_configs(vocab_size).items():
+            component = STABLE_DIFFUSION.component(name)
+            kind = component.kind_for(raw)
+            weights = _demo_weights(networks, kind, kind.parse_config(raw), seed)
+            write_json(tmp / component.folder / "config.json", raw)
+            path = (fmt.weights_path(tmp, component.folder) if converted
+                    else tmp / component.folder / f"{component.weight_stems[0]}.safetensors")
+            save_numpy_safetensors(path, weights)
+        if converted:
+            write_json(tmp / fmt.MANIFEST_NAME, fmt.manifest(
+                source=DEMO_MODEL_ID, dtype="float32", components=STABLE_DIFFUSION.names,
+                converter_version=__version__, demo_version=DEMO_VERSION))
     return Path(folder)
 
 
 def ensure_demo_model() -> Path:
     """Path of the demo model, built into the cache on first use."""
-    from .sources import cache_root
-
     folder = cache_root() / f"demo-v{DEMO_VERSION}"
-    if not (folder / MANIFEST_NAME).is_file():
+    if not (folder / "model_index.json").is_file():
         build_demo_model(folder)
     return folder
 
 
-DEMO_MOTION_ADAPTER_ID = "demo:motion"
+def demo_motion_config() -> dict[str, Any]:
+    unet = demo_configs(1)["unet"]
+    return {"_class_name": "MotionAdapter", "block_out_channels": unet["block_out_channels"],
+            "motion_layers_per_block": unet["layers_per_block"], "motion_num_attention_heads": 4,
+            "motion_norm_num_groups": unet["norm_num_groups"], "motion_max_seq_length": 32,
+            "use_motion_mid_block": False}
 
 
-def ensure_demo_motion_adapter() -> Path:
-    """A random motion adapter for the demo model (diffusers MotionAdapter layout), built on first use."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+def ensure_demo_motion_adapter(seed: int = 1) -> Path:
+    """A random motion adapter for the demo model (diffusers MotionAdapter layout), built on first use.
 
-    from .backends.mlx.motion import AnimateDiffTransformer3D
-    from .sources import cache_root
-
+    Its tensors are the motion modules of the demo UNet built with this adapter's config."""
     folder = cache_root() / f"demo-motion-v{DEMO_VERSION}"
     if (folder / "config.json").is_file():
         return folder
-    unet = demo_configs(1)["unet"]
-    channels, groups, heads = unet["block_out_channels"], unet["norm_num_groups"], 4
-    mx.random.seed(1)
-    weights = {}
-    count = {"down_blocks": unet["layers_per_block"], "up_blocks": unet["layers_per_block"] + 1}
-    for kind, per_block in count.items():
-        order = channels if kind == "down_blocks" else channels[::-1]
-        for i, c in enumerate(order):
-            for j in range(per_block):
-                module = AnimateDiffTransformer3D(c, heads, 1, groups, 32)
-                weights.update({f"{kind}.{i}.motion_modules.{j}.{k}": v for k, v in tree_flatten(module.parameters())})
-    config = {"_class_name": "MotionAdapter", "block_out_channels": channels,
-              "motion_layers_per_block": unet["layers_per_block"], "motion_num_attention_heads": heads,
-              "motion_norm_num_groups": groups, "motion_max_seq_length": 32, "use_motion_mid_block": False}
+    networks, config = installed_networks(), demo_motion_config()
+    unet = UNetConfig.from_dict(demo_configs(1)["unet"])
+    shapes = networks.parameter_shapes(networks.build(UNET_2D, unet, motion=MotionConfig.from_dict(config)))
+    weights = {k: demo_tensor(k, s, "diffusers", seed) for k, s in shapes.items() if ".motion_modules." in k}
     with atomic_directory(folder, overwrite=True) as tmp:
-        save_safetensors(tmp / "diffusion_pytorch_model.safetensors", weights)
+        save_numpy_safetensors(tmp / "diffusion_pytorch_model.safetensors", weights)
         write_json(tmp / "config.json", config)
     return folder
+
+
+SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter}
+
+
+def resolve_special_id(spec: Any) -> Any:
+    """The folder of a special id (``demo:tiny-random``, ``demo:motion``), built on first use; anything
+    else unchanged. The entry layer (pipelines, CLI) calls this before resolving a model or adapter."""
+    if not isinstance(spec, str) or not spec.startswith(SPECIAL_ID_PREFIX):
+        return spec
+    if spec not in SPECIAL_IDS:
+        raise ModelSourceError(f"unknown special id {spec!r}; known: {', '.join(SPECIAL_IDS)}")
+    return SPECIAL_IDS[spec]()
+
+
+def resolve_special_adapter(adapter: Any) -> Any:
+    """The files of a motion adapter named by a special id (``demo:motion``, which ``resolve_motion_adapter``
+    only recognises); any other adapter source unchanged."""
+    from .motion_adapters import MotionAdapterSource, resolve_motion_adapter
+
+    if not isinstance(adapter, MotionAdapterSource) or adapter.files or adapter.origin not in SPECIAL_IDS:
+        return adapter
+    return resolve_motion_adapter(resolve_special_id(adapter.origin), config=dict(adapter.overrides) or None)

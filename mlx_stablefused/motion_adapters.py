@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from .config import MotionConfig, read_json
 from .errors import ModelSourceError, WeightLoadError
+from .sources import is_special_id
 from .weights import Rule, map_keys
 
 _P = r"((?:down_blocks|up_blocks)\.\d+\.motion_modules\.\d+|mid_block\.motion_modules\.\d+)"
@@ -60,10 +61,8 @@ def resolve_motion_adapter(spec: str | Path, *, variant: str | None = None, loca
 
 
 def _locate(spec: str | Path, variant: str | None, local_files_only: bool) -> MotionAdapterSource:
-    from .demo import DEMO_MOTION_ADAPTER_ID, ensure_demo_motion_adapter
-
-    if str(spec) == DEMO_MOTION_ADAPTER_ID:
-        return _folder_source(ensure_demo_motion_adapter(), None, DEMO_MOTION_ADAPTER_ID)
+    if is_special_id(spec):  # no files yet: the entry layer builds it (mlx_stablefused.demo.resolve_special_adapter)
+        return MotionAdapterSource((), None, str(spec))
     path = Path(spec).expanduser()
     if path.is_file():
         return _file_source(path, str(spec))
@@ -108,6 +107,9 @@ def _folder_source(folder: Path, variant: str | None, origin: str) -> MotionAdap
 
 def motion_state(source: MotionAdapterSource, read: Callable[[Path], dict]) -> tuple[dict, MotionConfig]:
     """Weights renamed to diffusers' motion-module keys, and the adapter config (inferred if needed)."""
+    if not source.files and is_special_id(source.origin):
+        raise ModelSourceError(f"motion adapter {source.origin!r} is a special id; resolve it first "
+                               "(mlx_stablefused.demo.resolve_special_adapter)")
     raw: dict[str, Any] = {}
     for f in source.files:
         raw.update(read(f))

@@ -14,18 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from . import converted_format as fmt
 from .errors import ModelSourceError
+from .model_description import STABLE_DIFFUSION, Component, ModelDescription
 
-MANIFEST_NAME = "mlx_manifest.json"
-DEMO_MODEL_ID = "demo:tiny-random"
-MODEL_COMPONENTS = ("text_encoder", "unet", "vae")
-SUPPORT_PATTERNS = ("model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json")
-# (stem of safetensors files, stem of PyTorch pickles) per component, as diffusers names them.
-WEIGHT_STEMS = {
-    "text_encoder": ("model", "pytorch_model"),
-    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-}
+# Ids such as ``demo:tiny-random`` name models the entry layer (pipelines, CLI) builds itself
+# (``mlx_stablefused.demo.resolve_special_id``); the resolver only recognises them, to say so.
+SPECIAL_ID_PREFIX = "demo:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -36,31 +31,24 @@ class ModelSource:
     origin: str  # what the user passed
 
 
-def weight_candidates(component: str, variant: str | None) -> list[tuple[str, ...]]:
-    """Weight file names for a component, best first; each entry is one file or a shard index."""
-    st, pt = WEIGHT_STEMS[component]
-    names: list[tuple[str, ...]] = []
-    if variant:
-        names += [(f"{st}.{variant}.safetensors",), (f"{st}.safetensors.index.{variant}.json",),
-                  (f"{pt}.{variant}.bin",), (f"{pt}.bin.index.{variant}.json",)]
-    names += [(f"{st}.safetensors",), (f"{st}.safetensors.index.json",), (f"{pt}.bin",), (f"{pt}.bin.index.json",)]
-    return names
+def is_special_id(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(SPECIAL_ID_PREFIX)
 
 
-def select_weight_file(available: Iterable[str], component: str, variant: str | None) -> str | None:
+def select_weight_file(available: Iterable[str], component: Component, variant: str | None) -> str | None:
     """Pick the best weight file (path relative to the model root) among ``available`` names."""
     available = set(available)
-    for (name,) in weight_candidates(component, variant):
-        rel = f"{component}/{name}"
+    for name in component.weight_candidates(variant):
+        rel = f"{component.folder}/{name}"
         if rel in available:
             if variant and f".{variant}." not in name:
-                warnings.warn(f"{component} has no {variant!r} variant; using {name}", stacklevel=3)
+                warnings.warn(f"{component.name} has no {variant!r} variant; using {name}", stacklevel=3)
             return rel
     return None
 
 
 def classify_folder(root: Path) -> str | None:
-    if (root / MANIFEST_NAME).is_file():
+    if fmt.is_converted(root):
         return "mlx"
     if (root / "model_index.json").is_file() or (root / "unet" / "config.json").is_file():
         return "diffusers"
@@ -68,14 +56,13 @@ def classify_folder(root: Path) -> str | None:
 
 
 def resolve_model(model_id: str | Path, *, variant: str | None = None, revision: str | None = None,
-                  local_files_only: bool = False) -> ModelSource:
-    """Find or download the model named ``model_id``."""
+                  local_files_only: bool = False, description: ModelDescription = STABLE_DIFFUSION) -> ModelSource:
+    """Find or download the model named ``model_id`` (a hub id downloads what ``description`` needs)."""
     if not isinstance(model_id, (str, Path)) or not str(model_id).strip():
         raise ModelSourceError(f"model_id must be a hub repo id or a path, got {model_id!r}")
-    if str(model_id) == DEMO_MODEL_ID:
-        from .demo import ensure_demo_model
-
-        return ModelSource(ensure_demo_model(), "mlx", DEMO_MODEL_ID)
+    if is_special_id(model_id):
+        raise ModelSourceError(f"{model_id!r} is a special id: the pipelines and the CLI build it "
+                               "(mlx_stablefused.demo.resolve_special_id gives its folder)")
     path = Path(model_id).expanduser()
     if path.exists():
         if path.is_file():
@@ -86,27 +73,29 @@ def resolve_model(model_id: str | Path, *, variant: str | None = None, revision:
         kind = classify_folder(path)
         if kind is None:
             raise ModelSourceError(f"{path} is neither a diffusers model folder (no model_index.json or "
-                                   f"unet/config.json) nor a converted MLX folder (no {MANIFEST_NAME})")
+                                   f"unet/config.json) nor a converted MLX folder (no {fmt.MANIFEST_NAME})")
         return ModelSource(path.resolve(), kind, str(model_id))
     text = str(model_id)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise ModelSourceError(f"model path {text!r} does not exist (and is not a hub repo id of the form owner/name)")
-    root = _download(text, variant=variant, revision=revision, local_files_only=local_files_only)
+    root = _download(text, variant=variant, revision=revision, local_files_only=local_files_only,
+                     description=description)
     kind = classify_folder(root) or "diffusers"
     return ModelSource(root, kind, text)
 
 
-def _download(repo_id: str, *, variant: str | None, revision: str | None, local_files_only: bool) -> Path:
+def _download(repo_id: str, *, variant: str | None, revision: str | None, local_files_only: bool,
+              description: ModelDescription) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
-    patterns = list(SUPPORT_PATTERNS) + [MANIFEST_NAME, "*/weights.safetensors"]
+    patterns = description.hub_support_patterns() + list(fmt.HUB_PATTERNS)
     reason = "offline mode requested"
     if not local_files_only:
         try:
             files = HfApi().list_repo_files(repo_id, revision=revision)
-            chosen = [select_weight_file(files, c, variant) for c in MODEL_COMPONENTS]
-            missing = [c for c, f in zip(MODEL_COMPONENTS, chosen) if f is None]
-            if missing and MANIFEST_NAME not in files:
+            chosen = [select_weight_file(files, c, variant) for c in description.components]
+            missing = [c.name for c, f in zip(description.components, chosen) if f is None]
+            if missing and fmt.MANIFEST_NAME not in files:
                 raise ModelSourceError(f"hub repo {repo_id!r} has no weights for {missing}; "
                                        "is it a Stable Diffusion model in diffusers format?")
             for rel in filter(None, chosen):
@@ -140,16 +129,23 @@ def cache_root() -> Path:
     return Path(base) / "mlx-stablefused"
 
 
-def local_weight_file(root: Path, component: str, variant: str | None) -> Path:
-    folder = root / component
+def local_weight_file(root: Path, component: Component, variant: str | None) -> Path:
+    """The best weight file of ``component`` in a diffusers folder (a shard index for sharded weights)."""
+    folder = root / component.folder
     if not folder.is_dir():
-        raise ModelSourceError(f"{root} has no {component}/ folder")
-    names = [f"{component}/{p.name}" for p in folder.iterdir()]
+        raise ModelSourceError(f"{root} has no {component.folder}/ folder")
+    names = [f"{component.folder}/{p.name}" for p in folder.iterdir()]
     rel = select_weight_file(names, component, variant)
     if rel is None:
-        wanted = ", ".join(n for (n,) in weight_candidates(component, variant))
+        wanted = ", ".join(component.weight_candidates(variant))
         raise ModelSourceError(f"no weights in {folder} (looked for {wanted})")
     return root / rel
+
+
+def weight_files(root: Path, component: Component, variant: str | None) -> list[Path]:
+    """The files holding ``component``'s weights: its best weight file, or the shards it indexes."""
+    path = local_weight_file(root, component, variant)
+    return shard_files(path) if path.name.endswith(".json") else [path]
 
 
 def shard_files(index_file: Path) -> list[Path]:

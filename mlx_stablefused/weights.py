@@ -1,16 +1,16 @@
 """Checkpoint keys to model parameters: mapping tables, layout transforms, strict loading.
 
 The MLX modules use diffusers' / transformers' attribute names, so most keys map to
-themselves. What differs is written down here as data: a table of rules per component
-(full-key regex -> replacement, or ``None`` to drop a non-weight buffer), applied
-first-match-wins and never chained. Layout follows from the array itself: every 4-D
-tensor in a PyTorch-layout checkpoint is a convolution kernel (O, I, kh, kw), which
+themselves. What differs is written down as data: a table of ``Rule``s per network kind
+(full-key regex -> replacement, or ``None`` to drop a non-weight buffer; the tables live in
+``model_description``), applied first-match-wins and never chained. Layout follows from the
+array itself: every 4-D tensor in a PyTorch-layout checkpoint is a convolution kernel (O, I, kh, kw), which
 becomes (O, kh, kw, I) for an MLX Conv2d or (O, I) for a 1x1 convolution held as Linear.
 
 Loading is strict: a missing, unexpected or mis-shaped key raises ``WeightLoadError``
 naming every offender, so a model can never run with weights left at random init. The layout
-transforms and the loading into modules are per backend (``backends/*/``); this module imports
-no framework.
+transforms and the assignment into modules are per backend (``backends/*/loading.py``), the
+loading flow is ``model_loading``; this module imports no framework.
 """
 
 from __future__ import annotations
@@ -32,23 +32,6 @@ class Rule:
         if not m:
             return False, key
         return True, None if self.replacement is None else m.expand(self.replacement)
-
-
-_LEGACY_VAE_ATTENTION = [
-    Rule(rf"(.*\.attentions\.\d+)\.{old}\.(weight|bias)", rf"\1.{new}.\2")
-    for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
-]
-
-# diffusers / transformers key -> our parameter name, per component.
-RULES: dict[str, list[Rule]] = {
-    "text_encoder": [
-        Rule(r"(text_model\.)?embeddings\.position_ids", None),
-        # transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix.
-        Rule(r"((?:embeddings|encoder|final_layer_norm)\..*)", r"text_model.\1"),
-    ],
-    "unet": [],
-    "vae": _LEGACY_VAE_ATTENTION,
-}
 
 
 def map_keys(state: Mapping[str, Any], rules: Iterable[Rule]) -> dict[str, Any]:
@@ -76,7 +59,6 @@ def _describe(keys: list[str], limit: int = 12) -> str:
     return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-
 def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, object], source: str,
                 model_name: str) -> dict[str, tuple[int, ...]]:
     """Raise unless ``weights`` has exactly the ``expected`` names, naming every missing and unexpected one."""
@@ -91,7 +73,6 @@ def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, o
             parts.append(f"{len(unexpected)} unexpected: {_describe(unexpected)}")
         raise WeightLoadError(f"{source} does not match {model_name}: " + "; ".join(parts))
     return expected
-
 
 
 def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:

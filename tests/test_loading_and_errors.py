@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_stablefused import (ModelSourceError, TextToImageDiffusion, UnsupportedModelError, WeightLoadError)
-from mlx_stablefused.backends.mlx import loading
+from mlx_stablefused import model_loading
 from mlx_stablefused.backends.mlx.loading import convert_model
 from mlx_stablefused.sources import resolve_model
 
@@ -89,17 +89,17 @@ def test_on_the_fly_conversion_is_cached(sd1, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the second load must not convert again")
 
-    monkeypatch.setattr(loading, "convert_model", fail)
+    monkeypatch.setattr(model_loading, "write_converted", fail)
     pipe = TextToImageDiffusion(root, progress=False)
     assert generate(pipe).shape == (1, 64, 64, 3)
 
 
 def test_cache_key_changes_when_weights_change(model_copy):
     source = resolve_model(model_copy)
-    key = loading._cache_key(source, mx.float32, None)
+    key = model_loading.cache_key(source, "float32", None)
     os.utime(model_copy / UNET_FILE, ns=(1, 1))
-    assert loading._cache_key(source, mx.float32, None) != key
-    assert loading._cache_key(source, mx.float16, None) != loading._cache_key(source, mx.float32, None)
+    assert model_loading.cache_key(source, "float32", None) != key
+    assert model_loading.cache_key(source, "float16", None) != model_loading.cache_key(source, "float32", None)
 
 
 def test_pytorch_bin_is_read_safely(model_copy):

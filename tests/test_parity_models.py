@@ -7,16 +7,14 @@ import torch
 import mlx.core as mx
 from conftest import rel_error, report
 
-from mlx_stablefused.backends.mlx.loading import build_component, read_diffusers_component
-from mlx_stablefused.backends.mlx.weights import apply_weights
+from mlx_stablefused.backends.mlx.loading import NETWORKS as MLX_NETWORKS
+from mlx_stablefused.model_loading import load_network
 
 TOL = 1e-4
 
 
 def load_mlx(root, component):
-    model = build_component(root, component)
-    apply_weights(model, read_diffusers_component(root, component, model, None, None), component)
-    return model
+    return load_network(root, component, MLX_NETWORKS)
 
 
 def nchw_to_nhwc(x):
@@ -35,14 +33,9 @@ class Runner:
         if backend == "mlx":
             self.model = load_mlx(root, component)
         else:
-            from mlx_stablefused.backends.torch.loading import build_component as build_torch
-            from mlx_stablefused.backends.torch.loading import component_state
-            from mlx_stablefused.sources import ModelSource
+            from mlx_stablefused.backends.torch.loading import TorchNetworks
 
-            self.model = build_torch(root, component)
-            self.model.load_state_dict(component_state(ModelSource(root, "diffusers", str(root)), component,
-                                                       self.model, None))
-            self.model.eval()
+            self.model = load_network(root, component, TorchNetworks("cpu"))
 
     def _in(self, x, image=True):
         if self.backend == "mlx":

@@ -47,11 +47,27 @@ class ModelComponents:
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
              local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
-        source = resolve_model(model_id, variant=variant, revision=revision, local_files_only=local_files_only)
+        from dataclasses import replace
+
+        from ..demo import resolve_special_adapter, resolve_special_id
+        from ..model_description import STABLE_DIFFUSION
+        from ..motion_adapters import MotionAdapterSource, resolve_motion_adapter
+        from ..sources import is_special_id
+
+        # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
+        source = resolve_model(resolve_special_id(model_id), variant=variant, revision=revision,
+                               local_files_only=local_files_only, description=STABLE_DIFFUSION)
+        if is_special_id(model_id):
+            source = replace(source, origin=model_id)
+        if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
+            motion_adapter = resolve_motion_adapter(resolve_special_id(motion_adapter),
+                                                    local_files_only=local_files_only)
+        motion_adapter = resolve_special_adapter(motion_adapter)
         scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
-        tokenizer = CLIPTokenizer.from_folder(source.root / "tokenizer")
+        text_encoder = STABLE_DIFFUSION.first_with_role("text_encoder")
+        tokenizer = CLIPTokenizer.from_folder(source.root / STABLE_DIFFUSION.tokenizers[text_encoder.name])
         options: dict[str, Any] = dict(dtype=dtype, variant=variant, use_cache=use_cache, device=device)
         if motion_adapter is not None:
             options["motion_adapter"] = motion_adapter

@@ -8,12 +8,13 @@ import mlx.core as mx
 import numpy as np
 
 from ...conditioning import Conditioning, as_conditioning
+from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import COMPILE, CPU_STREAMS, QUANTIZE, Backend, RunSettings
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
 from .cpu_streams import StreamSet, default_stream_count, split_axis, split_sizes
-from .loading import load_components, parse_dtype
+from .loading import MLXNetworks, load_model
 
 
 class MLXBackend(Backend):
@@ -24,7 +25,8 @@ class MLXBackend(Backend):
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None,
-                 motion_adapter: MotionAdapterSource | None = None, cpu_streams: int | None = None) -> None:
+                 motion_adapter: MotionAdapterSource | None = None, cpu_streams: int | None = None,
+                 description: ModelDescription = STABLE_DIFFUSION) -> None:
         if device not in (None, "gpu", "cpu"):
             raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
         if device is not None:
@@ -34,19 +36,13 @@ class MLXBackend(Backend):
 
             keep_freed_memory()  # MLX's CPU allocator has no buffer cache: no page-fault churn (see _malloc)
         self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
-        self.dtype = parse_dtype(dtype)
-        modules = load_components(source, self.dtype, variant=variant, use_cache=use_cache,
-                                  vae_dtype=self._vae_dtype(source), motion_adapter=motion_adapter)
-        self._weights_files = modules.get("weights_files", {})
+        self.dtype = MLXNetworks.native_dtype(dtype)
+        loaded = load_model(source, MLXNetworks.dtype_name(self.dtype), variant=variant, use_cache=use_cache,
+                            motion_adapter=motion_adapter, description=description)
+        for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
+            setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
+        self._weights_files = loaded.weights_files  # converted files, re-read lazily (see release_text_encoder)
         self._unet_fn = None
-        self.text_encoder = modules["text_encoder"]
-        self.unet_model = modules["unet"]
-        self.vae = modules["vae"]
-        self.text_config = self.text_encoder.config
-        self.unet_config = self.unet_model.config
-        self.vae_config = self.vae.config
-        self.motion_config = self.unet_model.motion
-        self.is_video_unet = self.motion_config is not None or type(self.unet_model).__name__ == "UNet3DConditionModel"
         self.set_cpu_streams(cpu_streams)
         self._settings = RunSettings(cpu_streams=cpu_streams)
 
@@ -66,13 +62,6 @@ class MLXBackend(Backend):
     @property
     def cpu_stream_count(self) -> int:
         return 1 if self.stream_set is None else len(self.stream_set.streams)
-
-    def _vae_dtype(self, source: ModelSource) -> mx.Dtype:
-        # fp16 SD VAEs overflow; diffusers upcasts them (force_upcast) and so do we. bf16 has the range.
-        from ...config import VAEConfig, read_json
-
-        cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
-        return mx.float32 if self.dtype == mx.float16 and cfg.force_upcast else self.dtype
 
     def encode_text(self, token_ids: np.ndarray) -> mx.array:
         out = self.text_encoder(mx.array(token_ids)).last_hidden_state

@@ -8,12 +8,11 @@ import numpy as np
 import torch
 
 from ...conditioning import Conditioning, as_conditioning
-from ...config import VAEConfig, read_json
+from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import Backend
-from .loading import load_components, parse_dtype
-from .unet3d import UNet3DConditionModel
+from .loading import TorchNetworks, load_model
 
 
 def best_device() -> torch.device:
@@ -30,25 +29,19 @@ class TorchBackend(Backend):
 
     def __init__(self, source: ModelSource, dtype: str = "float32", variant: str | None = None,
                  use_cache: bool = True, device: str | None = None,
-                 motion_adapter: MotionAdapterSource | None = None) -> None:
+                 motion_adapter: MotionAdapterSource | None = None,
+                 description: ModelDescription = STABLE_DIFFUSION) -> None:
         self.device = torch.device(device) if device else best_device()
-        self.dtype = parse_dtype(dtype)
+        self.dtype = TorchNetworks.native_dtype(dtype)
         if self.device.type == "cpu":
             from ..._malloc import keep_freed_memory
 
             keep_freed_memory()  # no page-fault churn between steps (see _malloc)
-        vae_cfg = VAEConfig.from_dict(read_json(source.root / "vae" / "config.json"))
-        # fp16 SD VAEs overflow; run the VAE in fp32 then, as diffusers' force_upcast does.
-        vae_dtype = torch.float32 if self.dtype == torch.float16 and vae_cfg.force_upcast else self.dtype
-        modules = load_components(source, {"text_encoder": self.dtype, "unet": self.dtype, "vae": vae_dtype},
-                                  self.device, variant, motion_adapter)
-        self.text_encoder, self.unet_model, self.vae = modules["text_encoder"], modules["unet"], modules["vae"]
-        self.vae_dtype = vae_dtype
-        self.text_config = self.text_encoder.config
-        self.unet_config = self.unet_model.config
-        self.vae_config = self.vae.config
-        self.motion_config = self.unet_model.motion
-        self.is_video_unet = self.motion_config is not None or isinstance(self.unet_model, UNet3DConditionModel)
+        loaded = load_model(source, TorchNetworks.dtype_name(self.dtype), self.device, variant=variant,
+                            motion_adapter=motion_adapter, description=description)
+        for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
+            setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
+        self.vae_dtype = TorchNetworks.native_dtype(loaded.dtypes["vae"])  # fp32 for an fp16 force_upcast VAE, as diffusers
         if self.device.type == "cuda":
             self.unet_model.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)

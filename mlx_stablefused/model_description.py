@@ -1,0 +1,140 @@
+"""What a model is made of, as data: components, their folders, configs, weight files, key rules, dtypes.
+
+The resolver (``sources``), both backends' loaders, the converter and the demo all read a
+``ModelDescription``; none of them names a component. A new network (a second text encoder, a
+ControlNet, an image encoder) is one more ``Component`` here and one module class registered per
+backend under its ``ModuleKind.class_name``. This module imports no framework.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+from .config import CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .weights import Rule
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """One network class: the diffusers / transformers class name (each backend's registry key), the
+    parser of its ``config.json``, and the rules mapping its checkpoint keys onto our parameter names."""
+
+    class_name: str
+    parse_config: Callable[[dict], Any]
+    rules: tuple[Rule, ...] = ()
+    takes_motion_adapter: bool = False  # an AnimateDiff adapter merges into this network
+
+
+def same_dtype(config: Any, dtype: str) -> str:
+    return dtype
+
+
+def upcast_fp16_vae(config: Any, dtype: str) -> str:
+    """fp16 SD VAEs overflow; diffusers runs them in fp32 when the config asks (``force_upcast``).
+    bfloat16 has the range and stays."""
+    return "float32" if dtype == "float16" and getattr(config, "force_upcast", False) else dtype
+
+
+@dataclass(frozen=True)
+class Component:
+    """One sub-folder of a diffusers model that holds a network.
+
+    ``kinds``: the first is the default; another is chosen when the config's ``_class_name`` names it
+    (a UNet3D in the ``unet`` folder). ``weight_stems``: the safetensors and the PyTorch-pickle file
+    stems as diffusers / transformers save them. ``tokenizer``: the folder of the tokenizer that feeds
+    this text encoder. ``role``: what the pipelines use it for (several components may share one)."""
+
+    name: str
+    role: str
+    kinds: tuple[ModuleKind, ...]
+    weight_stems: tuple[str, str]
+    tokenizer: str | None = None
+    dtype_policy: Callable[[Any, str], str] = same_dtype
+
+    @property
+    def folder(self) -> str:
+        return self.name
+
+    def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
+        named = raw_config.get("_class_name")
+        return next((k for k in self.kinds if k.class_name == named), self.kinds[0])
+
+    def weight_candidates(self, variant: str | None) -> list[str]:
+        """Weight file names, best first; a ``*.index.json`` name is a shard index."""
+        st, pt = self.weight_stems
+        names: list[str] = []
+        if variant:
+            names += [f"{st}.{variant}.safetensors", f"{st}.safetensors.index.{variant}.json",
+                      f"{pt}.{variant}.bin", f"{pt}.bin.index.{variant}.json"]
+        return names + [f"{st}.safetensors", f"{st}.safetensors.index.json", f"{pt}.bin", f"{pt}.bin.index.json"]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """A model: its components in load order and the support files the pipelines read."""
+
+    name: str
+    components: tuple[Component, ...]
+    support_files: tuple[str, ...] = ("model_index.json", "scheduler/scheduler_config.json")
+    tokenizer_files: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.components]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: component names repeat: {names}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(f"{self.name} has no component {name!r} (has {list(self.names)})")
+
+    def first_with_role(self, role: str) -> Component | None:
+        return next((c for c in self.components if c.role == role), None)
+
+    @property
+    def tokenizers(self) -> dict[str, str]:
+        """Text-encoder component -> the tokenizer folder that feeds it."""
+        return {c.name: c.tokenizer for c in self.components if c.tokenizer}
+
+    def hub_support_patterns(self) -> list[str]:
+        """What to download besides the weight files: configs, tokenizers, scheduler, model index."""
+        tokenizer_globs = [f"{t}/{g}" for t in dict.fromkeys(self.tokenizers.values()) for g in self.tokenizer_files]
+        return [*self.support_files, *tokenizer_globs,
+                *(f"{c.folder}/config.json" for c in self.components)]
+
+    def adding(self, *components: Component) -> "ModelDescription":
+        """This description with more components (e.g. an SDXL second text encoder)."""
+        return replace(self, components=self.components + tuple(components))
+
+
+def _vae_attention_rules() -> tuple[Rule, ...]:
+    # Old diffusers checkpoints name the VAE mid-block attention query/key/value/proj_attn.
+    return tuple(Rule(rf"(.*\.attentions\.\d+)\.{old}\.(weight|bias)", rf"\1.{new}.\2")
+                 for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0")))
+
+
+CLIP_TEXT_MODEL = ModuleKind("CLIPTextModel", CLIPTextConfig.from_dict, rules=(
+    Rule(r"(text_model\.)?embeddings\.position_ids", None),
+    # transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix.
+    Rule(r"((?:embeddings|encoder|final_layer_norm)\..*)", r"text_model.\1"),
+))
+UNET_2D = ModuleKind("UNet2DConditionModel", UNetConfig.from_dict, takes_motion_adapter=True)
+UNET_3D = ModuleKind("UNet3DConditionModel", UNet3DConfig.from_dict)
+AUTOENCODER_KL = ModuleKind("AutoencoderKL", VAEConfig.from_dict, rules=_vae_attention_rules())
+
+TRANSFORMERS_STEMS = ("model", "pytorch_model")
+DIFFUSERS_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model")
+
+# Stable Diffusion 1.x / 2.x, and ModelScope / Zeroscope (a UNet3D in the unet folder).
+STABLE_DIFFUSION = ModelDescription("Stable Diffusion", (
+    Component("text_encoder", "text_encoder", (CLIP_TEXT_MODEL,), TRANSFORMERS_STEMS, tokenizer="tokenizer"),
+    Component("unet", "unet", (UNET_2D, UNET_3D), DIFFUSERS_STEMS),
+    Component("vae", "vae", (AUTOENCODER_KL,), DIFFUSERS_STEMS, dtype_policy=upcast_fp16_vae),
+))
+
