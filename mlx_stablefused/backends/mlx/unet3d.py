@@ -1,4 +1,4 @@
-"""UNet3DConditionModel (ModelScope text-to-video, Zeroscope) in MLX, built from its diffusers config.
+"""UNet3DConditionModel (ModelScope text-to-video, Zeroscope) in MLX, built from its topology plan.
 
 Every spatial layer is SD's, run per frame (frames in the batch, frame-minor); after each resnet a
 temporal convolution, and after each spatial transformer a temporal transformer, mix the frames.
@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import UNet3DConfig
+from ...topology import DownBlockPlan, MidBlockPlan, UpBlockPlan, unet3d_plan
 from .cpu_math import silu
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D, group_norm, timestep_embedding
 from .motion import TemporalTransformer
@@ -44,42 +45,30 @@ class TemporalConvLayer(nn.Module):
         return x + y.reshape(bf, h, w, c)
 
 
-def _temporal_attention(cfg: UNet3DConfig, channels: int, head_dim: int) -> TemporalTransformer:
-    return TemporalTransformer(channels, channels // head_dim, head_dim, 1, cfg.norm_num_groups, None)
-
-
-def _spatial_attention(cfg: UNet3DConfig, channels: int, head_dim: int) -> Transformer2DModel:
-    return Transformer2DModel(channels, channels // head_dim, 1, cfg.cross_attention_dim, cfg.norm_num_groups,
-                              False, False)
-
-
 class Block3D(nn.Module):
-    """Down or up block: resnet -> temporal conv [-> spatial attention -> temporal attention] per layer."""
+    """Down, mid or up block: resnet -> temporal conv [-> spatial attention -> temporal attention] per layer."""
 
-    def __init__(self, cfg: UNet3DConfig, in_channels: list[int], out: int, head_dim: int, cross: bool,
-                 temb: int) -> None:
+    def __init__(self, plan: DownBlockPlan | MidBlockPlan | UpBlockPlan, carriers: int) -> None:
+        """``carriers``: how many resnets carry attention (all but the mid block's last)."""
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = [ResnetBlock2D(c, out, temb, groups, eps) for c in in_channels]
-        self.temp_convs = [TemporalConvLayer(out, groups) for _ in in_channels]
-        if cross:
-            self.attentions = [_spatial_attention(cfg, out, head_dim) for _ in in_channels]
-            self.temp_attentions = [_temporal_attention(cfg, out, head_dim) for _ in in_channels]
+        self.resnets = [ResnetBlock2D(r) for r in plan.resnets]
+        self.temp_convs = [TemporalConvLayer(r.out_channels, r.groups) for r in plan.resnets]
+        if plan.attention is not None:
+            self.attentions = [Transformer2DModel(plan.attention) for _ in range(carriers)]
+            self.temp_attentions = [TemporalTransformer(plan.temporal_attention) for _ in range(carriers)]
 
     def layer(self, j: int, x: mx.array, temb: mx.array, context: mx.array, f: int) -> mx.array:
         x = self.temp_convs[j](self.resnets[j](x, temb), f)
-        if "attentions" in self:
+        if "attentions" in self and j < len(self.attentions):
             x = self.temp_attentions[j](self.attentions[j](x, context), f)
         return x
 
 
 class DownBlock3D(Block3D):
-    def __init__(self, cfg: UNet3DConfig, index: int, in_channels: int, temb: int) -> None:
-        out = cfg.block_out_channels[index]
-        super().__init__(cfg, [in_channels] + [out] * (cfg.layers_per_block - 1), out, cfg.attention_head_dim[index],
-                         cfg.down_block_types[index] == "CrossAttnDownBlock3D", temb)
-        if index < len(cfg.block_out_channels) - 1:
-            self.downsamplers = [Downsample2D(out, cfg.downsample_padding)]
+    def __init__(self, plan: DownBlockPlan) -> None:
+        super().__init__(plan, len(plan.resnets))
+        if plan.downsample:
+            self.downsamplers = [Downsample2D(plan.out_channels, plan.downsample_padding)]
 
     def __call__(self, x, temb, context, f):
         states = []
@@ -93,16 +82,10 @@ class DownBlock3D(Block3D):
 
 
 class UpBlock3D(Block3D):
-    def __init__(self, cfg: UNet3DConfig, index: int, temb: int) -> None:
-        rev = cfg.block_out_channels[::-1]
-        n = len(rev)
-        out, prev_out, skip_in = rev[index], rev[max(index - 1, 0)], rev[min(index + 1, n - 1)]
-        layers = cfg.layers_per_block + 1
-        ins = [(prev_out if j == 0 else out) + (skip_in if j == layers - 1 else out) for j in range(layers)]
-        super().__init__(cfg, ins, out, cfg.attention_head_dim[::-1][index],
-                         cfg.up_block_types[index] == "CrossAttnUpBlock3D", temb)
-        if index < n - 1:
-            self.upsamplers = [Upsample2D(out)]
+    def __init__(self, plan: UpBlockPlan) -> None:
+        super().__init__(plan, len(plan.resnets))
+        if plan.upsample:
+            self.upsamplers = [Upsample2D(plan.out_channels)]
 
     def __call__(self, x, skips, temb, context, f, upsample_size):
         for j in range(len(self.resnets)):
@@ -112,20 +95,12 @@ class UpBlock3D(Block3D):
         return x
 
 
-class UNetMidBlock3DCrossAttn(nn.Module):
-    def __init__(self, cfg: UNet3DConfig, temb: int) -> None:
-        super().__init__()
-        c, d = cfg.block_out_channels[-1], cfg.attention_head_dim[-1]
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = [ResnetBlock2D(c, c, temb, groups, eps) for _ in range(2)]
-        self.temp_convs = [TemporalConvLayer(c, groups) for _ in range(2)]
-        self.attentions = [_spatial_attention(cfg, c, d)]
-        self.temp_attentions = [_temporal_attention(cfg, c, d)]
+class UNetMidBlock3DCrossAttn(Block3D):
+    def __init__(self, plan: MidBlockPlan) -> None:
+        super().__init__(plan, 1)
 
     def __call__(self, x, temb, context, f):
-        x = self.temp_convs[0](self.resnets[0](x, temb), f)
-        x = self.temp_attentions[0](self.attentions[0](x, context), f)
-        return self.temp_convs[1](self.resnets[1](x, temb), f)
+        return self.layer(1, self.layer(0, x, temb, context, f), temb, context, f)
 
 
 class UNet3DConditionModel(nn.Module):
@@ -134,21 +109,16 @@ class UNet3DConditionModel(nn.Module):
     def __init__(self, config: UNet3DConfig) -> None:
         super().__init__()
         self.config = config
-        c0 = config.block_out_channels[0]
-        temb = 4 * c0
-        self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
-        self.time_embedding = TimestepEmbedding(c0, temb)
-        self.transformer_in = TemporalTransformer(c0, 8, config.attention_head_dim[0], 1, config.norm_num_groups,
-                                                  None)
-        self.down_blocks = []
-        in_ch = c0
-        for i in range(len(config.block_out_channels)):
-            self.down_blocks.append(DownBlock3D(config, i, in_ch, temb))
-            in_ch = config.block_out_channels[i]
-        self.mid_block = UNetMidBlock3DCrossAttn(config, temb)
-        self.up_blocks = [UpBlock3D(config, i, temb) for i in range(len(config.block_out_channels))]
-        self.conv_norm_out = group_norm(config.norm_num_groups, c0, config.norm_eps)
-        self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
+        self.plan = plan = unet3d_plan(config)
+        c0 = plan.base_channels
+        self.conv_in = nn.Conv2d(plan.in_channels, c0, 3, padding=1)
+        self.time_embedding = TimestepEmbedding(c0, plan.temb_channels)
+        self.transformer_in = TemporalTransformer(plan.transformer_in)
+        self.down_blocks = [DownBlock3D(block) for block in plan.down_blocks]
+        self.mid_block = UNetMidBlock3DCrossAttn(plan.mid_block)
+        self.up_blocks = [UpBlock3D(block) for block in plan.up_blocks]
+        self.conv_norm_out = group_norm(plan.groups, c0, plan.eps)
+        self.conv_out = nn.Conv2d(c0, plan.out_channels, 3, padding=1)
 
     def __call__(self, sample: mx.array, timestep: mx.array, encoder_hidden_states: mx.array,
                  num_frames: int | None = None) -> mx.array:
@@ -156,8 +126,8 @@ class UNet3DConditionModel(nn.Module):
         f = num_frames or 1
         bf = sample.shape[0]
         t = mx.broadcast_to(mx.array(timestep).reshape(-1), (bf,))
-        temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0], True, 0).astype(
-            sample.dtype))
+        t_emb = timestep_embedding(t, self.plan.base_channels, self.plan.flip_sin_to_cos, self.plan.freq_shift)
+        temb = self.time_embedding(t_emb.astype(sample.dtype))
         ctx = encoder_hidden_states
         x = self.transformer_in(self.conv_in(sample), f)
         skips = [x]

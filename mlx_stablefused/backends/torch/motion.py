@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ...topology import TemporalPlan
 from .layers import Attention, FeedForward, group_norm
 
 
@@ -39,14 +40,14 @@ class TemporalTransformer(nn.Module):
     """Attention across frames per pixel: AnimateDiff's motion module (sinusoidal positions, a maximum
     length) or ModelScope's TransformerTemporalModel (no positions)."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, num_layers: int, groups: int,
-                 max_seq_length: int | None) -> None:
+    def __init__(self, plan: TemporalPlan) -> None:
         super().__init__()
+        channels, heads, head_dim, max_seq_length = plan.channels, plan.heads, plan.head_dim, plan.max_seq_length
         inner = heads * head_dim
-        self.norm = group_norm(groups, channels, 1e-6)
+        self.norm = group_norm(plan.groups, channels, 1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(inner, heads, head_dim)
-                                                 for _ in range(num_layers)])
+                                                 for _ in range(plan.layers)])
         self.proj_out = nn.Linear(inner, channels)
         self.max_seq_length = max_seq_length
         self.per_frame_norm = False
@@ -79,4 +80,5 @@ class TemporalTransformer(nn.Module):
 def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups: int,  # noqa: N802
                              max_seq_length: int) -> TemporalTransformer:
     """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
-    return TemporalTransformer(channels, heads, channels // heads, num_layers, groups, max_seq_length)
+    return TemporalTransformer(TemporalPlan(channels, heads, channels // heads, num_layers, groups,
+                                            max_seq_length))
