@@ -66,9 +66,10 @@ class TemporalPlan:
 class _LayerCarry:
     """What rides on each resnet of a block, in diffusers' attribute names."""
 
+    temporal_conv: bool = False  # temp_convs.j (UNet3D), on every resnet: right after it
     attention: AttentionPlan | None = None  # attentions.j: after the resnet (and its temporal conv)
-    motion: TemporalPlan | None = None  # motion_modules.j (AnimateDiff): after the attention
     temporal_attention: TemporalPlan | None = None  # temp_attentions.j (UNet3D): after the attention
+    motion: TemporalPlan | None = None  # motion_modules.j (AnimateDiff): after the attention
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,8 +119,7 @@ class UpBlockPlan(_LayerCarry):
 
 @dataclass(frozen=True)
 class UNetPlan:
-    """A UNet2DConditionModel (optionally with motion modules) or a UNet3DConditionModel (``transformer_in``
-    set; every resnet of it is followed by a temporal convolution of its width)."""
+    """A UNet2DConditionModel (optionally with motion modules) or a UNet3DConditionModel."""
 
     in_channels: int
     out_channels: int
@@ -302,12 +302,12 @@ def unet3d_plan(config: UNet3DConfig) -> UNetPlan:
 
     def carry(level: int, channels: int, cross: bool) -> _LayerCarry:
         if not cross:
-            return _LayerCarry()
+            return _LayerCarry(temporal_conv=True)
         d = config.attention_head_dim[level]
         return _LayerCarry(
             attention=AttentionPlan(channels, channels // d, d, 1, config.cross_attention_dim, groups,
                                     linear_projection=True, bias=False, upcast=False),
-            temporal_attention=TemporalPlan(channels, channels // d, d, 1, groups, None))
+            temporal_conv=True, temporal_attention=TemporalPlan(channels, channels // d, d, 1, groups, None))
 
     n = len(ch)
     layers = (config.layers_per_block,) * n

@@ -1,4 +1,5 @@
-"""AnimateDiff motion modules in MLX: temporal self-attention across the frames of each pixel.
+"""Temporal layers in MLX: attention (AnimateDiff's motion modules, ModelScope's temporal transformers)
+and convolution (ModelScope's) across the frames of each pixel.
 
 A motion module is a residual block inserted after each spatial layer of the SD UNet. Frames
 live in the batch axis, (B*F, H, W, C), frame-minor; the module regroups them as one
@@ -14,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...topology import TemporalPlan
+from .cpu_math import silu
 from .layers import Attention, FeedForward, group_norm
 
 
@@ -86,3 +88,31 @@ def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups:
     """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
     return TemporalTransformer(TemporalPlan(channels, heads, channels // heads, num_layers, groups,
                                             max_seq_length))
+
+
+class TemporalConvLayer(nn.Module):
+    """Four (GroupNorm, SiLU, 3-tap convolution over frames) stages and a residual; diffusers' key layout:
+    conv1 = [norm, act, conv], conv2..4 = [norm, act, dropout, conv]."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv2 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv3 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv4 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+
+    def __call__(self, x: mx.array, num_frames: int) -> mx.array:
+        bf, h, w, c = x.shape
+        f = num_frames
+        b = bf // f
+        y = x.reshape(b, f, h * w, c)
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            norm, conv = stage[0], stage[-1]
+            y = silu(norm(y.reshape(b, f * h * w, c)))  # statistics across frames, as on (B, C, F, H, W)
+            # a convolution over frames for every pixel: (B*HW, F, C)
+            y = y.reshape(b, f, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, f, c)
+            y = conv(y).reshape(b, h * w, f, c).transpose(0, 2, 1, 3)
+        return x + y.reshape(bf, h, w, c)

@@ -1,4 +1,5 @@
-"""UNet2DConditionModel (SD 1.x / 2.x) in MLX, built from its topology plan (mlx_stablefused.topology)."""
+"""UNet2DConditionModel (SD 1.x / 2.x, AnimateDiff's motion UNet) in MLX, and the blocks and forward it
+shares with UNet3DConditionModel, built from a topology plan (mlx_stablefused.topology)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import MotionConfig, UNetConfig
-from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UpBlockPlan, unet_plan
+from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UNetPlan, UpBlockPlan, unet_plan
 from .cpu_math import silu
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
-from .motion import TemporalTransformer
+from .motion import TemporalConvLayer, TemporalTransformer
 
 
 class BasicTransformerBlock(nn.Module):
@@ -54,28 +55,40 @@ class Transformer2DModel(nn.Module):
 
 
 class LayeredBlock(nn.Module):
-    """What down, mid and up blocks share: resnets, each followed by its attention and motion module."""
+    """What down, mid and up blocks share: resnets, each followed by what the plan puts on it, in
+    diffusers' order: a temporal convolution (UNet3D), spatial attention, temporal attention (UNet3D),
+    a motion module (AnimateDiff; run only when frames are given)."""
 
     def __init__(self, plan: DownBlockPlan | MidBlockPlan | UpBlockPlan, carriers: int) -> None:
-        """``carriers``: how many resnets carry an attention and motion module (all but the mid block's last)."""
+        """``carriers``: how many resnets carry attention (all but the mid block's last)."""
         super().__init__()
         self.resnets = [ResnetBlock2D(r) for r in plan.resnets]
+        if plan.temporal_conv:
+            self.temp_convs = [TemporalConvLayer(r.out_channels, r.groups) for r in plan.resnets]
         if plan.attention is not None:
             self.attentions = [Transformer2DModel(plan.attention) for _ in range(carriers)]
+        if plan.temporal_attention is not None:
+            self.temp_attentions = [TemporalTransformer(plan.temporal_attention) for _ in range(carriers)]
         if plan.motion is not None:
             self.motion_modules = [TemporalTransformer(plan.motion) for _ in range(carriers)]
+        self._carriers = carriers
 
     def layer(self, j: int, x: mx.array, temb: mx.array, context: mx.array, num_frames: int | None) -> mx.array:
         x = self.resnets[j](x, temb)
-        if "attentions" in self:
-            x = self.attentions[j](x, context)
-        if num_frames is not None and "motion_modules" in self:
-            x = self.motion_modules[j](x, num_frames)
+        if "temp_convs" in self:
+            x = self.temp_convs[j](x, num_frames)
+        if j < self._carriers:
+            if "attentions" in self:
+                x = self.attentions[j](x, context)
+            if "temp_attentions" in self:
+                x = self.temp_attentions[j](x, num_frames)
+            if num_frames is not None and "motion_modules" in self:
+                x = self.motion_modules[j](x, num_frames)
         return x
 
 
 class DownBlock(LayeredBlock):
-    """CrossAttnDownBlock2D when the plan has attention, else DownBlock2D; with motion modules, AnimateDiff's."""
+    """CrossAttnDownBlock2D when the plan has attention, else DownBlock2D (UNet3D: the 3D blocks)."""
 
     def __init__(self, plan: DownBlockPlan) -> None:
         super().__init__(plan, len(plan.resnets))
@@ -95,8 +108,7 @@ class DownBlock(LayeredBlock):
 
 
 class UpBlock(LayeredBlock):
-    """CrossAttnUpBlock2D when the plan has attention, else UpBlock2D; ``index`` counts from the lowest
-    resolution."""
+    """CrossAttnUpBlock2D when the plan has attention, else UpBlock2D (UNet3D: the 3D blocks)."""
 
     def __init__(self, plan: UpBlockPlan) -> None:
         super().__init__(plan, len(plan.resnets))
@@ -113,11 +125,13 @@ class UpBlock(LayeredBlock):
 
 
 class UNetMidBlock2DCrossAttn(LayeredBlock):
+    """UNetMidBlock2DCrossAttn (UNet3D: UNetMidBlock3DCrossAttn)."""
+
     def __init__(self, plan: MidBlockPlan) -> None:
         super().__init__(plan, 1)
 
     def __call__(self, x: mx.array, temb: mx.array, context: mx.array, num_frames: int | None = None) -> mx.array:
-        return self.resnets[1](self.layer(0, x, temb, context, num_frames), temb)
+        return self.layer(1, self.layer(0, x, temb, context, num_frames), temb, context, num_frames)
 
 
 class TimestepEmbedding(nn.Module):
@@ -130,17 +144,18 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(silu(self.linear_1(x)))
 
 
-class UNet2DConditionModel(nn.Module):
-    """SD's UNet; with ``motion`` (an AnimateDiff adapter config) it is diffusers' UNetMotionModel."""
+class ConditionalUNet(nn.Module):
+    """The UNet both UNet2DConditionModel and UNet3DConditionModel are, built from a topology plan."""
 
-    def __init__(self, config: UNetConfig, motion: MotionConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.motion = motion
-        self.plan = plan = unet_plan(config, motion)
+    motion: MotionConfig | None = None  # an AnimateDiff adapter's config, on motion UNets
+
+    def build(self, plan: UNetPlan) -> None:
+        self.plan = plan
         c0 = plan.base_channels
         self.conv_in = nn.Conv2d(plan.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, plan.temb_channels)
+        if plan.transformer_in is not None:
+            self.transformer_in = TemporalTransformer(plan.transformer_in)
         self.down_blocks = [DownBlock(block) for block in plan.down_blocks]
         if plan.mid_block is not None:
             self.mid_block = UNetMidBlock2DCrossAttn(plan.mid_block)
@@ -148,17 +163,22 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = group_norm(plan.groups, c0, plan.eps)
         self.conv_out = nn.Conv2d(c0, plan.out_channels, 3, padding=1)
 
+    def frames(self, num_frames: int | None) -> int | None:
+        """The frame count the temporal layers see (None: no temporal mixing)."""
+        if num_frames is not None and self.motion is None:
+            raise ValueError("num_frames needs a UNet built with a motion adapter")
+        return num_frames
+
     def __call__(self, sample: mx.array, timestep: mx.array, encoder_hidden_states: mx.array,
                  num_frames: int | None = None, down_block_additional_residuals: Sequence[mx.array] | None = None,
                  mid_block_additional_residual: mx.array | None = None) -> mx.array:
         """``sample`` NHWC; ``timestep`` a scalar or (B,) training-time value; context (B, L, D).
 
-        With ``num_frames`` (motion UNets), the batch holds B/F videos of F frames each, frame-minor,
-        and the motion modules mix information across each video's frames. The additional residuals
-        (a ControlNet's, NHWC) are added to the skip states in order and to the mid block's output.
+        With ``num_frames`` (motion UNets, UNet3D), the batch holds B/F videos of F frames each,
+        frame-minor, and the temporal layers mix information across each video's frames. The additional
+        residuals (a ControlNet's, NHWC) are added to the skip states in order and to the mid block's output.
         """
-        if num_frames is not None and self.motion is None:
-            raise ValueError("num_frames needs a UNet built with a motion adapter")
+        f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
         self.plan.check_residuals(None if down_res is None else [r.shape[-1] for r in down_res],
                                   None if mid_res is None else mid_res.shape[-1])
@@ -168,14 +188,16 @@ class UNet2DConditionModel(nn.Module):
                                    self.plan.freq_shift).astype(sample.dtype)
         temb = self.time_embedding(t_emb)
         x = self.conv_in(sample)
+        if "transformer_in" in self:
+            x = self.transformer_in(x, f)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, num_frames)
+            x, states = block(x, temb, encoder_hidden_states, f)
             skips.extend(states)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
         if "mid_block" in self:
-            x = self.mid_block(x, temb, encoder_hidden_states, num_frames)
+            x = self.mid_block(x, temb, encoder_hidden_states, f)
         if mid_res is not None:
             x = x + mid_res
         for block in self.up_blocks:
@@ -183,5 +205,15 @@ class UNet2DConditionModel(nn.Module):
             own, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: exactly 2x normally, the odd size when the input was odd.
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, num_frames)
+            x = block(x, own, temb, encoder_hidden_states, size, f)
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+class UNet2DConditionModel(ConditionalUNet):
+    """SD's UNet; with ``motion`` (an AnimateDiff adapter config) it is diffusers' UNetMotionModel."""
+
+    def __init__(self, config: UNetConfig, motion: MotionConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.motion = motion
+        self.build(unet_plan(config, motion))

@@ -1,4 +1,5 @@
-"""AnimateDiff motion modules in PyTorch (mirrors backends/mlx/motion.py; NCHW, frames in the batch)."""
+"""Temporal layers in PyTorch: attention and convolution across frames (as backends/mlx/motion.py; NCHW,
+frames in the batch)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,23 @@ def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups:
     """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
     return TemporalTransformer(TemporalPlan(channels, heads, channels // heads, num_layers, groups,
                                             max_seq_length))
+
+
+def _stage(channels: int, groups: int, dropout: bool) -> nn.Sequential:
+    layers = [group_norm(groups, channels, 1e-5), nn.SiLU()] + ([nn.Identity()] if dropout else [])
+    return nn.Sequential(*layers, nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+
+
+class TemporalConvLayer(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = _stage(channels, groups, False)
+        self.conv2 = _stage(channels, groups, True)
+        self.conv3 = _stage(channels, groups, True)
+        self.conv4 = _stage(channels, groups, True)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        y = x.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+        y = self.conv4(self.conv3(self.conv2(self.conv1(y))))
+        return x + y.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)

@@ -1,4 +1,5 @@
-"""UNet2DConditionModel (SD 1.x / 2.x) in PyTorch, built from its topology plan (mlx_stablefused.topology)."""
+"""UNet2DConditionModel (SD 1.x / 2.x, AnimateDiff's motion UNet) in PyTorch, and the blocks and forward it
+shares with UNet3DConditionModel, built from a topology plan (mlx_stablefused.topology)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import MotionConfig, UNetConfig
-from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UpBlockPlan, unet_plan
+from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UNetPlan, UpBlockPlan, unet_plan
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
-from .motion import TemporalTransformer
+from .motion import TemporalConvLayer, TemporalTransformer
 
 
 class BasicTransformerBlock(nn.Module):
@@ -64,24 +65,37 @@ class Transformer2DModel(nn.Module):
 
 
 class LayeredBlock(nn.Module):
-    """What down, mid and up blocks share: resnets, each followed by its attention and motion module."""
+    """What down, mid and up blocks share: resnets, each followed by what the plan puts on it, in
+    diffusers' order: a temporal convolution (UNet3D), spatial attention, temporal attention (UNet3D),
+    a motion module (AnimateDiff; run only when frames are given)."""
 
     def __init__(self, plan: DownBlockPlan | MidBlockPlan | UpBlockPlan, carriers: int) -> None:
-        """``carriers``: how many resnets carry an attention and motion module (all but the mid block's last)."""
+        """``carriers``: how many resnets carry attention (all but the mid block's last)."""
         super().__init__()
+
+        def per_layer(make, plan_part, count: int = carriers) -> nn.ModuleList | None:
+            return nn.ModuleList([make(plan_part) for _ in range(count)]) if plan_part is not None else None
+
         self.resnets = nn.ModuleList([ResnetBlock2D(r) for r in plan.resnets])
-        self.attentions = nn.ModuleList([Transformer2DModel(plan.attention) for _ in range(carriers)]) \
-            if plan.attention is not None else None
-        self.motion_modules = nn.ModuleList([TemporalTransformer(plan.motion) for _ in range(carriers)]) \
-            if plan.motion is not None else None
+        self.temp_convs = nn.ModuleList([TemporalConvLayer(r.out_channels, r.groups) for r in plan.resnets]) \
+            if plan.temporal_conv else None
+        self.attentions = per_layer(Transformer2DModel, plan.attention)
+        self.temp_attentions = per_layer(TemporalTransformer, plan.temporal_attention)
+        self.motion_modules = per_layer(TemporalTransformer, plan.motion)
+        self.carriers = carriers
 
     def layer(self, j: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
               num_frames: int | None) -> torch.Tensor:
         x = self.resnets[j](x, temb)
-        if self.attentions is not None:
-            x = self.attentions[j](x, context)
-        if num_frames is not None and self.motion_modules is not None:
-            x = self.motion_modules[j](x, num_frames)
+        if self.temp_convs is not None:
+            x = self.temp_convs[j](x, num_frames)
+        if j < self.carriers:
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+            if self.temp_attentions is not None:
+                x = self.temp_attentions[j](x, num_frames)
+            if num_frames is not None and self.motion_modules is not None:
+                x = self.motion_modules[j](x, num_frames)
         return x
 
 
@@ -120,7 +134,7 @@ class UNetMidBlock2DCrossAttn(LayeredBlock):
         super().__init__(plan, 1)
 
     def forward(self, x, temb, context, num_frames=None):
-        return self.resnets[1](self.layer(0, x, temb, context, num_frames), temb)
+        return self.layer(1, self.layer(0, x, temb, context, num_frames), temb, context, num_frames)
 
 
 class TimestepEmbedding(nn.Module):
@@ -133,30 +147,35 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class UNet2DConditionModel(nn.Module):
-    """SD's UNet; with ``motion`` (an AnimateDiff adapter config) it is diffusers' UNetMotionModel."""
+class ConditionalUNet(nn.Module):
+    """The UNet both UNet2DConditionModel and UNet3DConditionModel are, built from a topology plan."""
 
-    def __init__(self, config: UNetConfig, motion: MotionConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.motion = motion
-        self.plan = plan = unet_plan(config, motion)
+    motion: MotionConfig | None = None  # an AnimateDiff adapter's config, on motion UNets
+
+    def build(self, plan: UNetPlan) -> None:
+        self.plan = plan
         c0 = plan.base_channels
         self.conv_in = nn.Conv2d(plan.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, plan.temb_channels)
+        self.transformer_in = TemporalTransformer(plan.transformer_in) if plan.transformer_in is not None else None
         self.down_blocks = nn.ModuleList([DownBlock(block) for block in plan.down_blocks])
         self.mid_block = UNetMidBlock2DCrossAttn(plan.mid_block) if plan.mid_block is not None else None
         self.up_blocks = nn.ModuleList([UpBlock(block) for block in plan.up_blocks])
         self.conv_norm_out = group_norm(plan.groups, c0, plan.eps)
         self.conv_out = nn.Conv2d(c0, plan.out_channels, 3, padding=1)
 
+    def frames(self, num_frames: int | None) -> int | None:
+        """The frame count the temporal layers see (None: no temporal mixing)."""
+        if num_frames is not None and self.motion is None:
+            raise ValueError("num_frames needs a UNet built with a motion adapter")
+        return num_frames
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 num_frames: int | None = None, down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """As diffusers' forward (NCHW); the additional residuals (a ControlNet's) are added to the skip
         states in order and to the mid block's output."""
-        if num_frames is not None and self.motion is None:
-            raise ValueError("num_frames needs a UNet built with a motion adapter")
+        f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
         self.plan.check_residuals(None if down_res is None else [r.shape[1] for r in down_res],
                                   None if mid_res is None else mid_res.shape[1])
@@ -166,19 +185,31 @@ class UNet2DConditionModel(nn.Module):
                                    self.plan.freq_shift).to(sample.dtype)
         temb = self.time_embedding(t_emb)
         x = self.conv_in(sample)
+        if self.transformer_in is not None:
+            x = self.transformer_in(x, f)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, num_frames)
+            x, states = block(x, temb, encoder_hidden_states, f)
             skips.extend(states)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, encoder_hidden_states, num_frames)
+            x = self.mid_block(x, temb, encoder_hidden_states, f)
         if mid_res is not None:
             x = x + mid_res
         for block in self.up_blocks:
             n = len(block.resnets)
             own, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, num_frames)
+            x = block(x, own, temb, encoder_hidden_states, size, f)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class UNet2DConditionModel(ConditionalUNet):
+    """SD's UNet; with ``motion`` (an AnimateDiff adapter config) it is diffusers' UNetMotionModel."""
+
+    def __init__(self, config: UNetConfig, motion: MotionConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.motion = motion
+        self.build(unet_plan(config, motion))
