@@ -12,6 +12,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...topology import ResnetPlan
 from . import cpu_math
 from .cpu_math import attention, channel_sums, gelu, silu
 
@@ -176,9 +177,10 @@ class FeedForward(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int,
-                 eps: float) -> None:
+    def __init__(self, plan: ResnetPlan) -> None:
         super().__init__()
+        in_channels, out_channels, temb_channels = plan.in_channels, plan.out_channels, plan.temb_channels
+        groups, eps = plan.groups, plan.eps
         self.norm1 = group_norm(groups, in_channels, eps)
         self.conv1 = StripConv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:

@@ -1,4 +1,5 @@
-"""AnimateDiff motion modules in MLX: temporal self-attention across the frames of each pixel.
+"""Temporal layers in MLX: attention (AnimateDiff's motion modules, ModelScope's temporal transformers)
+and convolution (ModelScope's) across the frames of each pixel.
 
 A motion module is a residual block inserted after each spatial layer of the SD UNet. Frames
 live in the batch axis, (B*F, H, W, C), frame-minor; the module regroups them as one
@@ -13,6 +14,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...topology import TemporalPlan
+from .cpu_math import silu
 from .layers import Attention, FeedForward, group_norm
 
 
@@ -48,13 +51,13 @@ class TemporalTransformer(nn.Module):
     """Attention across frames, per pixel: AnimateDiff's motion module (with sinusoidal positions and a
     maximum length) and ModelScope's TransformerTemporalModel (without positions)."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, num_layers: int, groups: int,
-                 max_seq_length: int | None) -> None:
+    def __init__(self, plan: TemporalPlan) -> None:
         super().__init__()
+        channels, heads, head_dim, max_seq_length = plan.channels, plan.heads, plan.head_dim, plan.max_seq_length
         inner = heads * head_dim
-        self.norm = group_norm(groups, channels, 1e-6)
+        self.norm = group_norm(plan.groups, channels, 1e-6)
         self.proj_in = nn.Linear(channels, inner)
-        self.transformer_blocks = [TemporalTransformerBlock(inner, heads, head_dim) for _ in range(num_layers)]
+        self.transformer_blocks = [TemporalTransformerBlock(inner, heads, head_dim) for _ in range(plan.layers)]
         self.proj_out = nn.Linear(inner, channels)
         self._max_seq_length = max_seq_length
         self.per_frame_norm = False
@@ -83,4 +86,33 @@ class TemporalTransformer(nn.Module):
 def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups: int,  # noqa: N802
                              max_seq_length: int) -> TemporalTransformer:
     """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
-    return TemporalTransformer(channels, heads, channels // heads, num_layers, groups, max_seq_length)
+    return TemporalTransformer(TemporalPlan(channels, heads, channels // heads, num_layers, groups,
+                                            max_seq_length))
+
+
+class TemporalConvLayer(nn.Module):
+    """Four (GroupNorm, SiLU, 3-tap convolution over frames) stages and a residual; diffusers' key layout:
+    conv1 = [norm, act, conv], conv2..4 = [norm, act, dropout, conv]."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv2 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv3 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+        self.conv4 = [group_norm(groups, channels, 1e-5), nn.SiLU(), nn.Identity(),
+                      nn.Conv1d(channels, channels, 3, padding=1)]
+
+    def __call__(self, x: mx.array, num_frames: int) -> mx.array:
+        bf, h, w, c = x.shape
+        f = num_frames
+        b = bf // f
+        y = x.reshape(b, f, h * w, c)
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            norm, conv = stage[0], stage[-1]
+            y = silu(norm(y.reshape(b, f * h * w, c)))  # statistics across frames, as on (B, C, F, H, W)
+            # a convolution over frames for every pixel: (B*HW, F, C)
+            y = y.reshape(b, f, h * w, c).transpose(0, 2, 1, 3).reshape(b * h * w, f, c)
+            y = conv(y).reshape(b, h * w, f, c).transpose(0, 2, 1, 3)
+        return x + y.reshape(bf, h, w, c)

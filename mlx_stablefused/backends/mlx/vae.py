@@ -1,4 +1,4 @@
-"""AutoencoderKL in MLX, built from its diffusers config. Tensors are NHWC."""
+"""AutoencoderKL in MLX, built from its topology plan (mlx_stablefused.topology). Tensors are NHWC."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import VAEConfig
+from ...topology import VAE_EPS, CoderPlan, VAEBlockPlan, VAEMidBlockPlan, vae_plan
 from .cpu_math import attention, silu
 from .cpu_streams import StreamSet, split_axis
 from .layers import Downsample2D, ResnetBlock2D, StripConv2d, Upsample2D, group_norm
-
-VAE_EPS = 1e-6
 
 
 class SpatialSelfAttention(nn.Module):
@@ -38,11 +37,11 @@ class SpatialSelfAttention(nn.Module):
 
 
 class UNetMidBlock2D(nn.Module):
-    def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
+    def __init__(self, plan: VAEMidBlockPlan) -> None:
         super().__init__()
-        self.resnets = [ResnetBlock2D(channels, channels, None, groups, VAE_EPS) for _ in range(2)]
-        if add_attention:
-            self.attentions = [SpatialSelfAttention(channels, groups)]
+        self.resnets = [ResnetBlock2D(r) for r in plan.resnets]
+        if plan.attention:
+            self.attentions = [SpatialSelfAttention(plan.channels, plan.groups)]
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.resnets[0](x)
@@ -52,12 +51,11 @@ class UNetMidBlock2D(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool) -> None:
+    def __init__(self, plan: VAEBlockPlan) -> None:
         super().__init__()
-        self.resnets = [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups, VAE_EPS)
-                        for j in range(layers)]
-        if downsample:
-            self.downsamplers = [Downsample2D(out_channels, padding=0)]
+        self.resnets = [ResnetBlock2D(r) for r in plan.resnets]
+        if plan.resample:
+            self.downsamplers = [Downsample2D(plan.out_channels, padding=0)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for resnet in self.resnets:
@@ -66,12 +64,11 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
+    def __init__(self, plan: VAEBlockPlan) -> None:
         super().__init__()
-        self.resnets = [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None, groups, VAE_EPS)
-                        for j in range(layers)]
-        if upsample:
-            self.upsamplers = [Upsample2D(out_channels)]
+        self.resnets = [ResnetBlock2D(r) for r in plan.resnets]
+        if plan.resample:
+            self.upsamplers = [Upsample2D(plan.out_channels)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for resnet in self.resnets:
@@ -92,17 +89,13 @@ def band_streams(stream_set: StreamSet | None, rows: int) -> list[mx.Stream]:
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, plan: CoderPlan) -> None:
         super().__init__()
-        ch = cfg.block_out_channels
-        self.conv_in = StripConv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = [
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups, i < len(ch) - 1)
-            for i in range(len(ch))
-        ]
-        self.mid_block = UNetMidBlock2D(ch[-1], cfg.norm_num_groups, cfg.mid_block_add_attention)
-        self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[-1], VAE_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_in = StripConv2d(*plan.conv_in, 3, padding=1)
+        self.down_blocks = [EncoderBlock(block) for block in plan.blocks]
+        self.mid_block = UNetMidBlock2D(plan.mid_block)
+        self.conv_norm_out = group_norm(plan.groups, plan.conv_out[0], VAE_EPS)
+        self.conv_out = nn.Conv2d(*plan.conv_out, 3, padding=1)
 
         self.stream_set: StreamSet | None = None
 
@@ -138,17 +131,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, plan: CoderPlan) -> None:
         super().__init__()
-        rev = cfg.block_out_channels[::-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
-        self.mid_block = UNetMidBlock2D(rev[0], cfg.norm_num_groups, cfg.mid_block_add_attention)
-        self.up_blocks = [
-            DecoderBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(rev) - 1)
-            for i in range(len(rev))
-        ]
-        self.conv_norm_out = group_norm(cfg.norm_num_groups, rev[-1], VAE_EPS)
-        self.conv_out = StripConv2d(rev[-1], cfg.out_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(*plan.conv_in, 3, padding=1)
+        self.mid_block = UNetMidBlock2D(plan.mid_block)
+        self.up_blocks = [DecoderBlock(block) for block in plan.blocks]
+        self.conv_norm_out = group_norm(plan.groups, plan.conv_out[0], VAE_EPS)
+        self.conv_out = StripConv2d(*plan.conv_out, 3, padding=1)
 
         self.stream_set: StreamSet | None = None
 
@@ -176,12 +165,13 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        lc = config.latent_channels
-        if config.use_quant_conv:
+        self.plan = plan = vae_plan(config)
+        self.encoder = Encoder(plan.encoder)
+        self.decoder = Decoder(plan.decoder)
+        lc = plan.latent_channels
+        if plan.quant_conv:
             self.quant_conv = nn.Linear(2 * lc, 2 * lc)  # 1x1 convolutions
-        if config.use_post_quant_conv:
+        if plan.post_quant_conv:
             self.post_quant_conv = nn.Linear(lc, lc)
 
     def encode(self, x: mx.array) -> tuple[mx.array, mx.array]:

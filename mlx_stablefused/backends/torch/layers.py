@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...topology import ResnetPlan
+
 
 def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps, affine=True)
@@ -82,9 +84,10 @@ class FeedForward(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int,
-                 eps: float) -> None:
+    def __init__(self, plan: ResnetPlan) -> None:
         super().__init__()
+        in_channels, out_channels, temb_channels = plan.in_channels, plan.out_channels, plan.temb_channels
+        groups, eps = plan.groups, plan.eps
         self.norm1 = group_norm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None

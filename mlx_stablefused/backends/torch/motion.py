@@ -1,4 +1,5 @@
-"""AnimateDiff motion modules in PyTorch (mirrors backends/mlx/motion.py; NCHW, frames in the batch)."""
+"""Temporal layers in PyTorch: attention and convolution across frames (as backends/mlx/motion.py; NCHW,
+frames in the batch)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from ...topology import TemporalPlan
 from .layers import Attention, FeedForward, group_norm
 
 
@@ -39,14 +41,14 @@ class TemporalTransformer(nn.Module):
     """Attention across frames per pixel: AnimateDiff's motion module (sinusoidal positions, a maximum
     length) or ModelScope's TransformerTemporalModel (no positions)."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, num_layers: int, groups: int,
-                 max_seq_length: int | None) -> None:
+    def __init__(self, plan: TemporalPlan) -> None:
         super().__init__()
+        channels, heads, head_dim, max_seq_length = plan.channels, plan.heads, plan.head_dim, plan.max_seq_length
         inner = heads * head_dim
-        self.norm = group_norm(groups, channels, 1e-6)
+        self.norm = group_norm(plan.groups, channels, 1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(inner, heads, head_dim)
-                                                 for _ in range(num_layers)])
+                                                 for _ in range(plan.layers)])
         self.proj_out = nn.Linear(inner, channels)
         self.max_seq_length = max_seq_length
         self.per_frame_norm = False
@@ -79,4 +81,25 @@ class TemporalTransformer(nn.Module):
 def AnimateDiffTransformer3D(channels: int, heads: int, num_layers: int, groups: int,  # noqa: N802
                              max_seq_length: int) -> TemporalTransformer:
     """An AnimateDiff motion module: ``heads`` heads over the full width, sinusoidal positions."""
-    return TemporalTransformer(channels, heads, channels // heads, num_layers, groups, max_seq_length)
+    return TemporalTransformer(TemporalPlan(channels, heads, channels // heads, num_layers, groups,
+                                            max_seq_length))
+
+
+def _stage(channels: int, groups: int, dropout: bool) -> nn.Sequential:
+    layers = [group_norm(groups, channels, 1e-5), nn.SiLU()] + ([nn.Identity()] if dropout else [])
+    return nn.Sequential(*layers, nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
+
+
+class TemporalConvLayer(nn.Module):
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = _stage(channels, groups, False)
+        self.conv2 = _stage(channels, groups, True)
+        self.conv3 = _stage(channels, groups, True)
+        self.conv4 = _stage(channels, groups, True)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        y = x.reshape(bf // num_frames, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
+        y = self.conv4(self.conv3(self.conv2(self.conv1(y))))
+        return x + y.permute(0, 2, 1, 3, 4).reshape(bf, c, h, w)

@@ -1,4 +1,4 @@
-"""AutoencoderKL in PyTorch, built from its diffusers config; mirrors the MLX module (NCHW)."""
+"""AutoencoderKL in PyTorch, built from its topology plan (mlx_stablefused.topology); NCHW."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import VAEConfig
+from ...topology import VAE_EPS, CoderPlan, VAEBlockPlan, VAEMidBlockPlan, vae_plan
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attend, group_norm
-
-VAE_EPS = 1e-6
 
 
 class SpatialSelfAttention(nn.Module):
@@ -33,10 +32,10 @@ class SpatialSelfAttention(nn.Module):
 
 
 class UNetMidBlock2D(nn.Module):
-    def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
+    def __init__(self, plan: VAEMidBlockPlan) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups, VAE_EPS) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)]) if add_attention else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(r) for r in plan.resnets])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(plan.channels, plan.groups)]) if plan.attention else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -46,11 +45,10 @@ class UNetMidBlock2D(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool) -> None:
+    def __init__(self, plan: VAEBlockPlan) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None,
-                                                    groups, VAE_EPS) for j in range(layers)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=0)]) if downsample else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(r) for r in plan.resnets])
+        self.downsamplers = nn.ModuleList([Downsample2D(plan.out_channels, padding=0)]) if plan.resample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -59,11 +57,10 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool) -> None:
+    def __init__(self, plan: VAEBlockPlan) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, None,
-                                                    groups, VAE_EPS) for j in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(r) for r in plan.resnets])
+        self.upsamplers = nn.ModuleList([Upsample2D(plan.out_channels)]) if plan.resample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -72,16 +69,13 @@ class DecoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, plan: CoderPlan) -> None:
         super().__init__()
-        ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups, i < len(ch) - 1)
-            for i in range(len(ch))])
-        self.mid_block = UNetMidBlock2D(ch[-1], cfg.norm_num_groups, cfg.mid_block_add_attention)
-        self.conv_norm_out = group_norm(cfg.norm_num_groups, ch[-1], VAE_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(*plan.conv_in, 3, padding=1)
+        self.down_blocks = nn.ModuleList([EncoderBlock(block) for block in plan.blocks])
+        self.mid_block = UNetMidBlock2D(plan.mid_block)
+        self.conv_norm_out = group_norm(plan.groups, plan.conv_out[0], VAE_EPS)
+        self.conv_out = nn.Conv2d(*plan.conv_out, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -91,16 +85,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig) -> None:
+    def __init__(self, plan: CoderPlan) -> None:
         super().__init__()
-        rev = cfg.block_out_channels[::-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
-        self.mid_block = UNetMidBlock2D(rev[0], cfg.norm_num_groups, cfg.mid_block_add_attention)
-        self.up_blocks = nn.ModuleList([
-            DecoderBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, cfg.norm_num_groups, i < len(rev) - 1)
-            for i in range(len(rev))])
-        self.conv_norm_out = group_norm(cfg.norm_num_groups, rev[-1], VAE_EPS)
-        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(*plan.conv_in, 3, padding=1)
+        self.mid_block = UNetMidBlock2D(plan.mid_block)
+        self.up_blocks = nn.ModuleList([DecoderBlock(block) for block in plan.blocks])
+        self.conv_norm_out = group_norm(plan.groups, plan.conv_out[0], VAE_EPS)
+        self.conv_out = nn.Conv2d(*plan.conv_out, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -113,11 +104,12 @@ class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        lc = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
+        self.plan = plan = vae_plan(config)
+        self.encoder = Encoder(plan.encoder)
+        self.decoder = Decoder(plan.decoder)
+        lc = plan.latent_channels
+        self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if plan.quant_conv else None
+        self.post_quant_conv = nn.Conv2d(lc, lc, 1) if plan.post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moments = self.encoder(x)
