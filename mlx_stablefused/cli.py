@@ -262,11 +262,13 @@ def run_interpolate(args: argparse.Namespace) -> int:
 
 def _is_unet3d_model(model: str, variant: str | None) -> bool:
     """ModelScope / Zeroscope models carry their own temporal layers and take no motion adapter."""
-    from .config import read_json, unet_class_name
+    from .config import read_json
+    from .model_description import STABLE_DIFFUSION, UNET_3D
     from .sources import resolve_model
 
-    config = resolve_model(resolve_special_id(model), variant=variant).root / "unet" / "config.json"
-    return config.is_file() and unet_class_name(read_json(config)) == "UNet3DConditionModel"
+    unet = STABLE_DIFFUSION.component("unet")
+    config = resolve_model(resolve_special_id(model), variant=variant).root / unet.folder / "config.json"
+    return config.is_file() and unet.kind_for(read_json(config)) == UNET_3D
 
 
 def run_video(args: argparse.Namespace) -> int:

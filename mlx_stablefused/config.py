@@ -335,7 +335,3 @@ class UNet3DConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def unet_class_name(cfg: dict) -> str:
-    """Which UNet a config describes: diffusers names 3D UNets in ``_class_name``."""
-    return "UNet3DConditionModel" if cfg.get("_class_name") == "UNet3DConditionModel" else "UNet2DConditionModel"

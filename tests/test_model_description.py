@@ -247,3 +247,29 @@ def test_adding_a_component_is_enough_to_load_it(two_encoder_model, tmp_path, mo
     save_file(tensors, str(weights))
     with pytest.raises(WeightLoadError, match=r"1 missing: 'text_model\.final_layer_norm\.bias'"):
         _backend(backend_name, resolve_model(broken), description=TWO_ENCODERS, use_cache=False)
+
+
+def test_hub_download_fetches_what_the_description_lists(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    repo_files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                  "tokenizer_2/vocab.json", "safety_checker/config.json", "safety_checker/model.safetensors"]
+    for c in TWO_ENCODERS.components:
+        stem = c.weight_stems[0]
+        repo_files += [f"{c.folder}/config.json", f"{c.folder}/{stem}.safetensors", f"{c.folder}/{stem}.fp16.safetensors"]
+    asked = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        asked["patterns"] = set(allow_patterns)
+        (tmp_path / "model_index.json").write_text("{}")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    resolve_model("someone/sdxl-like", variant="fp16", description=TWO_ENCODERS)
+    for c in TWO_ENCODERS.components:
+        stem = c.weight_stems[0]
+        assert {f"{c.folder}/config.json", f"{c.folder}/{stem}.fp16.safetensors"} <= asked["patterns"], c.name
+        assert f"{c.folder}/{stem}.safetensors" not in asked["patterns"]
+    assert {"tokenizer/*", "tokenizer_2/*", "model_index.json"} <= asked["patterns"]
+    assert not [p for p in asked["patterns"] if p.startswith("safety_checker")]
