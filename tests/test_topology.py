@@ -19,7 +19,7 @@ from mlx_stablefused.backends.torch.loading import mlx_to_torch_layout
 from mlx_stablefused.config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
 from mlx_stablefused.demo import demo_configs
 from mlx_stablefused.motion_adapters import MOTION_RULES
-from mlx_stablefused.topology import unet_plan
+from mlx_stablefused.topology import unet3d_plan, unet_plan, vae_plan
 from mlx_stablefused.weights import RULES, map_keys
 
 from tiny_models import INPAINT_UNET, SD1, SD2, UNET3D
@@ -240,6 +240,18 @@ def test_odd_configs_are_refused_when_the_plan_is_made():
     wrong = MotionConfig.from_dict(dict(tiny_motion_adapter_config(True), block_out_channels=(16, 32, 48)))
     with pytest.raises(UnsupportedModelError, match="channels"):
         unet_plan(UNetConfig.from_dict(SD1.unet), wrong)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: unet_plan(UNetConfig.from_dict(dict(SD1.unet, layers_per_block=(2, 0, 2)))), "layers_per_block"),
+    (lambda: unet_plan(UNetConfig.from_dict(dict(SD2.unet, transformer_layers_per_block=(1, 0, 1)))),
+     "transformer_layers_per_block"),
+    (lambda: unet3d_plan(UNet3DConfig.from_dict(dict(UNET3D, layers_per_block=0))), "layers_per_block"),
+    (lambda: vae_plan(VAEConfig.from_dict(dict(SD1.vae, layers_per_block=0))), "layers_per_block"),
+], ids=["unet", "unet-transformer", "unet3d", "vae"])
+def test_empty_blocks_are_refused_naming_the_field(make, field):
+    with pytest.raises(UnsupportedModelError, match=rf"{field}=\["):
+        make()
 
 
 def test_plan_keeps_per_block_transformer_depth_and_heads():
