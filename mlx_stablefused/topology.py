@@ -336,8 +336,9 @@ def vae_plan(config: VAEConfig) -> VAEPlan:
     resnet = partial(ResnetPlan, temb_channels=None, groups=groups, eps=VAE_EPS)
 
     def blocks(widths: tuple[int, ...], layers: int) -> tuple[VAEBlockPlan, ...]:
-        return tuple(VAEBlockPlan(i, tuple(resnet(widths[max(i - 1, 0)] if j == 0 else out, out) for j in range(layers)),
-                                  resample=i < len(widths) - 1)
+        """Block i's first resnet takes the previous block's width; all but the last block resample."""
+        return tuple(VAEBlockPlan(i, tuple(resnet(widths[max(i - 1, 0)] if j == 0 else out, out)
+                                           for j in range(layers)), resample=i < len(widths) - 1)
                      for i, out in enumerate(widths))
 
     def mid(c: int) -> VAEMidBlockPlan:
