@@ -62,6 +62,16 @@ class TemporalPlan:
     max_seq_length: int | None
 
 
+class _ResnetStack:
+    """A block's width is its last resnet's."""
+
+    resnets: tuple[ResnetPlan, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return self.resnets[-1].out_channels
+
+
 @dataclass(frozen=True)
 class _LayerCarry:
     """What rides on each resnet of a block, in diffusers' attribute names."""
@@ -73,17 +83,13 @@ class _LayerCarry:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DownBlockPlan(_LayerCarry):
+class DownBlockPlan(_LayerCarry, _ResnetStack):
     """A down block: its resnets (each followed by what the carry names), then maybe a stride-2 conv."""
 
     index: int
     resnets: tuple[ResnetPlan, ...]
     downsample: bool
     downsample_padding: int
-
-    @property
-    def out_channels(self) -> int:
-        return self.resnets[-1].out_channels
 
     @property
     def skip_channels(self) -> tuple[int, ...]:
@@ -103,7 +109,7 @@ class MidBlockPlan(_LayerCarry):
 
 
 @dataclass(frozen=True, kw_only=True)
-class UpBlockPlan(_LayerCarry):
+class UpBlockPlan(_LayerCarry, _ResnetStack):
     """An up block; resnet j takes the previous output concatenated with the skip popped for it,
     so its ``in_channels`` is their sum. ``index`` counts from the lowest resolution, as diffusers."""
 
@@ -111,10 +117,6 @@ class UpBlockPlan(_LayerCarry):
     resnets: tuple[ResnetPlan, ...]
     skip_channels: tuple[int, ...]
     upsample: bool
-
-    @property
-    def out_channels(self) -> int:
-        return self.resnets[-1].out_channels
 
 
 @dataclass(frozen=True)
@@ -159,17 +161,13 @@ class UNetPlan:
 
 
 @dataclass(frozen=True)
-class VAEBlockPlan:
+class VAEBlockPlan(_ResnetStack):
     """An encoder (DownEncoderBlock2D) or decoder (UpDecoderBlock2D) block: resnets, then maybe a
     resampler (the encoder's stride-2 conv with right/bottom padding, the decoder's 2x upsampler)."""
 
     index: int
     resnets: tuple[ResnetPlan, ...]
     resample: bool
-
-    @property
-    def out_channels(self) -> int:
-        return self.resnets[-1].out_channels
 
 
 @dataclass(frozen=True)
@@ -208,6 +206,12 @@ class VAEPlan:
     post_quant_conv: bool
 
 
+def _require_positive(component: str, field: str, values: tuple[int, ...]) -> None:
+    """Refuse counts diffusers would build into an empty block (or a shape error at run time)."""
+    if any(v < 1 for v in values):
+        raise UnsupportedModelError(f"{component} config: {field}={list(values)} needs every entry >= 1")
+
+
 def _down_blocks(channels: tuple[int, ...], layers: tuple[int, ...], resnet: Callable[[int, int], ResnetPlan],
                  carry: Callable[[int, int], _LayerCarry], padding: int) -> tuple[DownBlockPlan, ...]:
     """diffusers' down path: block i's first resnet takes the previous block's width; all but the last
@@ -238,10 +242,8 @@ def _up_blocks(channels: tuple[int, ...], layers: tuple[int, ...], resnet: Calla
     return tuple(blocks)
 
 
-def _motion_plan(motion: MotionConfig | None, groups: int, channels: int, heads: int, layers: int
-                 ) -> TemporalPlan | None:
-    if motion is None:
-        return None
+def _motion_plan(motion: MotionConfig, groups: int, channels: int, heads: int, layers: int) -> TemporalPlan:
+    """A motion module; its GroupNorm takes the UNet's group count, as diffusers' UNetMotionModel."""
     if channels % heads:
         raise UnsupportedModelError(f"motion adapter config: {channels} channels are not divisible into {heads} "
                                     "heads (motion_num_attention_heads)")
@@ -250,16 +252,18 @@ def _motion_plan(motion: MotionConfig | None, groups: int, channels: int, heads:
 
 def unet_plan(config: UNetConfig, motion: MotionConfig | None = None) -> UNetPlan:
     """The plan of diffusers' UNet2DConditionModel; with ``motion``, of its UNetMotionModel (AnimateDiff)."""
+    _require_positive("UNet", "layers_per_block", config.layers_per_block)
+    _require_positive("UNet", "transformer_layers_per_block", config.transformer_layers_per_block)
     if motion is not None:
         motion.check_fits(config)
+        _require_positive("motion adapter", "motion_transformer_layers_per_block", motion.transformer_layers_per_block)
     ch, groups = config.block_out_channels, config.norm_num_groups
     temb = 4 * ch[0]
     resnet = partial(ResnetPlan, temb_channels=temb, groups=groups, eps=config.norm_eps)
 
-    def attention(level: int, channels: int, layers: int | None = None) -> AttentionPlan:
+    def attention(level: int, channels: int) -> AttentionPlan:
         heads = config.num_attention_heads[level]
-        return AttentionPlan(channels, heads, channels // heads,
-                             config.transformer_layers_per_block[level] if layers is None else layers,
+        return AttentionPlan(channels, heads, channels // heads, config.transformer_layers_per_block[level],
                              config.cross_attention_dim, groups, config.use_linear_projection,
                              config.attention_bias, config.upcast_attention)
 
@@ -296,6 +300,7 @@ def unet3d_plan(config: UNet3DConfig) -> UNetPlan:
     """The plan of diffusers' UNet3DConditionModel: every resnet followed by a temporal convolution,
     every spatial transformer (one layer, linear projections, channels // head_dim heads) by a
     temporal one."""
+    _require_positive("UNet3D", "layers_per_block", (config.layers_per_block,))
     ch, groups = config.block_out_channels, config.norm_num_groups
     temb = 4 * ch[0]
     resnet = partial(ResnetPlan, temb_channels=temb, groups=groups, eps=config.norm_eps)
@@ -326,12 +331,14 @@ def unet3d_plan(config: UNet3DConfig) -> UNetPlan:
 
 def vae_plan(config: VAEConfig) -> VAEPlan:
     """The plan of diffusers' AutoencoderKL: the decoder mirrors the encoder with one resnet more per block."""
+    _require_positive("VAE", "layers_per_block", (config.layers_per_block,))
     ch, groups = config.block_out_channels, config.norm_num_groups
     resnet = partial(ResnetPlan, temb_channels=None, groups=groups, eps=VAE_EPS)
 
     def blocks(widths: tuple[int, ...], layers: int) -> tuple[VAEBlockPlan, ...]:
-        return tuple(VAEBlockPlan(i, tuple(resnet(widths[max(i - 1, 0)] if j == 0 else out, out) for j in range(layers)),
-                                  resample=i < len(widths) - 1)
+        """Block i's first resnet takes the previous block's width; all but the last block resample."""
+        return tuple(VAEBlockPlan(i, tuple(resnet(widths[max(i - 1, 0)] if j == 0 else out, out)
+                                           for j in range(layers)), resample=i < len(widths) - 1)
                      for i, out in enumerate(widths))
 
     def mid(c: int) -> VAEMidBlockPlan:

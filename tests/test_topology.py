@@ -3,7 +3,7 @@
 Build-only checks (no forward pass): for every test configuration the MLX and torch modules expose the
 same parameter names, with shapes equal modulo the layout contract the loaders implement, and for the
 tiny ones those names are diffusers' / transformers' state_dict keys (through the loaders' key rules).
-Then ControlNet's extension points: residuals enter the UNet exactly as in diffusers.
+Then ControlNet's extension points: residuals enter the UNet (2D and 3D) exactly as in diffusers.
 """
 
 import numpy as np
@@ -19,7 +19,7 @@ from mlx_stablefused.backends.torch.loading import mlx_to_torch_layout
 from mlx_stablefused.config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
 from mlx_stablefused.demo import demo_configs
 from mlx_stablefused.motion_adapters import MOTION_RULES
-from mlx_stablefused.topology import unet_plan
+from mlx_stablefused.topology import unet3d_plan, unet_plan, vae_plan
 from mlx_stablefused.weights import RULES, map_keys
 
 from tiny_models import INPAINT_UNET, SD1, SD2, UNET3D
@@ -144,9 +144,8 @@ def test_parameter_names_are_the_reference_state_dict_keys(case):
 
 # --- ControlNet's extension points -----------------------------------------------------------------------
 
-def residual_shapes(raw: dict, batch: int, h: int, w: int) -> tuple[list[tuple], tuple]:
+def residual_shapes(plan, batch: int, h: int, w: int) -> tuple[list[tuple], tuple]:
     """NCHW shapes of every skip state (conv_in's first) and of the mid block's output."""
-    plan = unet_plan(UNetConfig.from_dict(raw))
     shapes = [(batch, plan.base_channels, h, w)]
     for block in plan.down_blocks:
         shapes += [(batch, block.out_channels, h, w)] * len(block.resnets)
@@ -161,66 +160,92 @@ def reference_unet(request):
     from tiny_models import build_unet
 
     raw = {"sd1": SD1, "sd2": SD2}[request.param].unet
-    return raw, build_unet(raw, seed=21)
+    return UNetConfig.from_dict(raw), build_unet(raw, seed=21)
 
 
-def load_ours(backend: str, raw: dict, reference):
-    """Our UNet with the reference's weights, through the loaders' key rules and layout converters."""
-    config = UNetConfig.from_dict(raw)
+def load_ours(backend: str, config, reference):
+    """Our UNet (2D or 3D, as ``config``) with the reference's weights, through the loaders' key rules and
+    layout converters."""
+    import importlib
+
+    module, name = ("unet3d", "UNet3DConditionModel") if isinstance(config, UNet3DConfig) else \
+        ("unet", "UNet2DConditionModel")
+    model = getattr(importlib.import_module(f"mlx_stablefused.backends.{backend}.{module}"), name)(config)
     state = reference.state_dict()
     if backend == "mlx":
-        from mlx_stablefused.backends.mlx.unet import UNet2DConditionModel
-
-        model = UNet2DConditionModel(config)
         weights = convert_state(model, {k: mx.array(v.numpy()) for k, v in state.items()}, RULES["unet"])
         return apply_weights(model, weights, "unet")
-    from mlx_stablefused.backends.torch.unet import UNet2DConditionModel
-
-    model = UNet2DConditionModel(config).eval()
     model.load_state_dict(map_keys(state, RULES["unet"]))
-    return model
+    return model.eval()
 
 
-def run_ours(backend: str, model, x, t, ctx, down=None, mid=None):
+def run_ours(backend: str, model, x, t, ctx, down=None, mid=None, num_frames=None):
     """Our UNet on numpy NCHW inputs; the MLX backend takes its residuals in its native NHWC."""
     if backend == "mlx":
         nhwc = lambda a: mx.array(np.ascontiguousarray(a.transpose(0, 2, 3, 1)))  # noqa: E731
-        out = model(nhwc(x), mx.array(t), mx.array(ctx),
+        out = model(nhwc(x), mx.array(t), mx.array(ctx), num_frames,
                     down_block_additional_residuals=None if down is None else [nhwc(r) for r in down],
                     mid_block_additional_residual=None if mid is None else nhwc(mid))
         return np.asarray(out).transpose(0, 3, 1, 2)
     with torch.no_grad():
-        return model(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(ctx),
+        return model(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(ctx), num_frames,
                      down_block_additional_residuals=None if down is None else [torch.from_numpy(r) for r in down],
                      mid_block_additional_residual=None if mid is None else torch.from_numpy(mid)).numpy()
 
 
+def random_residuals(rng, plan, batch: int, size: tuple[int, int]) -> tuple[list[np.ndarray], np.ndarray]:
+    down_shapes, mid_shape = residual_shapes(plan, batch, *size)
+    return ([0.5 * rng.standard_normal(s).astype(np.float32) for s in down_shapes],
+            0.5 * rng.standard_normal(mid_shape).astype(np.float32))
+
+
+def reference_with(reference, x, t, ctx, down, mid) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' output with the residuals, and without (to show they matter)."""
+    args = (torch.from_numpy(x), torch.tensor(t), torch.from_numpy(ctx))
+    with torch.no_grad():
+        return (reference(*args, down_block_additional_residuals=tuple(torch.from_numpy(r) for r in down),
+                          mid_block_additional_residual=torch.from_numpy(mid)).sample.numpy(),
+                reference(*args).sample.numpy())
+
+
 def test_controlnet_residuals_match_diffusers(reference_unet, backend_name):
-    raw, reference = reference_unet
+    config, reference = reference_unet
     rng = np.random.default_rng(5)
     size = (9, 7)  # odd: the down path rounds up, the up path upsamples to the skips' sizes
     x = rng.standard_normal((2, 4, *size)).astype(np.float32)
     ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
-    down_shapes, mid_shape = residual_shapes(raw, 2, *size)
-    down = [0.5 * rng.standard_normal(s).astype(np.float32) for s in down_shapes]
-    mid = 0.5 * rng.standard_normal(mid_shape).astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(x), torch.tensor(321.0), torch.from_numpy(ctx),
-                             down_block_additional_residuals=tuple(torch.from_numpy(r) for r in down),
-                             mid_block_additional_residual=torch.from_numpy(mid)).sample.numpy()
-        plain = reference(torch.from_numpy(x), torch.tensor(321.0), torch.from_numpy(ctx)).sample.numpy()
+    down, mid = random_residuals(rng, unet_plan(config), 2, size)
+    expected, plain = reference_with(reference, x, 321.0, ctx, down, mid)
     assert rel_error(plain, expected) > 1e-2  # the residuals matter at this scale
-    got = run_ours(backend_name, load_ours(backend_name, raw, reference), x, 321.0, ctx, down, mid)
+    got = run_ours(backend_name, load_ours(backend_name, config, reference), x, 321.0, ctx, down, mid)
     assert report(f"UNet + ControlNet residuals (rel) [{backend_name}]", rel_error(got, expected)) <= 1e-5
 
 
+def test_unet3d_takes_residuals_as_diffusers(backend_name):
+    from tiny_models import build_unet3d
+
+    config, reference = UNet3DConfig.from_dict(UNET3D), build_unet3d(seed=12)
+    rng = np.random.default_rng(7)
+    b, f, size = 2, 3, (9, 7)
+    video = rng.standard_normal((b, 4, f, *size)).astype(np.float32)
+    ctx = rng.standard_normal((b, 77, 32)).astype(np.float32)
+    down, mid = random_residuals(rng, unet3d_plan(config), b * f, size)  # frames in the batch, frame-minor
+    expected, plain = reference_with(reference, video, 321.0, ctx, down, mid)
+    assert rel_error(plain, expected) > 1e-2
+    frames = np.ascontiguousarray(video.transpose(0, 2, 1, 3, 4).reshape(b * f, 4, *size))
+    got = run_ours(backend_name, load_ours(backend_name, config, reference), frames, 321.0,
+                   np.repeat(ctx, f, axis=0), down, mid, num_frames=f)
+    got = got.reshape(b, f, 4, *size).transpose(0, 2, 1, 3, 4)
+    assert report(f"UNet3D + ControlNet residuals (rel) [{backend_name}]", rel_error(got, expected)) <= 1e-5
+
+
 def test_residuals_that_do_not_fit_are_refused(reference_unet, backend_name):
-    raw, reference = reference_unet
-    model = load_ours(backend_name, raw, reference)
+    config, reference = reference_unet
+    model = load_ours(backend_name, config, reference)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     ctx = rng.standard_normal((1, 77, 32)).astype(np.float32)
-    down_shapes, mid_shape = residual_shapes(raw, 1, 8, 8)
+    down_shapes, mid_shape = residual_shapes(unet_plan(config), 1, 8, 8)
     down = [np.zeros(s, np.float32) for s in down_shapes]
     mid = np.zeros(mid_shape, np.float32)
     with pytest.raises(ValueError, match="go together"):
@@ -240,6 +265,18 @@ def test_odd_configs_are_refused_when_the_plan_is_made():
     wrong = MotionConfig.from_dict(dict(tiny_motion_adapter_config(True), block_out_channels=(16, 32, 48)))
     with pytest.raises(UnsupportedModelError, match="channels"):
         unet_plan(UNetConfig.from_dict(SD1.unet), wrong)
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: unet_plan(UNetConfig.from_dict(dict(SD1.unet, layers_per_block=(2, 0, 2)))), "layers_per_block"),
+    (lambda: unet_plan(UNetConfig.from_dict(dict(SD2.unet, transformer_layers_per_block=(1, 0, 1)))),
+     "transformer_layers_per_block"),
+    (lambda: unet3d_plan(UNet3DConfig.from_dict(dict(UNET3D, layers_per_block=0))), "layers_per_block"),
+    (lambda: vae_plan(VAEConfig.from_dict(dict(SD1.vae, layers_per_block=0))), "layers_per_block"),
+], ids=["unet", "unet-transformer", "unet3d", "vae"])
+def test_empty_blocks_are_refused_naming_the_field(make, field):
+    with pytest.raises(UnsupportedModelError, match=rf"{field}=\["):
+        make()
 
 
 def test_plan_keeps_per_block_transformer_depth_and_heads():
