@@ -226,3 +226,35 @@ def test_inpainting_pipeline_shares_no_class_with_image_to_image():
     from mlx_stablefused import ImageToImageDiffusion
 
     assert not issubclass(InpaintDiffusion, ImageToImageDiffusion)
+
+
+def test_backend_unet_passes_controlnet_residuals_as_diffusers(sd1, pipes, backend_name):
+    """Residuals in a Conditioning reach the UNet as diffusers' down/mid additional residuals (the MLX CPU
+    path also splits them with the batch across streams)."""
+    pipe, root = sd1
+    backend = ours(root, pipes, backend_name).backend
+    plan = backend.unet_model.plan
+    rng = np.random.default_rng(8)
+    h, w = 9, 7
+    shapes = [(2, plan.base_channels, h, w)]
+    for block in plan.down_blocks:
+        shapes += [(2, block.out_channels, h, w)] * len(block.resnets)
+        if block.downsample:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((2, block.out_channels, h, w))
+    down = [0.5 * rng.standard_normal(s).astype(np.float32) for s in shapes]
+    mid = 0.5 * rng.standard_normal((2, plan.mid_block.channels, h, w)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 9, 7)).astype(np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = pipe.unet(torch.from_numpy(x), torch.tensor(321.0), torch.from_numpy(ctx),
+                             down_block_additional_residuals=tuple(torch.from_numpy(r) for r in down),
+                             mid_block_additional_residual=torch.from_numpy(mid)).sample.numpy()
+    cond = Conditioning(text=backend.from_numpy(ctx),
+                        down_block_residuals=tuple(backend.latent_from_numpy(r) for r in down),
+                        mid_block_residual=backend.latent_from_numpy(mid))
+    got = backend.latent_to_numpy(backend.unet(backend.latent_from_numpy(x), 321.0, cond))
+    plain = backend.latent_to_numpy(backend.unet(backend.latent_from_numpy(x), 321.0, backend.from_numpy(ctx)))
+    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert err < 1e-5
+    assert np.linalg.norm(plain - expected) / np.linalg.norm(expected) > 1e-2
