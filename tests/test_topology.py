@@ -20,7 +20,8 @@ from mlx_stablefused.config import CLIPTextConfig, MotionConfig, UNet3DConfig, U
 from mlx_stablefused.demo import demo_configs
 from mlx_stablefused.motion_adapters import MOTION_RULES
 from mlx_stablefused.topology import unet3d_plan, unet_plan, vae_plan
-from mlx_stablefused.weights import RULES, map_keys
+from mlx_stablefused.model_description import AUTOENCODER_KL, CLIP_TEXT_MODEL, UNET_2D
+from mlx_stablefused.weights import map_keys
 
 from tiny_models import INPAINT_UNET, SD1, SD2, UNET3D
 
@@ -123,14 +124,14 @@ def diffusers_state_keys(component: str, raw: dict, motion: str | None) -> set[s
     if component == "text_encoder":
         from transformers import CLIPTextConfig as HFConfig, CLIPTextModel
 
-        return set(map_keys(CLIPTextModel(HFConfig(**raw)).state_dict(), RULES["text_encoder"]))
+        return set(map_keys(CLIPTextModel(HFConfig(**raw)).state_dict(), CLIP_TEXT_MODEL.rules))
     if component == "vae":
-        return set(map_keys(diffusers.AutoencoderKL(**raw).state_dict(), RULES["vae"]))
+        return set(map_keys(diffusers.AutoencoderKL(**raw).state_dict(), AUTOENCODER_KL.rules))
     if component == "unet3d":
         return set(diffusers.UNet3DConditionModel(**raw).state_dict())
     unet = diffusers.UNet2DConditionModel(**raw)
     if motion is None:
-        return set(map_keys(unet.state_dict(), RULES["unet"]))
+        return set(map_keys(unet.state_dict(), UNET_2D.rules))
     adapter = diffusers.MotionAdapter(**tiny_motion_adapter_config(motion == "mid"))
     return set(map_keys(diffusers.UNetMotionModel.from_unet2d(unet, adapter).state_dict(), MOTION_RULES))
 
@@ -173,9 +174,9 @@ def load_ours(backend: str, config, reference):
     model = getattr(importlib.import_module(f"mlx_stablefused.backends.{backend}.{module}"), name)(config)
     state = reference.state_dict()
     if backend == "mlx":
-        weights = convert_state(model, {k: mx.array(v.numpy()) for k, v in state.items()}, RULES["unet"])
+        weights = convert_state(model, {k: mx.array(v.numpy()) for k, v in state.items()}, UNET_2D.rules)
         return apply_weights(model, weights, "unet")
-    model.load_state_dict(map_keys(state, RULES["unet"]))
+    model.load_state_dict(map_keys(state, UNET_2D.rules))
     return model.eval()
 
 
