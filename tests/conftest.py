@@ -1,16 +1,11 @@
 """Fixtures only: the isolated environment, the tiny models (built once per session), the session cache of
 our loaded pipelines, and the parity summary. Shared code lives in helpers.py and tiny_models.py."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
 import mlx_stablefused.backends.mlx  # noqa: F401  (first, so the OpenBLAS preload precedes any mlx import)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers / tiny_models, whatever pytest's import mode
-
-import helpers  # noqa: E402
+import helpers  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
 
 
 # --------------------------------------------------------------------------------- environment

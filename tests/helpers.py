@@ -106,6 +106,62 @@ def diffusers_pipeline(pipe: Any, pipeline_class: str | None = None, scheduler: 
     return out
 
 
+class NetworkRunner:
+    """Runs a loaded pipeline's networks (``backend.text_encoder``, ``.vae``, ``.unet_model``: diffusers'
+    module names) with numpy in and out, in diffusers' NCHW layout (MLX's networks work in NHWC)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.mlx = backend, backend.name == "mlx"
+
+    def _in(self, x: np.ndarray, image: bool = True) -> Any:
+        if self.mlx:
+            import mlx.core as mx
+
+            return mx.array(np.ascontiguousarray(x.transpose(0, 2, 3, 1))) if image else mx.array(x)
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    def _out(self, y: Any, image: bool = True) -> np.ndarray:
+        if self.mlx:
+            return np.asarray(y).transpose(0, 3, 1, 2) if image else np.asarray(y)
+        return y.detach().cpu().numpy()
+
+    def text(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (B, 77) -> (last hidden state, pooled output)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.backend.text_encoder(self._in(ids, image=False))
+        return self._out(out.last_hidden_state, False), self._out(out.pooler_output, False)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self._out(self.backend.vae.decode(self._in(z)))
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, 3, H, W) in [-1, 1] -> posterior (mean, logvar)."""
+        import torch
+
+        with torch.no_grad():
+            mean, logvar = self.backend.vae.encode(self._in(x))
+        return self._out(mean), self._out(logvar)
+
+    def unet(self, x: np.ndarray, t: float, ctx: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            if self.mlx:
+                import mlx.core as mx
+
+                t_in = mx.array(t)
+            else:
+                t_in = torch.tensor(t)
+            return self._out(self.backend.unet_model(self._in(x), t_in, self._in(ctx, image=False)))
+
+
 # ------------------------------------------------------------------------------------------ data
 def unpack_clip_vocabulary(target: Path) -> Path:
     """The real CLIP vocabulary (vocab.json, merges.txt) unpacked from tests/data into ``target``."""
@@ -116,6 +172,15 @@ def unpack_clip_vocabulary(target: Path) -> Path:
         tmp = target / f".{name}.{os.getpid()}"
         tmp.write_bytes(data)
         os.replace(tmp, target / name)
+    return target
+
+
+def convert_with_cli(source: Path, target: Path, dtype: str = "float32") -> Path:
+    """Convert a model folder to the MLX format through the public command line; the converted folder."""
+    from mlx_stablefused.cli import main
+
+    code = main(["convert", str(source), str(target), "--dtype", dtype])
+    assert code == 0, f"mlx-stablefused convert exited with {code}"
     return target
 
 

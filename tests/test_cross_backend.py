@@ -8,7 +8,7 @@ CUDA / MPS checks run where such a device exists.
 import numpy as np
 import pytest
 import torch
-from helpers import max_abs_error, report
+from helpers import convert_with_cli, max_abs_error, report
 from PIL import Image
 
 from mlx_stablefused import (ImageToImageDiffusion, InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion,
@@ -70,11 +70,8 @@ def test_torch_native_output_is_nchw_tensor(sd1, pipelines):
 
 
 def test_torch_loads_converted_mlx_folder(sd1, pipelines, tmp_path):
-    from mlx_stablefused.backends.mlx.loading import convert_model
-    from mlx_stablefused.sources import resolve_model
-
     _, root = sd1
-    out = convert_model(resolve_model(root), tmp_path / "mlx", dtype="float32")
+    out = convert_with_cli(root, tmp_path / "mlx")
     args = dict(prompt="x", num_inference_steps=2, seed=0, image_height=64, image_width=64, output_type="np")
     from_diffusers = pipelines.pipeline(TextToImageDiffusion, root, "torch")(**args)
     from_converted = TextToImageDiffusion(out, backend="torch", progress=False)(**args)

@@ -41,10 +41,13 @@ def run_diffusers(pipe, noise, **kwargs):
             return pipe(output_type="np", **kwargs).images
 
 
-def cases(mlx_cases, torch_cases):
-    """(case, backend) pairs: every case on MLX, the representative ones on torch."""
-    pairs = [(c, "mlx") for c in mlx_cases] + [(c, "torch") for c in torch_cases]
-    return pytest.mark.parametrize("case,backend", pairs, ids=[f"{b}-{c[0]}-{c[1]}" for c, b in pairs])
+def cases(all_cases, on_torch):
+    """(case, backend) pairs: every case on MLX; on torch the representative ones, the rest under -m slow
+    (the samplers are backend-neutral code, checked on MLX)."""
+    return pytest.mark.parametrize("case,backend", [
+        pytest.param(case, backend, id=f"{backend}-{case[0]}-{case[1]}",
+                     marks=pytest.mark.slow if backend == "torch" and case not in on_torch else ())
+        for backend in ("mlx", "torch") for case in all_cases])
 
 
 @pytest.fixture(scope="module")
