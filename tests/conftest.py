@@ -139,7 +139,19 @@ def tiny(request):
 
 
 # ------------------------------------------------------------------------------------ summary
+SECONDS_PER_FILE: dict = {}  # test file -> seconds in setup, call and teardown (the default run's budget: 4 min)
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    SECONDS_PER_FILE[path] = SECONDS_PER_FILE.get(path, 0.0) + report.duration
+
+
 def pytest_terminal_summary(terminalreporter):
+    if SECONDS_PER_FILE:
+        terminalreporter.section("seconds per test file")
+        for path, seconds in sorted(SECONDS_PER_FILE.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}  {path}")
     if helpers.PARITY:
         terminalreporter.section("parity: worst measured error per check")
         for name in sorted(helpers.PARITY):

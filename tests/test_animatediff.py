@@ -14,6 +14,8 @@ from mlx_stablefused import ANIMATEDIFF_DDIM, TextToVideoDiffusion, UnsupportedM
 
 MID_BLOCK = [True, False]
 MID_BLOCK_IDS = ["mid-block", "no-mid-block"]
+# Pipeline behaviour does not depend on the adapter's layout: the no-mid-block variants run under -m slow.
+MID_BLOCK_THEN_SLOW = [True, pytest.param(False, marks=pytest.mark.slow)]
 
 
 def video_pipeline(pipelines, sd1, motion_adapters, backend, mid_block=True, scheduler=None):
@@ -117,8 +119,10 @@ def test_original_checkpoint_equals_diffusers_folder(sd1, motion_adapters, pipel
     np.testing.assert_array_equal(from_file(**args), from_folder(**args))
 
 
-@pytest.mark.parametrize("mid_block,scheduler", [(True, "ddim"), (True, "euler"), (False, "ddim")],
-                         ids=["mid-block-ddim", "mid-block-euler", "no-mid-block-ddim"])
+@pytest.mark.parametrize("mid_block,scheduler", [
+    pytest.param(True, "ddim", id="mid-block-ddim"), pytest.param(True, "euler", id="mid-block-euler"),
+    pytest.param(False, "ddim", id="no-mid-block-ddim"),
+    pytest.param(False, "euler", id="no-mid-block-euler", marks=pytest.mark.slow)])
 def test_pipeline_matches_animatediff_pipeline(sd1, motion_adapters, pipelines, references, backend_name, mid_block,
                                                scheduler):
     import diffusers
@@ -151,8 +155,9 @@ def test_pipeline_matches_animatediff_pipeline(sd1, motion_adapters, pipelines, 
                   max_abs_error(got, expected)) < 5e-3
 
 
-def test_outputs_and_decode_batches(sd1, motion_adapters, pipelines, backend_name):
-    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name)
+@pytest.mark.parametrize("mid_block", MID_BLOCK_THEN_SLOW, ids=MID_BLOCK_IDS)
+def test_outputs_and_decode_batches(sd1, motion_adapters, pipelines, backend_name, mid_block):
+    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name, mid_block)
     args = dict(prompt=["a", "b"], video_frames=3, video_height=64, video_width=48, num_inference_steps=2, seed=1)
     frames = video(output_type="pil", **args)
     assert len(frames) == 2 and len(frames[0]) == 3 and frames[0][0].size == (48, 64)
@@ -165,8 +170,9 @@ def test_outputs_and_decode_batches(sd1, motion_adapters, pipelines, backend_nam
     assert tuple(native.shape) == expected_shape
 
 
-def test_per_frame_norm_switch_changes_the_video(sd1, motion_adapters, pipelines, backend_name):
-    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name)
+@pytest.mark.parametrize("mid_block", MID_BLOCK_THEN_SLOW, ids=MID_BLOCK_IDS)
+def test_per_frame_norm_switch_changes_the_video(sd1, motion_adapters, pipelines, backend_name, mid_block):
+    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name, mid_block)
     args = dict(prompt="a", video_frames=4, video_height=64, video_width=64, num_inference_steps=2, seed=0,
                 output_type="np")
     default = video(**args)
@@ -179,10 +185,11 @@ def test_per_frame_norm_switch_changes_the_video(sd1, motion_adapters, pipelines
     np.testing.assert_array_equal(video(**args), default)
 
 
-def test_context_windows_for_long_videos(sd1, motion_adapters, pipelines, backend_name):
+@pytest.mark.parametrize("mid_block", MID_BLOCK_THEN_SLOW, ids=MID_BLOCK_IDS)
+def test_context_windows_for_long_videos(sd1, motion_adapters, pipelines, backend_name, mid_block):
     """Beyond the motion module's 32 frames only with windows; one window changes nothing. 32x32 frames:
     the windowing is over frames, and small frames keep 40 of them cheap."""
-    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name)
+    video = video_pipeline(pipelines, sd1, motion_adapters, backend_name, mid_block)
     args = dict(prompt="a", video_height=32, video_width=32, num_inference_steps=2, seed=2, output_type="np")
     with pytest.raises(ValueError, match="maximum of 32"):
         video(video_frames=40, **args)
@@ -223,7 +230,7 @@ def test_bad_adapters(sd1, tmp_path):
     assert SD1.unet["layers_per_block"] == 2
 
 
-@pytest.mark.parametrize("mid_block", [True, pytest.param(False, marks=pytest.mark.slow)], ids=MID_BLOCK_IDS)
+@pytest.mark.parametrize("mid_block", MID_BLOCK_THEN_SLOW, ids=MID_BLOCK_IDS)
 def test_same_video_on_mlx_and_torch(sd1, motion_adapters, pipelines, mid_block):
     args = dict(prompt=["a cat", "a dog"], video_frames=5, video_height=64, video_width=48, num_inference_steps=3,
                 seed=11, output_type="np")
