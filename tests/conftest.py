@@ -1,60 +1,84 @@
-import os
-import sys
-from pathlib import Path
+"""Fixtures only: the isolated environment, the tiny models (built once per session), the session cache of
+our loaded pipelines, and the parity summary. Shared code lives in helpers.py and tiny_models.py."""
 
-import numpy as np
 import pytest
 
 import mlx_stablefused.backends.mlx  # noqa: F401  (first, so the OpenBLAS preload precedes any mlx import)
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "data" / "clip-tokenizer"
+import helpers  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
 
 
-def _real_clip_vocabulary() -> Path:
-    """The real CLIP vocabulary: unpacked from tests/data (gzipped there) into a temp folder once."""
-    import gzip
-    import tempfile
-
-    target = Path(tempfile.gettempdir()) / "mlx-stablefused-test-clip-tokenizer"
-    if not (target / "merges.txt").is_file():
-        target.mkdir(exist_ok=True)
-        for name in ("vocab.json", "merges.txt"):
-            with gzip.open(BUNDLED_TOKENIZER / f"{name}.gz", "rb") as src:
-                data = src.read()
-            tmp = target / f".{name}.{os.getpid()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, target / name)
-    return target
-
-
-SHARED_TOKENIZER = _real_clip_vocabulary()
-
-
+# --------------------------------------------------------------------------------- environment
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory):
-    """Converted-model cache in a temp dir, so tests never touch (or depend on) the user's cache."""
-    os.environ["MLX_STABLEFUSED_CACHE"] = str(tmp_path_factory.mktemp("msf-cache"))
+def _isolated_environment(tmp_path_factory):
+    """Converted-model cache in a temp dir (tests never touch, or depend on, the user's cache) and two torch
+    threads (the tiny models gain nothing from more); both restored when the session ends."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLX_STABLEFUSED_CACHE", str(tmp_path_factory.mktemp("msf-cache")))
+        torch.set_num_threads(2)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+# Set by pytest per phase, and by torch the first time diffusers imports its compiler stack: not a test's doing.
+NOT_OWNED_BY_TESTS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def _global_state() -> dict:
+    import os
+
+    import mlx.core as mx
+    import torch
+
+    environ = {k: v for k, v in os.environ.items() if k not in NOT_OWNED_BY_TESTS}
+    return {"os.environ": environ, "torch threads": torch.get_num_threads(),
+            "torch default dtype": torch.get_default_dtype(), "MLX default device": mx.default_device()}
+
+
+@pytest.fixture(autouse=True)
+def _restores_global_state():
+    """A test must leave the process as it found it (use monkeypatch): restore and fail loudly otherwise."""
+    import os
+
+    import mlx.core as mx
+    import torch
+
+    before = _global_state()
     yield
+    after = _global_state()
+    changed = [name for name in before if after[name] != before[name]]
+    if changed:
+        for key in set(os.environ) - set(before["os.environ"]) - NOT_OWNED_BY_TESTS:
+            del os.environ[key]
+        os.environ.update(before["os.environ"])
+        torch.set_num_threads(before["torch threads"])
+        torch.set_default_dtype(before["torch default dtype"])
+        mx.set_default_device(before["MLX default device"])
+        pytest.fail(f"the test changed process-wide state and did not restore it: {', '.join(changed)}")
 
 
+# --------------------------------------------------------------------------------- tiny models
 @pytest.fixture(scope="session")
 def sd1(tmp_path_factory):
+    """The SD1-style tiny model: (diffusers StableDiffusionPipeline, its saved folder)."""
     from tiny_models import SD1, build_pipeline
 
     folder = tmp_path_factory.mktemp("sd1")
-    pipe = build_pipeline(SD1, folder)
-    return pipe, folder / "model"
+    return build_pipeline(SD1, folder), folder / "model"
 
 
 @pytest.fixture(scope="session")
 def sd2(tmp_path_factory):
+    """The SD2-style tiny model (linear projections, v-prediction): (pipeline, folder)."""
     from tiny_models import SD2, build_pipeline
 
     folder = tmp_path_factory.mktemp("sd2")
-    pipe = build_pipeline(SD2, folder)
-    return pipe, folder / "model"
+    return build_pipeline(SD2, folder), folder / "model"
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +100,33 @@ def unet3d_model(tmp_path_factory):
     return build_video_pipeline(folder), folder / "model"
 
 
-BACKEND_NAMES = ["mlx", "torch"]
+@pytest.fixture(scope="session")
+def motion_adapters(tmp_path_factory):
+    """Tiny AnimateDiff adapters fitting sd1, with and without a motion mid block: {mid_block: (adapter, folder)}."""
+    from tiny_models import build_motion_adapter
+
+    out = {}
+    for mid_block in (True, False):
+        adapter = build_motion_adapter(mid_block)
+        folder = tmp_path_factory.mktemp("adapter-mid" if mid_block else "adapter-no-mid")
+        adapter.save_pretrained(str(folder), safe_serialization=True)
+        out[mid_block] = adapter, folder
+    return out
 
 
-@pytest.fixture(params=BACKEND_NAMES)
+@pytest.fixture(scope="session")
+def clip_vocabulary(tmp_path_factory):
+    """A folder with the real CLIP vocabulary (vocab.json, merges.txt)."""
+    return helpers.unpack_clip_vocabulary(tmp_path_factory.mktemp("clip-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def pipelines():
+    """The session cache of our loaded pipelines (helpers.PipelineCache), shared by every test file."""
+    return helpers.PipelineCache()
+
+
+@pytest.fixture(params=helpers.BACKENDS)
 def backend_name(request):
     """Each backend in turn; tests that need CUDA or MPS mark themselves and skip where absent."""
     return request.param
@@ -91,23 +138,21 @@ def tiny(request):
     return request.getfixturevalue(request.param)
 
 
-def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
+# ------------------------------------------------------------------------------------ summary
+SECONDS_PER_FILE: dict = {}  # test file -> seconds in setup, call and teardown (the default run's budget: 4 min)
 
 
-PARITY: dict[str, float] = {}
-
-
-def report(name: str, value: float) -> float:
-    """Record a measured parity error; the worst per name is printed at the end of the run."""
-    PARITY[name] = max(PARITY.get(name, 0.0), float(value))
-    return float(value)
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    SECONDS_PER_FILE[path] = SECONDS_PER_FILE.get(path, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
-    if PARITY:
+    if SECONDS_PER_FILE:
+        terminalreporter.section("seconds per test file")
+        for path, seconds in sorted(SECONDS_PER_FILE.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+    if helpers.PARITY:
         terminalreporter.section("parity: worst measured error per check")
-        for name in sorted(PARITY):
-            terminalreporter.write_line(f"{name:<55} {PARITY[name]:.2e}")
+        for name in sorted(helpers.PARITY):
+            terminalreporter.write_line(f"{name:<55} {helpers.PARITY[name]:.2e}")

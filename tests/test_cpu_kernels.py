@@ -4,7 +4,7 @@ diffusers parity test exercises the CPU forms; these tests keep the Metal forms 
 
 import numpy as np
 import pytest
-from conftest import report
+from helpers import max_abs_error, report
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -107,16 +107,15 @@ def test_group_norm_matches_float64(request, form, shape, groups):
     assert half.dtype == mx.float16 and np.abs(np.asarray(half.astype(mx.float32)) - ref).max() < 2e-2
 
 
-def test_metal_forms_give_the_same_images(sd1, metal_forms, monkeypatch):
+def test_metal_forms_give_the_same_images(sd1, pipelines, metal_forms, monkeypatch):
     """The whole pipeline with the GPU formulations (fused attention, reductions) vs the CPU ones."""
-    _, root = sd1
     args = dict(prompt="a cat", negative_prompt="blurry", num_inference_steps=2, seed=3, image_height=64,
                 image_width=64, output_type="np")
-    pipe = TextToImageDiffusion(root, progress=False, scheduler="ddim")
+    pipe = pipelines.pipeline(TextToImageDiffusion, sd1[1], scheduler="ddim")
     metal = pipe(**args)
     monkeypatch.setattr(cpu_math, "on_cpu", lambda: True)
     cpu = pipe(**args)
-    assert report("pipeline, Metal forms vs CPU forms (max abs)", np.abs(metal - cpu).max()) < 1e-4
+    assert report("pipeline, Metal forms vs CPU forms (max abs)", max_abs_error(metal, cpu)) < 1e-4
 
 
 def test_bounded_run_ahead_restores_the_limit_and_lowers_the_peak():

@@ -1,4 +1,5 @@
-"""MLX and torch backends: the same seed gives the same image, for every pipeline and stochastic samplers too.
+"""MLX and torch backends: the same seed gives the same image, for every pipeline and stochastic samplers too
+(text-to-image: test_parity_text_to_image.py, which shares its runs with the diffusers checks).
 
 Also: both backends load the same sources (diffusers folder, converted MLX folder) strictly, and the
 CUDA / MPS checks run where such a device exists.
@@ -7,7 +8,7 @@ CUDA / MPS checks run where such a device exists.
 import numpy as np
 import pytest
 import torch
-from conftest import report
+from helpers import convert_with_cli, max_abs_error, report
 from PIL import Image
 
 from mlx_stablefused import (ImageToImageDiffusion, InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion,
@@ -16,16 +17,10 @@ from mlx_stablefused import (ImageToImageDiffusion, InpaintDiffusion, LatentWalk
 TOL = 5e-3
 
 
-@pytest.fixture(scope="module")
-def pairs():
-    return {}
-
-
-def both(cls, root, pairs, **kw):
-    key = (cls, root)
-    if key not in pairs:
-        pairs[key] = (cls(root, progress=False, **kw), cls(root, progress=False, backend="torch", device="cpu", **kw))
-    return pairs[key]
+def both(pipelines, cls, root, scheduler=None):
+    """The same cached model as an MLX pipeline and a torch-on-CPU pipeline."""
+    return (pipelines.pipeline(cls, root, "mlx", scheduler=scheduler),
+            pipelines.pipeline(cls, root, "torch", scheduler=scheduler, device="cpu"))
 
 
 def image(w=64, h=64):
@@ -39,65 +34,46 @@ def mask(w=64, h=64):
     return Image.fromarray(m)
 
 
-@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpm_sde_karras", "dpm_multistep", "ddpm"])
-def test_text_to_image_same_seed_same_image(tiny, pairs, scheduler):
-    _, root = tiny
-    a, b = both(TextToImageDiffusion, root, pairs)
-    for p in (a, b):
-        p.set_scheduler(scheduler)
-    args = dict(prompt=["a cat", "a dog"], negative_prompt="blurry", num_inference_steps=4, seed=42,
-                image_height=64, image_width=64, output_type="np")
-    err = np.abs(a(**args) - b(**args)).max()
-    assert report("MLX vs torch, text-to-image, same seed (max abs)", err) < TOL
-
-
 @pytest.mark.parametrize("scheduler", ["heun", "euler_ancestral"])
-def test_image_to_image_same_seed_same_image(sd1, pairs, scheduler):
+def test_image_to_image_same_seed_same_image(sd1, pipelines, scheduler):
     _, root = sd1
-    a, b = both(ImageToImageDiffusion, root, pairs)
-    for p in (a, b):
-        p.set_scheduler(scheduler)
+    a, b = both(pipelines, ImageToImageDiffusion, root, scheduler)
     args = dict(image=image(), prompt="a cat", num_inference_steps=4, strength=0.75, seed=7, output_type="np")
-    err = np.abs(a(**args) - b(**args)).max()
+    err = max_abs_error(a(**args), b(**args))
     assert report("MLX vs torch, image-to-image, same seed (max abs)", err) < TOL
 
 
 @pytest.mark.parametrize("model", ["sd1", "sd1_inpaint"])
-def test_inpainting_same_seed_same_image(request, model, pairs):
+def test_inpainting_same_seed_same_image(request, model, pipelines):
     _, root = request.getfixturevalue(model)
-    a, b = both(InpaintDiffusion, root, pairs)
-    for p in (a, b):
-        p.set_scheduler("euler_ancestral")
+    a, b = both(pipelines, InpaintDiffusion, root, "euler_ancestral")
     args = dict(prompt="a cat", image=image(64, 48), mask=mask(64, 48), num_inference_steps=4, seed=3,
                 output_type="np")
-    err = np.abs(a(**args) - b(**args)).max()
+    err = max_abs_error(a(**args), b(**args))
     assert report("MLX vs torch, inpainting, same seed (max abs)", err) < TOL
 
 
-def test_interpolation_same_seed_same_frames(sd1, pairs):
+def test_interpolation_same_seed_same_frames(sd1, pipelines):
     _, root = sd1
-    a, b = both(LatentWalkDiffusion, root, pairs)
+    a, b = both(pipelines, LatentWalkDiffusion, root)
     args = dict(prompt=["a", "b"], image_height=64, image_width=64, num_inference_steps=3, interpolation_steps=3,
                 seed=1, output_type="np")
-    assert report("MLX vs torch, interpolation (max abs)", np.abs(a.interpolate(**args) - b.interpolate(**args)).max()) < TOL
+    assert report("MLX vs torch, interpolation (max abs)", max_abs_error(a.interpolate(**args), b.interpolate(**args))) < TOL
 
 
-def test_torch_native_output_is_nchw_tensor(sd1, pairs):
+def test_torch_native_output_is_nchw_tensor(sd1, pipelines):
     _, root = sd1
-    _, b = both(TextToImageDiffusion, root, pairs)
+    _, b = both(pipelines, TextToImageDiffusion, root)
     out = b("x", num_inference_steps=2, seed=0, image_height=64, image_width=48, output_type="pt")
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 64, 48)
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
 
 
-def test_torch_loads_converted_mlx_folder(sd1, tmp_path):
-    from mlx_stablefused.backends.mlx.loading import convert_model
-    from mlx_stablefused.sources import resolve_model
-
+def test_torch_loads_converted_mlx_folder(sd1, pipelines, tmp_path):
     _, root = sd1
-    out = convert_model(resolve_model(root), tmp_path / "mlx", dtype="float32")
+    out = convert_with_cli(root, tmp_path / "mlx")
     args = dict(prompt="x", num_inference_steps=2, seed=0, image_height=64, image_width=64, output_type="np")
-    from_diffusers = TextToImageDiffusion(root, backend="torch", progress=False)(**args)
+    from_diffusers = pipelines.pipeline(TextToImageDiffusion, root, "torch")(**args)
     from_converted = TextToImageDiffusion(out, backend="torch", progress=False)(**args)
     np.testing.assert_allclose(from_converted, from_diffusers, atol=1e-6)
 

@@ -4,15 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_stablefused import InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion, lerp, slerp
-from mlx_stablefused.pipelines.walk_geometry import (WalkType, pan_frames, shift_and_mask, shrink_and_mask,
-                                                     zoom_out_frames)
+from mlx_stablefused import InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion, WalkType, lerp, slerp
+from mlx_stablefused.pipelines.walk_geometry import pan_frames, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 
-@pytest.fixture(scope="module")
-def pipes(sd1):
-    _, root = sd1
-    t2i = TextToImageDiffusion(root, progress=False, scheduler="ddim")
+@pytest.fixture
+def pipes(sd1, pipelines):
+    """Text-to-image, latent walk and inpainting pipelines on the session's shared SD1 model (DDIM)."""
+    t2i = pipelines.pipeline(TextToImageDiffusion, sd1[1], scheduler="ddim")
     return t2i, LatentWalkDiffusion.from_pipeline(t2i), InpaintDiffusion.from_pipeline(t2i)
 
 
@@ -49,8 +48,9 @@ def test_interpolation_middle_frame_is_the_interpolated_embedding_and_latent(pip
 
 
 def test_interpolation_batching_and_duplicates(pipes):
+    """Batching and boundary frames are bookkeeping over frames: 32x32 images show it at a quarter the cost."""
     _, walk, _ = pipes
-    args = dict(image_height=64, image_width=64, num_inference_steps=2, interpolation_steps=3, seed=4,
+    args = dict(image_height=32, image_width=32, num_inference_steps=2, interpolation_steps=3, seed=4,
                 output_type="np")
     one = walk.interpolate(PROMPTS, batch_size=1, **args)
     many = walk.interpolate(PROMPTS, batch_size=5, **args)
@@ -59,7 +59,7 @@ def test_interpolation_batching_and_duplicates(pipes):
     assert len(one) == 7 and len(dup) == 6  # stablefused: steps * pairs, boundary frames repeated
     np.testing.assert_allclose(dup[2], dup[3], atol=1e-5)
     hist = walk.interpolate(PROMPTS[:2], return_latent_history=True, **args)
-    assert hist.shape == (4, 3, 64, 64, 3)
+    assert hist.shape == (4, 3, 32, 32, 3)
 
 
 @pytest.mark.parametrize("kw,error,match", [

@@ -9,12 +9,10 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import convert_with_cli
 from safetensors.numpy import load_file, save_file
 
-from mlx_stablefused import (ModelSourceError, TextToImageDiffusion, UnsupportedModelError, WeightLoadError)
-from mlx_stablefused import model_loading
-from mlx_stablefused.backends.mlx.loading import convert_model
-from mlx_stablefused.sources import resolve_model
+from mlx_stablefused import ModelSourceError, TextToImageDiffusion, UnsupportedModelError, WeightLoadError
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 
@@ -28,15 +26,27 @@ def model_copy(sd1, tmp_path):
     return dst
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """This test's own converted-model cache ($MLX_STABLEFUSED_CACHE/converted/<key>, as the README says)."""
+    monkeypatch.setenv("MLX_STABLEFUSED_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "converted"
+
+
+def cache_state(folder):
+    """Every file under ``folder`` with its modification time: what a conversion would change."""
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+
+
 def generate(pipe, **kw):
     args = dict(prompt="the cat", num_inference_steps=2, seed=0, image_height=64, image_width=64, output_type="np")
     return pipe(**{**args, **kw})
 
 
 # ------------------------------------------------------------------------------------ conversion
-def test_convert_then_load_gives_identical_images(sd1, tmp_path):
+def test_convert_then_load_gives_identical_images(sd1, pipelines, tmp_path):
     _, root = sd1
-    out = convert_model(resolve_model(root), tmp_path / "mlx", dtype="float32")
+    out = convert_with_cli(root, tmp_path / "mlx")
     manifest = json.loads((out / "mlx_manifest.json").read_text())
     assert manifest["format"] == "mlx-stablefused" and manifest["dtype"] == "float32"
     assert manifest["source"] == str(root) and manifest["converter_version"]
@@ -48,15 +58,15 @@ def test_convert_then_load_gives_identical_images(sd1, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_convert_float16_halves_the_weights(sd1, tmp_path):
+def test_convert_float16_halves_the_weights(sd1, pipelines, tmp_path):
     _, root = sd1
-    out = convert_model(resolve_model(root), tmp_path / "mlx16", dtype="float16")
+    out = convert_with_cli(root, tmp_path / "mlx16", dtype="float16")
     unet = mx.load(str(out / "unet" / "weights.safetensors"))
     assert all(v.dtype == mx.float16 for v in unet.values())
     pipe = TextToImageDiffusion(out, dtype="float16", progress=False)
     assert pipe.backend.vae.decoder.conv_in.weight.dtype == mx.float32  # force_upcast VAE
     img16 = generate(pipe)
-    img32 = generate(TextToImageDiffusion(root, progress=False, use_cache=False))
+    img32 = generate(pipelines.pipeline(TextToImageDiffusion, root))
     assert np.abs(img16 - img32).max() < 0.05
 
 
@@ -71,35 +81,37 @@ def test_convert_refuses_to_overwrite_and_cli_works(sd1, tmp_path):
     assert main(["convert", str(root), str(dst), "--overwrite"]) == 0
 
 
-def test_failed_conversion_leaves_nothing_behind(model_copy, tmp_path):
+def test_failed_conversion_leaves_nothing_behind(model_copy, tmp_path, capsys):
+    from mlx_stablefused.cli import main
+
     unet = model_copy / UNET_FILE
     data = unet.read_bytes()
     unet.write_bytes(data[: len(data) // 2])
     dst = tmp_path / "never"
-    with pytest.raises(WeightLoadError, match="truncated"):
-        convert_model(resolve_model(model_copy), dst)
+    assert main(["convert", str(model_copy), str(dst)]) == 1
+    assert "truncated" in capsys.readouterr().err
     assert not dst.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+    with pytest.raises(WeightLoadError, match="truncated"):  # and the same file named by the Python API
+        TextToImageDiffusion(model_copy, progress=False)
 
 
-def test_on_the_fly_conversion_is_cached(sd1, monkeypatch):
-    _, root = sd1
-    TextToImageDiffusion(root, progress=False)  # converts into the cache (or finds it there)
-
-    def fail(*a, **k):
-        raise AssertionError("the second load must not convert again")
-
-    monkeypatch.setattr(model_loading, "write_converted", fail)
-    pipe = TextToImageDiffusion(root, progress=False)
-    assert generate(pipe).shape == (1, 64, 64, 3)
+def test_on_the_fly_conversion_is_cached(model_copy, own_cache):
+    first = generate(TextToImageDiffusion(model_copy, progress=False))  # converts into the cache
+    converted = cache_state(own_cache)
+    assert len(list(own_cache.iterdir())) == 1
+    second = generate(TextToImageDiffusion(model_copy, progress=False))
+    assert cache_state(own_cache) == converted  # the second load converted nothing
+    np.testing.assert_array_equal(first, second)
 
 
-def test_cache_key_changes_when_weights_change(model_copy):
-    source = resolve_model(model_copy)
-    key = model_loading.cache_key(source, "float32", None)
+def test_cache_key_changes_when_weights_change(model_copy, own_cache):
+    TextToImageDiffusion(model_copy, progress=False)
     os.utime(model_copy / UNET_FILE, ns=(1, 1))
-    assert model_loading.cache_key(source, "float32", None) != key
-    assert model_loading.cache_key(source, "float16", None) != model_loading.cache_key(source, "float32", None)
+    TextToImageDiffusion(model_copy, progress=False)
+    assert len(list(own_cache.iterdir())) == 2  # new weights: a new converted copy
+    TextToImageDiffusion(model_copy, progress=False, dtype="float16")
+    assert len(list(own_cache.iterdir())) == 3  # another dtype: another copy
 
 
 def test_pytorch_bin_is_read_safely(model_copy):
@@ -211,7 +223,7 @@ def test_single_file_is_explained(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
     with pytest.raises(ModelSourceError, match="single-file"):
-        resolve_model(f)
+        TextToImageDiffusion(f, progress=False)
 
 
 def test_hub_id_offline_says_how_to_pass_a_path(monkeypatch):
@@ -222,19 +234,18 @@ def test_hub_id_offline_says_how_to_pass_a_path(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     with pytest.raises(ModelSourceError, match="pass its folder"):
-        resolve_model("someone/not-cached-model-xyz")
+        TextToImageDiffusion("someone/not-cached-model-xyz", progress=False)
 
 
 def test_hub_id_with_local_files_only():
     with pytest.raises(ModelSourceError, match="not in the local cache"):
-        resolve_model("someone/not-cached-model-xyz", local_files_only=True)
+        TextToImageDiffusion("someone/not-cached-model-xyz", local_files_only=True, progress=False)
 
 
 # ------------------------------------------------------------------------------------ bad inputs
-@pytest.fixture(scope="module")
-def pipe(sd1):
-    _, root = sd1
-    return TextToImageDiffusion(root, progress=False)
+@pytest.fixture
+def pipe(sd1, pipelines):
+    return pipelines.pipeline(TextToImageDiffusion, sd1[1])
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -1,11 +1,15 @@
-"""Image-to-image and inpainting against diffusers' pipelines, fed the same noise and the posterior mean."""
+"""Image-to-image and inpainting against diffusers' pipelines, fed the same noise and the posterior mean.
+
+Every listed sampler runs on MLX; a representative pair (second-order and multistep) on torch too. Each
+diffusers reference is computed once and compared against both backends.
+"""
 
 import importlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import report
+from helpers import diffusers_pipeline, diffusers_scheduler_for, max_abs_error, report
 from PIL import Image
 
 from mlx_stablefused import ImageToImageDiffusion, InpaintDiffusion, TextToImageDiffusion
@@ -27,115 +31,106 @@ def make_mask(w=64, h=64):
     return Image.fromarray(m)
 
 
-def patch_diffusers(monkeypatch, pipe, noise):
+def run_diffusers(pipe, noise, **kwargs):
     """diffusers encodes with a posterior *sample*; use the mean as we do. Feed it our noise."""
     module = importlib.import_module(type(pipe).__module__)
-    monkeypatch.setattr(module, "retrieve_latents",
-                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
-    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noise))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "retrieve_latents", lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
+        mp.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noise))
+        with torch.no_grad():
+            return pipe(output_type="np", **kwargs).images
 
 
-def use_scheduler(pipe, root, name):
-    import diffusers
-    from test_schedulers import DIFFUSERS
-
-    cls_name, preset = DIFFUSERS[name]
-    config = diffusers.DDIMScheduler.load_config(str(root), subfolder="scheduler")
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(config, **preset)
+def cases(all_cases, on_torch):
+    """(case, backend) pairs: every case on MLX; on torch the representative ones, the rest under -m slow
+    (the samplers are backend-neutral code, checked on MLX)."""
+    return pytest.mark.parametrize("case,backend", [
+        pytest.param(case, backend, id=f"{backend}-{case[0]}-{case[1]}",
+                     marks=pytest.mark.slow if backend == "torch" and case not in on_torch else ())
+        for backend in ("mlx", "torch") for case in all_cases])
 
 
 @pytest.fixture(scope="module")
-def loaded():
+def references():
+    """(pipeline, model folder, case) -> diffusers' images, computed once for both backends."""
     return {}
 
 
-def get(cls, root, loaded, backend="mlx"):
-    key = (cls, root, backend)
-    if key not in loaded:
-        loaded[key] = cls(root, progress=False, backend=backend)
-    return loaded[key]
+IMG2IMG = [("ddim", 2), ("pndm", 1), ("euler", 2), ("heun", 1), ("dpm_multistep", 3)]  # (sampler, start step)
 
 
-@pytest.mark.parametrize("scheduler,start_step", [("ddim", 2), ("pndm", 1), ("euler", 2), ("heun", 1),
-                                                  ("dpm_multistep", 3)])
-def test_image_to_image_matches_diffusers(tiny, scheduler, start_step, loaded, monkeypatch, backend_name):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
+@cases(IMG2IMG, [("heun", 1), ("dpm_multistep", 3)])
+def test_image_to_image_matches_diffusers(tiny, case, backend, references, pipelines):
+    (scheduler, start_step), steps = case, 5
     pipe, root = tiny
-    ref = StableDiffusionImg2ImgPipeline(**pipe.components)
-    ref.set_progress_bar_config(disable=True)
-    use_scheduler(ref, root, scheduler)
-    ours = get(ImageToImageDiffusion, root, loaded, backend_name)
-    ours.set_scheduler(scheduler)
-    image = make_image()
-    steps = 5
     noise = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    patch_diffusers(monkeypatch, ref, noise)
-    with torch.no_grad():
-        expected = ref(prompt=PROMPTS, negative_prompt=NEGATIVES, image=image, strength=(steps - start_step) / steps,
-                       num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
-    got = ours(image, PROMPTS, num_inference_steps=steps, start_step=start_step, negative_prompt=NEGATIVES,
+    key = ("img2img", str(root), case)
+    if key not in references:
+        ref = diffusers_pipeline(pipe, "StableDiffusionImg2ImgPipeline", diffusers_scheduler_for(root, scheduler))
+        references[key] = run_diffusers(ref, noise, prompt=PROMPTS, negative_prompt=NEGATIVES, image=make_image(),
+                                        strength=(steps - start_step) / steps, num_inference_steps=steps,
+                                        guidance_scale=7.5)
+    ours = pipelines.pipeline(ImageToImageDiffusion, root, backend, scheduler=scheduler)
+    got = ours(make_image(), PROMPTS, num_inference_steps=steps, start_step=start_step, negative_prompt=NEGATIVES,
                noise=noise, output_type="np")
-    assert report(f"image-to-image vs StableDiffusionImg2ImgPipeline (max abs) [{backend_name}]",
-                  np.abs(got - expected).max()) < 5e-3
+    assert report(f"image-to-image vs StableDiffusionImg2ImgPipeline (max abs) [{backend}]",
+                  max_abs_error(got, references[key])) < 5e-3
 
 
-def test_strength_equals_start_step(sd1, loaded):
+NINE_CHANNEL = [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.6), ("pndm", 1.0)]  # (sampler, strength)
+
+
+@cases(NINE_CHANNEL, [("ddim", 0.6), ("pndm", 1.0)])
+def test_nine_channel_inpainting_matches_diffusers(sd1_inpaint, case, backend, references, pipelines):
+    (scheduler, strength), steps = case, 5
+    pipe, root = sd1_inpaint
+    image, mask = make_image(64, 48), make_mask(64, 48)
+    noise = np.random.default_rng(4).standard_normal((2, 4, 6, 8)).astype(np.float32)
+    key = ("nine-channel", str(root), case)
+    if key not in references:
+        ref = diffusers_pipeline(pipe, scheduler=diffusers_scheduler_for(root, scheduler))
+        references[key] = run_diffusers(ref, noise, prompt=PROMPTS, negative_prompt=NEGATIVES, image=image,
+                                        mask_image=mask, height=48, width=64, strength=strength,
+                                        num_inference_steps=steps, guidance_scale=7.5)
+    ours = pipelines.pipeline(InpaintDiffusion, root, backend, scheduler=scheduler)
+    got = ours(PROMPTS, image, mask, num_inference_steps=steps, strength=strength, negative_prompt=NEGATIVES,
+               noise=noise, output_type="np")
+    assert got.shape == (2, 48, 64, 3)
+    assert report(f"9-channel inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend}]",
+                  max_abs_error(got, references[key])) < 5e-3
+
+
+BLENDING = [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.8), ("heun", 1.0), ("dpm_multistep", 0.6)]  # (sampler, strength)
+
+
+@cases(BLENDING, [("heun", 1.0), ("dpm_multistep", 0.6)])
+def test_latent_blending_inpainting_matches_diffusers(tiny, case, backend, references, pipelines):
+    scheduler, strength = case
+    pipe, root = tiny
+    image, mask = make_image(), make_mask()
+    noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    key = ("blending", str(root), case)
+    if key not in references:
+        ref = diffusers_pipeline(pipe, "StableDiffusionInpaintPipeline", diffusers_scheduler_for(root, scheduler))
+        references[key] = run_diffusers(ref, noise, prompt="the cat", image=image, mask_image=mask, height=64,
+                                        width=64, strength=strength, num_inference_steps=5, guidance_scale=7.5)
+    ours = pipelines.pipeline(InpaintDiffusion, root, backend, scheduler=scheduler)
+    got = ours("the cat", image, mask, num_inference_steps=5, strength=strength, noise=noise, output_type="np")
+    assert report(f"latent-blending inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend}]",
+                  max_abs_error(got, references[key])) < 5e-3
+
+
+def test_strength_equals_start_step(sd1, pipelines):
     _, root = sd1
-    ours = get(ImageToImageDiffusion, root, loaded)
-    ours.set_scheduler("ddim")
+    ours = pipelines.pipeline(ImageToImageDiffusion, root, scheduler="ddim")
     args = dict(image=make_image(), prompt="x", num_inference_steps=10, seed=3, output_type="np")
     np.testing.assert_array_equal(ours(start_step=3, **args), ours(strength=0.7, **args))
 
 
-@pytest.mark.parametrize("scheduler,strength", [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.6), ("pndm", 1.0)])
-def test_nine_channel_inpainting_matches_diffusers(sd1_inpaint, scheduler, strength, loaded, monkeypatch,
-                                                  backend_name):
-    pipe, root = sd1_inpaint
-    use_scheduler(pipe, root, scheduler)
-    ours = get(InpaintDiffusion, root, loaded, backend_name)
-    ours.set_scheduler(scheduler)
-    image, mask = make_image(64, 48), make_mask(64, 48)
-    noise = np.random.default_rng(4).standard_normal((2, 4, 6, 8)).astype(np.float32)
-    patch_diffusers(monkeypatch, pipe, noise)
-    steps = 5
-    with torch.no_grad():
-        expected = pipe(prompt=PROMPTS, negative_prompt=NEGATIVES, image=image, mask_image=mask, height=48, width=64,
-                        strength=strength, num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
-    got = ours(PROMPTS, image, mask, num_inference_steps=steps, strength=strength, negative_prompt=NEGATIVES,
-               noise=noise, output_type="np")
-    assert got.shape == (2, 48, 64, 3)
-    assert report(f"9-channel inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
-                  np.abs(got - expected).max()) < 5e-3
-
-
-@pytest.mark.parametrize("scheduler,strength", [("ddim", 1.0), ("ddim", 0.6), ("euler", 0.8), ("heun", 1.0),
-                                                ("dpm_multistep", 0.6)])
-def test_latent_blending_inpainting_matches_diffusers(tiny, scheduler, strength, loaded, monkeypatch, backend_name):
-    from diffusers import StableDiffusionInpaintPipeline
-
-    pipe, root = tiny
-    ref = StableDiffusionInpaintPipeline(**pipe.components)
-    ref.set_progress_bar_config(disable=True)
-    use_scheduler(ref, root, scheduler)
-    ours = get(InpaintDiffusion, root, loaded, backend_name)
-    ours.set_scheduler(scheduler)
-    image, mask = make_image(), make_mask()
-    noise = np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    patch_diffusers(monkeypatch, ref, noise)
-    with torch.no_grad():
-        expected = ref(prompt="the cat", image=image, mask_image=mask, height=64, width=64, strength=strength,
-                       num_inference_steps=5, guidance_scale=7.5, output_type="np").images
-    got = ours("the cat", image, mask, num_inference_steps=5, strength=strength, noise=noise, output_type="np")
-    assert report(f"latent-blending inpainting vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
-                  np.abs(got - expected).max()) < 5e-3
-
-
-def test_blending_keeps_the_unmasked_latent(sd1, loaded):
+def test_blending_keeps_the_unmasked_latent(sd1, pipelines):
     """With latent blending the final latent equals the image latent wherever the mask is black."""
     _, root = sd1
-    ours = get(InpaintDiffusion, root, loaded)
-    ours.set_scheduler("ddim")
+    ours = pipelines.pipeline(InpaintDiffusion, root, scheduler="ddim")
     image, mask = make_image(), make_mask()
     lat = ours("x", image, mask, num_inference_steps=4, seed=0, output_type="latent")
     ref = ours.backend.latent_to_numpy(ours.image_to_latent(image))
@@ -144,9 +139,9 @@ def test_blending_keeps_the_unmasked_latent(sd1, loaded):
     assert np.abs(np.where(~keep, lat - ref, 0)).max() > 1e-2
 
 
-def test_components_are_shared_not_reloaded(sd1):
+def test_components_are_shared_not_reloaded(sd1, pipelines):
     _, root = sd1
-    t2i = TextToImageDiffusion(root, progress=False)
+    t2i = pipelines.pipeline(TextToImageDiffusion, root)
     t2i.set_scheduler("euler", use_karras_sigmas=True)
     i2i = ImageToImageDiffusion.from_pipeline(t2i)
     inpaint = InpaintDiffusion(components=t2i.components, progress=False)
@@ -164,16 +159,16 @@ def test_components_are_shared_not_reloaded(sd1):
     (dict(start_step=1, strength=0.5), ValueError, "not both"),
     (dict(image_height=64), ValueError, "both image_height and image_width"),
 ])
-def test_image_to_image_bad_arguments(sd1, loaded, kw, error, match):
+def test_image_to_image_bad_arguments(sd1, pipelines, kw, error, match):
     _, root = sd1
-    ours = get(ImageToImageDiffusion, root, loaded)
+    ours = pipelines.pipeline(ImageToImageDiffusion, root)
     with pytest.raises(error, match=match):
         ours(make_image(), "x", num_inference_steps=5, **kw)
 
 
-def test_image_inputs_and_errors(sd1, loaded, tmp_path):
+def test_image_inputs_and_errors(sd1, pipelines, tmp_path):
     _, root = sd1
-    ours = get(ImageToImageDiffusion, root, loaded)
+    ours = pipelines.pipeline(ImageToImageDiffusion, root)
     args = dict(num_inference_steps=2, start_step=1, seed=0, output_type="np")
     img = make_image()
     path = tmp_path / "in.png"
@@ -196,11 +191,11 @@ def test_image_inputs_and_errors(sd1, loaded, tmp_path):
         ours(np.asarray(img) * 2.0, "x", **args)
 
 
-def test_inpaint_bad_inputs(sd1, sd1_inpaint, loaded):
+def test_inpaint_bad_inputs(sd1, pipelines):
     from mlx_stablefused import UnsupportedModelError
 
     _, root = sd1
-    ours = get(InpaintDiffusion, root, loaded)
+    ours = pipelines.pipeline(InpaintDiffusion, root)
     with pytest.raises(ValueError, match="mask is 32x32 but the image is 64x64"):
         ours("x", make_image(), make_mask(32, 32), num_inference_steps=2)
     with pytest.raises(UnsupportedModelError, match="9-channel"):
@@ -212,43 +207,38 @@ def test_inpaint_bad_inputs(sd1, sd1_inpaint, loaded):
     assert resized.shape == (1, 48, 64, 3)
 
 
-def test_vae_tiling_matches_diffusers(sd1, loaded, backend_name):
+def test_vae_tiling_matches_diffusers(sd1, pipelines, backend_name, monkeypatch):
     """Tiled decode and encode against diffusers' AutoencoderKL tiling (tiny VAE: 32 px tiles)."""
     pipe, root = sd1
-    ours = get(TextToImageDiffusion, root, loaded, backend_name)
-    vae = pipe.vae
+    ours = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    vae = pipe.vae  # the session's: every change below is undone by monkeypatch
     assert vae.config.sample_size == 64
-    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # small tiles so a small image has many
-    vae.enable_tiling()
+    monkeypatch.setattr(vae, "tile_sample_min_size", 32)  # small tiles so a small image has many
+    monkeypatch.setattr(vae, "tile_latent_min_size", 4)
+    monkeypatch.setattr(vae, "use_tiling", True)
     ours.enable_tiling(tile_size=32)
-    try:
-        z = np.random.default_rng(6).standard_normal((1, 4, 11, 9)).astype(np.float32)
-        with torch.no_grad():
-            ref = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample.numpy()
-        got = ours.latent_to_image(z, output_type="np")
-        ref_img = np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-        assert report(f"tiled VAE decode vs diffusers (max abs) [{backend_name}]", np.abs(got - ref_img).max()) < 5e-4
-        image = make_image(72, 88)
-        pixels = np.asarray(image, np.float32)[None] / 255.0
-        with torch.no_grad():
-            ref_mean = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2) * 2 - 1)).latent_dist.mean.numpy()
-        mean = ours.backend.latent_to_numpy(ours.image_to_latent(image)) / vae.config.scaling_factor
-        assert report(f"tiled VAE encode vs diffusers (max abs) [{backend_name}]", np.abs(mean - ref_mean).max()) < 5e-4
-    finally:
-        vae.disable_tiling()
-        ours.disable_tiling()
+    z = np.random.default_rng(6).standard_normal((1, 4, 11, 9)).astype(np.float32)
+    with torch.no_grad():
+        ref = vae.decode(torch.from_numpy(z) / vae.config.scaling_factor).sample.numpy()
+    got = ours.latent_to_image(z, output_type="np")
+    ref_img = np.clip(ref.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+    assert report(f"tiled VAE decode vs diffusers (max abs) [{backend_name}]", max_abs_error(got, ref_img)) < 5e-4
+    image = make_image(72, 88)
+    pixels = np.asarray(image, np.float32)[None] / 255.0
+    with torch.no_grad():
+        ref_mean = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2) * 2 - 1)).latent_dist.mean.numpy()
+    mean = ours.backend.latent_to_numpy(ours.image_to_latent(image)) / vae.config.scaling_factor
+    assert report(f"tiled VAE encode vs diffusers (max abs) [{backend_name}]", max_abs_error(mean, ref_mean)) < 5e-4
 
 
-def test_slicing_and_attention_chunking_change_nothing(sd1, loaded):
+def test_slicing_and_attention_chunking_change_nothing(sd1, pipelines):
     _, root = sd1
-    ours = get(TextToImageDiffusion, root, loaded)
-    ours.set_scheduler("ddim")
+    ours = pipelines.pipeline(TextToImageDiffusion, root, scheduler="ddim")
     args = dict(prompt=["a", "b"], num_inference_steps=2, seed=1, image_height=64, image_width=64, output_type="np")
     plain = ours(**args)
     ours.enable_slicing()
-    ours.enable_attention_slicing(7)
+    ours.enable_attention_slicing(7)  # backend-wide: undone below for the other tests sharing the model
     try:
         np.testing.assert_allclose(ours(**args), plain, atol=1e-5)
     finally:
-        ours.disable_slicing()
         ours.disable_attention_slicing()

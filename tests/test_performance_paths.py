@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import report
+from helpers import max_abs_error, report
 
 import mlx.core as mx
 from mlx_stablefused import TextToImageDiffusion, TextToVideoDiffusion
@@ -11,46 +11,44 @@ ARGS = dict(prompt=["a photo of the cat", "an astronaut"], negative_prompt="blur
             image_height=64, image_width=64, output_type="np")
 
 
+@pytest.fixture(scope="module")
+def plain(sd1, pipelines):
+    """The eager fp32 images every path below must reproduce (from the session's shared model)."""
+    return pipelines.pipeline(TextToImageDiffusion, sd1[1], scheduler="ddim")(**ARGS)
+
+
 @pytest.fixture
-def pipe(sd1):
-    _, root = sd1
-    p = TextToImageDiffusion(root, progress=False, scheduler="ddim")
-    return p, p(**ARGS)
+def private(sd1):
+    """A pipeline on its own load of sd1, for paths that change the backend for good (compile, quantize)."""
+    return TextToImageDiffusion(sd1[1], progress=False, scheduler="ddim")
 
 
-def test_compiled_unet_gives_the_same_images(pipe):
-    p, plain = pipe
-    p.enable_compile()
-    compiled = p(**ARGS)
-    assert report("compiled UNet vs eager (max abs)", np.abs(compiled - plain).max()) < 1e-4
+def test_compiled_unet_gives_the_same_images(private, plain):
+    private.enable_compile()
+    assert report("compiled UNet vs eager (max abs)", max_abs_error(private(**ARGS), plain)) < 1e-4
 
 
-def test_compiled_motion_unet(sd1, tmp_path):
-    from tiny_models import build_motion_adapter
-
-    _, root = sd1
-    build_motion_adapter(True).save_pretrained(str(tmp_path / "ad"))
-    video = TextToVideoDiffusion(root, motion_adapter=tmp_path / "ad", progress=False)
+def test_compiled_motion_unet(sd1, motion_adapters, pipelines):
     args = dict(prompt="x", video_frames=4, video_height=64, video_width=64, num_inference_steps=2, seed=0,
                 output_type="np")
-    plain = video(**args)
+    folder = motion_adapters[True][1]
+    eager = pipelines.pipeline(TextToVideoDiffusion, sd1[1], motion_adapter=folder)(**args)
+    video = TextToVideoDiffusion(sd1[1], motion_adapter=folder, progress=False)
     video.enable_compile()
-    assert np.abs(video(**args) - plain).max() < 1e-4
+    assert max_abs_error(video(**args), eager) < 1e-4
 
 
 @pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.15)])
-def test_quantized_unet_stays_close(pipe, bits, tol):
-    p, plain = pipe
-    p.quantize(bits=bits, group_size=32, components=("unet", "text_encoder"))
-    q = p(**ARGS)
-    err = np.abs(q - plain).max()
+def test_quantized_unet_stays_close(private, plain, bits, tol):
+    private.quantize(bits=bits, group_size=32, components=("unet", "text_encoder"))
+    err = max_abs_error(private(**ARGS), plain)
     assert report(f"{bits}-bit quantized UNet + text encoder vs fp32 (max abs)", err) < tol
     assert err > 0  # the quantized path really ran
 
 
-def test_low_memory_releases_and_reloads_the_text_encoder(pipe):
-    p, plain = pipe
-    p.enable_low_memory()
+def test_low_memory_releases_and_reloads_the_text_encoder(sd1, pipelines, plain):
+    p = pipelines.pipeline(TextToImageDiffusion, sd1[1], scheduler="ddim")
+    p.enable_low_memory()  # this pipeline's setting; the shared backend re-reads the weights when next needed
     first = p(**ARGS)
     params = p.backend.text_encoder.text_model.final_layer_norm.weight
     again = p(**ARGS)
@@ -59,22 +57,21 @@ def test_low_memory_releases_and_reloads_the_text_encoder(pipe):
     assert isinstance(params, mx.array)
 
 
-def test_attention_chunking_and_strip_convolutions_are_exact(pipe):
+def test_attention_chunking_and_strip_convolutions_are_exact(sd1, pipelines, plain, monkeypatch):
     from mlx_stablefused.backends.mlx.layers import StripConv2d
 
-    p, plain = pipe
-    p.enable_attention_slicing(5)
-    old = StripConv2d.max_patch_bytes
-    StripConv2d.max_patch_bytes = 4096  # force strips on these tiny maps
+    p = pipelines.pipeline(TextToImageDiffusion, sd1[1], scheduler="ddim")
+    monkeypatch.setattr(StripConv2d, "max_patch_bytes", 4096)  # force strips on these tiny maps
+    p.enable_attention_slicing(5)  # backend-wide: undone below for the tests sharing the model
     try:
         out = p(**ARGS)
     finally:
-        StripConv2d.max_patch_bytes = old
-    assert np.abs(out - plain).max() < 1e-5
+        p.disable_attention_slicing()
+    assert max_abs_error(out, plain) < 1e-5
 
 
-def test_quantize_rejects_bad_arguments(pipe):
-    p, _ = pipe
+def test_quantize_rejects_bad_arguments(sd1, pipelines):
+    p = pipelines.pipeline(TextToImageDiffusion, sd1[1])  # refused before anything changes
     with pytest.raises(ValueError, match="bits"):
         p.quantize(bits=5)
     with pytest.raises(ValueError, match="components"):
@@ -85,7 +82,7 @@ def test_quantize_rejects_bad_arguments(pipe):
 def test_cpu_streams_give_the_same_images(sd1):
     """Guidance halves and VAE row bands on 1, 2 or 3 streams: the same images up to float32 rounding."""
     _, root = sd1
-    p = TextToImageDiffusion(root, progress=False, scheduler="ddim")
+    p = TextToImageDiffusion(root, progress=False, scheduler="ddim")  # its own load: streams are backend-wide
     args = dict(ARGS, image_height=104, image_width=72)  # 13x9 latents: 3 bands of uneven height
     outs = {}
     for count in (1, 2, 3):
@@ -95,25 +92,22 @@ def test_cpu_streams_give_the_same_images(sd1):
         assert report(f"{count} CPU streams vs 1 (max abs)", np.abs(outs[count] - outs[1]).max()) < 1e-5
 
 
-def test_vae_row_bands_match_the_whole_image(sd1):
+def test_vae_row_bands_match_the_whole_image(sd1, monkeypatch):
     """Decoder and encoder on row bands (with strip convolutions inside the bands) vs one stream."""
     from mlx_stablefused.backends.mlx.cpu_streams import StreamSet
     from mlx_stablefused.backends.mlx.layers import StripConv2d
 
     _, root = sd1
-    vae = TextToImageDiffusion(root, progress=False).backend.vae
+    vae = TextToImageDiffusion(root, progress=False).backend.vae  # its own load: stream sets are backend-wide
     z = mx.random.normal((2, 11, 13, 4), key=mx.random.key(0))
     images = mx.random.uniform(-1, 1, (1, 88, 72, 3), key=mx.random.key(1))
     vae.set_stream_set(None)
     whole = [vae.decode(z), *vae.encode(images)]
-    old = StripConv2d.max_patch_bytes
-    for count, patch in ((2, old), (3, 4096)):
-        StripConv2d.max_patch_bytes = patch
-        try:
-            vae.set_stream_set(StreamSet(count))
-            banded = [vae.decode(z), *vae.encode(images)]
-        finally:
-            StripConv2d.max_patch_bytes = old
+    default_patch = StripConv2d.max_patch_bytes
+    for count, patch in ((2, default_patch), (3, 4096)):
+        monkeypatch.setattr(StripConv2d, "max_patch_bytes", patch)
+        vae.set_stream_set(StreamSet(count))
+        banded = [vae.decode(z), *vae.encode(images)]
         for name, a, b in zip(("decode", "encode mean", "encode logvar"), whole, banded):
             scale = float(mx.abs(a).max())
             assert report(f"VAE {name} on {count} row bands (rel)", float(mx.abs(a - b).max()) / scale) < 1e-5
@@ -122,7 +116,7 @@ def test_vae_row_bands_match_the_whole_image(sd1):
 def test_unet_batch_split_over_streams(sd1):
     """An odd batch split over streams (2 + 1) and a context batch that cannot be split."""
     _, root = sd1
-    backend = TextToImageDiffusion(root, progress=False).backend
+    backend = TextToImageDiffusion(root, progress=False).backend  # its own load: streams are backend-wide
     lat = mx.random.normal((3, 8, 8, 4), key=mx.random.key(2))
     ctx = mx.random.normal((3, 77, backend.text_config.hidden_size), key=mx.random.key(3))
     backend.set_cpu_streams(1)
@@ -134,11 +128,10 @@ def test_unet_batch_split_over_streams(sd1):
     np.testing.assert_allclose(np.array(shared), np.array(one[:1]), atol=1e-5)
 
 
-def test_cpu_stream_counts_are_validated(sd1, monkeypatch):
+def test_cpu_stream_counts_are_validated(sd1, pipelines, monkeypatch):
     from mlx_stablefused.backends.mlx.cpu_streams import ENV_STREAMS, default_stream_count, split_sizes
 
-    _, root = sd1
-    p = TextToImageDiffusion(root, progress=False)
+    p = pipelines.pipeline(TextToImageDiffusion, sd1[1])  # refused before anything changes
     with pytest.raises(ValueError, match="at least 1"):
         p.set_cpu_streams(0)
     monkeypatch.setenv(ENV_STREAMS, "two")

@@ -4,6 +4,7 @@ latent history, per-pipeline run settings, the Conditioning object, backend shap
 import numpy as np
 import pytest
 import torch
+from helpers import max_abs_error, rel_error, report
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion, TextToVideoDiffusion
 from mlx_stablefused.conditioning import Conditioning
@@ -12,16 +13,9 @@ ARGS = dict(prompt=["a photo of the cat", "an astronaut"], negative_prompt=["blu
             guidance_scale=7.5)
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    return {}
-
-
-def ours(root, pipes, backend="mlx"):
-    if (root, backend) not in pipes:
-        pipes[(root, backend)] = TextToImageDiffusion(model_id=root, progress=False, backend=backend,
-                                                      scheduler="ddim")
-    return pipes[(root, backend)]
+def ours(root, pipelines, backend="mlx"):
+    """A DDIM text-to-image pipeline of its own on the session's cached model."""
+    return pipelines.pipeline(TextToImageDiffusion, root, backend, scheduler="ddim")
 
 
 def diffusers_images(pipe, root, latents, **kwargs):
@@ -33,10 +27,10 @@ def diffusers_images(pipe, root, latents, **kwargs):
                     **kwargs).images
 
 
-def test_callback_that_edits_latents_matches_diffusers(sd1, pipes, backend_name):
+def test_callback_that_edits_latents_matches_diffusers(sd1, pipelines, backend_name):
     """A callback halving the latents after step 1 changes the image exactly as in diffusers."""
     pipe, root = sd1
-    p = ours(root, pipes, backend_name)
+    p = ours(root, pipelines, backend_name)
     latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
     seen = []
 
@@ -53,14 +47,14 @@ def test_callback_that_edits_latents_matches_diffusers(sd1, pipes, backend_name)
     got = p(latent=latents, output_type="np", callback_on_step_end=[ours_cb], **ARGS)
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert [t for _, t in seen] == [float(t) for t in p.scheduler.timesteps]
-    assert np.abs(got - ref).max() < 5e-3
-    assert np.abs(got - plain).max() > 5e-2  # the edit really changed the result
+    assert report(f"callback editing latents vs diffusers (max abs) [{backend_name}]", max_abs_error(got, ref)) < 5e-3
+    assert max_abs_error(got, plain) > 5e-2  # the edit really changed the result
 
 
-def test_interrupt_matches_diffusers(sd1, pipes, backend_name):
+def test_interrupt_matches_diffusers(sd1, pipelines, backend_name):
     """``pipe.interrupt()`` after step 1 returns the partly denoised image, as diffusers' ``_interrupt``."""
     pipe, root = sd1
-    p = ours(root, pipes, backend_name)
+    p = ours(root, pipelines, backend_name)
     latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
 
     def ref_cb(pipeline, step, timestep, kwargs):
@@ -78,14 +72,15 @@ def test_interrupt_matches_diffusers(sd1, pipes, backend_name):
     ref = diffusers_images(pipe, root, latents, callback_on_step_end=ref_cb)
     got = p(latent=latents, output_type="np", callback_on_step_end=ours_cb, **ARGS)
     assert calls == [0, 1] and p.interrupted
-    assert np.abs(got - ref).max() < 5e-3
+    assert report(f"interrupt after step 1 vs diffusers' _interrupt (max abs) [{backend_name}]",
+                  max_abs_error(got, ref)) < 5e-3
     p(latent=latents, output_type="latent", **ARGS)
     assert not p.interrupted  # cleared by the next call
 
 
-def test_latent_history_equals_what_a_callback_sees(sd1, pipes):
+def test_latent_history_equals_what_a_callback_sees(sd1, pipelines):
     _, root = sd1
-    p = ours(root, pipes)
+    p = ours(root, pipelines)
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     collected = []
     history = p(latent=latents, output_type="latent", return_latent_history=True,
@@ -95,9 +90,9 @@ def test_latent_history_equals_what_a_callback_sees(sd1, pipes):
     np.testing.assert_array_equal(history[:, 1:], np.stack(collected, axis=1))
 
 
-def test_bad_callbacks_are_refused(sd1, pipes):
+def test_bad_callbacks_are_refused(sd1, pipelines):
     _, root = sd1
-    p = ours(root, pipes)
+    p = ours(root, pipelines)
     with pytest.raises(TypeError, match="callable"):
         p(output_type="latent", image_height=64, image_width=64, callback_on_step_end=[1], **ARGS)
     with pytest.raises(TypeError, match="dict or None"):
@@ -109,9 +104,9 @@ def test_bad_callbacks_are_refused(sd1, pipes):
 
 @pytest.mark.parametrize("name,value", [("guidance_scale", float("nan")), ("guidance_rescale", float("inf")),
                                         ("guidance_scale", "7")])
-def test_non_finite_guidance_is_refused_before_any_work(sd1, pipes, monkeypatch, name, value):
+def test_non_finite_guidance_is_refused_before_any_work(sd1, pipelines, monkeypatch, name, value):
     _, root = sd1
-    p = ours(root, pipes)
+    p = ours(root, pipelines)
     calls = []
     monkeypatch.setattr(p.backend, "encode_text", lambda ids: calls.append(ids))
     with pytest.raises(ValueError, match=name):
@@ -119,15 +114,15 @@ def test_non_finite_guidance_is_refused_before_any_work(sd1, pipes, monkeypatch,
     assert calls == []
 
 
-def test_non_finite_latents_are_refused(sd1, pipes):
+def test_non_finite_latents_are_refused(sd1, pipelines):
     _, root = sd1
-    p = ours(root, pipes)
+    p = ours(root, pipelines)
     bad = np.full((2, 4, 8, 8), np.nan, np.float32)
     with pytest.raises(ValueError, match="NaN"):
         p(latent=bad, output_type="latent", **ARGS)
 
 
-def test_settings_belong_to_one_pipeline(sd1, pipes):
+def test_settings_belong_to_one_pipeline(sd1, pipelines):
     """A video pipeline on shared components slices attention for itself only; the image pipeline's
     modules run unchunked again after the video call, and its images do not change."""
     from tiny_models import build_motion_adapter
@@ -155,12 +150,9 @@ def test_settings_belong_to_one_pipeline(sd1, pipes):
     assert np.abs(chunked - before).max() < 1e-5
 
 
-def test_video_pipeline_does_not_change_a_sharing_image_pipeline(sd1, tmp_path):
-    from tiny_models import build_motion_adapter
-
+def test_video_pipeline_does_not_change_a_sharing_image_pipeline(sd1, motion_adapters):
     _, root = sd1
-    build_motion_adapter(False).save_pretrained(str(tmp_path / "ad"))
-    video = TextToVideoDiffusion(root, motion_adapter=tmp_path / "ad", progress=False)
+    video = TextToVideoDiffusion(root, motion_adapter=motion_adapters[False][1], progress=False)
     assert video.settings.attention_chunk is not None
     image = TextToImageDiffusion.from_pipeline(video)
     image.disable_attention_slicing()
@@ -195,10 +187,10 @@ def test_conditioning_joins_splits_and_maps():
         both.split([2, 3])
 
 
-def test_backend_unet_takes_conditioning_or_a_bare_embedding(sd1, pipes, backend_name):
+def test_backend_unet_takes_conditioning_or_a_bare_embedding(sd1, pipelines, backend_name):
     """Inpainting's extra channels through Conditioning equal concatenating them by hand."""
     _, root = sd1
-    backend = ours(root, pipes, backend_name).backend
+    backend = ours(root, pipelines, backend_name).backend
     rng = np.random.default_rng(6)
     x = backend.latent_from_numpy(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
     text = backend.from_numpy(rng.standard_normal((2, 77, 32)).astype(np.float32))
@@ -208,9 +200,9 @@ def test_backend_unet_takes_conditioning_or_a_bare_embedding(sd1, pipes, backend
     assert backend.latent_shape(x) == (2, 4, 8, 8)
 
 
-def test_latent_shape_and_frame_helpers(sd1, pipes, backend_name):
+def test_latent_shape_and_frame_helpers(sd1, pipelines, backend_name):
     _, root = sd1
-    backend = ours(root, pipes, backend_name).backend
+    backend = ours(root, pipelines, backend_name).backend
     video = np.random.default_rng(7).standard_normal((1, 4, 5, 3, 2)).astype(np.float32)
     native = backend.latent_from_numpy(video)
     assert backend.latent_shape(native) == video.shape
@@ -228,11 +220,11 @@ def test_inpainting_pipeline_shares_no_class_with_image_to_image():
     assert not issubclass(InpaintDiffusion, ImageToImageDiffusion)
 
 
-def test_backend_unet_passes_controlnet_residuals_as_diffusers(sd1, pipes, backend_name):
+def test_backend_unet_passes_controlnet_residuals_as_diffusers(sd1, pipelines, backend_name):
     """Residuals in a Conditioning reach the UNet as diffusers' down/mid additional residuals (the MLX CPU
     path also splits them with the batch across streams)."""
     pipe, root = sd1
-    backend = ours(root, pipes, backend_name).backend
+    backend = ours(root, pipelines, backend_name).backend
     plan = backend.unet_model.plan
     rng = np.random.default_rng(8)
     h, w = 9, 7
@@ -255,6 +247,6 @@ def test_backend_unet_passes_controlnet_residuals_as_diffusers(sd1, pipes, backe
                         mid_block_residual=backend.latent_from_numpy(mid))
     got = backend.latent_to_numpy(backend.unet(backend.latent_from_numpy(x), 321.0, cond))
     plain = backend.latent_to_numpy(backend.unet(backend.latent_from_numpy(x), 321.0, backend.from_numpy(ctx)))
-    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-    assert err < 1e-5
-    assert np.linalg.norm(plain - expected) / np.linalg.norm(expected) > 1e-2
+    assert report(f"Backend.unet + Conditioning residuals vs diffusers (rel) [{backend_name}]",
+                  rel_error(got, expected)) < 1e-5
+    assert rel_error(plain, expected) > 1e-2  # the residuals matter

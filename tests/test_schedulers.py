@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_stablefused.schedulers import SCHEDULER_NAMES, SCHEDULERS, default_scheduler_name, make_scheduler
+from helpers import DIFFUSERS_SCHEDULERS, diffusers_scheduler
+from mlx_stablefused.schedulers import SCHEDULER_NAMES, default_scheduler_name, make_scheduler
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 CONFIGS = {
@@ -24,32 +25,10 @@ CONFIGS = {
     "cosine-sample": {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample", "clip_sample": True,
                       "timestep_spacing": "leading", "steps_offset": 1},
 }
-KARRAS = {"use_karras_sigmas": True}
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpm2_karras": ("KDPM2DiscreteScheduler", KARRAS),
-    "dpm2_karras_ancestral": ("KDPM2AncestralDiscreteScheduler", KARRAS),
-    "dpm_sde": ("DPMSolverSDEScheduler", {}),
-    "dpm_sde_karras": ("DPMSolverSDEScheduler", KARRAS),
-    "dpm_multistep": ("DPMSolverMultistepScheduler", {}),
-    "dpm_multistep_karras": ("DPMSolverMultistepScheduler", KARRAS),
-    "dpm_singlestep": ("DPMSolverSinglestepScheduler", {}),
-    "dpm_singlestep_karras": ("DPMSolverSinglestepScheduler", KARRAS),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "linear_multistep": ("LMSDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 NO_SAMPLE_PREDICTION = {"pndm", "euler_ancestral", "dpm2", "dpm2_ancestral", "dpm2_karras",
                         "dpm2_karras_ancestral", "dpm_sde", "dpm_sde_karras"}
-STEPS = [1, 2, 7, 25, 50]
+TABLE_STEPS = [1, 2, 50]  # 4, 7 and 25 steps: the trajectory tests compare the whole table first
+TRAJECTORY_STEPS = [4, 7, 25]
 # Our tables are float64; diffusers' are float32, whose 1 - alphas_cumprod near t=0 carries ~1e-5
 # relative error, and whose step arithmetic on values of size S has an absolute resolution of about
 # 1e-7 * S per operation. Tolerances below are set by that reference error, not by ours.
@@ -62,15 +41,8 @@ def assert_close(ours, ref, msg="", tol=(RTOL, 2e-5)):
     np.testing.assert_allclose(ours, ref, rtol=tol[0], atol=tol[1] * scale, err_msg=msg)
 
 
-def diffusers_scheduler(name, config, **overrides):
-    import diffusers
-
-    cls_name, preset = DIFFUSERS[name]
-    return getattr(diffusers, cls_name).from_config({**config, **preset, **overrides})
-
-
 def cases():
-    for name in DIFFUSERS:
+    for name in DIFFUSERS_SCHEDULERS:
         for cfg_name, cfg in CONFIGS.items():
             if cfg.get("prediction_type") == "sample" and name in NO_SAMPLE_PREDICTION:
                 continue
@@ -119,7 +91,7 @@ def run_both(name, cfg, steps, monkeypatch, shape=(2, 4, 5, 3), seed=0, tol=(RTO
     rng = np.random.default_rng(seed)
     x_ref = rng.standard_normal(shape) * float(ours.init_noise_sigma)
     x_ours = x_ref.copy()
-    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=RTOL)
+    assert_same_table(ours, ref)
     for i, t in enumerate(ref.timesteps):
         assert abs(float(ours.timesteps[i]) - float(t)) < T_ATOL + RTOL * abs(float(t)), (i, ours.timesteps[i], t)
         fixed = rng.standard_normal(shape)
@@ -137,8 +109,22 @@ def run_both(name, cfg, steps, monkeypatch, shape=(2, 4, 5, 3), seed=0, tol=(RTO
     return x_ours
 
 
-@pytest.mark.parametrize("name,cfg_name", list(cases()))
-@pytest.mark.parametrize("steps", STEPS)
+def assert_same_table(ours, ref):
+    """Our timestep table and initial sigma vs diffusers' (which may hold NaN where ours must not)."""
+    expected = ref.timesteps.numpy().astype(np.float64)
+    assert len(ours.timesteps) == len(expected) and np.isfinite(ours.timesteps).all()
+    finite = np.isfinite(expected)  # diffusers' KDPM2 ancestral yields a NaN midpoint at 2 steps
+    np.testing.assert_allclose(ours.timesteps[finite], expected[finite], rtol=RTOL, atol=T_ATOL)
+    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=RTOL)
+
+
+def table_cases():
+    for steps in TABLE_STEPS:
+        yield from ((name, cfg_name, steps) for name, cfg_name in cases())
+    yield from ((name, cfg_name, 25) for name, cfg_name in cases() if name == "lcm")  # its trajectory stops at 8
+
+
+@pytest.mark.parametrize("name,cfg_name,steps", list(table_cases()))
 def test_tables_match(name, cfg_name, steps):
     cfg = CONFIGS[cfg_name]
     ref = diffusers_scheduler(name, cfg)
@@ -150,15 +136,11 @@ def test_tables_match(name, cfg_name, steps):
             ours.set_timesteps(steps)
         return
     ours.set_timesteps(steps)
-    expected = ref.timesteps.numpy().astype(np.float64)
-    assert np.isfinite(ours.timesteps).all()
-    finite = np.isfinite(expected)  # diffusers' KDPM2 ancestral yields a NaN midpoint at 2 steps
-    np.testing.assert_allclose(ours.timesteps[finite], expected[finite], rtol=RTOL, atol=T_ATOL)
-    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=RTOL)
+    assert_same_table(ours, ref)
 
 
 @pytest.mark.parametrize("name,cfg_name", list(cases()))
-@pytest.mark.parametrize("steps", [4, 7, 25])
+@pytest.mark.parametrize("steps", TRAJECTORY_STEPS)
 def test_trajectory_matches(name, cfg_name, steps, monkeypatch):
     if name == "lcm" and steps == 25:
         steps = 8
@@ -195,9 +177,7 @@ def test_options_match(name, overrides, steps, monkeypatch):
 
 
 def test_ddim_eta(monkeypatch):
-    import diffusers
-
-    ref = diffusers.DDIMScheduler.from_config(CONFIGS["sd15"])
+    ref = diffusers_scheduler("ddim", CONFIGS["sd15"])
     ours = make_scheduler("ddim", CONFIGS["sd15"], eta=0.7)
     ref.set_timesteps(10)
     ours.set_timesteps(10)
@@ -315,7 +295,7 @@ def test_works_on_mlx_arrays():
     np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(DIFFUSERS))
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_SCHEDULERS))
 def test_add_noise_matches_at_fractional_and_integer_timesteps(name):
     """Image-to-image noising at step i of the table (stablefused truncated fractional timesteps)."""
     ref = diffusers_scheduler(name, CONFIGS["sd15"])

@@ -3,10 +3,14 @@
 Slow (builds ~1.1 B parameters twice); run with ``pytest -m slow``.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import rel_error, report
+from helpers import NetworkRunner, rel_error, report, unpack_clip_vocabulary
+
+from mlx_stablefused import TextToImageDiffusion
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +24,9 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory):
-    from tiny_models import build_text_encoder, build_unet, build_vae
+    """The random full-size networks (diffusers/transformers) and ours loaded from their saved folder."""
+    from tiny_models import SD1_SCHEDULER, build_text_encoder, build_unet, build_vae
+    from transformers import CLIPTokenizer
 
     root = tmp_path_factory.mktemp("sd15-random")
     models = {
@@ -30,51 +36,41 @@ def full_size(tmp_path_factory):
     }
     for name, m in models.items():
         m.save_pretrained(str(root / name), safe_serialization=True)
-    return models, root
-
-
-def load(root, component):
-    from test_parity_models import load_mlx
-
-    return load_mlx(root, component)
+    vocabulary = unpack_clip_vocabulary(tmp_path_factory.mktemp("clip-vocabulary"))
+    CLIPTokenizer.from_pretrained(str(vocabulary)).save_pretrained(str(root / "tokenizer"))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    ours = NetworkRunner(TextToImageDiffusion(root, progress=False, use_cache=False).backend)
+    return models, ours
 
 
 def test_full_size_unet(full_size):
-    import mlx.core as mx
-    from test_parity_models import nchw_to_nhwc, nhwc_to_nchw
-
-    models, root = full_size
+    models, ours = full_size
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
     ctx = rng.standard_normal((2, 77, 768)).astype(np.float32)
     with torch.no_grad():
         ref = models["unet"](torch.from_numpy(x), torch.tensor(801), torch.from_numpy(ctx)).sample.numpy()
-    ours = nhwc_to_nchw(load(root, "unet")(nchw_to_nhwc(x), mx.array(801.0), mx.array(ctx)))
-    assert report("full-size SD1.5 UNet, 32x32 latents (rel)", rel_error(ours, ref)) < 1e-4
+    assert report("full-size SD1.5 UNet, 32x32 latents (rel)", rel_error(ours.unet(x, 801.0, ctx), ref)) < 1e-4
 
 
 def test_full_size_vae(full_size):
-    from test_parity_models import nchw_to_nhwc, nhwc_to_nchw
-
-    models, root = full_size
-    vae = load(root, "vae")
+    models, ours = full_size
     z = np.random.default_rng(1).standard_normal((1, 4, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref = models["vae"].decode(torch.from_numpy(z)).sample
         dist = models["vae"].encode(ref).latent_dist
-    dec = nhwc_to_nchw(vae.decode(nchw_to_nhwc(z)))
-    mean, _ = vae.encode(nchw_to_nhwc(ref.numpy()))
-    assert report("full-size SD1.5 VAE decode (rel)", rel_error(dec, ref.numpy())) < 1e-4
-    assert report("full-size SD1.5 VAE encode mean (rel)", rel_error(nhwc_to_nchw(mean), dist.mean.numpy())) < 1e-4
+    mean, _ = ours.encode(ref.numpy())
+    assert report("full-size SD1.5 VAE decode (rel)", rel_error(ours.decode(z), ref.numpy())) < 1e-4
+    assert report("full-size SD1.5 VAE encode mean (rel)", rel_error(mean, dist.mean.numpy())) < 1e-4
 
 
 def test_full_size_clip(full_size):
-    import mlx.core as mx
-
-    models, root = full_size
+    models, ours = full_size
     ids = np.random.default_rng(2).integers(0, 49406, (2, 77))
     ids[:, 0], ids[:, 20:] = 49406, 49407
     with torch.no_grad():
         ref = models["text_encoder"](torch.from_numpy(ids)).last_hidden_state.numpy()
-    ours = load(root, "text_encoder")(mx.array(ids)).last_hidden_state
-    assert report("full-size SD1.5 CLIP (rel)", rel_error(ours, ref)) < 1e-4
+    hidden, _ = ours.text(ids)
+    assert report("full-size SD1.5 CLIP (rel)", rel_error(hidden, ref)) < 1e-4

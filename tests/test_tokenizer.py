@@ -3,9 +3,10 @@
 import warnings
 
 import pytest
-from conftest import SHARED_TOKENIZER
+from helpers import BUNDLED_TOKENIZER
 
-from mlx_stablefused.tokenizer import CLIPTokenizer, PromptTruncatedWarning
+from mlx_stablefused import PromptTruncatedWarning
+from mlx_stablefused.tokenizer import CLIPTokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
@@ -40,15 +41,15 @@ PROMPTS = [
     "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39",
 ]
 
-needs_vocab = pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="real CLIP vocabulary not available")
+needs_vocab = pytest.mark.skipif(not BUNDLED_TOKENIZER.is_dir(), reason="real CLIP vocabulary not available")
 
 
 @pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["sd1-pad", "sd2-pad"])
-def tokenizers(request, tmp_path_factory):
+def tokenizers(request, clip_vocabulary, tmp_path_factory):
     from transformers import CLIPTokenizer as Reference
 
     pad = request.param
-    ref = Reference.from_pretrained(str(SHARED_TOKENIZER), pad_token=pad)
+    ref = Reference.from_pretrained(str(clip_vocabulary), pad_token=pad)
     folder = tmp_path_factory.mktemp("tok")
     ref.save_pretrained(str(folder))
     ours = CLIPTokenizer.from_folder(folder)
@@ -74,15 +75,15 @@ def test_pad_token_follows_model(tokenizers):
 
 
 @needs_vocab
-def test_vocab_and_merges_files_equal_tokenizer_json():
-    a = CLIPTokenizer.from_folder(SHARED_TOKENIZER)
+def test_vocab_and_merges_files_equal_tokenizer_json(clip_vocabulary):
+    a = CLIPTokenizer.from_folder(clip_vocabulary)
     assert a.vocab_size == 49408 and a.bos_token_id == 49406 and a.eos_token_id == 49407
     assert a.tokenize("a photo of a cat") == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 @needs_vocab
-def test_long_prompt_warns_and_keeps_eos():
-    tok = CLIPTokenizer.from_folder(SHARED_TOKENIZER)
+def test_long_prompt_warns_and_keeps_eos(clip_vocabulary):
+    tok = CLIPTokenizer.from_folder(clip_vocabulary)
     with pytest.warns(PromptTruncatedWarning, match="dropped"):
         ids = tok("word " * 100)
     assert ids.shape == (1, 77) and ids[0, 0] == 49406 and ids[0, -1] == 49407

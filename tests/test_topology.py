@@ -9,7 +9,7 @@ Then ControlNet's extension points: residuals enter the UNet (2D and 3D) exactly
 import numpy as np
 import pytest
 import torch
-from conftest import rel_error, report
+from helpers import rel_error, report
 
 import mlx.core as mx
 from mlx.utils import tree_flatten

@@ -15,8 +15,6 @@ import torch
 
 from mlx_stablefused.demo import write_byte_level_tokenizer
 
-torch.set_num_threads(2)
-
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
