@@ -60,15 +60,13 @@ def test_one_motion_module(sd1, motion_adapters, pipelines, backend_name, per_fr
                 reference.norm = norm  # the session's adapter
         else:
             expected = reference(torch.from_numpy(x), num_frames=6).numpy()
-    video.set_motion_norm(per_frame=per_frame)  # backend-wide: undone below for the tests sharing the model
-    try:
+    video.set_motion_norm(per_frame=per_frame)  # this pipeline's setting, in force during its calls
+    with video.backend.using(video.settings):  # (here: around a direct call of the module)
         if backend_name == "mlx":
             got = np.asarray(ours(mx.array(x.transpose(0, 2, 3, 1)), 6)).transpose(0, 3, 1, 2)
         else:
             with torch.no_grad():
                 got = ours(torch.from_numpy(x), 6).numpy()
-    finally:
-        video.set_motion_norm(per_frame=False)
     label = f"motion module (rel){' per-frame norm' if per_frame else ''} [{backend_name}]"
     assert report(label, rel_error(got, expected)) < 1e-4
 
@@ -176,7 +174,7 @@ def test_per_frame_norm_switch_changes_the_video(sd1, motion_adapters, pipelines
     args = dict(prompt="a", video_frames=4, video_height=64, video_width=64, num_inference_steps=2, seed=0,
                 output_type="np")
     default = video(**args)
-    video.set_motion_norm(per_frame=True)  # backend-wide: undone below for the tests sharing the model
+    video.set_motion_norm(per_frame=True)  # this pipeline's setting (others sharing the model keep theirs)
     try:
         original = video(**args)
     finally:
