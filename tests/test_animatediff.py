@@ -7,7 +7,7 @@ norm switch, context windows) on the mid-block adapter, where every motion modul
 import numpy as np
 import pytest
 import torch
-from helpers import BACKENDS, diffusers_pipeline, max_abs_error, rel_error, report
+from helpers import BACKENDS, max_abs_error, rel_error, report
 
 import mlx.core as mx
 from mlx_stablefused import ANIMATEDIFF_DDIM, TextToVideoDiffusion, UnsupportedModelError, WeightLoadError

@@ -125,8 +125,6 @@ def test_non_finite_latents_are_refused(sd1, pipelines):
 def test_settings_belong_to_one_pipeline(sd1, pipelines):
     """A video pipeline on shared components slices attention for itself only; the image pipeline's
     modules run unchunked again after the video call, and its images do not change."""
-    from tiny_models import build_motion_adapter
-
     _, root = sd1
     image = TextToImageDiffusion(model_id=root, progress=False, scheduler="ddim")
     args = dict(ARGS, image_height=64, image_width=64, output_type="np", seed=0)

@@ -28,8 +28,8 @@ from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
 from ..sources import ModelSource, resolve_model
 from ..tokenizer import CLIPTokenizer
 from . import inputs
-from .denoise import Guidance, StepCallback, StepCallbacks, denoise
-from .inputs import OUTPUT_TYPES, PromptType, as_prompt_list, load_pixels  # noqa: F401  (re-exported)
+from .denoise import Guidance, StepCallbacks, denoise
+from .inputs import PromptType
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 

@@ -9,7 +9,7 @@ cancellation are built on that, see ``StepCallbacks``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -129,8 +129,3 @@ class StepCallbacks:
                     raise ValueError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', None)}; "
                                      f"expected {tuple(state.latents.shape)} (the backend's native layout)")
                 state.latents = new
-
-
-def with_text(conditioning: Conditioning, text: Array) -> Conditioning:
-    """The same conditioning with other text embeddings (the other guidance branch)."""
-    return replace(conditioning, text=text)
