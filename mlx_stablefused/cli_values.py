@@ -1,0 +1,137 @@
+"""What the command line accepts: argparse types built on the API's validators, and the checks of the
+output file, backend and device that must pass before any model loads.
+
+A bad value is refused with one line naming the flag (exit 1), never turned into a default, and never
+found only after minutes of generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .pipelines import inputs
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+DEVICES = {"mlx": ("gpu", "cpu"), "torch": ("cuda", "mps", "cpu")}
+
+
+class InvalidValue(argparse.ArgumentTypeError):
+    """A flag's value broke the API's rule; the message already names the flag."""
+
+
+# ------------------------------------------------------------------------------------ types
+def _parse_number(text: str, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(text)
+    except ValueError:
+        return text  # the validator names the flag and says what it expected
+
+
+def value_type(flag: str, validator: Callable[[Any, str], Any], parse: Callable[[str], Any] = int) -> Callable:
+    """An argparse ``type=``: parse the text, then apply the API's ``validator`` under the flag's name."""
+
+    def convert(text: str) -> Any:
+        try:
+            return validator(_parse_number(text, parse), flag)
+        except ValueError as e:
+            raise InvalidValue(str(e)) from None
+
+    convert.__name__ = validator.__name__  # argparse's own fallback message names the type
+    return convert
+
+
+def positive(flag: str) -> Callable:
+    return value_type(flag, inputs.positive_int)
+
+
+def non_negative(flag: str) -> Callable:
+    return value_type(flag, inputs.non_negative_int)
+
+
+def finite(flag: str) -> Callable:
+    return value_type(flag, inputs.finite_float, float)
+
+
+def fraction(flag: str) -> Callable:
+    return value_type(flag, inputs.fraction, float)
+
+
+def one_of(flag: str, names: tuple[str, ...], what: str = "value") -> Callable:
+    """A name from ``names``; the refusal lists them all (exit 1, like any bad value)."""
+
+    def check(value: str, name: str) -> str:
+        if value not in names:
+            raise ValueError(f"{name}: unknown {what} {value!r}; valid names: {', '.join(names)}")
+        return value
+
+    return value_type(flag, check, str)
+
+
+# ------------------------------------------------------------------------ before generating
+def check_output(output: str, video: bool, count: int = 1) -> None:
+    """The output's extension fits the subcommand, and every file it names can be written."""
+    from .cli import output_paths
+
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output: {path} is a directory; give a file name")
+    suffix = path.suffix.lower()
+    allowed, other = (VIDEO_SUFFIXES, IMAGE_SUFFIXES) if video else (IMAGE_SUFFIXES, VIDEO_SUFFIXES)
+    if suffix not in allowed:
+        kind = "a video" if video else "images"
+        hint = f" ({'an image' if video else 'a video'} extension)" if suffix in other else ""
+        raise ValueError(f"--output: {path.name} ends in {suffix or 'no extension'}{hint}; this subcommand writes "
+                         f"{kind}: use one of {', '.join(allowed)}")
+    for target in output_paths(output, count):
+        if target.is_dir():
+            raise ValueError(f"--output: {target} is a directory; give a file name")
+        check_writable_folder(target.parent)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """The nearest existing folder of ``folder`` accepts a new file (probed, so it holds for root too)."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mlx-stablefused-probe.", dir=existing)
+    except OSError as e:
+        raise ValueError(f"--output: cannot create a file in {existing} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_backend(backend: str, device: str | None) -> None:
+    """The backend is installed and the device exists on this machine."""
+    if device is not None:
+        kind = device.split(":")[0]
+        if kind not in DEVICES[backend]:
+            raise ValueError(f"--device: the {backend} backend runs on {', '.join(DEVICES[backend])}, "
+                             f"not {device!r}")
+    if backend == "torch":
+        try:
+            import torch
+        except ImportError:
+            raise ValueError("--backend torch: PyTorch is not installed (pip install torch), "
+                             "or use --backend mlx") from None
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps: this machine has no MPS device; use --device cpu")
+
+
+def one_line(error: BaseException) -> str:
+    """An error message on a single line, as the command line promises."""
+    text = " ".join(str(error).split("\n")).strip()
+    return text or type(error).__name__
+
+
+__all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of",
+           "check_output", "check_writable_folder", "check_backend", "one_line"]
