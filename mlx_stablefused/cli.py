@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
-from .cli_values import (InvalidValue, check_backend, check_output, finite, fraction, non_negative, one_line, one_of,
-                         positive)
+from .cli_values import (InvalidValue, check_backend, check_input_image, check_output, finite, fraction, non_negative,
+                         one_line, one_of, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
@@ -368,10 +368,14 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def check_before_work(args: argparse.Namespace) -> None:
-    """Everything that can be refused without a model: output file, backend, device."""
+    """Everything that can be refused without a model: output file, input images, backend, device."""
     if args.command == "convert":
         return
     check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
+    for flag in ("--image", "--mask"):
+        path = getattr(args, flag[2:], None)
+        if path is not None:
+            check_input_image(path, flag)
     check_backend(args.backend, args.device)
 
 

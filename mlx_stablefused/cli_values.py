@@ -108,6 +108,16 @@ def check_writable_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
+def check_input_image(path: str, flag: str) -> None:
+    """An input image exists and decodes, so a typo is not found after the model has loaded."""
+    try:
+        inputs.open_image(path)
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: No such file: {path}") from None
+    except (ValueError, IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def check_backend(backend: str, device: str | None) -> None:
     """The backend is installed and the device exists on this machine."""
     if device is not None:
@@ -134,4 +144,4 @@ def one_line(error: BaseException) -> str:
 
 
 __all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of",
-           "check_output", "check_writable_folder", "check_backend", "one_line"]
+           "check_output", "check_writable_folder", "check_input_image", "check_backend", "one_line"]

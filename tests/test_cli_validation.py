@@ -138,6 +138,24 @@ def test_output_in_a_read_only_folder_is_refused(tmp_path, capsys, no_work):
     assert "cannot create a file" in err and not (folder / "o.png").exists()
 
 
+def test_input_images_are_checked_before_any_model(tmp_path, capsys, no_work):
+    (tmp_path / "not-an-image.png").write_text("hello")
+    (tmp_path / "folder.png").mkdir()
+    good = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(good)
+    out = str(tmp_path / "o.png")
+    for image, mask, flag, message in [("missing.png", None, "--image", "No such file"),
+                                       ("not-an-image.png", None, "--image", "could not read"),
+                                       ("folder.png", None, "--image", "--image"),
+                                       (good, "missing.png", "--mask", "No such file")]:
+        argv = ["inpaint", "--mask", str(tmp_path / mask)] if mask else ["img2img"]
+        err = refused(capsys, [*argv, "--prompt", "x", "--image", str(tmp_path / image), "--output", out], flag,
+                      tmp_path)
+        assert message in err
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--device", "cuda"], "--device"),  # mlx runs on gpu or cpu
     (["--backend", "torch", "--device", "gpu"], "--device"),
