@@ -8,6 +8,7 @@ found only after minutes of generation.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -87,6 +88,9 @@ def check_output(output: str, video: bool, count: int = 1) -> None:
         hint = f" ({'an image' if video else 'a video'} extension)" if suffix in other else ""
         raise ValueError(f"--output: {path.name} ends in {suffix or 'no extension'}{hint}; this subcommand writes "
                          f"{kind}: use one of {', '.join(allowed)}")
+    if video and suffix != ".gif" and not all(importlib.util.find_spec(m) for m in ("imageio", "imageio_ffmpeg")):
+        raise ValueError(f"--output: writing {suffix} needs imageio-ffmpeg (pip install 'mlx-stablefused[video]'); "
+                         "or write a .gif")
     for target in output_paths(output, count):
         if target.is_dir():
             raise ValueError(f"--output: {target} is a directory; give a file name")

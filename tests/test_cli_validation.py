@@ -109,6 +109,14 @@ def test_output_extension_must_fit_the_subcommand(tmp_path, capsys, no_work, arg
     assert message in err
 
 
+def test_video_without_ffmpeg_is_refused_but_gif_is_not_checked(tmp_path, capsys, no_work, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if imageio-ffmpeg were not installed
+    err = refused(capsys, VIDEO + ["--output", str(tmp_path / "v.mp4")], "--output", tmp_path)
+    assert "imageio-ffmpeg" in err and ".gif" in err
+    with pytest.raises(AssertionError, match="started work"):  # a gif needs only Pillow: it gets to work
+        cli.main(VIDEO + ["--output", str(tmp_path / "v.gif")])
+
+
 def test_output_that_is_a_directory_is_refused(tmp_path, capsys, no_work):
     (tmp_path / "taken.png").mkdir()
     refused(capsys, IMAGE + ["--output", str(tmp_path)], "is a directory", tmp_path)
