@@ -16,9 +16,10 @@ from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
 
-# Failures that are the input's fault: one line, exit 1. Anything else is a bug and keeps its traceback.
+# Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
+# and keeps its traceback.
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, ValueError, TypeError,
-                   NotImplementedError, FileExistsError, FileNotFoundError)
+                   NotImplementedError, OSError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]

@@ -141,11 +141,26 @@ def check_backend(backend: str, device: str | None) -> None:
             raise ValueError("--device mps: this machine has no MPS device; use --device cpu")
 
 
+def describe_os_error(error: OSError) -> str:
+    """A failed file operation in words, pointing at MLX_STABLEFUSED_CACHE when the cache is the culprit."""
+    from .sources import cache_root
+
+    if error.errno is None or error.filename is None:
+        return str(error)
+    text = f"{error.filename}: {error.strerror}"
+    cache = cache_root()
+    if Path(error.filename) == cache or cache in Path(error.filename).parents:
+        text += (f" (the model cache {cache} must be writable: set MLX_STABLEFUSED_CACHE to a folder you can "
+                 "write, or free some space)")
+    return text
+
+
 def one_line(error: BaseException) -> str:
     """An error message on a single line, as the command line promises."""
-    text = " ".join(str(error).split("\n")).strip()
+    text = describe_os_error(error) if isinstance(error, OSError) else str(error)
+    text = " ".join(text.split("\n")).strip()
     return text or type(error).__name__
 
 
 __all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of",
-           "check_output", "check_writable_folder", "check_input_image", "check_backend", "one_line"]
+           "check_output", "check_writable_folder", "check_input_image", "check_backend", "describe_os_error", "one_line"]

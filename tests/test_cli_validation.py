@@ -164,6 +164,20 @@ def test_input_images_are_checked_before_any_model(tmp_path, capsys, no_work):
         assert message in err
 
 
+def test_unwritable_model_cache_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    if os.geteuid() == 0:
+        cache = Path("/proc/msf-cache")  # root writes through permissions; no one creates folders in /proc
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        cache = tmp_path / "ro" / "cache"
+    monkeypatch.setenv("MLX_STABLEFUSED_CACHE", str(cache))
+    assert cli.main(IMAGE + ["--output", str(tmp_path / "o.png"), *FAST]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "MLX_STABLEFUSED_CACHE" in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--device", "cuda"], "--device"),  # mlx runs on gpu or cpu
     (["--backend", "torch", "--device", "gpu"], "--device"),
