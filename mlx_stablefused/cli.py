@@ -211,14 +211,15 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     if args.model is None:
         args.model = default_model(args.variant)
     demo = args.model == DEMO_MODEL_ID
-    if demo:
-        print(DEMO_NOTICE, file=sys.stderr)
     if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
         size = 256 if demo else 512
         args.height = size if args.height is None else args.height
         args.width = size if args.width is None else args.width
     if args.steps is None:
         args.steps = 20 if demo else 30
+    check_start(args)
+    if demo:
+        print(DEMO_NOTICE, file=sys.stderr)
     return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
 
@@ -368,6 +369,19 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def check_start(args: argparse.Namespace) -> None:
+    """--strength / --start-step leave at least one step of --steps (the API's rule), once the steps are known."""
+    from .pipelines.inputs import start_index
+
+    strength, start_step = getattr(args, "strength", None), getattr(args, "start_step", None)
+    if args.steps is None or (strength is None and start_step is None):
+        return
+    try:
+        start_index(args.steps, start_step, strength, order=1)
+    except ValueError as e:
+        raise ValueError(f"{'--strength' if strength is not None else '--start-step'}: {e}") from None
+
+
 def check_before_work(args: argparse.Namespace) -> None:
     """Everything that can be refused without a model: output file, input images, backend, device."""
     if args.command == "convert":
@@ -377,6 +391,7 @@ def check_before_work(args: argparse.Namespace) -> None:
         path = getattr(args, flag[2:], None)
         if path is not None:
             check_input_image(path, flag)
+    check_start(args)
     check_backend(args.backend, args.device)
 
 

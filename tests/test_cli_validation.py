@@ -63,6 +63,7 @@ BAD_VALUES = [  # argv, the flag the message must name
     (["img2img", "--prompt", "x", "--image", "in.png", "--strength", "-0.1"], "--strength"),
     (["img2img", "--prompt", "x", "--image", "in.png", "--strength", "nan"], "--strength"),
     (["inpaint", "--prompt", "x", "--image", "a.png", "--mask", "m.png", "--start-step", "-1"], "--start-step"),
+    (["walk", "--prompt", "x", "--image", "a.png", "--start-step", "x"], "--start-step"),
     (VIDEO + ["--fps", "0"], "--fps"),
     (VIDEO + ["--fps", "-8"], "--fps"),
     (VIDEO + ["--frames", "0"], "--frames"),
@@ -176,6 +177,26 @@ def test_unwritable_model_cache_is_one_line_naming_it(tmp_path, capsys, monkeypa
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "MLX_STABLEFUSED_CACHE" in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("start,flag,message", [
+    (["--strength", "0"], "--strength", "leaves no denoising step"),
+    (["--strength", "0.1", "--steps", "5"], "--strength", "leaves no denoising step"),
+    (["--start-step", "5", "--steps", "5"], "--start-step", "[0, 4]"),
+])
+def test_a_start_that_leaves_no_step_is_refused_before_any_model(tmp_path, capsys, monkeypatch, start, flag,
+                                                                  message):
+    from PIL import Image
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("mlx_stablefused.pipelines.image_to_image.ImageToImageDiffusion.__init__", no_model)
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    argv = ["img2img", "--prompt", "x", "--image", str(tmp_path / "in.png"), "--model", "demo:tiny-random",
+            "--output", str(tmp_path / "o.png"), *start]
+    err = refused(capsys, argv, flag, tmp_path)
+    assert message in err
 
 
 @pytest.mark.parametrize("argv,flag", [
