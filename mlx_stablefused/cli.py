@@ -10,7 +10,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
 from .cli_values import (InvalidValue, check_backend, check_input_image, check_output, finite, fraction, non_negative,
-                         one_line, one_of, positive)
+                         one_line, one_of, output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
@@ -63,7 +63,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                   "(default: the best available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute precision")
     p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16 (default: none)")
-    p.add_argument("--scheduler", default=None, type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"), metavar="NAME",
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"),
                    help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -103,7 +104,8 @@ def _output_flag(p: argparse.ArgumentParser, default: str, video: bool = False) 
             else "image file: .png, .jpg, .webp, .bmp, .tif or .gif; several images get -0, -1 ... suffixes")
     p.add_argument("--output", default=default, metavar="PATH", help=hint)
     if video:
-        p.add_argument("--fps", type=positive("--fps"), default=8, metavar="N", help="frames per second, a positive integer")
+        p.add_argument("--fps", type=positive("--fps"), default=8, metavar="N",
+                       help="frames per second, a positive integer")
 
 
 def _count_flag(p: argparse.ArgumentParser, flag: str, default: int | None, what: str, unset: str = "") -> None:
@@ -222,13 +224,6 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         print(DEMO_NOTICE, file=sys.stderr)
     return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
-
-
-def output_paths(output: str, n: int) -> list[Path]:
-    path = Path(output)
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
 def save_image_atomically(image: Any, path: Path) -> None:

@@ -74,10 +74,16 @@ def one_of(flag: str, names: tuple[str, ...], what: str = "value") -> Callable:
 
 
 # ------------------------------------------------------------------------ before generating
+def output_paths(output: str, n: int) -> list[Path]:
+    """The files ``n`` images go to: ``output`` itself for one, else -0, -1 ... before the extension."""
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
 def check_output(output: str, video: bool, count: int = 1) -> None:
     """The output's extension fits the subcommand, and every file it names can be written."""
-    from .cli import output_paths
-
     path = Path(output)
     if path.is_dir():
         raise ValueError(f"--output: {path} is a directory; give a file name")
@@ -162,5 +168,6 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-__all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of",
-           "check_output", "check_writable_folder", "check_input_image", "check_backend", "describe_os_error", "one_line"]
+__all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of", "output_paths",
+           "check_output", "check_writable_folder", "check_input_image", "check_backend", "describe_os_error",
+           "one_line"]
