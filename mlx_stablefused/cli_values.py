@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,18 @@ from .pipelines import inputs
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEVICES = {"mlx": ("gpu", "cpu"), "torch": ("cuda", "mps", "cpu")}
+# The API's messages name its parameters; on the command line the same rule names the flag.
+FLAGS_FOR_PARAMETERS = {
+    "image_height": "--height", "image_width": "--width", "video_height": "--height", "video_width": "--width",
+    "video_frames": "--frames", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+    "guidance_rescale": "--guidance-rescale", "num_images_per_prompt": "--num-images",
+    "negative_prompt": "--negative-prompt", "start_step": "--start-step", "batch_size": "--batch-size",
+    "interpolation_steps": "--interpolation-steps", "num_inpainting_steps": "--num-inpainting-steps",
+    "height_translation_per_step": "--translation", "width_translation_per_step": "--translation",
+    "motion_adapter=": "--motion-adapter", "overwrite=True": "--overwrite",
+    "call enable_context_windows()": "pass --context-length", "enable_context_windows()": "--context-length",
+}
+_PARAMETER_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FLAGS_FOR_PARAMETERS)) + r")(?!\w)")
 
 
 class InvalidValue(argparse.ArgumentTypeError):
@@ -162,9 +175,9 @@ def describe_os_error(error: OSError) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """An error message on a single line, as the command line promises."""
+    """An error message on a single line, as the command line promises, naming flags, not API parameters."""
     text = describe_os_error(error) if isinstance(error, OSError) else str(error)
-    text = " ".join(text.split("\n")).strip()
+    text = _PARAMETER_PATTERN.sub(lambda m: FLAGS_FOR_PARAMETERS[m.group(1)], " ".join(text.split("\n")).strip())
     return text or type(error).__name__
 
 

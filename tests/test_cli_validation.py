@@ -31,11 +31,16 @@ def no_work(monkeypatch):
         monkeypatch.setitem(cli.HANDLERS, name, must_not_run)
 
 
-def refused(capsys, argv, flag, folder):
-    """``main(argv)`` exits 1 with exactly one stderr line naming ``flag``, and ``folder`` stays empty."""
+def refused(capsys, argv, flag, folder, notice=False):
+    """``main(argv)`` exits 1 with exactly one stderr line naming ``flag``, and ``folder`` stays empty.
+
+    ``notice``: the demo model's notice may come first (the refusal came from the API, after it)."""
     before = sorted(folder.iterdir())
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
+    if notice:
+        assert err.startswith("[mlx-stablefused] Using the built-in offline demo model"), err
+        err = err.split("\n", 1)[1]
     assert err.count("\n") == 1 and err.startswith("mlx-stablefused: error: "), err
     assert flag in err and "Traceback" not in err, err
     assert sorted(folder.iterdir()) == before
@@ -218,6 +223,17 @@ def test_expected_errors_become_one_line_exit_1(tmp_path, capsys, monkeypatch, e
     monkeypatch.setitem(cli.HANDLERS, "txt2img", fail)
     err = refused(capsys, IMAGE + ["--output", str(tmp_path / "o.png")], str(error).split("\n")[0], tmp_path)
     assert type(error).__name__ not in err
+
+
+@pytest.mark.parametrize("argv,flag,parameter", [
+    (IMAGE + ["--output", "{out}.png", *FAST, "--height", "60"], "--height=60", "image_height"),
+    (VIDEO + ["--output", "{out}.gif", *FAST, "--frames", "33", "--height", "32", "--width", "32"],
+     "--context-length", "enable_context_windows"),
+])
+def test_api_refusals_name_the_flag_not_the_parameter(tmp_path, capsys, argv, flag, parameter):
+    argv = [a.replace("{out}", str(tmp_path / "o")) for a in argv]
+    err = refused(capsys, argv, flag, tmp_path, notice=True)
+    assert parameter not in err
 
 
 def test_ctrl_c_exits_130_with_nothing_half_written(tmp_path, capsys, monkeypatch):
