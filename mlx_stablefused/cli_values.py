@@ -148,6 +148,11 @@ def check_backend(backend: str, device: str | None) -> None:
         if kind not in DEVICES[backend]:
             raise ValueError(f"--device: the {backend} backend runs on {', '.join(DEVICES[backend])}, "
                              f"not {device!r}")
+    if backend == "mlx" and device == "gpu":
+        import mlx.core as mx
+
+        if not mx.is_available(mx.gpu):
+            raise ValueError("--device gpu: this MLX build has no GPU backend; use --device cpu")
     if backend == "torch":
         try:
             import torch

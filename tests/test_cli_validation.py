@@ -317,6 +317,14 @@ def test_console_torch_backend_without_torch(tmp_path):
     assert "not installed" in proc.stderr
 
 
+def test_mlx_gpu_without_a_gpu_backend(tmp_path, capsys, no_work):
+    import mlx.core as mx
+
+    if mx.is_available(mx.gpu):
+        pytest.skip("this MLX build has a GPU")
+    refused(capsys, IMAGE + ["--device", "gpu", "--output", str(tmp_path / "o.png")], "--device gpu", tmp_path)
+
+
 def test_console_cuda_device_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
