@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
-from .cli_values import (InvalidValue, check_backend, check_input_image, check_output, finite, fraction, non_negative,
-                         one_line, one_of, output_paths, positive)
+from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
+                         check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
+                         output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
@@ -100,8 +101,8 @@ def _start_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _output_flag(p: argparse.ArgumentParser, default: str, video: bool = False) -> None:
-    hint = ("video file: .mp4, .webm, .mkv, .mov, .avi or .gif" if video
-            else "image file: .png, .jpg, .webp, .bmp, .tif or .gif; several images get -0, -1 ... suffixes")
+    hint = (f"video file: {', '.join(VIDEO_SUFFIXES)}" if video
+            else f"image file: {', '.join(IMAGE_SUFFIXES)}; several images get -0, -1 ... suffixes")
     p.add_argument("--output", default=default, metavar="PATH", help=hint)
     if video:
         p.add_argument("--fps", type=positive("--fps"), default=8, metavar="N",
@@ -229,10 +230,8 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
 def save_image_atomically(image: Any, path: Path) -> None:
     from .checkpoint_io import atomic_path
 
-    fmt = (path.suffix.lstrip(".") or "png").upper()
-    fmt = {"JPG": "JPEG"}.get(fmt, fmt)
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        image.save(tmp, format=fmt)
+    with atomic_path(path, suffix=path.suffix) as tmp:  # check_output has refused any other extension
+        image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
 
 
 def save_images(images: list, output: str) -> None:

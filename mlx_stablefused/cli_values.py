@@ -18,7 +18,9 @@ from typing import Any, Callable
 from .pipelines import inputs
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF", ".gif": "GIF"}  # extension -> Pillow format
+IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 DEVICES = {"mlx": ("gpu", "cpu"), "torch": ("cuda", "mps", "cpu")}
 # The API's messages name its parameters; on the command line the same rule names the flag.
 FLAGS_FOR_PARAMETERS = {
@@ -187,5 +189,6 @@ def one_line(error: BaseException) -> str:
 
 
 __all__ = ["InvalidValue", "value_type", "positive", "non_negative", "finite", "fraction", "one_of", "output_paths",
+           "IMAGE_FORMATS", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES",
            "check_output", "check_writable_folder", "check_input_image", "check_backend", "describe_os_error",
            "one_line"]

@@ -123,6 +123,15 @@ def test_video_without_ffmpeg_is_refused_but_gif_is_not_checked(tmp_path, capsys
         cli.main(VIDEO + ["--output", str(tmp_path / "v.gif")])
 
 
+@pytest.mark.parametrize("name,fmt", [("o.tif", "TIFF"), ("o.JPEG", "JPEG"), ("o.webp", "WEBP")])
+def test_every_accepted_image_extension_is_written_in_its_format(tmp_path, name, fmt):
+    from PIL import Image
+
+    assert cli.main(IMAGE + ["--output", str(tmp_path / name), *FAST, "--height", "32", "--width", "32"]) == 0
+    with Image.open(tmp_path / name) as im:
+        assert im.format == fmt
+
+
 def test_output_that_is_a_directory_is_refused(tmp_path, capsys, no_work):
     (tmp_path / "taken.png").mkdir()
     refused(capsys, IMAGE + ["--output", str(tmp_path)], "is a directory", tmp_path)
