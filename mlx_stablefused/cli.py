@@ -1,4 +1,4 @@
-"""The ``mlx-stablefused`` command: generate, edit, walk, interpolate, convert."""
+"""The mlx-stablefused command: generate, edit, walk, interpolate, convert."""
 
 from __future__ import annotations
 
@@ -6,16 +6,52 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
+from . import __version__
+from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
+                         check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
+                         output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
+from .pipelines.walk_geometry import WalkType
+from .schedulers import SCHEDULER_NAMES
 
+# Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
+# and keeps its traceback.
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, ValueError, TypeError,
-                   FileExistsError, FileNotFoundError)
+                   NotImplementedError, OSError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]
+MODES = ["auto", "unet", "blend"]
+WALK_TYPES = tuple(w.value for w in WalkType)
+VIDEO_COMMANDS = ("walk", "interpolate", "video")
+
+
+class BadValue(Exception):
+    """A flag's value was refused while parsing; ``main`` reports it like any other bad value."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a value refused by a ``type=`` check is a bad value (exit 1), not a usage error."""
+
+    def error(self, message: str) -> NoReturn:
+        context = sys.exc_info()[1]
+        if isinstance(context, argparse.ArgumentError) and isinstance(context.__context__, InvalidValue):
+            raise BadValue(str(context.__context__)) from None
+        super().error(message)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -23,113 +59,140 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
-    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend (default: mlx)")
-    p.add_argument("--device", default=None, help="torch: cuda, mps or cpu (default: the best available); "
-                                                  "mlx: gpu or cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16")
-    p.add_argument("--scheduler", default=None, help="sampler name (default: the model's own)")
+    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
+    p.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu "
+                                                  "(default: the best available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute precision")
+    p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16 (default: none)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"),
+                   help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
-    p.add_argument("--prompt", required=True, nargs=prompt_nargs)
-    p.add_argument("--negative-prompt", default=None, nargs=prompt_nargs)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 30; 20 for the demo model)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    several = " (one, or one per prompt)" if prompt_nargs else ""
+    p.add_argument("--prompt", required=True, nargs=prompt_nargs, help="what to paint" + several)
+    p.add_argument("--negative-prompt", default=None, nargs=prompt_nargs,
+                   help="what to steer away from" + several + " (default: none)")
+    p.add_argument("--steps", type=positive("--steps"), default=None, metavar="N",
+                   help="sampling steps, a positive integer (default: 30; 20 for the demo model)")
+    p.add_argument("--guidance", type=finite("--guidance"), default=7.5, metavar="SCALE",
+                   help="classifier-free guidance scale, a finite number; 1 or less turns it off")
+    p.add_argument("--guidance-rescale", type=finite("--guidance-rescale"), default=0.0, metavar="PHI",
+                   help="rescale of the guided prediction, a finite number, usually in [0, 1]")
+    p.add_argument("--seed", type=non_negative("--seed"), default=0, metavar="N",
+                   help="random seed, a non-negative integer; the same seed gives the same file")
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "resize the input to this" if resize_only else "default: 512 (256 for the demo model)"
-    p.add_argument("--height", type=int, default=None, help=what)
-    p.add_argument("--width", type=int, default=None, help=what)
+    what = "default: the input's size" if resize_only else "default: 512; 256 for the demo model"
+    for flag in ("--height", "--width"):
+        p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
+                       help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
 
 
 def _start_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--strength", type=float, default=None, help="fraction of the schedule that runs (diffusers)")
-    group.add_argument("--start-step", type=int, default=None, help="steps skipped (stablefused)")
+    group.add_argument("--strength", type=fraction("--strength"), default=None, metavar="FRACTION",
+                       help="fraction of the schedule that runs, in [0, 1] (diffusers; default: all of it)")
+    group.add_argument("--start-step", type=non_negative("--start-step"), default=None, metavar="N",
+                       help="steps skipped, an integer in [0, steps - 1] (stablefused; default: 0)")
 
 
 def _output_flag(p: argparse.ArgumentParser, default: str, video: bool = False) -> None:
-    hint = "gif, mp4, webm, mkv, mov or avi" if video else "image path; several images get -0, -1 ... suffixes"
-    p.add_argument("--output", default=default, help=hint)
+    hint = (f"video file: {', '.join(VIDEO_SUFFIXES)}" if video
+            else f"image file: {', '.join(IMAGE_SUFFIXES)}; several images get -0, -1 ... suffixes")
+    p.add_argument("--output", default=default, metavar="PATH", help=hint)
     if video:
-        p.add_argument("--fps", type=int, default=8)
+        p.add_argument("--fps", type=positive("--fps"), default=8, metavar="N",
+                       help="frames per second, a positive integer")
+
+
+def _count_flag(p: argparse.ArgumentParser, flag: str, default: int | None, what: str, unset: str = "") -> None:
+    note = f" (default: {unset})" if unset else ""
+    p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=f"{what}, a positive integer{note}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-stablefused", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="mlx-stablefused", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("txt2img", help="generate images from a prompt")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    p = command("txt2img", "generate images from a prompt")
     _model_flags(p)
     _sampling_flags(p)
     _size_flags(p)
     _output_flag(p, "output.png")
-    p.add_argument("--num-images", type=int, default=1)
+    _count_flag(p, "--num-images", 1, "images per prompt")
 
-    p = sub.add_parser("img2img", help="re-imagine an image following a prompt")
+    p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
     _sampling_flags(p)
     _size_flags(p, resize_only=True)
     _start_flags(p)
     _output_flag(p, "img2img.png")
-    p.add_argument("--image", required=True)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
+    _count_flag(p, "--num-images", 1, "images per prompt")
 
-    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
     _sampling_flags(p)
     _size_flags(p, resize_only=True)
     _start_flags(p)
     _output_flag(p, "inpaint.png")
-    p.add_argument("--image", required=True)
-    p.add_argument("--mask", required=True, help="white = repaint, black = keep")
-    p.add_argument("--mode", default="auto", choices=["auto", "unet", "blend"])
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--image", required=True, metavar="PATH", help="the image to repaint")
+    p.add_argument("--mask", required=True, metavar="PATH", help="white = repaint, black = keep")
+    p.add_argument("--mode", default="auto", choices=MODES,
+                   help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
+    _count_flag(p, "--num-images", 1, "images per prompt")
 
-    p = sub.add_parser("walk", help="outpainting animation: pan or zoom out, painting what comes into view")
+    p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
     _sampling_flags(p, prompt_nargs="+")
     _size_flags(p)
     _start_flags(p)
     _output_flag(p, "walk.mp4", video=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--walk-type", nargs="+", default=["backward"],
-                   help="up, down, left, right, backward (zoom out) or forward (zoom in); one or one per step")
-    p.add_argument("--num-inpainting-steps", type=int, default=4)
-    p.add_argument("--interpolation-steps", type=int, default=30, help="frames per inpainting step")
-    p.add_argument("--translation", type=int, default=64, help="pixels per step (pans) or border (zoom)")
-    p.add_argument("--mode", default="auto", choices=["auto", "unet", "blend"])
+    p.add_argument("--image", required=True, metavar="PATH", help="the first frame")
+    p.add_argument("--walk-type", nargs="+", default=["backward"], type=one_of("--walk-type", WALK_TYPES, "walk type"),
+                   metavar="TYPE", help="up, down, left, right, backward (zoom out) or forward (zoom in); "
+                                        "one, or one per inpainting step (default: backward)")
+    _count_flag(p, "--num-inpainting-steps", 4, "images painted")
+    _count_flag(p, "--interpolation-steps", 30, "frames per inpainting step")
+    _count_flag(p, "--translation", 64, "pixels per step (pans) or border width (zoom)")
+    p.add_argument("--mode", default="auto", choices=MODES, help="how the exposed part is painted (see inpaint)")
 
-    p = sub.add_parser("interpolate", help="a video walking from prompt to prompt")
+    p = command("interpolate", "a video walking from prompt to prompt")
     _model_flags(p)
     _sampling_flags(p, prompt_nargs="+")
     _size_flags(p)
     _output_flag(p, "interpolation.mp4", video=True)
-    p.add_argument("--interpolation-steps", type=int, nargs="+", default=[8], help="frames per pair (one, or per pair)")
-    p.add_argument("--batch-size", type=int, default=4, help="frames denoised together")
+    p.add_argument("--interpolation-steps", type=positive("--interpolation-steps"), nargs="+", default=[8],
+                   metavar="N", help="frames per pair of prompts, positive integers: one, or one per pair "
+                                     "(default: 8)")
+    _count_flag(p, "--batch-size", 4, "frames denoised together")
 
-    p = sub.add_parser("video", help="text-to-video with an AnimateDiff motion adapter")
+    p = command("video", "text-to-video with an AnimateDiff motion adapter")
     _model_flags(p)
     _sampling_flags(p)
     _size_flags(p)
     _output_flag(p, "video.mp4", video=True)
-    p.add_argument("--motion-adapter", default=None,
+    p.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
                    help=f"MotionAdapter folder or hub id, or a .ckpt file (default: {DEFAULT_MOTION_ADAPTER}; "
-                        "with the demo model, a random demo adapter)")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--context-length", type=int, default=None, help="sliding windows of this many frames")
-    p.add_argument("--context-stride", type=int, default=4)
+                        f"with the demo model, the random demo adapter {DEMO_MOTION_ADAPTER_ID}, which can also "
+                        "be named here)")
+    _count_flag(p, "--frames", 16, "frames in the video (at most the adapter's window, 32, without context windows)")
+    _count_flag(p, "--context-length", None, "sliding windows of this many frames", unset="off")
+    _count_flag(p, "--context-stride", 4, "frames between window starts")
 
-    p = sub.add_parser("convert", help="convert a diffusers model to an MLX folder")
+    p = command("convert", "convert a diffusers model to an MLX folder")
     p.add_argument("source", help="hub repo id or diffusers folder")
     p.add_argument("destination", help="folder to create")
-    p.add_argument("--dtype", default="float16", choices=DTYPES)
-    p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16")
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="precision of the stored weights")
+    p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
 
@@ -151,30 +214,24 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     if args.model is None:
         args.model = default_model(args.variant)
     demo = args.model == DEMO_MODEL_ID
+    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
+        size = 256 if demo else 512
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
+    if args.steps is None:
+        args.steps = 20 if demo else 30
+    check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
-    if size_defaults:
-        size = 256 if demo else 512
-        args.height, args.width = args.height or size, args.width or size
-    args.steps = args.steps or (20 if demo else 30)
     return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
-
-
-def output_paths(output: str, n: int) -> list[Path]:
-    path = Path(output)
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
     from .checkpoint_io import atomic_path
 
-    fmt = (path.suffix.lstrip(".") or "png").upper()
-    fmt = {"JPG": "JPEG"}.get(fmt, fmt)
-    with atomic_path(path, suffix=path.suffix) as tmp:
-        image.save(tmp, format=fmt)
+    with atomic_path(path, suffix=path.suffix) as tmp:  # check_output has refused any other extension
+        image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
 
 
 def save_images(images: list, output: str) -> None:
@@ -306,15 +363,43 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def check_start(args: argparse.Namespace) -> None:
+    """--strength / --start-step leave at least one step of --steps (the API's rule), once the steps are known."""
+    from .pipelines.inputs import start_index
+
+    strength, start_step = getattr(args, "strength", None), getattr(args, "start_step", None)
+    if args.steps is None or (strength is None and start_step is None):
+        return
+    try:
+        start_index(args.steps, start_step, strength, order=1)
+    except ValueError as e:
+        raise ValueError(f"{'--strength' if strength is not None else '--start-step'}: {e}") from None
+
+
+def check_before_work(args: argparse.Namespace) -> None:
+    """Everything that can be refused without a model: output file, input images, backend, device."""
+    if args.command == "convert":
+        return
+    check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
+    for flag in ("--image", "--mask"):
+        path = getattr(args, flag[2:], None)
+        if path is not None:
+            check_input_image(path, flag)
+    check_start(args)
+    check_backend(args.backend, args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand. Bad input: one line naming the flag, exit 1; usage errors exit 2; Ctrl-C 130."""
     start = time.perf_counter()
     try:
+        args = build_parser().parse_args(argv)
+        check_before_work(args)
         code = HANDLERS[args.command](args)
-    except EXPECTED_ERRORS as e:
-        print(f"mlx-stablefused: error: {e}", file=sys.stderr)
+    except (BadValue, *EXPECTED_ERRORS) as e:
+        print(f"mlx-stablefused: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
         print("mlx-stablefused: interrupted", file=sys.stderr)
         return 130
     if args.command != "convert":

@@ -154,5 +154,7 @@ def test_video_subcommand(tmp_path):
 def test_subcommand_errors_exit_1(tmp_path, capsys, argv, message):
     img = _image_file(tmp_path / "in.png")
     argv = [a.replace("{img}", img) for a in argv]
-    assert main([*argv, "--output", str(tmp_path / "o.png"), *FAST]) == 1
+    output = tmp_path / ("o.mp4" if argv[0] in ("walk", "interpolate", "video") else "o.png")  # the right kind
+    assert main([*argv, "--output", str(output), *FAST]) == 1
     assert message in capsys.readouterr().err
+    assert not output.exists()

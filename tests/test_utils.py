@@ -54,6 +54,15 @@ def test_video_frame_count(tmp_path, suffix):
     reader.close()
 
 
+@pytest.mark.parametrize("fps", [0, -8, float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_frame_rate_must_be_positive_and_finite(tmp_path, fps, suffix):
+    writer = pil_to_gif if suffix == ".gif" else pil_to_video
+    with pytest.raises(ValueError, match="fps must be"):
+        writer(frames(3), tmp_path / f"v{suffix}", fps=fps)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_caption_draws_text_on_current_pillow():
     img = Image.new("RGB", (200, 120), "black")
     out = write_text_on_image(img, "a long caption that must wrap onto several lines at this width", fontsize=14)

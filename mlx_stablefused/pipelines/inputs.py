@@ -26,6 +26,13 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def non_negative_int(value: Any, name: str) -> int:
+    """``value`` as an int if it is an integer >= 0 (bools refused), else a ValueError naming ``name``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def finite_float(value: Any, name: str) -> float:
     """``value`` as a float if it is a finite real number, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -131,9 +138,7 @@ def per_step(value: Any, n: int, name: str, count_name: str) -> list:
 def make_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return np.random.default_rng(seed)
+    return np.random.default_rng(None if seed is None else non_negative_int(seed, "seed"))
 
 
 def random_latent(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -84,10 +84,20 @@ def _load_font(fontfile: str | None, size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def check_fps(fps: float) -> float:
+    """A positive, finite frame rate: 0 would divide by zero (gif) or be silently replaced (ffmpeg)."""
+    from ..pipelines.inputs import finite_float
+
+    if finite_float(fps, "fps") <= 0:
+        raise ValueError(f"fps must be positive, got {fps!r}")
+    return fps
+
+
 def pil_to_gif(images: Sequence[Image.Image], filename: str | Path, fps: int = 8, loop: int = 0) -> Path:
     """Write an animated GIF atomically; ``fps`` frames per second."""
     from ..checkpoint_io import atomic_path
 
+    check_fps(fps)
     if not images:
         raise ValueError("no frames to write")
     path = Path(filename)
@@ -106,6 +116,7 @@ def pil_to_video(images: Sequence[Image.Image], filename: str | Path, fps: int =
 
     from ..checkpoint_io import atomic_path
 
+    check_fps(fps)
     if not images:
         raise ValueError("no frames to write")
     path = Path(filename)
