@@ -86,7 +86,7 @@ def _load_font(fontfile: str | None, size: int) -> ImageFont.ImageFont:
 
 def check_fps(fps: float) -> float:
     """A positive, finite frame rate: 0 would divide by zero (gif) or be silently replaced (ffmpeg)."""
-    from ..pipelines.inputs import finite_float
+    from ..validation import finite_float
 
     if finite_float(fps, "fps") <= 0:
         raise ValueError(f"fps must be positive, got {fps!r}")
