@@ -28,6 +28,7 @@ def test_compiled_unet_gives_the_same_images(private, plain):
     assert report("compiled UNet vs eager (max abs)", max_abs_error(private(**ARGS), plain)) < 1e-4
 
 
+@pytest.mark.slow  # ~10 s with a cold MLX kernel cache; the compiled path is checked on images by default
 def test_compiled_motion_unet(sd1, motion_adapters, pipelines):
     args = dict(prompt="x", video_frames=4, video_height=64, video_width=64, num_inference_steps=2, seed=0,
                 output_type="np")
