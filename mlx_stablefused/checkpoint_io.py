@@ -121,6 +121,25 @@ def load_weights(path: str | Path) -> dict:
     return _read_weight_file(path, mx.load, load_pickle)
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir()`` would (mkstemp and mkdtemp make it private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextmanager
 def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
@@ -131,6 +150,7 @@ def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        plain_permissions(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -170,6 +190,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
+        plain_permissions(tmp, directory=True)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -13,14 +13,14 @@ from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidV
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
-from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
+from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
 
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, ValueError, TypeError,
-                   NotImplementedError, OSError)
+EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
+                   TypeError, NotImplementedError, OSError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]

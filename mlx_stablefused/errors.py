@@ -16,3 +16,7 @@ class WeightLoadError(ValueError):
 
 class UnsupportedModelError(ValueError):
     """A model config asks for an architecture feature this port does not implement."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A generation produced NaN or infinite values (typically an fp16 overflow); nothing is written."""

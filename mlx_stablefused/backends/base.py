@@ -120,6 +120,10 @@ class Backend(ABC):
     def per_sample_std(self, x: Array) -> Array:
         """Standard deviation over all but the batch axis, broadcastable against ``x``."""
 
+    def all_finite(self, x: Array) -> bool:
+        """Whether every value of ``x`` is finite (one reduction; backends override with a native one)."""
+        return bool(np.isfinite(self.to_numpy(x)).all())
+
     @abstractmethod
     def latent_shape(self, latent: Array) -> tuple[int, ...]:
         """The shape of a native latent in diffusers' layout, (B, C, h, w) or (B, C, F, h, w); no copy."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..backends.base import Array, Backend
 from ..conditioning import Conditioning
+from ..errors import NonFiniteError
 from ..schedulers import Scheduler
 from .inputs import finite_float, random_latent
 
@@ -96,6 +97,9 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         if after_step is not None:
             latents = after_step(i, latents)
         backend.evaluate(latents)
+        if not backend.all_finite(latents):
+            raise NonFiniteError(non_finite_message("the latents", i - start + 1, len(scheduler.timesteps) - start,
+                                                    t, backend))
         state = StepState(i, t, latents, prediction)
         yield state
         latents = state.latents
@@ -129,3 +133,14 @@ class StepCallbacks:
                     raise ValueError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', None)}; "
                                      f"expected {tuple(state.latents.shape)} (the backend's native layout)")
                 state.latents = new
+
+
+def non_finite_message(what: str, step: int | None, steps: int | None, timestep: float | None,
+                       backend: Backend) -> str:
+    """Where values turned NaN/inf and the likely cause, for the error that stops the run."""
+    where = f" at step {step} of {steps} (timestep {timestep:g})" if step is not None else ""
+    dtype = str(getattr(backend, "dtype", "")).rsplit(".", 1)[-1]
+    cause = ("in float16 this is usually an overflow: load the model with dtype='bfloat16' or 'float32'"
+             if dtype == "float16" else "check the inputs (latents, guidance, images) and the model's weights")
+    return f"{what} became NaN or infinite{where}; {cause}. Nothing was written."
+

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Array, Backend
+from ..errors import NonFiniteError
 from ..utils.images import denormalize, normalize, numpy_to_pil
+from .denoise import non_finite_message
 from .vae_tiling import TileSpec, tiled_decode, tiled_encode
 
 
@@ -59,7 +61,10 @@ class VAEIO:
             if cfg.shift_factor:
                 z = z + cfg.shift_factor
             chunks.append(self._decode_unscaled(z))
-        return denormalize(np.concatenate(chunks, axis=0)).astype(np.float32)
+        images = np.concatenate(chunks, axis=0)
+        if not np.isfinite(images).all():  # an fp16 VAE overflow would otherwise give a black image
+            raise NonFiniteError(non_finite_message("the decoded images", None, None, None, backend))
+        return denormalize(images).astype(np.float32)
 
     def _decode_unscaled(self, z: Array) -> np.ndarray:
         backend, spec = self.backend, self.tiling

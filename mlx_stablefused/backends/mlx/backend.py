@@ -174,6 +174,9 @@ class MLXBackend(Backend):
         # torch.std is the unbiased (n-1) estimator; diffusers' rescale uses it.
         return mx.sqrt(mx.var(x, axis=axes, keepdims=True, ddof=1))
 
+    def all_finite(self, x: mx.array) -> bool:
+        return bool(mx.all(mx.isfinite(x)).item())
+
     def latent_shape(self, latent: mx.array) -> tuple[int, ...]:
         shape = tuple(latent.shape)
         return (shape[0], shape[-1]) + shape[1:-1]

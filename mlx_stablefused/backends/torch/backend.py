@@ -103,6 +103,9 @@ class TorchBackend(Backend):
     def per_sample_std(self, x: torch.Tensor) -> torch.Tensor:
         return x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
 
+    def all_finite(self, x: torch.Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
     def latent_shape(self, latent: torch.Tensor) -> tuple[int, ...]:
         return tuple(latent.shape)
 
