@@ -168,7 +168,7 @@ def native_weights(networks: Networks, expected: Mapping[str, tuple[int, ...]],
     union = {k: v for state, _ in parts for k, v in state.items()}
     check_names(expected, union, source, model_name)
     out = {k: networks.to_native(v, expected[k], layout) for state, layout in parts for k, v in state.items()}
-    check_shapes(out, expected, source)
+    check_shapes(out, expected, source, original=union)
     return out
 
 

@@ -75,9 +75,18 @@ def check_names(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, o
     return expected
 
 
-def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    bad = [f"{k!r} has shape {tuple(v.shape)} but the model expects {expected[k]}"
-           for k, v in weights.items() if tuple(v.shape) != expected[k]]
+def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str,
+                 original: Mapping[str, Any] | None = None) -> None:
+    """Raise naming every weight whose shape differs from the model's; ``original`` (the tensors as the
+    file holds them, before a layout change) lets the message give the checkpoint's own shape too."""
+    def describe(k: str, v: Any) -> str:
+        here = tuple(v.shape)
+        if original is not None and k in original and tuple(original[k].shape) != here:
+            return (f"{k!r} has shape {tuple(original[k].shape)} in the checkpoint ({here} in this backend's "
+                    f"layout) but the model expects {expected[k]}")
+        return f"{k!r} has shape {here} but the model expects {expected[k]}"
+
+    bad = [describe(k, v) for k, v in weights.items() if tuple(v.shape) != expected[k]]
     if bad:
         raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: " + "; ".join(bad[:12])
                               + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else ""))

@@ -287,3 +287,25 @@ def test_inpainting_model_refused_by_text_to_image(model_copy):
     pipe = TextToImageDiffusion(model_copy, progress=False, use_cache=False)
     with pytest.raises(UnsupportedModelError, match="inpainting"):
         generate(pipe)
+
+
+def test_mis_shaped_kernel_poisons_no_cache_and_names_the_checkpoint_shape(model_copy, own_cache, backend_name,
+                                                                           capsys):
+    """A kernel of the wrong shape is refused before anything reaches the conversion cache; the error names
+    the source folder and the shape as the checkpoint holds it; `convert` exits 1 and writes nothing."""
+    from mlx_stablefused.cli import main
+
+    _edit_unet(model_copy, lambda t: t.update({"conv_in.weight": np.zeros((16, 4, 3, 5), np.float32)}))
+    with pytest.raises(WeightLoadError, match=r"unet: 1 weight\(s\) with the wrong shape: 'conv_in\.weight' has shape "
+                                               r"\(16, 4, 3, 5\)") as info:
+        TextToImageDiffusion(model_copy, progress=False, backend=backend_name)
+    assert str(model_copy) in str(info.value)
+    if backend_name == "mlx":
+        assert "in the checkpoint ((16, 3, 5, 4) in this backend's layout) but the model expects (16, 3, 3, 4)" \
+            in str(info.value)
+    assert not own_cache.exists() or not any(own_cache.iterdir())  # no cache entry, not even a partial one
+    capsys.readouterr()
+    assert main(["convert", str(model_copy), str(model_copy.parent / "converted")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "conv_in.weight" in err[0]
+    assert not (model_copy.parent / "converted").exists()
