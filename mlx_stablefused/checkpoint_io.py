@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -73,6 +74,19 @@ def load_pickle(path: str | Path) -> dict:
     return {k: _torch_to_mx(v) for k, v in load_torch_pickle(path).items()}
 
 
+def _pickle_refusal(error: Exception) -> str:
+    """One line for torch's multi-line refusal (which suggests weights_only=False: never do that here)."""
+    text = str(error)
+    unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unsafe or detail:
+        what = f"a reference to {unsafe.group(1)}" if unsafe else detail.group(1).strip()
+        return (f"it holds what a weights-only reader refuses ({what}); nothing was executed. "
+                "Use a .safetensors file of this model")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else f"{type(error).__name__} (corrupt, or not a PyTorch checkpoint)"
+
+
 def load_torch_pickle(path: str | Path) -> dict:
     """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
     try:
@@ -83,7 +97,7 @@ def load_torch_pickle(path: str | Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {e}") from e
+        raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {_pickle_refusal(e)}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

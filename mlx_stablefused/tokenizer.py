@@ -130,6 +130,8 @@ class CLIPTokenizer:
             ids = self.tokenize(prompt)
             if len(ids) > self.max_length:
                 dropped = self._tokenizer.decode(ids[self.max_length - 1:-1]).replace("</w>", " ").strip()
+                if len(dropped) > 60:  # the warning says where the cut falls, not the whole rest
+                    dropped = dropped[:57].rstrip() + "..."
                 warnings.warn(
                     f"prompt is {len(ids)} tokens, longer than the text encoder's {self.max_length}; "
                     f"this part was dropped: {dropped!r}", PromptTruncatedWarning, stacklevel=2)

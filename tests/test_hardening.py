@@ -75,3 +75,14 @@ def test_atomic_writes_get_plain_open_permissions(tmp_path, umask):
     assert mode(gif) == 0o666 & ~umask
     assert mode(tmp_path / "atomic-dir" / "inner.json") == 0o666 & ~umask
     assert mode(tmp_path / "atomic-dir") == mode(tmp_path / "plain-dir") == 0o777 & ~umask
+
+
+def test_a_torch_latent_that_requires_grad_is_accepted(sd1, pipelines):
+    import torch
+
+    _, root = sd1
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, "torch", scheduler="ddim")
+    noise = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    args = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    expected = pipe(latent=noise, **args)
+    np.testing.assert_array_equal(pipe(latent=torch.from_numpy(noise).requires_grad_(True), **args), expected)

@@ -84,8 +84,10 @@ def test_vocab_and_merges_files_equal_tokenizer_json(clip_vocabulary):
 @needs_vocab
 def test_long_prompt_warns_and_keeps_eos(clip_vocabulary):
     tok = CLIPTokenizer.from_folder(clip_vocabulary)
-    with pytest.warns(PromptTruncatedWarning, match="dropped"):
+    with pytest.warns(PromptTruncatedWarning, match="dropped") as caught:
         ids = tok("word " * 100)
+    message = str(caught[0].message)
+    assert "prompt is 102 tokens" in message and len(message) < 200 and message.endswith("...'")  # a short excerpt
     assert ids.shape == (1, 77) and ids[0, 0] == 49406 and ids[0, -1] == 49407
 
 

@@ -118,6 +118,8 @@ def given_or_random(array: Any, shape: tuple[int, ...], rng: np.random.Generator
     """``array`` (checked against ``shape``, finite) as float32 numpy, or a fresh standard-normal draw."""
     if array is None:
         return random_latent(shape, rng)
+    if hasattr(array, "detach"):  # a torch tensor, possibly requiring grad or on a GPU
+        array = array.detach().float().cpu().numpy()
     out = np.asarray(array, dtype=np.float32)
     if out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}; expected {tuple(shape)}")
