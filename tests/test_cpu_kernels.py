@@ -138,6 +138,6 @@ def test_bounded_run_ahead_restores_the_limit_and_lowers_the_peak():
     bounded_peak, bounded = peak_over_start(4 * 2**20)
     assert mx.set_memory_limit(before) == before  # the limit came back after the pass
     np.testing.assert_array_equal(bounded, free)
-    report("strip conv peak MB without / with a 4 MB run-ahead", free_peak)
-    report("  with the bound", bounded_peak)
+    report("strip conv peak MB, free run-ahead (a size, not an error)", free_peak)
+    report("strip conv peak MB, 4 MB run-ahead bound (a size, not an error)", bounded_peak)
     assert bounded_peak < free_peak
