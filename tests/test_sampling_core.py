@@ -161,6 +161,8 @@ def test_video_pipeline_does_not_change_a_sharing_image_pipeline(sd1, motion_ada
     assert attention_chunks(video.backend) == {None}
     video.set_motion_norm(per_frame=True)
     assert image.settings.motion_norm_per_frame is False
+    again = TextToVideoDiffusion.from_pipeline(image)  # image kept the default: the video default stays
+    assert again.settings.attention_chunk == video.settings.attention_chunk
 
 
 def attention_chunks(backend):

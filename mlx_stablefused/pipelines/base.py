@@ -11,7 +11,7 @@ MLX and torch, Mac and NVIDIA.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -121,12 +121,16 @@ class BaseDiffusion:
     @classmethod
     def from_pipeline(cls, other: "BaseDiffusion", **kwargs: Any) -> "BaseDiffusion":
         """A pipeline of this class on ``other``'s loaded model (no weights loaded twice), with a copy of
-        its sampler choice and run settings (changing either later affects only one of them)."""
+        its sampler choice and of the run settings it chose; where ``other`` kept a default, this class's
+        own default stays (a video pipeline keeps its attention slicing). Later changes affect one only."""
         kwargs.setdefault("progress", other.progress)
         pipe = cls(components=other.components, **kwargs)
         if "scheduler" not in kwargs:
             pipe.set_scheduler(other.scheduler_name, **other.scheduler_overrides)
-        pipe.settings = replace(other.settings, motion_norm_per_frame=pipe.settings.motion_norm_per_frame)
+        defaults = RunSettings(cpu_streams=other.backend.settings.cpu_streams)
+        chosen = {f.name: getattr(other.settings, f.name) for f in fields(RunSettings)
+                  if getattr(other.settings, f.name) != getattr(defaults, f.name)}
+        pipe.settings = replace(pipe.settings, **chosen)
         return pipe
 
     # ----------------------------------------------------------------------------------- setup
