@@ -12,7 +12,7 @@ from . import __version__
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
-from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
+from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS, resolve_special_id
 from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
@@ -20,7 +20,7 @@ from .schedulers import SCHEDULER_NAMES
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
-                   TypeError, NotImplementedError, OSError)
+                   TypeError, NotImplementedError, OSError, MemoryError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -68,6 +68,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"),
                    help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--vae-tiling", action="store_true", help="decode (and encode) on overlapping VAE tiles: "
+                                                             "memory of one tile at any size")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one image (or frame batch) at a time")
+    p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
@@ -76,7 +80,7 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
     p.add_argument("--negative-prompt", default=None, nargs=prompt_nargs,
                    help="what to steer away from" + several + " (default: none)")
     p.add_argument("--steps", type=positive("--steps"), default=None, metavar="N",
-                   help="sampling steps, a positive integer (default: 30; 20 for the demo model)")
+                   help=f"sampling steps, a positive integer (default: 30; {DEMO_STEPS} for the demo model)")
     p.add_argument("--guidance", type=finite("--guidance"), default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale, a finite number; 1 or less turns it off")
     p.add_argument("--guidance-rescale", type=finite("--guidance-rescale"), default=0.0, metavar="PHI",
@@ -86,7 +90,7 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "default: the input's size" if resize_only else "default: 512; 256 for the demo model"
+    what = "default: the input's size" if resize_only else f"default: 512; {DEMO_SIZE} for the demo model"
     for flag in ("--height", "--width"):
         p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
                        help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
@@ -199,13 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ running
 def default_model(variant: str | None) -> str:
-    """The hub's SD 1.5 when reachable (or cached); otherwise the offline demo model, said out loud."""
+    """The hub's SD 1.5 when reachable (or cached); otherwise the offline demo model, said in one line."""
+    from .hub_access import offline_reason
     from .sources import resolve_model
 
+    reason = offline_reason()  # seconds at most, where the hub's own retries take ~23 s
     try:
-        return str(resolve_model(DEFAULT_HUB_MODEL, variant=variant).root)
+        return str(resolve_model(DEFAULT_HUB_MODEL, variant=variant, local_files_only=reason is not None).root)
     except ModelSourceError as e:
-        print(f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable ({str(e).split('.')[0]}).", file=sys.stderr)
+        why = f"offline: {reason}; not in the local cache" if reason else str(e).split(";")[0]
+        print(f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable ({why}).", file=sys.stderr)
         return DEMO_MODEL_ID
 
 
@@ -215,16 +222,23 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         args.model = default_model(args.variant)
     demo = args.model == DEMO_MODEL_ID
     if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
-        size = 256 if demo else 512
+        size = DEMO_SIZE if demo else 512
         args.height = size if args.height is None else args.height
         args.width = size if args.width is None else args.width
     if args.steps is None:
-        args.steps = 20 if demo else 30
+        args.steps = DEMO_STEPS if demo else 30
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
-    return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
+    pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+    if getattr(args, "vae_tiling", False):
+        pipe.enable_tiling()
+    if getattr(args, "vae_slicing", False):
+        pipe.enable_slicing()
+    if getattr(args, "attention_slicing", False):
+        pipe.enable_attention_slicing()
+    return pipe
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
@@ -386,7 +400,20 @@ def check_before_work(args: argparse.Namespace) -> None:
         if path is not None:
             check_input_image(path, flag)
     check_start(args)
+    check_size_flags(args)
     check_backend(args.backend, args.device)
+
+
+def check_size_flags(args: argparse.Namespace) -> None:
+    """--height/--width: multiples of 8 (every Stable Diffusion VAE's factor) within the pixel cap."""
+    from .memory_estimate import check_pixel_cap
+
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value % 8:
+            raise ValueError(f"{flag}: must be a multiple of 8, got {value}")
+    if height is not None and width is not None:
+        check_pixel_cap(height, width, ("--height", "--width"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

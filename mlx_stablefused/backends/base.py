@@ -183,6 +183,23 @@ class Backend(ABC):
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
         return False
 
+    def available_memory(self) -> int | None:
+        """Bytes a generation may still use on the device in use (None: unknown). Default: free RAM."""
+        from ..memory_estimate import system_available_memory
+
+        return system_available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs without materialising the (queries x keys) score matrix here."""
+        return False
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of the networks' compute dtype."""
+        dtype = getattr(self, "dtype", None)
+        return int(getattr(dtype, "itemsize", None) or getattr(dtype, "size", 4))
+
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")

@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..backends import create_backend
 from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings
 from ..conditioning import Conditioning
 from ..config import read_json
 from ..errors import ModelSourceError
+from ..progress import progress_bar
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
 from ..sources import ModelSource, resolve_model
 from ..tokenizer import CLIPTokenizer
@@ -209,7 +209,7 @@ class BaseDiffusion:
 
     @property
     def vae_io(self) -> VAEIO:
-        return VAEIO(self.backend, self.tiling, self.decode_batch_size)
+        return VAEIO(self.backend, self.tiling, self.decode_batch_size, self.progress)
 
     # ------------------------------------------------------------------------------ interrupt
     def interrupt(self) -> None:
@@ -225,6 +225,20 @@ class BaseDiffusion:
     # ------------------------------------------------------------------------------- validation
     def validate_size(self, height: int, width: int) -> None:
         inputs.check_size(height, width, self.vae_scale_factor)
+
+    def check_memory(self, height: int, width: int, batch: int, frames: int = 1,
+                     names: tuple[str, str] = ("image_height", "image_width")) -> None:
+        """Refuse, before any work, a request that cannot fit (memory_estimate: a lower bound of its peak,
+        with this pipeline's tiling, slicing and decode batching), and any over the pixel cap."""
+        from ..memory_estimate import Request, check_fits, check_pixel_cap
+
+        check_pixel_cap(height, width, names)
+        request = Request(height, width, batch, frames, attention_chunk=self.settings.attention_chunk,
+                          tile=self.tiling.sample_size if self.tiling else None, decode_batch=self.decode_batch_size)
+        backend = self.backend
+        what = f"{names[0]}={height}, {names[1]}={width}" + (f", {frames} frames" if frames > 1 else "")
+        check_fits(backend.unet_config, backend.vae_config, request, backend.dtype_bytes, backend.fused_attention,
+                   backend.available_memory(), what + (f", batch {batch}" if batch > 1 else ""))
 
     @staticmethod
     def validate_steps(num_inference_steps: int) -> None:
@@ -269,7 +283,7 @@ class BaseDiffusion:
         callbacks = StepCallbacks(self, callback_on_step_end)
         history = [latents]
         steps = len(self.scheduler.timesteps) - start
-        with tqdm(total=steps, disable=not self.progress, desc=progress_desc, leave=False) as bar:
+        with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):
                 callbacks(state)

@@ -68,6 +68,20 @@ class MLXBackend(Backend):
         mx.eval(out)
         return out
 
+    def available_memory(self) -> int | None:
+        """Metal: the recommended working set less what MLX holds now; CPU: free RAM."""
+        if mx.default_device() == mx.gpu and mx.metal.is_available():
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if limit:
+                return max(int(limit) - int(mx.get_active_memory()), 0)
+        return super().available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """mx.fast.scaled_dot_product_attention on Metal never materialises the scores."""
+        return mx.default_device() == mx.gpu and mx.metal.is_available()
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
         file and reads on first use) the next time a prompt is encoded. False when there is no such file."""

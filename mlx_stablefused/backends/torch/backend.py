@@ -118,6 +118,19 @@ class TorchBackend(Backend):
             parts.append(latent.new_zeros(shape[:2] + [after] + shape[3:]))
         return torch.cat(parts, dim=self.frame_axis) if len(parts) > 1 else latent
 
+    def available_memory(self) -> int | None:
+        """CUDA: free device memory; MPS: the recommended maximum less what torch holds; CPU: free RAM."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        if self.device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return max(int(torch.mps.recommended_max_memory()) - int(torch.mps.current_allocated_memory()), 0)
+        return super().available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """scaled_dot_product_attention picks a flash / memory-efficient kernel on CUDA and the CPU."""
+        return self.device.type in ("cuda", "cpu")
+
     def evaluate(self, *arrays: torch.Tensor) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
