@@ -82,6 +82,8 @@ class CLIPTokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in dict.fromkeys((pad_token, BOS, EOS))])
         self._tokenizer = tok
+        self._vocab = vocab
+        self.added_tokens: dict[str, int] = {}  # tokens added after loading (textual inversion), in id order
         self.vocab_size = len(vocab)
         self.max_length = int(max_length)
         self.bos_token_id = vocab[BOS]
@@ -115,9 +117,53 @@ class CLIPTokenizer:
                         max_length = ml
         return cls(vocab, merges, pad_token=pad, max_length=max_length)
 
+    def __len__(self) -> int:
+        """Vocabulary plus added tokens (transformers' ``len(tokenizer)``): the next added token's id."""
+        return self.vocab_size + len(self.added_tokens)
+
+    def __contains__(self, token: str) -> bool:
+        """Whether ``token`` is in the vocabulary or among the added tokens (transformers' ``get_vocab()``)."""
+        return token in self._vocab or token in self.added_tokens
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry or added token (``",</w>"`` is the comma ending a word), or None."""
+        return self._vocab.get(token, self.added_tokens.get(token))
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add new tokens (matched in the raw text before BPE, as transformers' ``add_tokens``); their ids,
+        consecutive from ``len(self)``. A token already known is refused."""
+        known = [t for t in tokens if t in self]
+        if known or len(set(tokens)) != len(tokens):
+            raise ValueError(f"cannot add tokens {list(tokens)}: {known or 'duplicates'} already present")
+        start = len(self)
+        self._tokenizer.add_tokens(list(tokens))
+        ids = [self._tokenizer.token_to_id(t) for t in tokens]
+        if ids != list(range(start, start + len(tokens))):  # the library numbers them after the vocabulary
+            raise RuntimeError(f"added tokens got ids {ids}, expected {start}..{start + len(tokens) - 1}")
+        self.added_tokens.update(zip(tokens, ids))
+        return ids
+
+    def expand_multi_vector_tokens(self, prompt: str) -> str:
+        """Write each multi-vector textual-inversion token ``tok`` as ``tok tok_1 ... tok_{n-1}``, exactly as
+        diffusers' ``maybe_convert_prompt`` does (plain text replacement of every token found in the prompt)."""
+        if not any(t.endswith("_1") for t in self.added_tokens):
+            return prompt
+        for token in dict.fromkeys(self._tokenizer.encode(prompt, add_special_tokens=False).tokens):
+            if token in self.added_tokens:
+                replacement, i = token, 1
+                while f"{token}_{i}" in self.added_tokens:
+                    replacement += f" {token}_{i}"
+                    i += 1
+                prompt = prompt.replace(token, replacement)
+        return prompt
+
+    def encode_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (multi-vector tokens expanded), for building chunks."""
+        return self._tokenizer.encode(self.expand_multi_vector_tokens(text), add_special_tokens=False).ids
+
     def tokenize(self, text: str) -> list[int]:
-        """Token ids with BOS and EOS, unpadded and untruncated."""
-        return self._tokenizer.encode(text).ids
+        """Token ids with BOS and EOS, unpadded and untruncated (multi-vector tokens expanded)."""
+        return self._tokenizer.encode(self.expand_multi_vector_tokens(text)).ids
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Ids of shape (batch, max_length): BOS, tokens, EOS, then pad; truncated with a warning."""
