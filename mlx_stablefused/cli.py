@@ -83,6 +83,18 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
                    help="rescale of the guided prediction, a finite number, usually in [0, 1]")
     p.add_argument("--seed", type=non_negative("--seed"), default=0, metavar="N",
                    help="random seed, a non-negative integer; the same seed gives the same file")
+    _prompt_syntax_flags(p)
+
+
+def _prompt_syntax_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-prompts", action="store_true",
+                   help="read prompts as plain text, cut at 77 tokens (default: AUTOMATIC1111's syntax: "
+                        "(word:1.3), (word), [word], BREAK, prompts of any length, <lora:name:weight> tags)")
+    p.add_argument("--lora-dir", default=None, metavar="FOLDER",
+                   help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
+    p.add_argument("--textual-inversion", action="append", default=None, metavar="PATH",
+                   help="a textual-inversion embedding (.safetensors, .pt, .bin, or a diffusers folder or hub id), "
+                        "used by its own token; repeat for several (default: none)")
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
@@ -223,8 +235,13 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
-    return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
+    pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+    for source in args.textual_inversion or []:
+        pipe.load_textual_inversion(source)
+    if not args.plain_prompts:
+        pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
+    return pipe
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
@@ -387,6 +404,9 @@ def check_before_work(args: argparse.Namespace) -> None:
             check_input_image(path, flag)
     check_start(args)
     check_backend(args.backend, args.device)
+    if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).is_dir()):
+        raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"
+                         f" ({args.lora_dir})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
