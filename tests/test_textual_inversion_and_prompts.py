@@ -2,6 +2,7 @@
 its own documented examples and an independent numpy computation of its weighting (tiny SD1 model, both
 backends). The embedding files (diffusers, A1111 .pt, emb_params .safetensors) are made here."""
 
+import copy
 import os
 import pickle
 import warnings
@@ -9,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import max_abs_error, rel_error, report
+from helpers import diffusers_pipeline, max_abs_error, rel_error, report
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -182,7 +183,7 @@ def test_pipelines_run_on_chunked_embeddings_as_diffusers_does(sd1, pipelines, b
     pipe.enable_prompt_weighting()
     run = dict(prompt="a (red:1.4) boat BREAK on the sea", negative_prompt="[ugly]", num_inference_steps=2,
                guidance_scale=7.5, output_type="np")
-    latent = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    latent = np.random.default_rng(3).standard_normal((1, 4, 4, 4)).astype(np.float32)
     ours = pipe(latent=latent, **run)
     embedding = pipe.backend.to_numpy(pipe.prompt_to_embedding(run["prompt"], run["negative_prompt"]))
     assert embedding.shape == (2, 154, 32)
@@ -190,7 +191,7 @@ def test_pipelines_run_on_chunked_embeddings_as_diffusers_does(sd1, pipelines, b
         with torch.no_grad():
             long_context_reference["image"] = ref_pipe(
                 prompt_embeds=torch.from_numpy(embedding[1:]), negative_prompt_embeds=torch.from_numpy(embedding[:1]),
-                latents=torch.from_numpy(latent), num_inference_steps=2, guidance_scale=7.5, height=64, width=64,
+                latents=torch.from_numpy(latent), num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
                 output_type="np").images
     assert report("A1111 2-chunk context: image vs diffusers (max abs)",
                   max_abs_error(ours, long_context_reference["image"])) < 5e-3
@@ -224,30 +225,42 @@ TI_NEGATIVES = ["bad-hands", ""]
 
 @pytest.fixture(scope="module")
 def diffusers_with_embeddings(sd1, embedding_files):
-    """A fresh diffusers pipeline (the session's is never modified) with the four embeddings loaded."""
-    from diffusers import StableDiffusionPipeline
-
-    _, root = sd1
-    ref = StableDiffusionPipeline.from_pretrained(str(root), safety_checker=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    """diffusers with the four embeddings loaded, on copies of the session's tokenizer and text encoder."""
+    session = sd1[0]
+    ref = diffusers_pipeline(session)
+    ref.register_modules(tokenizer=copy.deepcopy(session.tokenizer), text_encoder=copy.deepcopy(session.text_encoder))
     ref.load_textual_inversion([str(embedding_files[k][0]) for k in ("diffusers", "pt", "bin")])
     ref.load_textual_inversion(str(embedding_files["emb"][0]), token="bad-hands")  # diffusers: token "emb_params"
-    latent = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    latent = np.random.default_rng(5).standard_normal((2, 4, 4, 4)).astype(np.float32)
     with torch.no_grad():
         prompt_embeds, negative_embeds = ref.encode_prompt(TI_PROMPTS, "cpu", 1, True, negative_prompt=TI_NEGATIVES)
         image = ref(TI_PROMPTS, negative_prompt=TI_NEGATIVES, latents=torch.from_numpy(latent), num_inference_steps=2,
-                    height=64, width=64, output_type="np").images
+                    height=32, width=32, output_type="np").images
     return ref, np.concatenate([negative_embeds.numpy(), prompt_embeds.numpy()]), latent, image
 
 
-def test_textual_inversion_matches_diffusers(sd1, embedding_files, diffusers_with_embeddings, backend_name):
-    """All three formats, single- and multi-vector, loaded as a list and one by one: the tokenizer's ids, the
-    text embeddings and the images equal diffusers' ``load_textual_inversion``."""
-    ref, ref_embedding, latent, ref_image = diffusers_with_embeddings
-    _, root = sd1
-    pipe = TextToImageDiffusion(root, backend=backend_name, progress=False)  # private: embeddings change it
-    added = pipe.load_textual_inversion([embedding_files[k][0] for k in ("diffusers", "pt", "bin")])
-    added += pipe.load_textual_inversion(embedding_files["emb"][0])  # token: the file's name, as A1111 names it
+@pytest.fixture(scope="module")
+def pipes_with_embeddings(sd1, embedding_files):
+    """Our pipeline per backend with the four embeddings loaded (private models: embeddings change them)."""
+    loaded = {}
+
+    def get(backend):
+        if backend not in loaded:
+            pipe = TextToImageDiffusion(sd1[1], backend=backend, progress=False)
+            added = pipe.load_textual_inversion([embedding_files[k][0] for k in ("diffusers", "pt", "bin")])
+            added += pipe.load_textual_inversion(embedding_files["emb"][0])  # token: the file's name, as A1111's
+            loaded[backend] = pipe, added
+        return loaded[backend]
+
+    return get
+
+
+def test_textual_inversion_matches_diffusers(embedding_files, diffusers_with_embeddings, pipes_with_embeddings,
+                                             backend_name):
+    """All three formats, single- and multi-vector, loaded as a list and one by one: the tokenizer's ids and
+    the text embeddings equal diffusers' ``load_textual_inversion``; bad embeddings are refused."""
+    ref, ref_embedding, _, _ = diffusers_with_embeddings
+    pipe, added = pipes_with_embeddings(backend_name)
     assert added == ["<cat-toy>", "charturner", "charturner_1", "charturner_2", "<bin-two>", "<bin-two>_1",
                      "bad-hands", "bad-hands_1"]
     for prompt in TI_PROMPTS + TI_NEGATIVES:
@@ -256,8 +269,8 @@ def test_textual_inversion_matches_diffusers(sd1, embedding_files, diffusers_wit
         assert pipe.tokenizer([prompt])[0].tolist() == expected
     embedding = pipe.backend.to_numpy(pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVES))
     assert report("textual inversion: embeddings vs diffusers (rel.)", rel_error(embedding, ref_embedding)) < 1e-4
-    image = pipe(TI_PROMPTS, negative_prompt=TI_NEGATIVES, latent=latent, num_inference_steps=2, output_type="np")
-    assert report("textual inversion: images vs diffusers (max abs)", max_abs_error(image, ref_image)) < 5e-3
+    if pipe.backend.release_text_encoder():  # MLX's low-memory mode re-reads the weights: the rows stay
+        assert np.array_equal(pipe.backend.to_numpy(pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVES)), embedding)
     # Refusals, before anything changes: the wrong width (file, expected and found widths), a known token.
     size = len(pipe.tokenizer)
     with pytest.raises(ValueError, match=r"narrow\.bin: the embedding for '<narrow>' is 16 wide, .* takes 32-wide"):
@@ -268,6 +281,14 @@ def test_textual_inversion_matches_diffusers(sd1, embedding_files, diffusers_wit
     with pytest.raises(ValueError, match="already in tokenizer vocabulary"):
         pipe.load_textual_inversion({"<|endoftext|>": np.zeros(32, np.float32)})
     assert len(pipe.tokenizer) == size and "<fresh>" not in pipe.tokenizer
+
+
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
+def test_textual_inversion_images_match_diffusers(diffusers_with_embeddings, pipes_with_embeddings, backend):
+    _, _, latent, ref_image = diffusers_with_embeddings
+    pipe, _ = pipes_with_embeddings(backend)
+    image = pipe(TI_PROMPTS, negative_prompt=TI_NEGATIVES, latent=latent, num_inference_steps=2, output_type="np")
+    assert report("textual inversion: images vs diffusers (max abs)", max_abs_error(image, ref_image)) < 5e-3
 
 
 class _Exploit:
@@ -325,17 +346,14 @@ def test_cli_reads_a1111_syntax_and_embeddings_by_default(sd1, embedding_files, 
     _, root = sd1
     path, token = embedding_files["pt"]
     prompt = f"a (red:1.4) boat, {token} BREAK on the sea"
-    argv = ["txt2img", "--model", str(root), "--steps", "2", "--height", "64", "--width", "64", "--no-progress",
+    argv = ["txt2img", "--model", str(root), "--steps", "2", "--height", "32", "--width", "32", "--no-progress",
             "--seed", "1", "--prompt", prompt, "--textual-inversion", str(path)]
     assert main([*argv, "--output", str(tmp_path / "a1111.png")]) == 0
     assert main([*argv, "--output", str(tmp_path / "plain.png"), "--plain-prompts"]) == 0
     pipe = TextToImageDiffusion(root, progress=False)
     pipe.load_textual_inversion(path)
-    run = dict(num_inference_steps=2, image_height=64, image_width=64, seed=1, guidance_scale=7.5)
-    plain = np.asarray(pipe(prompt, **run)[0])
     pipe.enable_prompt_weighting()
-    weighted = np.asarray(pipe(prompt, **run)[0])
+    weighted = np.asarray(pipe(prompt, num_inference_steps=2, image_height=32, image_width=32, seed=1)[0])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a1111.png")), weighted)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), plain)
-    assert not np.array_equal(weighted, plain)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), weighted)
     assert main([*argv, "--output", str(tmp_path / "x.png"), "--lora-dir", str(tmp_path / "none")]) == 1
