@@ -84,6 +84,7 @@ class CLIPTokenizer:
         self._tokenizer = tok
         self._vocab = vocab
         self.added_tokens: dict[str, int] = {}  # tokens added after loading (textual inversion), in id order
+        self._expansions: dict[int, str] = {}
         self.vocab_size = len(vocab)
         self.max_length = int(max_length)
         self.bos_token_id = vocab[BOS]
@@ -141,20 +142,29 @@ class CLIPTokenizer:
         if ids != list(range(start, start + len(tokens))):  # the library numbers them after the vocabulary
             raise RuntimeError(f"added tokens got ids {ids}, expected {start}..{start + len(tokens) - 1}")
         self.added_tokens.update(zip(tokens, ids))
+        added = self.added_tokens
+        self._expansions = {}  # first id of a multi-vector token -> "tok tok_1 ... tok_{n-1}"
+        for token, token_id in added.items():
+            names = [token]
+            while f"{token}_{len(names)}" in added:
+                names.append(f"{token}_{len(names)}")
+            stem, _, index = token.rpartition("_")
+            if len(names) > 1 and not (stem in added and index.isdigit()):
+                self._expansions[token_id] = " ".join(names)
         return ids
 
     def expand_multi_vector_tokens(self, prompt: str) -> str:
-        """Write each multi-vector textual-inversion token ``tok`` as ``tok tok_1 ... tok_{n-1}``, exactly as
-        diffusers' ``maybe_convert_prompt`` does (plain text replacement of every token found in the prompt)."""
-        if not any(t.endswith("_1") for t in self.added_tokens):
+        """Write each multi-vector textual-inversion token ``tok`` as ``tok tok_1 ... tok_{n-1}``, as diffusers'
+        ``maybe_convert_prompt`` does, at every place the tokenizer matched it (case-insensitively).
+        diffusers replaces the token's own spelling in the text after looking up the lowercased match, so a
+        name with capitals (``EasyNegative``) or a prompt spelling it in another case keeps only the first
+        vector there; here every vector is used. A lowercase name written in lowercase gives the same ids."""
+        if not self._expansions:
             return prompt
-        for token in dict.fromkeys(self._tokenizer.encode(prompt, add_special_tokens=False).tokens):
-            if token in self.added_tokens:
-                replacement, i = token, 1
-                while f"{token}_{i}" in self.added_tokens:
-                    replacement += f" {token}_{i}"
-                    i += 1
-                prompt = prompt.replace(token, replacement)
+        encoding = self._tokenizer.encode(prompt, add_special_tokens=False)
+        for token_id, (start, end) in reversed(list(zip(encoding.ids, encoding.offsets))):
+            if token_id in self._expansions:
+                prompt = prompt[:start] + self._expansions[token_id] + prompt[end:]
         return prompt
 
     def encode_ids(self, text: str) -> list[int]:

@@ -14,7 +14,7 @@ from helpers import diffusers_pipeline, max_abs_error, rel_error, report
 from PIL import Image
 from safetensors.torch import save_file
 
-from mlx_stablefused import PromptTruncatedWarning, TextToImageDiffusion, WeightLoadError
+from mlx_stablefused import ImageToImageDiffusion, PromptTruncatedWarning, TextToImageDiffusion, WeightLoadError
 from mlx_stablefused.cli import main
 from mlx_stablefused.demo import write_byte_level_tokenizer
 from mlx_stablefused.pipelines.lora_tags import LoraTagState
@@ -161,6 +161,7 @@ def test_77_tokens_or_fewer_give_exactly_the_plain_embedding(model, request, pip
     plain = pipe.backend.to_numpy(pipe.prompt_to_embedding(prompts, negatives))
     pipe.enable_prompt_weighting()
     assert np.array_equal(pipe.backend.to_numpy(pipe.prompt_to_embedding(prompts, negatives)), plain)
+    assert ImageToImageDiffusion.from_pipeline(pipe).prompt_syntax == "a1111"  # a setting from_pipeline copies
     # One token more: the plain path cuts it with a warning, the chunked one makes a second chunk.
     with pytest.warns(PromptTruncatedWarning):
         pipe.disable_prompt_weighting()
@@ -269,6 +270,12 @@ def test_textual_inversion_matches_diffusers(embedding_files, diffusers_with_emb
         assert pipe.tokenizer([prompt])[0].tolist() == expected
     embedding = pipe.backend.to_numpy(pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVES))
     assert report("textual inversion: embeddings vs diffusers (rel.)", rel_error(embedding, ref_embedding)) < 1e-4
+    # A multi-vector name with capitals, or written in another case, gets all its vectors (diffusers: the first).
+    tok = pipe.tokenizer
+    pipe.load_textual_inversion({"EasyNeg": np.ones((3, 32), np.float32)})
+    vectors = [tok.added_tokens[t] for t in ("EasyNeg", "EasyNeg_1", "EasyNeg_2")]
+    expected = [tok.bos_token_id, *tok.encode_ids("a"), *vectors, *tok.encode_ids(", x"), tok.eos_token_id]
+    assert tok(["a EasyNeg, x"])[0].tolist()[:8] == tok(["a easyneg, x"])[0].tolist()[:8] == expected
     if pipe.backend.release_text_encoder():  # MLX's low-memory mode re-reads the weights: the rows stay
         assert np.array_equal(pipe.backend.to_numpy(pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVES)), embedding)
     # Refusals, before anything changes: the wrong width (file, expected and found widths), a known token.
