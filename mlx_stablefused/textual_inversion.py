@@ -73,7 +73,7 @@ def embedding_from_state(state: Any, token: str | None, origin: str, default_nam
     elif isinstance(state, Mapping) and len(state) == 1:  # diffusers {token: vector}
         name, vectors = next(iter(state.items()))
     else:
-        keys = list(state)[:8] if isinstance(state, Mapping) else type(state).__name__
+        keys = sorted(map(str, state))[:8] if isinstance(state, Mapping) else type(state).__name__
         raise WeightLoadError(f"{origin} is not a textual-inversion embedding: expected one {{token: vector}} entry "
                               f"(diffusers), string_to_param (AUTOMATIC1111 .pt) or emb_params; found {keys}")
     if not _is_array(vectors):

@@ -14,7 +14,8 @@ from helpers import diffusers_pipeline, max_abs_error, rel_error, report
 from PIL import Image
 from safetensors.torch import save_file
 
-from mlx_stablefused import ImageToImageDiffusion, PromptTruncatedWarning, TextToImageDiffusion, WeightLoadError
+from mlx_stablefused import (ImageToImageDiffusion, ModelSourceError, PromptTruncatedWarning, TextToImageDiffusion,
+                             WeightLoadError)
 from mlx_stablefused.cli import main
 from mlx_stablefused.demo import write_byte_level_tokenizer
 from mlx_stablefused.pipelines.lora_tags import LoraTagState
@@ -215,9 +216,11 @@ def embedding_files(tmp_path_factory):
                folder / "charturner.pt")  # AUTOMATIC1111's own .pt layout
     save_file({"emb_params": vec["emb"]}, str(folder / "bad-hands.safetensors"))
     torch.save({"<narrow>": torch.zeros(16)}, folder / "narrow.bin")
+    save_file({"lora_unet_a.lora_up.weight": torch.zeros(4, 2), "lora_unet_a.alpha": torch.ones(())},
+              str(folder / "not-an-embedding.safetensors"))
     return {"diffusers": (folder / "diffusers", "<cat-toy>"), "bin": (folder / "diffusers-bin", "<bin-two>"),
             "pt": (folder / "charturner.pt", "charturner"), "emb": (folder / "bad-hands.safetensors", "bad-hands"),
-            "narrow": (folder / "narrow.bin", "<narrow>")}
+            "narrow": (folder / "narrow.bin", "<narrow>"), "lora": (folder / "not-an-embedding.safetensors", None)}
 
 
 TI_PROMPTS = ["a <cat-toy> on charturner, bad-hands", "<bin-two> and charturner"]
@@ -287,6 +290,11 @@ def test_textual_inversion_matches_diffusers(embedding_files, diffusers_with_emb
         pipe.load_textual_inversion(embedding_files["diffusers"][0])
     with pytest.raises(ValueError, match="already in tokenizer vocabulary"):
         pipe.load_textual_inversion({"<|endoftext|>": np.zeros(32, np.float32)})
+    with pytest.raises(WeightLoadError, match=r"not-an-embedding.safetensors is not a textual-inversion embedding.*"
+                                              r"found \['lora_unet_a.alpha', 'lora_unet_a.lora_up.weight'\]"):
+        pipe.load_textual_inversion(embedding_files["lora"][0])
+    with pytest.raises(ModelSourceError, match="no textual-inversion file in .* \\(looked for learned_embeds"):
+        pipe.load_textual_inversion(embedding_files["lora"][0].parent)
     assert len(pipe.tokenizer) == size and "<fresh>" not in pipe.tokenizer
 
 
