@@ -157,31 +157,12 @@ class PromptChunks:
                             np.concatenate([self.weights] + [empty.weights] * extra))
 
 
-def multi_vector_runs(tokenizer: Any) -> dict[int, list[int]]:
-    """First id of each multi-vector textual-inversion token -> the ids of all its vectors."""
-    added = tokenizer.added_tokens
-    return {added[t]: [added[t]] + [added[f"{t}_{i}"] for i in range(1, _vector_count(added, t))]
-            for t in added if f"{t}_1" in added and not _is_continuation(added, t)}
-
-
-def _vector_count(added: dict[str, int], token: str) -> int:
-    n = 1
-    while f"{token}_{n}" in added:
-        n += 1
-    return n
-
-
-def _is_continuation(added: dict[str, int], token: str) -> bool:
-    stem, _, index = token.rpartition("_")
-    return bool(stem) and index.isdigit() and stem in added
-
-
 def tokenize_line(tokenizer: Any, line: str, comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK
                   ) -> PromptChunks:
     """A prompt -> chunks, by AUTOMATIC1111's ``tokenize_line`` (see the module docstring)."""
     parsed = parse_prompt_attention(line)
     comma = tokenizer.token_id(",</w>")
-    runs = multi_vector_runs(tokenizer)
+    runs = tokenizer.multi_vector_ids
     chunks: list[tuple[list[int], list[float]]] = []
     tokens: list[int] = []
     weights: list[float] = []

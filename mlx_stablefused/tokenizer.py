@@ -84,7 +84,8 @@ class CLIPTokenizer:
         self._tokenizer = tok
         self._vocab = vocab
         self.added_tokens: dict[str, int] = {}  # tokens added after loading (textual inversion), in id order
-        self._expansions: dict[int, str] = {}
+        self.multi_vector_ids: dict[int, list[int]] = {}  # first id of a multi-vector token -> all its ids
+        self._expansions: dict[int, str] = {}  # first id -> "tok tok_1 ... tok_{n-1}"
         self.vocab_size = len(vocab)
         self.max_length = int(max_length)
         self.bos_token_id = vocab[BOS]
@@ -142,15 +143,16 @@ class CLIPTokenizer:
         if ids != list(range(start, start + len(tokens))):  # the library numbers them after the vocabulary
             raise RuntimeError(f"added tokens got ids {ids}, expected {start}..{start + len(tokens) - 1}")
         self.added_tokens.update(zip(tokens, ids))
-        added = self.added_tokens
-        self._expansions = {}  # first id of a multi-vector token -> "tok tok_1 ... tok_{n-1}"
-        for token, token_id in added.items():
+        self.multi_vector_ids = {}
+        for token, token_id in self.added_tokens.items():
             names = [token]
-            while f"{token}_{len(names)}" in added:
+            while f"{token}_{len(names)}" in self.added_tokens:
                 names.append(f"{token}_{len(names)}")
             stem, _, index = token.rpartition("_")
-            if len(names) > 1 and not (stem in added and index.isdigit()):
-                self._expansions[token_id] = " ".join(names)
+            if len(names) > 1 and not (stem in self.added_tokens and index.isdigit()):
+                self.multi_vector_ids[token_id] = [self.added_tokens[n] for n in names]
+        self._expansions = {first: " ".join(self._tokenizer.id_to_token(i) for i in run)
+                            for first, run in self.multi_vector_ids.items()}
         return ids
 
     def expand_multi_vector_tokens(self, prompt: str) -> str:
