@@ -124,11 +124,13 @@ class LoraTag:
         return cls(positional[0], te, unet)
 
     @property
-    def adapter_weight(self) -> float | dict[str, float]:
-        """The weight for ``set_adapters`` (diffusers' per-component dict when the two differ)."""
-        if self.text_encoder_weight == self.unet_weight:
-            return self.unet_weight
-        return {"text_encoder": self.text_encoder_weight, "unet": self.unet_weight}
+    def adapter_weight(self) -> float:
+        """The one weight ``set_adapters`` takes for this adapter; separate text-encoder and UNet weights
+        would need per-component adapter weights, which are refused by name rather than approximated."""
+        if self.text_encoder_weight != self.unet_weight:
+            raise ValueError(f"<lora:{self.name}:{self.text_encoder_weight:g}:{self.unet_weight:g}>: separate "
+                             "text-encoder and UNet weights are not supported; give one weight")
+        return self.unet_weight
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:

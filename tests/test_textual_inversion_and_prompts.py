@@ -55,7 +55,9 @@ def test_lora_tags_are_parsed_and_removed():
     assert text == "a  cat,   "
     assert tags == [LoraTag("inkStyle", 0.8, 0.8), LoraTag("b", 1.0, 1.0), LoraTag("c", 0.5, 1.5),
                     LoraTag("d", 0.2, 0.2)]
-    assert [t.adapter_weight for t in tags] == [0.8, 1.0, {"text_encoder": 0.5, "unet": 1.5}, 0.2]
+    assert [tags[i].adapter_weight for i in (0, 1, 3)] == [0.8, 1.0, 0.2]
+    with pytest.raises(ValueError, match="<lora:c:0.5:1.5>: separate text-encoder and UNet weights"):
+        tags[2].adapter_weight
     for bad, message in [("<hypernet:x:1>", "only LoRA tags"), ("<lora:x:heavy>", "numbers"),
                          ("<lora::1>", "expected <lora:name>")]:
         with pytest.raises(ValueError, match=message):
