@@ -404,7 +404,7 @@ def check_before_work(args: argparse.Namespace) -> None:
             check_input_image(path, flag)
     check_start(args)
     check_backend(args.backend, args.device)
-    if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).is_dir()):
+    if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).expanduser().is_dir()):
         raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"
                          f" ({args.lora_dir})")
 

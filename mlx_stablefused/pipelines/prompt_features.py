@@ -50,13 +50,14 @@ class PromptFeaturesMixin:
         """Read prompts in AUTOMATIC1111's syntax: ``(word:1.3)``, ``(word)``, ``[word]``, escapes, ``BREAK``,
         prompts of any length as 75-token chunks. ``lora_dir``: the folder ``<lora:name:weight>`` tags load
         LoRA files from (``name.safetensors``, searched in subfolders too); without it such a tag is an error."""
-        if lora_dir is not None and not Path(lora_dir).is_dir():
+        lora_dir = None if lora_dir is None else Path(lora_dir).expanduser()
+        if lora_dir is not None and not lora_dir.is_dir():
             raise ValueError(f"lora_dir {str(lora_dir)!r} is not a folder")
         if not isinstance(comma_padding_backtrack, int) or not 0 <= comma_padding_backtrack < 75:
             raise ValueError(f"comma_padding_backtrack must be an integer in [0, 74], got {comma_padding_backtrack!r}")
         self.prompt_syntax = "a1111"
         self.comma_padding_backtrack = comma_padding_backtrack
-        self.lora_tags = LoraTagState(Path(lora_dir)) if lora_dir is not None else None
+        self.lora_tags = LoraTagState(lora_dir) if lora_dir is not None else None
 
     def disable_prompt_weighting(self) -> None:
         """Plain prompts again (diffusers' behaviour: 77 tokens, the rest cut with a warning)."""
