@@ -87,6 +87,18 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
                    help="rescale of the guided prediction, a finite number, usually in [0, 1]")
     p.add_argument("--seed", type=non_negative("--seed"), default=0, metavar="N",
                    help="random seed, a non-negative integer; the same seed gives the same file")
+    _prompt_syntax_flags(p)
+
+
+def _prompt_syntax_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-prompts", action="store_true",
+                   help="read prompts as plain text, cut at 77 tokens (default: AUTOMATIC1111's syntax: "
+                        "(word:1.3), (word), [word], BREAK, prompts of any length, <lora:name:weight> tags)")
+    p.add_argument("--lora-dir", default=None, metavar="FOLDER",
+                   help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
+    p.add_argument("--textual-inversion", action="append", default=None, metavar="PATH",
+                   help="a textual-inversion embedding (.safetensors, .pt, .bin, or a diffusers folder or hub id), "
+                        "used by its own token; repeat for several (default: none)")
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
@@ -238,6 +250,10 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         pipe.enable_slicing()
     if getattr(args, "attention_slicing", False):
         pipe.enable_attention_slicing()
+    for source in args.textual_inversion or []:
+        pipe.load_textual_inversion(source)
+    if not args.plain_prompts:
+        pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
     return pipe
 
 
@@ -402,6 +418,9 @@ def check_before_work(args: argparse.Namespace) -> None:
     check_start(args)
     check_size_flags(args)
     check_backend(args.backend, args.device)
+    if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).expanduser().is_dir()):
+        raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"
+                         f" ({args.lora_dir})")
 
 
 def check_size_flags(args: argparse.Namespace) -> None:

@@ -50,6 +50,16 @@ class Backend(ABC):
     def encode_text(self, token_ids: np.ndarray) -> Array:
         """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
 
+    @property
+    def token_embedding_width(self) -> int:
+        """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
+        return int(self.text_config.hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
+        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+        raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
+
     motion_config: Any = None  # the motion adapter's config when the UNet is a motion UNet
     is_video_unet: bool = False  # a motion UNet or a UNet3D: takes (B, C, F, h, w) latents
 

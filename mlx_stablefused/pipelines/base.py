@@ -30,6 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from .prompt_features import PromptFeaturesMixin
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -86,7 +87,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion:
+class BaseDiffusion(PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
@@ -131,6 +132,7 @@ class BaseDiffusion:
         chosen = {f.name: getattr(other.settings, f.name) for f in fields(RunSettings)
                   if getattr(other.settings, f.name) != getattr(defaults, f.name)}
         pipe.settings = replace(pipe.settings, **chosen)
+        pipe.copy_prompt_settings(other)
         return pipe
 
     # ----------------------------------------------------------------------------------- setup
@@ -250,10 +252,10 @@ class BaseDiffusion:
     # ---------------------------------------------------------------------------------- prompts
     @with_run_settings
     def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None) -> Array:
-        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to ""."""
+        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to "".
+        With ``enable_prompt_weighting()``: (2B, 77 k, D), k the largest chunk count of them all."""
         prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
-        ids = np.concatenate([self.tokenizer(negatives), self.tokenizer(prompts)], axis=0)
-        embedding = self.backend.encode_text(ids)
+        embedding = self.encode_texts(negatives + prompts, positives=len(prompts))
         if self.release_text_encoder:
             self.backend.release_text_encoder()
         return embedding

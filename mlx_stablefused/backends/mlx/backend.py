@@ -82,6 +82,33 @@ class MLXBackend(Backend):
         """mx.fast.scaled_dot_product_attention on Metal never materialises the scores."""
         return mx.default_device() == mx.gpu and mx.metal.is_available()
 
+    TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        import mlx.nn as nn
+
+        embeddings = self.text_encoder.text_model.embeddings
+        weight = embeddings.token_embedding.weight
+        if not hasattr(self, "_added_token_rows"):  # rows [:base] come from the weight file (re-read on release)
+            self._token_rows_kept, self._added_token_rows = int(first_id), np.zeros((0, weight.shape[1]), np.float32)
+        keep = int(first_id) - self._token_rows_kept
+        if keep < 0 or keep > len(self._added_token_rows) or first_id > weight.shape[0]:
+            raise ValueError(f"token embedding rows can only be replaced from row {self._token_rows_kept} to "
+                             f"{weight.shape[0]}, not from {first_id}")
+        self._added_token_rows = np.concatenate([self._added_token_rows[:keep], np.asarray(vectors, np.float32)])
+        table = nn.Embedding(1, weight.shape[1])
+        table.weight = mx.concatenate([weight[:first_id], mx.array(vectors).astype(weight.dtype)])
+        mx.eval(table.weight)
+        embeddings.token_embedding = table
+
+    def _with_added_token_rows(self, weights: dict) -> dict:
+        """File weights with the textual-inversion rows appended, as the loaded text encoder has them."""
+        if getattr(self, "_added_token_rows", None) is None or not len(self._added_token_rows):
+            return weights
+        base = weights[self.TOKEN_EMBEDDING][: self._token_rows_kept]
+        added = mx.array(self._added_token_rows).astype(base.dtype)
+        return {**weights, self.TOKEN_EMBEDDING: mx.concatenate([base, added])}
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
         file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
@@ -92,7 +119,7 @@ class MLXBackend(Backend):
         from .weights import apply_weights
 
         dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
-        apply_weights(self.text_encoder, load_weights(path), str(path), dtype)
+        apply_weights(self.text_encoder, self._with_added_token_rows(load_weights(path)), str(path), dtype)
         return True
 
     def compile_unet(self, enabled: bool = True) -> None:

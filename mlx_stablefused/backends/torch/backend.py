@@ -51,6 +51,14 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        embeddings = self.text_encoder.text_model.embeddings
+        weight = embeddings.token_embedding.weight.detach()
+        if first_id > weight.shape[0]:
+            raise ValueError(f"token embedding rows end at {weight.shape[0]}; cannot replace from row {first_id}")
+        added = torch.from_numpy(np.asarray(vectors, np.float32)).to(device=weight.device, dtype=weight.dtype)
+        embeddings.token_embedding = torch.nn.Embedding.from_pretrained(torch.cat([weight[:first_id], added]))
+
     @torch.inference_mode()
     def unet(self, latent: torch.Tensor, timestep: float, conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
         cond = as_conditioning(conditioning)
