@@ -30,6 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from .lora_loader import LoRALoaderMixin
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -86,7 +87,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion:
+class BaseDiffusion(LoRALoaderMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
