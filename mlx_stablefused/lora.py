@@ -9,7 +9,8 @@ them; our own mapping, written as tables below):
   4-D convolution matrices (a kh x kw down, a 1x1 up). Scale: alpha / rank (1 without alpha).
 * diffusers: ``unet.`` / ``text_encoder.`` prefixes, ``.lora.down.weight`` / ``.lora.up.weight``, the old
   attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``lora_linear_layer``; a file
-  without component prefixes is a UNet's (AnimateDiff MotionLoRAs).
+  without component prefixes is a UNet's. AnimateDiff MotionLoRAs (diffusers' conversion, or the original
+  ``v2_lora_*.ckpt`` naming with ``temporal_transformer`` / ``attention_blocks``) patch the motion modules.
 * PEFT (what diffusers' ``save_lora_weights`` writes now): ``lora_A.weight`` / ``lora_B.weight``, optional
   ``base_model.model.`` prefix; the scale comes from the ``lora_adapter_metadata`` diffusers stores
   (``lora_alpha``, ``r``, ``alpha_pattern``, ``use_rslora``), else 1.
@@ -167,8 +168,9 @@ def resolve_lora_file(source: str | Path, weight_name: str | None = None, *,
         return _file_in_folder(path, weight_name)
     text = str(source)
     parts = text.split("/")
-    if len(parts) < 2 or text.startswith((".", "/", "~")) or path.suffix in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES) \
-            and len(parts) == 2:
+    looks_local = text.startswith((".", "/", "~")) or (len(parts) == 2 and path.suffix in (SAFETENSORS_SUFFIX,
+                                                                                          *PICKLE_SUFFIXES))
+    if len(parts) < 2 or looks_local:
         raise ModelSourceError(f"LoRA {text!r} is not a file, a folder or a hub repo id")
     from huggingface_hub import hf_hub_download
 
@@ -318,8 +320,9 @@ def _fit(component: str, path: str, entry: _Entry, target: TargetLayer, origin: 
         down = down[:, :, None, None]
     expected_down = (rank, target.in_features, *target.kernel)
     if down.shape != expected_down or up.shape != (target.out_features, rank):
-        raise LoRAError(f"{origin}: {down_key!r} does not fit {model}'s {COMPONENT_LABELS.get(component, component)} "
-                        f"layer {path} (weight {target.out_features} x {target.in_features}"
+        raise LoRAError(f"{origin}: {down_key!r} does not fit layer {path} of the "
+                        f"{COMPONENT_LABELS.get(component, component)} of {model} (weight {target.out_features} x "
+                        f"{target.in_features}"
                         f"{' x ' + 'x'.join(map(str, target.kernel)) if target.kernel else ''}): LoRA down "
                         f"{tuple(entry.parts['down'][1].shape)}, up {tuple(entry.parts['up'][1].shape)}; "
                         "a LoRA made for another model?")
@@ -362,6 +365,10 @@ def _dotted_path(entry: _Entry, targets: Mapping[str, Mapping[str, TargetLayer]]
     path = entry.name
     if path in known:
         return path
+    if entry.component == "unet" and ".temporal_transformer." in path:  # an original AnimateDiff MotionLoRA
+        from .motion_adapters import MOTION_RULES
+
+        path = next((mapped for matched, mapped in (r.apply(path) for r in MOTION_RULES) if matched), path)
     for pattern, replacement in PATH_ALIASES.get(entry.component, ()):
         path = re.sub(pattern, replacement, path)
     return path if path in known else None
@@ -405,7 +412,7 @@ class LoRAState:
         adapter = resolve_adapter(parse_lora_state(state, origin), metadata, self.targets(), adapter_name, origin,
                                   self.model)
         self.adapters[adapter_name] = adapter
-        self.active[adapter_name] = 1.0
+        self.active = {adapter_name: 1.0}  # as diffusers: the adapter just loaded is the one active
         counts = ", ".join(f"{len(v)} {COMPONENT_LABELS.get(c, c)}" for c, v in adapter.layers.items())
         logger.info("LoRA %r from %s: patched %d layers of %s (%s)", adapter_name, origin, adapter.layer_count,
                     self.model, counts)

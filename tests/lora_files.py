@@ -126,3 +126,38 @@ def to_old_diffusers(peft_file: Path, target: Path) -> Path:
         out[f"{stem}.down.weight"], out[f"{stem}.up.weight"] = down, up
     save_file(out, str(target))
     return target
+
+
+def make_motion_lora(motion_unet, folder: Path, seed: int = 31) -> Path:
+    """A MotionLoRA (PEFT, on every motion module's attention projections) for a diffusers UNetMotionModel,
+    saved by diffusers' save_lora_weights, as the hub's diffusers-format MotionLoRAs hold it."""
+    from diffusers import AnimateDiffPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    module = copy.deepcopy(motion_unet)
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                        target_modules=r".*motion_modules\.\d+\.transformer_blocks\.\d+\.attn\d\.(to_q|to_k|to_v|to_out\.0)")
+    inject_adapter_in_model(config, module, adapter_name="motion")
+    _randomize_lora(module, seed)
+    AnimateDiffPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(module, adapter_name="motion"),
+                                          safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def to_original_motion_lora(peft_file: Path, target: Path) -> Path:
+    """The same matrices as the original AnimateDiff repo's ``v2_lora_*.ckpt`` name them (what diffusers'
+    scripts/convert_animatediff_motion_lora_to_diffusers.py reads): no prefix, ``temporal_transformer``,
+    ``attention_blocks.N``, attention-processor LoRA names; a torch pickle."""
+    out = {}
+    for _, module, down, up in _peft_layers(peft_file):
+        head, _, leaf = module.rpartition(".")
+        if leaf == "0":  # to_out.0
+            head, leaf = head.rpartition(".")[0], "to_out"
+        block, _, attn = head.rpartition(".")
+        prefix, _, rest = block.partition(".transformer_blocks.")
+        stem = (f"{prefix}.temporal_transformer.transformer_blocks.{rest}.attention_blocks.{int(attn[-1]) - 1}"
+                f".processor.{leaf}_lora")
+        out[f"{stem}.down.weight"], out[f"{stem}.up.weight"] = down, up
+    torch.save({"state_dict": out}, str(target))
+    return target

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import diffusers_scheduler, max_abs_error, report
-from lora_files import LORA_A, LORA_B, make_peft_lora, peft_for_transformers, to_kohya, to_old_diffusers
+from lora_files import (LORA_A, LORA_B, make_motion_lora, make_peft_lora, peft_for_transformers, to_kohya,
+                        to_old_diffusers, to_original_motion_lora)
 
-from mlx_stablefused import ImageToImageDiffusion, TextToImageDiffusion
+from mlx_stablefused import ANIMATEDIFF_DDIM, ImageToImageDiffusion, TextToImageDiffusion, TextToVideoDiffusion
 from mlx_stablefused.lora import LoRAError
 
 RUN = dict(prompt="a photo of the cat", negative_prompt="blurry", num_inference_steps=1, guidance_scale=7.5)
@@ -141,6 +142,7 @@ def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, r
             plain = ours if s == 0 else plain  # weight 0 adds exact zeros: the plain model's image
         assert max_abs_error(ours, plain) > 0.05
         pipe.load_lora_weights(lora_files["b"].parent, adapter_name="b")
+        assert pipe.get_active_adapters() == ["b"]  # as diffusers: the adapter just loaded
         pipe.set_adapters(*TWO)
         unfused = image()
         assert report("two LoRAs with weights vs diffusers (max abs)", max_abs_error(unfused, reference["a+b"])) < TOL
@@ -221,5 +223,60 @@ def test_a_lora_for_another_model_is_named(sd1, backend_name, pipelines, lora_fi
         path = write(tmp_path / f"bad{i}.safetensors", {**good, **extra})
         with pytest.raises(LoRAError, match=message) as info:
             pipe.load_lora_weights(path)
-        assert str(path) in str(info.value) and str(sd1[1]) in str(info.value) or "LoHa" in message
+        assert str(path) in str(info.value)
+        assert "LoHa" in message or str(sd1[1]) in str(info.value)  # the file and the model it does not fit
     assert pipe.get_list_adapters() == {} and pipe.get_active_adapters() == []
+
+
+@pytest.fixture(scope="module")
+def motion_lora(sd1, motion_adapters, tmp_path_factory):
+    """A MotionLoRA for the tiny motion UNet (diffusers format and the original AnimateDiff naming) and
+    diffusers' AnimateDiffPipeline video with it loaded by load_lora_weights."""
+    import diffusers
+
+    pipe, root = sd1
+    folder = tmp_path_factory.mktemp("motion-lora")
+    config = diffusers.DDIMScheduler.load_config(str(root), subfolder="scheduler")
+    ref = diffusers.AnimateDiffPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                        unet=copy.deepcopy(pipe.unet), motion_adapter=motion_adapters[True][0],
+                                        scheduler=diffusers.DDIMScheduler.from_config(config, **VIDEO_SAMPLER))
+    ref.set_progress_bar_config(disable=True)
+    peft_file = make_motion_lora(ref.unet, folder / "diffusers")
+    original = to_original_motion_lora(peft_file, folder / "v2_lora_Tiny.ckpt")
+    ref.load_lora_weights(str(peft_file), adapter_name="motion")
+    with torch.no_grad():
+        video = ref(latents=torch.from_numpy(video_latents()), output_type="np", **VIDEO_RUN).frames
+    return peft_file, original, np.asarray(video)
+
+
+VIDEO_SAMPLER = {**ANIMATEDIFF_DDIM, "timestep_spacing": "trailing"}
+VIDEO_RUN = dict(prompt="a cat walking", negative_prompt="blurry", num_inference_steps=1, guidance_scale=7.5,
+                 height=SIZE, width=SIZE, num_frames=3)
+
+
+def video_latents():
+    return np.random.default_rng(4).standard_normal((1, 4, 3, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+
+def test_motion_lora_matches_animatediff_pipeline(sd1, motion_adapters, pipelines, backend_name, motion_lora):
+    """An AnimateDiff MotionLoRA patches the motion modules: diffusers' format and the original repo's .ckpt
+    naming give AnimateDiffPipeline's video."""
+    peft_file, original, expected = motion_lora
+    video = pipelines.pipeline(TextToVideoDiffusion, sd1[1], backend_name, motion_adapter=motion_adapters[True][1])
+    video.set_scheduler("ddim", **VIDEO_SAMPLER)
+    args = {k: v for k, v in VIDEO_RUN.items() if k not in ("height", "width", "num_frames")}
+
+    def frames():
+        return video(latent=video_latents(), video_height=SIZE, video_width=SIZE, output_type="np", **args)
+
+    try:
+        video.load_lora_weights(peft_file, adapter_name="motion")
+        assert set(video.get_list_adapters()) == {"unet"}
+        got = frames()
+        assert report("MotionLoRA vs AnimateDiffPipeline (max abs)", max_abs_error(got, expected)) < TOL
+        video.delete_adapters("motion")
+        assert max_abs_error(frames(), got) > 0.05  # the LoRA mattered
+        video.load_lora_weights(original, adapter_name="original")
+        assert max_abs_error(frames(), got) < 1e-5
+    finally:
+        video.unload_lora_weights()
