@@ -160,11 +160,11 @@ def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, r
         pipe.load_lora_weights(lora_files["a_kohya"], adapter_name="a_kohya")
         kohya = image()
         assert report("kohya / LoCon LoRA vs diffusers (max abs)", max_abs_error(kohya, reference["a_kohya"])) < TOL
-        assert max_abs_error(kohya, ours) < 1e-5  # the same matrices as the PEFT file
+        assert report("kohya vs PEFT encoding, ours (max abs)", max_abs_error(kohya, ours)) < 1e-5  # same matrices
         pipe.delete_adapters("a_kohya")
         pipe.load_lora_weights(lora_files["a_old"], adapter_name="a_old")
         pipe.set_adapters("a_old", 2.0)  # the old format has no alpha: scale 1 instead of 8 / 4
-        assert max_abs_error(image(), ours) < 1e-5
+        assert report("old diffusers vs PEFT encoding, ours (max abs)", max_abs_error(image(), ours)) < 1e-5
     finally:
         pipe.unload_lora_weights()
     assert pipe.get_active_adapters() == []
@@ -182,7 +182,7 @@ def test_lora_on_an_8bit_quantized_model(sd1, lora_files):
     unquantized = image()
     pipe.quantize(bits=8, group_size=32, components=("unet", "text_encoder"))
     with_lora = image()
-    assert max_abs_error(with_lora, unquantized) < 0.05
+    assert report("8-bit quantized model with a LoRA vs fp32 with it (max abs)", max_abs_error(with_lora, unquantized)) < 0.05
     pipe.disable_lora()
     assert max_abs_error(image(), with_lora) > 0.05
     pipe.enable_lora()
@@ -277,6 +277,6 @@ def test_motion_lora_matches_animatediff_pipeline(sd1, motion_adapters, pipeline
         video.delete_adapters("motion")
         assert max_abs_error(frames(), got) > 0.05  # the LoRA mattered
         video.load_lora_weights(original, adapter_name="original")
-        assert max_abs_error(frames(), got) < 1e-5
+        assert report("original vs diffusers MotionLoRA naming (max abs)", max_abs_error(frames(), got)) < 1e-5
     finally:
         video.unload_lora_weights()
