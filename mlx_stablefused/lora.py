@@ -5,7 +5,8 @@ Formats (key names as kohya-ss sd-scripts writes them and as diffusers' ``lora_c
 them; our own mapping, written as tables below):
 
 * kohya / AUTOMATIC1111: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoder(s); LyCORIS LoCon uses the same keys with
+  ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoder(s); UNet paths in diffusers' names or in the
+  original LDM UNet's (``input_blocks_4_1_proj_in``, ``middle_block_1``, ``output_blocks_3_0_in_layers_2``); LyCORIS LoCon uses the same keys with
   4-D convolution matrices (a kh x kw down, a 1x1 up). Scale: alpha / rank (1 without alpha).
 * diffusers: ``unet.`` / ``text_encoder.`` prefixes, ``.lora.down.weight`` / ``.lora.up.weight``, the old
   attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``lora_linear_layer``; a file
@@ -329,10 +330,76 @@ def _fit(component: str, path: str, entry: _Entry, target: TargetLayer, origin: 
     return LoRALayer(np.ascontiguousarray(down), np.ascontiguousarray(up), 1.0)
 
 
+# diffusers UNet module names -> the original LDM UNet's (what kohya writes for LDM-trained models, e.g. SDXL).
+LDM_RESNET_NAMES = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                    "conv_shortcut": "skip_connection"}
+LDM_FIXED_NAMES = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+                   "time_embedding.linear_2": "time_embed.2"}
+
+
+def ldm_unet_names(paths: Iterable[str]) -> dict[str, str]:
+    """The LDM name (``input_blocks.4.1.proj_in``) of each diffusers UNet path, from the model's own layer
+    list: block sizes are counted, not assumed (``layers_per_block`` may differ per block)."""
+    paths = list(paths)
+    count: dict[tuple[str, int], int] = {}  # (down|up, block) -> resnets
+    attends: set[tuple[str, int]] = set()
+    resamples: set[tuple[str, int]] = set()
+    for p in paths:
+        m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)", p)
+        if m:
+            key = (m.group(1), int(m.group(2)))
+            if m.group(3) == "resnets":
+                count[key] = max(count.get(key, 0), int(m.group(4)) + 1)
+            elif m.group(3) == "attentions":
+                attends.add(key)
+            else:
+                resamples.add(key)
+    first: dict[tuple[str, int], int] = {}  # the LDM index of each block's first layer
+    index = 1
+    for b in range(sum(1 for k in count if k[0] == "down")):
+        first[("down", b)], index = index, index + count[("down", b)] + (("down", b) in resamples)
+    index = 0
+    for b in range(sum(1 for k in count if k[0] == "up")):
+        first[("up", b)], index = index, index + count[("up", b)]
+    out: dict[str, str] = {}
+    for p in paths:
+        if p in LDM_FIXED_NAMES:
+            out[p] = LDM_FIXED_NAMES[p]
+            continue
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", p)
+        mid = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", p)
+        if mid:
+            kind, j, rest = mid.group(1), int(mid.group(2)), mid.group(3)
+            number = 1 if kind == "attentions" else 2 * j
+            out[p] = f"middle_block.{number}.{LDM_RESNET_NAMES.get(rest, rest) if kind == 'resnets' else rest}"
+        elif m and ".motion_modules." not in p:
+            side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            root = "input_blocks" if side == "down" else "output_blocks"
+            if kind == "resnets":
+                out[p] = f"{root}.{first[(side, b)] + j}.0.{LDM_RESNET_NAMES.get(rest, rest)}"
+            elif kind == "attentions":
+                out[p] = f"{root}.{first[(side, b)] + j}.1.{rest}"
+            elif kind == "downsamplers":
+                out[p] = f"input_blocks.{first[(side, b)] + count[(side, b)]}.0.op"
+            else:  # the upsampler follows the block's last layer (after its attention, if any)
+                last = first[(side, b)] + count[(side, b)] - 1
+                out[p] = f"output_blocks.{last}.{2 if (side, b) in attends else 1}.conv"
+    return out
+
+
+def _kohya_names(component: str, paths: Iterable[str]) -> dict[str, str]:
+    """kohya's ``_``-joined name -> module path; for a UNet both the diffusers and the LDM block names."""
+    paths = list(paths)
+    names = {p.replace(".", "_"): p for p in paths}
+    if component == "unet":
+        names.update({ldm.replace(".", "_"): p for p, ldm in ldm_unet_names(paths).items()})
+    return names
+
+
 def resolve_adapter(entries: Sequence[_Entry], metadata: Mapping[str, str], targets: Mapping[str, Mapping[str, TargetLayer]],
                     name: str, origin: str, model: str) -> LoRAAdapter:
     """Place every parsed layer on the model's layers; any key that fits none is an error naming it."""
-    kohya_names = {c: {p.replace(".", "_"): p for p in layers} for c, layers in targets.items()}
+    kohya_names = {c: _kohya_names(c, layers) for c, layers in targets.items()}
     layers: dict[str, dict[str, LoRALayer]] = {}
     unmatched: list[str] = []
     absent: dict[str, list[str]] = {}

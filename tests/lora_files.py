@@ -92,9 +92,30 @@ def _peft_layers(path: Path) -> Iterator[tuple[str, str, torch.Tensor, torch.Ten
             yield component, module, state[key], state[key.replace(".lora_A.", ".lora_B.")]
 
 
-def to_kohya(peft_file: Path, alpha: float, target: Path) -> Path:
-    """The same matrices in kohya-ss sd-scripts' naming: module paths of the diffusers UNet and of the
-    CLIP text model (``text_model.`` included, as kohya writes it), ``_``-joined, with an ``.alpha``."""
+LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+
+
+def ldm_path(path: str, layers_per_block: int = 2) -> str:
+    """A diffusers UNet path in the original LDM UNet's naming, for a uniform ``layers_per_block`` (resnets and
+    attentions only): the inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers``."""
+    import re
+
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", path)
+    if m is None:
+        m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", path)
+        kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{LDM_RESNET.get(rest, rest)}"
+    side, block, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+    index = 1 + block * (layers_per_block + 1) + j if side == "down" else block * (layers_per_block + 1) + j
+    inner = f"0.{LDM_RESNET.get(rest, rest)}" if kind == "resnets" else f"1.{rest}"
+    return f"{'input_blocks' if side == 'down' else 'output_blocks'}.{index}.{inner}"
+
+
+def to_kohya(peft_file: Path, alpha: float, target: Path, ldm: bool = False) -> Path:
+    """The same matrices in kohya-ss sd-scripts' naming: module paths of the diffusers UNet (or, ``ldm``, of
+    the original LDM UNet) and of the CLIP text model (``text_model.`` included, as kohya writes it),
+    ``_``-joined, with an ``.alpha``."""
     from safetensors.torch import save_file
 
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -102,6 +123,8 @@ def to_kohya(peft_file: Path, alpha: float, target: Path) -> Path:
     for component, module, down, up in _peft_layers(peft_file):
         if component == "text_encoder" and not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 dropped the prefix from CLIPTextModel
+        if component == "unet" and ldm:
+            module = ldm_path(module)
         name = prefixes[component] + module.replace(".", "_")
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
         out[f"{name}.alpha"] = torch.tensor(alpha)

@@ -50,6 +50,7 @@ def lora_files(sd1, tmp_path_factory):
     pipe = sd1[0]
     files = {"a": make_peft_lora(pipe, LORA_A, folder / "a"), "b": make_peft_lora(pipe, LORA_B, folder / "b")}
     files["a_kohya"] = to_kohya(files["a"], LORA_A.alpha, folder / "a_kohya.safetensors")
+    files["a_ldm"] = to_kohya(files["a"], LORA_A.alpha, folder / "a_ldm.safetensors", ldm=True)
     files["a_old"] = to_old_diffusers(files["a"], folder / "a_old.safetensors")
     return files
 
@@ -83,10 +84,11 @@ def reference(sd1, lora_files):
         ref.load_lora_weights(str(lora_files["a_kohya"]), adapter_name="a_kohya")
         ref.set_adapters(["a_kohya"], [1.0])
         out["a_kohya"] = image()
+
     return out
 
 
-def test_diffusers_reads_our_kohya_encoding_as_the_peft_file(reference, lora_files):
+def test_diffusers_reads_our_kohya_encoding_as_the_peft_file(sd1, reference, lora_files):
     """The test helper's kohya encoding is right: diffusers' own converter gives the PEFT file's images."""
     from safetensors import safe_open
 
@@ -94,6 +96,16 @@ def test_diffusers_reads_our_kohya_encoding_as_the_peft_file(reference, lora_fil
         downs = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("lora_down.weight")}
     assert any(len(s) == 4 and s[2:] == [3, 3] for s in downs.values())  # LoCon: 3x3 down, 1x1 up
     assert max_abs_error(reference["a_kohya"], reference[("a", 1.0)]) < 1e-5
+
+    # LDM block names: diffusers' converters (its SD 1.x loader skips the block mapper) give the kohya file's state.
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+    from safetensors.torch import load_file
+
+    ldm = _maybe_map_sgm_blocks_to_diffusers(load_file(str(lora_files["a_ldm"])), sd1[0].unet.config)
+    (ldm, ldm_alphas), (kohya, alphas) = (_convert_non_diffusers_lora_to_diffusers(state) for state in
+                                          (ldm, load_file(str(lora_files["a_kohya"]))))
+    assert ldm_alphas == alphas and set(ldm) == set(kohya) and all(torch.equal(ldm[k], kohya[k]) for k in kohya)
     assert max_abs_error(reference[("a", 1.0)], reference[("a", 0.0)]) > 0.05  # the LoRA changes the image
 
 
@@ -122,8 +134,8 @@ def parameters(backend):
 
 def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, reference, caplog):
     """PEFT file at scales 0, 0.5, 1 and two weighted adapters vs diffusers; fused equals unfused and
-    unfusing restores every weight exactly; the kohya (LoCon) and old-diffusers encodings give the PEFT
-    file's images; unloading gives the plain model back. Adapters are shared by from_pipeline pipelines."""
+    unfusing restores every weight exactly; the kohya (LoCon; diffusers' and LDM block names) and
+    old-diffusers encodings give the PEFT file's images; unloading gives the plain model back. Adapters are shared by from_pipeline pipelines."""
     pipe = with_sampler(pipelines.pipeline(TextToImageDiffusion, sd1[1], backend_name))
 
     def image():
@@ -162,6 +174,9 @@ def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, r
         assert report("kohya / LoCon LoRA vs diffusers (max abs)", max_abs_error(kohya, reference["a_kohya"])) < TOL
         assert report("kohya vs PEFT encoding, ours (max abs)", max_abs_error(kohya, ours)) < 1e-5  # same matrices
         pipe.delete_adapters("a_kohya")
+        pipe.load_lora_weights(lora_files["a_ldm"], adapter_name="a_ldm")
+        assert report("kohya LDM block names vs PEFT encoding, ours (max abs)", max_abs_error(image(), ours)) < 1e-5
+        pipe.delete_adapters("a_ldm")
         pipe.load_lora_weights(lora_files["a_old"], adapter_name="a_old")
         pipe.set_adapters("a_old", 2.0)  # the old format has no alpha: scale 1 instead of 8 / 4
         assert report("old diffusers vs PEFT encoding, ours (max abs)", max_abs_error(image(), ours)) < 1e-5
@@ -280,3 +295,30 @@ def test_motion_lora_matches_animatediff_pipeline(sd1, motion_adapters, pipeline
         assert report("original vs diffusers MotionLoRA naming (max abs)", max_abs_error(frames(), got)) < 1e-5
     finally:
         video.unload_lora_weights()
+
+
+def test_ldm_block_names_of_the_sd15_unet():
+    """kohya's LDM block names on the full SD 1.5 layout, samplers included, as the original checkpoint names
+    those layers (``model.diffusion_model.input_blocks.3.0.op`` ...)."""
+    from mlx_stablefused.backends.mlx.lora import MLXLoRAHost
+    from mlx_stablefused.backends.mlx.unet import UNet2DConditionModel
+    from mlx_stablefused.config import UNetConfig
+    from mlx_stablefused.lora import ldm_unet_names
+
+    class Networks:  # the full SD 1.5 UNet, never evaluated (MLX arrays are lazy)
+        components = {"unet": UNet2DConditionModel(UNetConfig())}
+
+    names = ldm_unet_names(MLXLoRAHost(Networks).lora_targets()["unet"])
+    facts = {"conv_in": "input_blocks.0.0", "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+             "down_blocks.1.attentions.1.proj_in": "input_blocks.5.1.proj_in",
+             "down_blocks.1.resnets.0.conv_shortcut": "input_blocks.4.0.skip_connection",
+             "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
+             "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block.1.transformer_blocks.0.attn2.to_k",
+             "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+             "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",  # no attention in up block 0
+             "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+             "up_blocks.3.attentions.2.proj_out": "output_blocks.11.1.proj_out",
+             "up_blocks.3.resnets.2.conv1": "output_blocks.11.0.in_layers.2", "conv_out": "out.2",
+             "time_embedding.linear_2": "time_embed.2"}
+    assert {k: names[k] for k in facts} == facts
+    assert len(set(names.values())) == len(names)  # one LDM name per layer
