@@ -5,9 +5,10 @@ Formats (key names as kohya-ss sd-scripts writes them and as diffusers' ``lora_c
 them; our own mapping, written as tables below):
 
 * kohya / AUTOMATIC1111: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoder(s); UNet paths in diffusers' names or in the
-  original LDM UNet's (``input_blocks_4_1_proj_in``, ``middle_block_1``, ``output_blocks_3_0_in_layers_2``); LyCORIS LoCon uses the same keys with
-  4-D convolution matrices (a kh x kw down, a 1x1 up). Scale: alpha / rank (1 without alpha).
+  ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoder(s); UNet paths in diffusers' names or in
+  the original LDM UNet's (``input_blocks_4_1_proj_in``, ``middle_block_1``, ``output_blocks_3_0_in_layers_2``);
+  LyCORIS LoCon uses the same keys with 4-D convolution matrices (a kh x kw down, a 1x1 up). Scale: alpha / rank
+  (1 without alpha).
 * diffusers: ``unet.`` / ``text_encoder.`` prefixes, ``.lora.down.weight`` / ``.lora.up.weight``, the old
   attention-processor names (``attn1.processor.to_q_lora.down.weight``), ``lora_linear_layer``; a file
   without component prefixes is a UNet's. AnimateDiff MotionLoRAs (diffusers' conversion, or the original
@@ -396,8 +397,9 @@ def _kohya_names(component: str, paths: Iterable[str]) -> dict[str, str]:
     return names
 
 
-def resolve_adapter(entries: Sequence[_Entry], metadata: Mapping[str, str], targets: Mapping[str, Mapping[str, TargetLayer]],
-                    name: str, origin: str, model: str) -> LoRAAdapter:
+def resolve_adapter(entries: Sequence[_Entry], metadata: Mapping[str, str],
+                    targets: Mapping[str, Mapping[str, TargetLayer]], name: str, origin: str,
+                    model: str) -> LoRAAdapter:
     """Place every parsed layer on the model's layers; any key that fits none is an error naming it."""
     kohya_names = {c: _kohya_names(c, layers) for c, layers in targets.items()}
     layers: dict[str, dict[str, LoRALayer]] = {}
@@ -526,10 +528,13 @@ class LoRAState:
             raise RuntimeError("the LoRA weights are fused already; unfuse_lora() first")
         if not isinstance(lora_scale, (int, float)) or not np.isfinite(lora_scale):
             raise ValueError(f"fuse_lora: lora_scale must be a finite number, got {lora_scale!r}")
-        chosen = {n: w for n, w in self.active.items() if adapter_names is None or n in adapter_names}
-        if adapter_names is not None:
+        if adapter_names is None:
+            chosen = dict(self.active) if self.enabled else {}
+        else:
             self._known(adapter_names)
             chosen = {n: self.active.get(n, 1.0) for n in adapter_names}
+        if not chosen:
+            raise ValueError("fuse_lora: no active LoRA adapter to fuse (load_lora_weights or set_adapters first)")
         sums = self._deltas(chosen, float(lora_scale))
         quantized = [f"{c}:{p}" for c, p in sums if self.targets()[c][p].quantized]
         if quantized:

@@ -159,12 +159,12 @@ def make_motion_lora(motion_unet, folder: Path, seed: int = 31) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     module = copy.deepcopy(motion_unet)
-    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
-                        target_modules=r".*motion_modules\.\d+\.transformer_blocks\.\d+\.attn\d\.(to_q|to_k|to_v|to_out\.0)")
+    targets = r".*motion_modules\.\d+\.transformer_blocks\.\d+\.attn\d\.(to_q|to_k|to_v|to_out\.0)"
+    config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=targets)
     inject_adapter_in_model(config, module, adapter_name="motion")
     _randomize_lora(module, seed)
-    AnimateDiffPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(module, adapter_name="motion"),
-                                          safe_serialization=True)
+    layers = get_peft_model_state_dict(module, adapter_name="motion")
+    AnimateDiffPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
 
 

@@ -135,12 +135,14 @@ def parameters(backend):
 def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, reference, caplog):
     """PEFT file at scales 0, 0.5, 1 and two weighted adapters vs diffusers; fused equals unfused and
     unfusing restores every weight exactly; the kohya (LoCon; diffusers' and LDM block names) and
-    old-diffusers encodings give the PEFT file's images; unloading gives the plain model back. Adapters are shared by from_pipeline pipelines."""
+    old-diffusers encodings give the PEFT file's images; unloading gives the plain model back. Adapters are
+    shared by from_pipeline pipelines."""
     pipe = with_sampler(pipelines.pipeline(TextToImageDiffusion, sd1[1], backend_name))
 
     def image():
         return pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", seed=0, **RUN)
 
+    images = {}
     try:
         with caplog.at_level(logging.INFO, logger="mlx_stablefused.lora"):
             assert pipe.load_lora_weights(lora_files["a"].parent, adapter_name="a") == "a"
@@ -148,10 +150,10 @@ def test_lora_images_match_diffusers(sd1, backend_name, pipelines, lora_files, r
         assert ImageToImageDiffusion.from_pipeline(pipe).get_active_adapters() == ["a"]
         for s in SCALES:
             pipe.set_adapters(["a"], [s])
-            ours = image()
+            images[s] = ours = image()
             err = report(f"LoRA (PEFT) at scale {s} vs diffusers (max abs)", max_abs_error(ours, reference[("a", s)]))
             assert err < TOL, s
-            plain = ours if s == 0 else plain  # weight 0 adds exact zeros: the plain model's image
+        plain = images[0.0]  # weight 0 adds exact zeros: the plain model's image
         assert max_abs_error(ours, plain) > 0.05
         pipe.load_lora_weights(lora_files["b"].parent, adapter_name="b")
         assert pipe.get_active_adapters() == ["b"]  # as diffusers: the adapter just loaded
@@ -197,7 +199,8 @@ def test_lora_on_an_8bit_quantized_model(sd1, lora_files):
     unquantized = image()
     pipe.quantize(bits=8, group_size=32, components=("unet", "text_encoder"))
     with_lora = image()
-    assert report("8-bit quantized model with a LoRA vs fp32 with it (max abs)", max_abs_error(with_lora, unquantized)) < 0.05
+    err = max_abs_error(with_lora, unquantized)
+    assert report("8-bit quantized model with a LoRA vs fp32 with it (max abs)", err) < 0.05
     pipe.disable_lora()
     assert max_abs_error(image(), with_lora) > 0.05
     pipe.enable_lora()

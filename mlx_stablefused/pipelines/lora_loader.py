@@ -19,8 +19,9 @@ class LoRALoaderMixin:
                           adapter_name: str | None = None, weight_name: str | None = None, *,
                           local_files_only: bool = False) -> str:
         """Load a LoRA (kohya / A1111, LyCORIS LoCon, diffusers or PEFT format) onto the UNet and text
-        encoder and make it the active adapter, with weight 1 (as diffusers; ``set_adapters`` combines several). The source is a file, a folder (``weight_name``, else its
-        one weight file), a hub repo id with ``weight_name``, ``owner/repo/file.safetensors``, or a state dict.
+        encoder and make it the active adapter, with weight 1 (as diffusers; ``set_adapters`` combines
+        several). The source is a file, a folder (``weight_name``, else its one weight file), a hub repo id
+        with ``weight_name``, ``owner/repo/file.safetensors``, or a state dict.
         Every key must fit a layer of this model: one that does not is an error naming it. Returns the
         adapter's name (``adapter_name``, else ``default_<n>`` as diffusers names them)."""
         from ..lora import load_lora_source
