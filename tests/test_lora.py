@@ -325,3 +325,40 @@ def test_ldm_block_names_of_the_sd15_unet():
              "time_embedding.linear_2": "time_embed.2"}
     assert {k: names[k] for k in facts} == facts
     assert len(set(names.values())) == len(names)  # one LDM name per layer
+
+
+def test_bf16_and_pickle_files_and_api_rules(sd1, pipelines, lora_files, tmp_path):
+    """A bfloat16 .safetensors and a .ckpt read as torch reads them; adapter names, weights and fusing are
+    checked before anything changes."""
+    from safetensors.torch import load_file, save_file
+
+    from mlx_stablefused.lora import read_lora_tensors
+
+    state = load_file(str(lora_files["a_kohya"]))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(tmp_path / "bf16.safetensors"))
+    torch.save({k: v.to(torch.float16) for k, v in state.items()}, str(tmp_path / "fp16.ckpt"))
+    for name, dtype in (("bf16.safetensors", torch.bfloat16), ("fp16.ckpt", torch.float16)):
+        tensors, _ = read_lora_tensors(tmp_path / name)
+        assert set(tensors) == set(state)
+        assert all(np.array_equal(tensors[k], state[k].to(dtype).float().numpy()) for k in state)
+
+    pipe = pipelines.pipeline(TextToImageDiffusion, sd1[1])
+    try:
+        with pytest.raises(ValueError, match="no active LoRA adapter"):
+            pipe.fuse_lora()
+        assert pipe.load_lora_weights(tmp_path / "bf16.safetensors") == "default_0"
+        with pytest.raises(ValueError, match="already loaded"):
+            pipe.load_lora_weights(tmp_path / "bf16.safetensors", adapter_name="default_0")
+        with pytest.raises(ValueError, match="no LoRA adapter named 'nope'"):
+            pipe.set_adapters(["default_0", "nope"], [1.0, 1.0])
+        with pytest.raises(ValueError, match="2 adapter names but 1 weights"):
+            pipe.set_adapters(["default_0", "default_0"], [1.0])
+        with pytest.raises(ValueError, match="finite"):
+            pipe.set_adapters("default_0", float("nan"))
+        assert pipe.get_active_adapters() == ["default_0"]
+        pipe.fuse_lora()
+        with pytest.raises(RuntimeError, match="unfuse_lora"):
+            pipe.set_adapters("default_0", 0.5)
+        pipe.unfuse_lora()
+    finally:
+        pipe.unload_lora_weights()
