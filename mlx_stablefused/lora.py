@@ -37,15 +37,11 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, check_safetensors, load_torch_pickle
-from .errors import ModelSourceError, WeightLoadError
+from .errors import LoRAError, ModelSourceError, WeightLoadError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
-
-
-class LoRAError(WeightLoadError):
-    """A LoRA file that does not fit the loaded model (unmatched keys, wrong shapes, unsupported kind)."""
 
 
 # ------------------------------------------------------------------------------------ key tables

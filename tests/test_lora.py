@@ -18,7 +18,7 @@ from lora_files import (LORA_A, LORA_B, make_motion_lora, make_peft_lora, peft_f
                         to_old_diffusers, to_original_motion_lora)
 
 from mlx_stablefused import ANIMATEDIFF_DDIM, ImageToImageDiffusion, TextToImageDiffusion, TextToVideoDiffusion
-from mlx_stablefused.lora import LoRAError
+from mlx_stablefused import LoRAError
 
 RUN = dict(prompt="a photo of the cat", negative_prompt="blurry", num_inference_steps=1, guidance_scale=7.5)
 SIZE = 32
