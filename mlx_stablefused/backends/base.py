@@ -213,3 +213,23 @@ class Backend(ABC):
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------------ LoRA
+    def lora_host(self) -> Any:
+        """The backend's ``lora.LoRAHost``: how LoRA terms attach to its layers (``backends/*/lora.py``)."""
+        raise NotImplementedError(f"the {self.name} backend has no LoRA support")
+
+    def lora_state(self, model: str = "the loaded model") -> Any:
+        """The LoRA adapters of these networks (a ``lora.LoRAState``, made on first use): they live with the
+        loaded weights, so every pipeline sharing this backend sees them."""
+        if getattr(self, "_lora", None) is None:
+            from ..lora import LoRAState
+
+            self._lora = LoRAState(self.lora_host(), model)
+        return self._lora
+
+    @property
+    def lora_fused_components(self) -> set[str]:
+        """Components whose weights a fused LoRA changed (they no longer equal the files)."""
+        state = getattr(self, "_lora", None)
+        return set() if state is None else state.changed_components

@@ -30,6 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
@@ -87,7 +88,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(PromptFeaturesMixin):
+class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from

@@ -113,7 +113,7 @@ class MLXBackend(Backend):
         """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
         file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
         path = self._weights_files.get("text_encoder")
-        if path is None or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
+        if path is None or "text_encoder" in self.lora_fused_components or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
             return False
         from ...checkpoint_io import load_weights
         from .weights import apply_weights
@@ -130,12 +130,27 @@ class MLXBackend(Backend):
         """Quantize the Linear layers of ``components`` (``nn.quantize``); convolutions stay as they are."""
         import mlx.nn as nn
 
+        lora = getattr(self, "_lora", None)
+        if lora is not None and lora.fused_components & set(components):
+            raise RuntimeError("quantize: LoRA weights are fused into these layers; unfuse_lora() first (LoRAs "
+                               "run unfused on quantized layers)")
         for name in components:
             model = {"unet": self.unet_model, "text_encoder": self.text_encoder}[name]
             nn.quantize(model, group_size=group_size, bits=bits,
                         class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
+        if lora is not None:
+            lora.refresh()  # quantized layers replaced the patched ones: attach the terms again
+        self.unet_changed()
+
+    def unet_changed(self) -> None:
+        """The UNet's layers or weights changed (quantize, LoRA): re-trace a compiled step."""
         if self._unet_fn is not None:
             self.compile_unet()
+
+    def lora_host(self):
+        from .lora import MLXLoRAHost
+
+        return MLXLoRAHost(self)
 
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         cond = as_conditioning(conditioning)

@@ -148,6 +148,11 @@ class TorchBackend(Backend):
             if hasattr(module, "per_frame_norm"):
                 module.per_frame_norm = bool(per_frame)
 
+    def lora_host(self):
+        from .lora import TorchLoRAHost
+
+        return TorchLoRAHost(self)
+
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
             for module in model.modules():
