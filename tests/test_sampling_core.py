@@ -4,7 +4,7 @@ latent history, per-pipeline run settings, the Conditioning object, backend shap
 import numpy as np
 import pytest
 import torch
-from helpers import max_abs_error, rel_error, report
+from helpers import diffusers_pipeline, max_abs_error, rel_error, report
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion, TextToVideoDiffusion
 from mlx_stablefused.conditioning import Conditioning
@@ -21,8 +21,8 @@ def ours(root, pipelines, backend="mlx"):
 def diffusers_images(pipe, root, latents, **kwargs):
     import diffusers
 
-    pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(str(root), subfolder="scheduler")
-    with torch.no_grad():
+    pipe = diffusers_pipeline(pipe, scheduler=diffusers.DDIMScheduler.from_pretrained(str(root), subfolder="scheduler"))
+    with torch.no_grad():  # a pipeline of its own: the session's diffusers pipeline keeps its scheduler
         return pipe(latents=torch.from_numpy(latents), output_type="np", height=64, width=64, **ARGS,
                     **kwargs).images
 
