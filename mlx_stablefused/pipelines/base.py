@@ -75,6 +75,27 @@ class ModelComponents:
         return cls(source, engine, tokenizer, read_json(scheduler_file))
 
 
+AUTO_ATTENTION_CHUNK = 1024  # query tokens: at 512x512 a quarter of the largest attention, as diffusers' "auto"
+
+
+def attention_chunk_for(slice_size: int | str | None) -> int | None:
+    """``enable_attention_slicing``'s argument -> query tokens per attention slice (None: unsliced).
+
+    diffusers slices over heads ("max": one head at a time); this port slices over query tokens, which
+    has no one-head setting, so "max" is refused rather than mapped to a guess."""
+    if slice_size is None:
+        return None
+    if isinstance(slice_size, str):
+        if slice_size == "auto":
+            return AUTO_ATTENTION_CHUNK
+        raise ValueError(f"slice_size={slice_size!r}: pass 'auto', -1 (stablefused's default: the same), None "
+                         "(no slicing) or a number of query tokens per slice, e.g. 256 ('max', diffusers' "
+                         "one-head-at-a-time slicing, has no equivalent here: this port slices over query tokens)")
+    if slice_size == -1 and not isinstance(slice_size, bool):
+        return AUTO_ATTENTION_CHUNK
+    return inputs.positive_int(slice_size, "slice_size")
+
+
 def with_run_settings(method: Callable) -> Callable:
     """Run a public entry point with this pipeline's settings in force on the shared backend."""
 
@@ -193,12 +214,12 @@ class BaseDiffusion:
     def disable_tiling(self) -> None:
         self.tiling = None
 
-    def enable_attention_slicing(self, slice_size: int | None = 1024) -> None:
+    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
         """Attend in chunks of ``slice_size`` query tokens to cap attention memory (None: disable).
-        A setting of this pipeline: others sharing its components keep theirs."""
-        if slice_size is not None:
-            slice_size = inputs.positive_int(slice_size, "slice_size")
-        self.settings = replace(self.settings, attention_chunk=slice_size)
+        ``"auto"`` and -1 (stablefused's default argument, its way of asking for diffusers' "auto") mean
+        1024 tokens; ``"max"`` is refused (see ``attention_chunk_for``). A setting of this pipeline: others
+        sharing its components keep theirs."""
+        self.settings = replace(self.settings, attention_chunk=attention_chunk_for(slice_size))
 
     def disable_attention_slicing(self) -> None:
         self.enable_attention_slicing(None)
@@ -302,16 +323,16 @@ class BaseDiffusion:
     @with_run_settings
     def latent_to_image(self, latent: Array | np.ndarray, output_type: str = "pil",
                         decode_batch_size: int | None = None) -> Any:
-        """Decode scaled latents (native, or numpy (B, C, h, w)) to images of ``output_type``."""
+        """Decode scaled latents in diffusers' layout, (B, C, h, w) (numpy or a native array, as
+        ``image_to_latent`` and step callbacks give them), to images of ``output_type``."""
         self._check_output_type(output_type)
-        if isinstance(latent, np.ndarray):
-            latent = self.backend.latent_from_numpy(latent)
-        return self.vae_io.output(latent, output_type, decode_batch_size)
+        return self.vae_io.output(self.backend.latent_from_public(latent), output_type, decode_batch_size)
 
     def image_to_latent(self, image: Image.Image | Sequence[Image.Image] | np.ndarray | str | Path,
                         size: tuple[int, int] | None = None) -> Array:
-        """Scaled latent of ``image``: mapped to [-1, 1], posterior mean times the VAE scaling factor."""
-        return self.pixels_to_latent(self.preprocess_image(image, size))
+        """Scaled latent of ``image``: mapped to [-1, 1], posterior mean times the VAE scaling factor; a
+        native array in diffusers' layout (B, C, h, w) on every backend, so it can be fed back as ``latent=``."""
+        return self.backend.latent_to_public(self.pixels_to_latent(self.preprocess_image(image, size)))
 
     @with_run_settings
     def pixels_to_latent(self, pixels: np.ndarray) -> Array:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ..backends.base import as_numpy
 from ..utils.images import numpy_to_pil
 from ..validation import finite_float, fraction, non_negative_int, positive_int  # noqa: F401  (shared rules)
 
@@ -118,9 +119,7 @@ def given_or_random(array: Any, shape: tuple[int, ...], rng: np.random.Generator
     """``array`` (checked against ``shape``, finite) as float32 numpy, or a fresh standard-normal draw."""
     if array is None:
         return random_latent(shape, rng)
-    if hasattr(array, "detach"):  # a torch tensor, possibly requiring grad or on a GPU
-        array = array.detach().float().cpu().numpy()
-    out = np.asarray(array, dtype=np.float32)
+    out = as_numpy(array)  # numpy, an mx.array, or a torch tensor (requiring grad, on a GPU)
     if out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}; expected {tuple(shape)}")
     if not np.isfinite(out).all():

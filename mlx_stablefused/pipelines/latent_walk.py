@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..backends.base import as_numpy
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
@@ -37,7 +38,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         self.validate_steps(num_inference_steps)
         strength = inputs.fraction(strength, "strength")
         Guidance(guidance_scale, guidance_rescale)  # checked before any work
-        base = np.asarray(latent, dtype=np.float32)
+        base = as_numpy(latent)
         if base.ndim != 4:
             raise ValueError(f"latent must be (B, C, h, w), got shape {base.shape}")
         if not np.isfinite(base).all():
@@ -130,7 +131,7 @@ class LatentWalkDiffusion(BaseDiffusion):
     def _initial_latents(self, latent: np.ndarray | None, count: int, height: int | None, width: int | None,
                          rng: np.random.Generator) -> np.ndarray:
         if latent is not None:
-            out = np.asarray(latent, dtype=np.float32)
+            out = as_numpy(latent)
             if out.ndim != 4 or out.shape[0] != count:
                 raise ValueError(f"latent must be ({count}, C, h, w), one per prompt; got shape {out.shape}")
             return out

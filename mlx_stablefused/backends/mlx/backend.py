@@ -151,6 +151,14 @@ class MLXBackend(Backend):
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
+    def latent_to_public(self, latent: mx.array) -> mx.array:
+        return mx.transpose(latent, (0, 4, 1, 2, 3) if latent.ndim == 5 else (0, 3, 1, 2))
+
+    def latent_from_public(self, latent) -> mx.array:
+        if isinstance(latent, mx.array):
+            return mx.transpose(latent, (0, 2, 3, 4, 1) if latent.ndim == 5 else (0, 2, 3, 1)).astype(mx.float32)
+        return super().latent_from_public(latent)
+
     def images_from_numpy(self, images: np.ndarray) -> mx.array:
         return mx.array(np.asarray(images, dtype=np.float32))
 
