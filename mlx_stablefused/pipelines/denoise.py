@@ -18,7 +18,8 @@ from ..backends.base import Array, Backend
 from ..conditioning import Conditioning
 from ..errors import NonFiniteError
 from ..schedulers import Scheduler
-from .inputs import finite_float, random_latent
+from ..schedulers.brownian import StepNoise
+from .inputs import finite_float
 
 Predictor = Callable[[Array, float, Conditioning], Array]
 StepCallback = Callable[[Any, int, float, dict], "dict | None"]
@@ -82,10 +83,7 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         batched = Conditioning.concat([negative, conditioning], backend.concat)
     else:
         batched = conditioning
-    noise_shape = backend.latent_shape(latents)
-
-    def noise() -> Array:
-        return backend.latent_from_numpy(random_latent(noise_shape, rng))
+    noise = StepNoise(backend.latent_shape(latents), rng, backend.latent_from_numpy)
 
     for i in range(start, len(scheduler.timesteps)):
         t = float(scheduler.timesteps[i])
