@@ -64,3 +64,131 @@ def test_attention_slicing_takes_stablefused_and_diffusers_arguments(sd1, pipeli
             t2i.enable_attention_slicing(bad)
     t2i.disable_attention_slicing()
     assert t2i.settings.attention_chunk is None
+
+
+# ------------------------------------------------------------------------------ the API surface
+STABLEFUSED_0_2_0_NAMES = (  # stablefused/__init__.py at v0.2.0
+    "BaseDiffusion ImageToImageDiffusion InpaintDiffusion LatentWalkDiffusion TextToImageDiffusion "
+    "TextToVideoDiffusion InpaintWalkType Scheduler ImageType OutputType PromptType SchedulerType UNetType "
+    "denormalize image_grid lerp load_model_from_cache normalize numpy_to_pil numpy_to_pt pil_to_numpy "
+    "pil_to_video pil_to_gif pt_to_numpy resolve_scheduler save_model_to_cache slerp").split()
+STABLEFUSED_UTILS = ("lerp resolve_scheduler slerp denormalize image_grid normalize numpy_to_pil numpy_to_pt "
+                     "pil_to_numpy pil_to_video pil_to_gif pt_to_numpy save_model_to_cache load_model_from_cache").split()
+STABLEFUSED_SCHEDULERS = ("deis ddim ddpm dpm2_karras dpm2_karras_ancestral dpm_sde dpm_sde_karras dpm_multistep "
+                          "dpm_multistep_karras dpm_singlestep dpm_singlestep_karras euler euler_ancestral heun "
+                          "linear_multistep pndm unipc").split()
+
+
+def test_every_stablefused_name_is_there():
+    import mlx_stablefused
+    import mlx_stablefused.utils
+    from mlx_stablefused import InpaintWalkType, Scheduler, resolve_scheduler
+
+    assert [n for n in STABLEFUSED_0_2_0_NAMES if n not in mlx_stablefused.__all__] == []
+    assert [n for n in STABLEFUSED_UTILS if not hasattr(mlx_stablefused.utils, n)] == []
+    for name in STABLEFUSED_SCHEDULERS:
+        assert Scheduler[name.upper()] == name  # a str enum, as stablefused's
+        assert type(resolve_scheduler(Scheduler[name.upper()], {})).__name__.endswith("Scheduler")
+    assert InpaintWalkType.BACKWARD == "backward"
+
+
+def test_interpolation_returns_the_type_it_was_given():
+    import mlx.core as mx
+
+    from mlx_stablefused.utils import lerp, slerp
+
+    a, b = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+    t = np.array([0.5, 0.25])
+    expected = {lerp: [[0.5, 0.5], [0.75, 0.25]], slerp: [[0.707107, 0.707107], [0.923880, 0.382683]]}
+    for fn, want in expected.items():
+        for wrap, kind in ((np.asarray, np.ndarray), (mx.array, mx.array), (torch.from_numpy, torch.Tensor)):
+            out = fn(wrap(a), wrap(b), t)
+            assert isinstance(out, kind), (fn.__name__, kind)
+            np.testing.assert_allclose(np.asarray(out), want, atol=1e-6)
+        assert isinstance(fn(a, b, torch.tensor(t)), torch.Tensor)  # stablefused: any torch input -> torch
+
+
+def test_stablefused_constructor_spellings(sd1, pipelines, tmp_path):
+    """``torch_dtype=``, a diffusers scheduler object, and the five components as diffusers objects
+    (read into this port's networks) give what the plain spellings give."""
+    import diffusers
+
+    pipe, root = sd1
+    plain = pipelines.pipeline(TextToImageDiffusion, root, scheduler="euler")
+    euler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    injected = TextToImageDiffusion(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                    unet=pipe.unet, scheduler=euler, torch_dtype=torch.float32, progress=False)
+    assert injected.scheduler_name == "euler" and injected.scheduler.config["timestep_spacing"] == "trailing"
+    plain.set_scheduler("euler", timestep_spacing="trailing")
+    args = dict(prompt="a", image_height=64, image_width=64, num_inference_steps=2, seed=0, output_type="np")
+    np.testing.assert_array_equal(injected(**args), plain(**args))
+    with pytest.raises(ValueError, match="must be provided; missing: vae, unet"):
+        TextToImageDiffusion(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, scheduler=euler)
+    with pytest.raises(ValueError, match="disagree"):
+        TextToImageDiffusion(root, dtype="float16", torch_dtype=torch.float32)
+
+
+def test_stablefused_building_blocks(sd1, pipelines, backend_name):
+    """random_tensor, to, share_components_with, interpolate_embedding/_latent (stablefused's inclusive
+    pairwise weights), preprocess_image_and_mask, resolve_output(latent=), classifier_free_guidance keyword,
+    and output_type="pt" on MLX: each against its numpy / torch-tensor definition."""
+    from mlx_stablefused import ImageToImageDiffusion, InpaintDiffusion, lerp, slerp
+    from mlx_stablefused.backends.base import as_numpy
+
+    pipe, root = sd1
+    t2i = pipelines.pipeline(TextToImageDiffusion, root, backend_name, scheduler="ddim")
+    noise = t2i.random_tensor((2, 4, 8, 8), seed=3)
+    assert isinstance(noise, native_type(backend_name))
+    np.testing.assert_array_equal(as_numpy(noise), np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32))
+    assert t2i.to("cpu") is t2i
+    i2i = pipelines.pipeline(ImageToImageDiffusion, root, backend_name)
+    i2i.share_components_with(t2i)
+    assert i2i.backend is t2i.backend and i2i.scheduler_name == "ddim"
+
+    walk = LatentWalkDiffusion.from_pipeline(t2i)
+    embedding = t2i.prompt_to_embedding(["a", "b", "c"])
+    frames = walk.interpolate_embedding(embedding, 3, "lerp")
+    e, w = as_numpy(embedding), np.linspace(0, 1, 3)
+    want = np.concatenate([lerp(e[0], e[1], w), lerp(e[1], e[2], w), lerp(e[3], e[4], w), lerp(e[4], e[5], w)])
+    assert isinstance(frames, native_type(backend_name)) and tuple(frames.shape) == (12, 77, e.shape[-1])
+    np.testing.assert_allclose(as_numpy(frames), want, atol=1e-6)
+    z = as_numpy(noise)
+    np.testing.assert_allclose(as_numpy(walk.interpolate_latent(noise, 4, "slerp")), slerp(z[0], z[1], np.linspace(0, 1, 4)),
+                               atol=1e-6)
+
+    inpaint = pipelines.pipeline(InpaintDiffusion, root, backend_name)
+    pixels = np.random.default_rng(1).random((1, 16, 24, 3)).astype(np.float32)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, :10] = 255
+    image, m, masked = (as_numpy(x) for x in inpaint.preprocess_image_and_mask(pixels, mask))
+    np.testing.assert_allclose(image, pixels.transpose(0, 3, 1, 2) * 2 - 1, atol=1e-6)
+    np.testing.assert_array_equal(m[0, 0], mask / 255)
+    np.testing.assert_allclose(masked, image * (1 - m), atol=1e-6)
+
+    history = t2i.embedding_to_latent(t2i.prompt_to_embedding("a"), 64, 64, 2, 7.5, 0.0, return_latent_history=True,
+                                      seed=0)
+    stacked = np.stack([t2i.backend.latent_to_numpy(x) for x in history])  # stablefused's (steps+1, B, C, h, w)
+    np.testing.assert_array_equal(t2i.resolve_output(latent=stacked, output_type="np", return_latent_history=True),
+                                  t2i.resolve_output(history, "np", True))
+    pred = t2i.random_tensor((2, 4, 8, 8), seed=4)
+    np.testing.assert_array_equal(as_numpy(t2i.classifier_free_guidance(noise_prediction=pred, guidance_scale=3.0,
+                                                                        guidance_rescale=0.0)),
+                                  as_numpy(pred)[:1] + 3.0 * (as_numpy(pred)[1:] - as_numpy(pred)[:1]))
+    args = dict(prompt="a", image_height=48, image_width=64, num_inference_steps=1, seed=0)
+    pt = t2i(output_type="pt", **args)
+    assert isinstance(pt, torch.Tensor) and tuple(pt.shape) == (1, 3, 48, 64)
+    np.testing.assert_allclose(pt.cpu().numpy().transpose(0, 2, 3, 1), t2i(output_type="np", **args), atol=1e-6)
+
+
+def test_torch_image_tensors_are_read_as_diffusers_reads_them(sd1, pipelines):
+    """A (B, 3, H, W) tensor with negative values is the VAE's [-1, 1] input as is (stablefused fed it so):
+    its latent is diffusers' posterior mean of that tensor; one in [0, 1] is mapped to [-1, 1]."""
+    pipe, root = sd1
+    t2i = pipelines.pipeline(TextToImageDiffusion, root)
+    image = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 3, 32, 40)).astype(np.float32)) * 0.5
+    with torch.no_grad():
+        ref = pipe.vae.encode(image).latent_dist.mean.numpy() * pipe.vae.config.scaling_factor
+    assert max_abs_error(np.asarray(t2i.image_to_latent(image)), ref) < 1e-4
+    unit = (image.clamp(-1, 1) + 1) / 2
+    np.testing.assert_allclose(np.asarray(t2i.image_to_latent(unit)),
+                               np.asarray(t2i.image_to_latent(unit.numpy().transpose(0, 2, 3, 1))), atol=1e-5)

@@ -195,6 +195,10 @@ class Backend(ABC):
     def set_attention_chunk(self, chunk: int | None) -> None:
         """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""
 
+    def to_device(self, device: str) -> None:
+        """Run on ``device`` from now on (what ``pipe.to(device)`` asks)."""
+        raise NotImplementedError(f"the {self.name} backend cannot change device after loading")
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
         return False

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..backends import create_backend
-from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings
+from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings, as_numpy
 from ..conditioning import Conditioning
 from ..config import read_json
 from ..errors import ModelSourceError
@@ -30,6 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -112,32 +113,65 @@ class BaseDiffusion:
 
     ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
     another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
+    stablefused's spellings work too: ``torch_dtype=`` for ``dtype``, a diffusers scheduler object as
+    ``scheduler``, and ``tokenizer=, text_encoder=, vae=, unet=, scheduler=`` (diffusers / transformers
+    objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
                  backend: str = "mlx", dtype: str = "float32", device: str | None = None,
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-                 local_files_only: bool = False, scheduler: str | None = None, progress: bool = True) -> None:
+                 local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
+                 torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
+                 unet: Any = None) -> None:
+        dtype = resolve_dtype(dtype, torch_dtype)
+        if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
+            if model_id is not None or components is not None:
+                raise ValueError("pass model_id, components, or the five component objects; not several")
+            model_id = folder_from_components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                                              scheduler=scheduler)
         if (model_id is None) == (components is None):
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
         if components is None:
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
                                               variant=variant, revision=revision, use_cache=use_cache,
                                               local_files_only=local_files_only)
-        self.components = components
         self.model_id = model_id if model_id is not None else components.source.origin
+        self.progress = progress
+        self.decode_batch_size: int | None = None
+        self.tiling: TileSpec | None = None
+        self.release_text_encoder = False
+        self._interrupted = False
+        self._use_components(components)
+        name, overrides = scheduler_choice(scheduler)
+        self.scheduler: Scheduler = self.set_scheduler(name or default_scheduler_name(self.scheduler_config),
+                                                       **overrides)
+
+    def _use_components(self, components: ModelComponents) -> None:
+        self.components = components
         self.source = components.source
         self.backend = components.backend
         self.tokenizer = components.tokenizer
         self.scheduler_config = components.scheduler_config
         self.vae_scale_factor = self.backend.vae_config.downscale_factor
-        self.progress = progress
-        self.decode_batch_size: int | None = None
-        self.tiling: TileSpec | None = None
-        self.release_text_encoder = False
         self.settings = RunSettings(cpu_streams=self.backend.settings.cpu_streams)
-        self._interrupted = False
-        self.scheduler: Scheduler = self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
+
+    def share_components_with(self, model: "BaseDiffusion") -> None:
+        """stablefused's sharing: use ``model``'s loaded networks (no copy) and its sampler choice, as
+        ``from_pipeline`` does for a new pipeline; this pipeline's run settings start from the defaults."""
+        self._use_components(model.components)
+        self.model_id = model.model_id
+        self.set_scheduler(model.scheduler_name, **model.scheduler_overrides)
+
+    def to(self, device: str) -> "BaseDiffusion":
+        """Run on ``device`` from now on (torch: moves the networks of every pipeline sharing them; MLX:
+        'gpu' or 'cpu', MLX's default device). Returns the pipeline, as stablefused's ``to``."""
+        self.backend.to_device(device)
+        return self
+
+    @property
+    def device(self) -> Any:
+        return self.backend.device
 
     @classmethod
     def from_pipeline(cls, other: "BaseDiffusion", **kwargs: Any) -> "BaseDiffusion":
@@ -275,9 +309,17 @@ class BaseDiffusion:
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 
-    def classifier_free_guidance(self, prediction: Array, guidance_scale: float, guidance_rescale: float) -> Array:
-        """``uncond + s * (cond - uncond)``, optionally rescaled toward cond's std (arXiv 2305.08891)."""
-        return Guidance(guidance_scale, guidance_rescale).combine(self.backend, prediction)
+    def classifier_free_guidance(self, noise_prediction: Array, guidance_scale: float,
+                                 guidance_rescale: float) -> Array:
+        """``uncond + s * (cond - uncond)``, optionally rescaled toward cond's std (arXiv 2305.08891);
+        ``noise_prediction`` is the UNet's ``[uncond; cond]`` batch."""
+        return Guidance(guidance_scale, guidance_rescale).combine(self.backend, noise_prediction)
+
+    def random_tensor(self, shape: Sequence[int], seed: int | np.random.Generator | None = None) -> Array:
+        """Standard-normal noise of ``shape`` (taken as given: (B, 4, h, w) latents, (B, 3, H, W) images) as a
+        native float32 array; drawn from numpy, so ``seed`` gives the same values on every backend."""
+        shape = tuple(inputs.positive_int(n, "shape") for n in shape)
+        return self.backend.from_numpy(inputs.random_latent(shape, inputs.make_rng(seed)))
 
     # ------------------------------------------------------------------------------ the loop
     def run_denoise(self, latents: Array, positive: Conditioning, negative: Conditioning | None, guidance: Guidance,
@@ -347,8 +389,26 @@ class BaseDiffusion:
         """
         return inputs.load_image(image, self.vae_scale_factor, size)
 
-    def resolve_output(self, latents: list[Array], output_type: str, return_latent_history: bool) -> Any:
-        """Final latent -> images; with history, every step's latent per prompt: (B, steps+1, ...)."""
+    def resolve_output(self, latents: list[Array] | None = None, output_type: str = "pil",
+                       return_latent_history: bool = False, *, latent: Any = None) -> Any:
+        """Final latent -> images; with history, every step's latent per prompt: (B, steps+1, ...).
+
+        ``latents``: the list ``embedding_to_latent`` returns (native). ``latent`` (stablefused's keyword):
+        that list, or a latent in diffusers' layout, or with history stablefused's stack (steps+1, B, C, h, w).
+        """
+        if (latents is None) == (latent is None):
+            raise ValueError("pass latents (a list of native latents) or latent, not both or neither")
+        if latent is not None:
+            latents = latent if isinstance(latent, (list, tuple)) else self._public_latents(latent, return_latent_history)
+        self._check_output_type(output_type)
         if return_latent_history:
             return self.vae_io.history_output(latents, output_type)
         return self.vae_io.output(latents[-1], output_type)
+
+    def _public_latents(self, latent: Any, history: bool) -> list[Array]:
+        if not history:
+            return [self.backend.latent_from_public(latent)]
+        stack = as_numpy(latent)
+        if stack.ndim != 5:
+            raise ValueError(f"a latent history is (steps+1, B, C, h, w), got shape {stack.shape}")
+        return [self.backend.latent_from_numpy(step) for step in stack]

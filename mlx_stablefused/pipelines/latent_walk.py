@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backends.base import as_numpy
+from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
@@ -113,6 +114,33 @@ class LatentWalkDiffusion(BaseDiffusion):
                                    guidance_rescale, output_type, return_latent_history, batch_size, rng,
                                    callback_on_step_end)
 
+    def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
+                              interpolation_type: str = "lerp") -> Any:
+        """stablefused's building block: ``[uncond; cond]`` embeddings of P prompts -> ``[uncond; cond]`` of
+        the frames between consecutive prompts, ``interpolation_steps`` per pair with both ends included (as
+        stablefused; ``interpolate`` itself does not repeat the ends). The negatives are interpolated too
+        (stablefused repeated the first). Returned in the type given."""
+        fn = _interpolator(interpolation_type, "embedding")
+        e = as_numpy(embedding)
+        p = e.shape[0] // 2
+        uncond = self._pairwise(fn, e[:p], interpolation_steps)
+        cond = self._pairwise(fn, e[p:], interpolation_steps)
+        return like(np.concatenate([uncond, cond]), embedding)
+
+    def interpolate_latent(self, latent: Any, interpolation_steps: int | Sequence[int],
+                           interpolation_type: str = "slerp") -> Any:
+        """stablefused's building block: P latents (P, C, h, w) -> the frames between consecutive ones,
+        ``interpolation_steps`` per pair, both ends included; returned in the type given."""
+        fn = _interpolator(interpolation_type, "latent")
+        return like(self._pairwise(fn, as_numpy(latent), interpolation_steps).astype(np.float32), latent)
+
+    def _pairwise(self, fn, values: np.ndarray, interpolation_steps: int | Sequence[int]) -> np.ndarray:
+        if len(values) < 2:
+            raise ValueError(f"interpolation needs at least two entries, got {len(values)}")
+        steps = self._steps_per_pair(interpolation_steps, len(values) - 1)
+        return np.concatenate([fn(values[i], values[i + 1], interpolation_weights(k, include_end=True))
+                               for i, k in enumerate(steps)])
+
     @staticmethod
     def _steps_per_pair(interpolation_steps: int | Sequence[int], pairs: int) -> list[int]:
         if isinstance(interpolation_steps, (int, np.integer)) and not isinstance(interpolation_steps, bool):
@@ -145,6 +173,7 @@ class LatentWalkDiffusion(BaseDiffusion):
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None) -> Any:
         outputs = []
+        native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         for s in range(0, len(latents), batch_size):
             if self._interrupted:
                 break
@@ -152,9 +181,8 @@ class LatentWalkDiffusion(BaseDiffusion):
             embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
             result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
                                             guidance_rescale, rng, return_latent_history, callback_on_step_end)
-            native = output_type == self.backend.native_output_type
             outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
         merged = np.concatenate(outputs, axis=0)
-        return self.vae_io.format(merged, output_type) if output_type == self.backend.native_output_type else merged
+        return self.vae_io.format(merged, output_type) if native else merged

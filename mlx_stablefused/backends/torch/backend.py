@@ -81,6 +81,12 @@ class TorchBackend(Backend):
     def latent_to_numpy(self, latent: torch.Tensor) -> np.ndarray:
         return latent.detach().float().cpu().numpy()
 
+    def to_device(self, device: str) -> None:
+        self.device = torch.device(device)
+        modules = [self.text_encoder, self.unet_model, self.vae, *getattr(self, "components", {}).values()]
+        for module in {id(m): m for m in modules if isinstance(m, torch.nn.Module)}.values():
+            module.to(self.device)
+
     def latent_to_public(self, latent: torch.Tensor) -> torch.Tensor:
         return latent  # torch keeps diffusers' layout
 
