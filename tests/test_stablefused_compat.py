@@ -128,6 +128,7 @@ def test_stablefused_constructor_spellings(sd1, pipelines, tmp_path):
         TextToImageDiffusion(root, dtype="float16", torch_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("backend_name", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
 def test_stablefused_building_blocks(sd1, pipelines, backend_name):
     """random_tensor, to, share_components_with, interpolate_embedding/_latent (stablefused's inclusive
     pairwise weights), preprocess_image_and_mask, resolve_output(latent=), classifier_free_guidance keyword,
@@ -192,3 +193,173 @@ def test_torch_image_tensors_are_read_as_diffusers_reads_them(sd1, pipelines):
     unit = (image.clamp(-1, 1) + 1) / 2
     np.testing.assert_allclose(np.asarray(t2i.image_to_latent(unit)),
                                np.asarray(t2i.image_to_latent(unit.numpy().transpose(0, 2, 3, 1))), atol=1e-5)
+
+
+# --------------------------------------------- stablefused 0.2.0's own tests (tests/diffusion, tests/utils)
+# The bodies are stablefused's. Changed: the import; ``model`` builds our pipeline on the tiny model (the
+# session's cached components, each backend in turn, DDIM: a sampler with num_inference_steps timesteps,
+# which the history lengths below assume); and ``interpolate`` passes ``duplicate_endpoints=True`` for
+# stablefused's frame count (see "Migrating from stablefused"). The torch variants run with -m slow: the
+# pipelines are backend-neutral and the MLX-vs-torch parity tests cover both.
+SF_BACKENDS = [pytest.param("mlx"), pytest.param("torch", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=SF_BACKENDS)
+def sf_model(request, sd1, pipelines):
+    def make(cls):
+        seed = 1337
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        return pipelines.pipeline(cls, sd1[1], request.param, scheduler="ddim")  # (model_id=..., device="cpu")
+
+    return make
+
+
+@pytest.fixture
+def sf_config():
+    return {"prompt": "a photo of a cat", "num_inference_steps": 1, "image_dim": 32}
+
+
+def test_sf_text_to_image_diffusion(sf_model, sf_config):
+    from mlx_stablefused import TextToImageDiffusion
+
+    model, config = sf_model(TextToImageDiffusion), sf_config
+    dim = config.get("image_dim")
+    images = model(prompt=config.get("prompt"), image_height=dim, image_width=dim,
+                   num_inference_steps=config.get("num_inference_steps"), output_type="np")
+    assert type(images) is np.ndarray
+    assert images.shape == (1, dim, dim, 3)
+    # test_return_latent_history
+    images = model(prompt=config.get("prompt"), image_height=dim, image_width=dim,
+                   num_inference_steps=config.get("num_inference_steps"), output_type="pt", return_latent_history=True)
+    assert type(images) is torch.Tensor
+    assert images.shape == (1, config.get("num_inference_steps") + 1, 3, dim, dim)
+    # test_no_classifier_free_guidance (0.2.0)
+    images = model(prompt=config.get("prompt"), image_height=dim, image_width=dim,
+                   num_inference_steps=config.get("num_inference_steps"), guidance_scale=1.0, output_type="np")
+    assert images.shape == (1, dim, dim, 3)
+
+
+def test_sf_image_to_image_diffusion(sf_model, sf_config):
+    from mlx_stablefused import ImageToImageDiffusion
+
+    model, config = sf_model(ImageToImageDiffusion), {**sf_config, "num_inference_steps": 2, "start_step": 1}
+    dim = config.get("image_dim")
+    image = model.random_tensor((1, 3, dim, dim))
+    images = model(image=image, prompt=config.get("prompt"), num_inference_steps=config.get("num_inference_steps"),
+                   output_type="np")
+    assert type(images) is np.ndarray
+    assert images.shape == (1, dim, dim, 3)
+    # test_return_latent_history
+    images = model(image=image, prompt=config.get("prompt"), num_inference_steps=config.get("num_inference_steps"),
+                   start_step=config.get("start_step"), output_type="pt", return_latent_history=True)
+    assert type(images) is torch.Tensor
+    assert images.shape == (1, config.get("num_inference_steps") + 1 - config.get("start_step"), 3, dim, dim)
+    # test_no_classifier_free_guidance (0.2.0)
+    images = model(image=image, prompt=config.get("prompt"), num_inference_steps=config.get("num_inference_steps"),
+                   guidance_scale=1.0, output_type="np")
+    assert images.shape == (1, dim, dim, 3)
+
+
+def test_sf_latent_walk_diffusion(sf_model, sf_config):
+    model, config = sf_model(LatentWalkDiffusion), sf_config
+    dim = config.get("image_dim")
+    image = model.random_tensor((1, 3, dim, dim))
+    latent = model.image_to_latent(image)
+    images = model(prompt=config.get("prompt"), latent=latent, num_inference_steps=config.get("num_inference_steps"),
+                   output_type="np")
+    assert type(images) is np.ndarray
+    assert images.shape == (1, dim, dim, 3)
+    # test_interpolate
+    prompt = ["a photo of a cat", "a photo of a dog"]
+    latent = model.image_to_latent(model.random_tensor((len(prompt), 3, dim, dim)))
+    interpolation_steps = 5
+    images = model.interpolate(prompt=prompt, latent=latent, num_inference_steps=config.get("num_inference_steps"),
+                               interpolation_steps=interpolation_steps, output_type="np", duplicate_endpoints=True)
+    assert type(images) is np.ndarray
+    assert images.shape == (interpolation_steps * (len(prompt) - 1), dim, dim, 3)
+    # test_no_classifier_free_guidance (0.2.0)
+    images = model(prompt=config.get("prompt"), latent=latent[:1], num_inference_steps=1, guidance_scale=1.0,
+                   output_type="np")
+    assert images.shape == (1, dim, dim, 3)
+
+
+SF_LERP = [  # tests/utils/test_diffusion_utils.py
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), 0.0, np.array([1.0, 2.0])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), 1.0, np.array([4.0, 6.0])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), 0.5, np.array([2.5, 4.0])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), np.array([0.0, 1.0]), np.array([[1.0, 2.0], [4.0, 6.0]])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), np.array([0.5, 0.25]), np.array([[2.5, 4.0], [1.75, 3.0]])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), torch.Tensor([0.0, 1.0]), np.array([[1.0, 2.0], [4.0, 6.0]])),
+    (np.array([1.0, 2.0]), np.array([4.0, 6.0]), torch.Tensor([0.5, 0.25]), np.array([[2.5, 4.0], [1.75, 3.0]])),
+]
+SF_SLERP = [
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.0, np.array([1.0, 0.0])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), 1.0, np.array([0.0, 1.0])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.5, np.array([0.707107, 0.707107])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([[1.0, 0.0], [0.0, 1.0]])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.5, 0.25]),
+     np.array([[0.707107, 0.707107], [0.923880, 0.382683]])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), torch.Tensor([0.0, 1.0]), np.array([[1.0, 0.0], [0.0, 1.0]])),
+    (np.array([1.0, 0.0]), np.array([0.0, 1.0]), torch.Tensor([0.5, 0.25]),
+     np.array([[0.707107, 0.707107], [0.923880, 0.382683]])),
+]
+
+
+@pytest.mark.parametrize("v0, v1, t, expected", SF_LERP)
+def test_sf_lerp(v0, v1, t, expected):
+    from mlx_stablefused.utils import lerp
+
+    result = lerp(v0, v1, t)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("v0, v1, t, expected", SF_SLERP)
+def test_sf_slerp(v0, v1, t, expected):
+    from mlx_stablefused.utils import slerp
+
+    v0_torch = torch.from_numpy(v0)
+    v1_torch = torch.from_numpy(v1)
+    result = slerp(v0, v1, t)
+    result_torch = slerp(v0_torch, v1_torch, t).cpu().numpy()
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(result_torch, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture
+def sf_random_images():  # tests/utils/test_image_utils.py: 8 random 32x32 RGB images
+    from PIL import Image
+
+    rng = np.random.RandomState(42)
+    return [Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+
+
+def test_sf_image_grid_and_gif(sf_random_images, tmp_path):
+    from PIL import Image
+
+    from mlx_stablefused.utils import image_grid, pil_to_gif
+
+    random_images, num_images = sf_random_images, 8
+    rows, cols = 2, num_images // 2
+    grid_image = image_grid(random_images, rows, cols)
+    assert grid_image.width == random_images[0].width * cols
+    assert grid_image.height == random_images[0].height * rows
+    assert isinstance(grid_image, Image.Image)
+    temporary_gif_file = str(tmp_path / "x.gif")
+    pil_to_gif(random_images, temporary_gif_file, fps=1)
+    with Image.open(temporary_gif_file) as saved_gif:
+        assert saved_gif.is_animated
+        assert saved_gif.n_frames == len(random_images)
+
+
+@pytest.mark.parametrize("suffix", [".mp4"] + [pytest.param(s, marks=pytest.mark.slow)
+                                               for s in (".avi", ".mkv", ".mov", ".wmv")])
+def test_sf_pil_to_video(sf_random_images, tmp_path, suffix):
+    import imageio
+
+    from mlx_stablefused.utils import pil_to_video
+
+    temporary_video_file = str(tmp_path / f"x{suffix}")
+    pil_to_video(sf_random_images, temporary_video_file, fps=1)
+    video = imageio.get_reader(temporary_video_file, format="ffmpeg")
+    assert video.count_frames() == len(sf_random_images)

@@ -285,6 +285,24 @@ class BaseDiffusion:
     def validate_steps(num_inference_steps: int) -> None:
         inputs.positive_int(num_inference_steps, "num_inference_steps")
 
+    @staticmethod
+    def validate_input(prompt: PromptType | None = None, negative_prompt: PromptType | None = None,
+                       image_height: int | None = None, image_width: int | None = None,
+                       start_step: int | None = None, num_inference_steps: int | None = None,
+                       strength: float | None = None) -> None:
+        """stablefused's checks, by this port's rules: prompts (and one negative per prompt), sizes in
+        multiples of 8, ``start_step`` in [0, num_inference_steps), ``strength`` in [0, 1]."""
+        if prompt is not None:
+            inputs.prompt_pairs(prompt, negative_prompt)
+        if image_height is not None and image_width is not None:
+            inputs.check_size(image_height, image_width, 8)
+        if start_step is not None:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps must be given with start_step")
+            inputs.start_index(inputs.positive_int(num_inference_steps, "num_inference_steps"), start_step, None, 1)
+        if strength is not None:
+            inputs.fraction(strength, "strength")
+
     def _check_output_type(self, output_type: str) -> None:
         inputs.check_output_type(output_type, self.backend.native_output_type)
 

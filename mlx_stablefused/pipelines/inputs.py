@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends.base import as_numpy
+from ..utils.array_types import is_mlx, is_torch
 from ..utils.images import numpy_to_pil
 from ..validation import finite_float, fraction, non_negative_int, positive_int  # noqa: F401  (shared rules)
 
@@ -192,10 +193,10 @@ def load_pixels(image: Any, size: tuple[int, int] | None = None, mode: str = "RG
 
 
 def tensor_pixels(image: Any) -> np.ndarray | None:
-    """A torch tensor (B, 3, H, W) or (3, H, W) as diffusers reads one: values in [0, 1], or in [-1, 1] when
+    """A torch tensor or ``mx.array`` (B, 3, H, W) or (3, H, W) as diffusers reads a tensor: values in [0, 1], or in [-1, 1] when
     any is negative (taken as is, as stablefused fed tensors to the VAE) -> (B, H, W, 3) on the [0, 1]
     scale (the encoder maps it back exactly). None for anything else."""
-    if not hasattr(image, "detach"):
+    if not (is_torch(image) or is_mlx(image)):
         return None
     arr = as_numpy(image)
     if arr.ndim == 3:

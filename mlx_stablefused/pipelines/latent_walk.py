@@ -58,9 +58,23 @@ class LatentWalkDiffusion(BaseDiffusion):
 
     generate = __call__
 
+    def embedding_to_latent(self, embedding: Any, num_inference_steps: int, guidance_scale: float,
+                            guidance_rescale: float, latent: Any, return_latent_history: bool = False,
+                            seed: int | None = None) -> list:
+        """stablefused's step: denoise the full schedule from ``latent`` (initial noise, (B, C, h, w)) for
+        ``embedding`` (``[uncond; cond]``); the list ``resolve_output`` takes."""
+        self.validate_steps(num_inference_steps)
+        return self.sample_from_noise(embedding, as_numpy(latent), num_inference_steps, guidance_scale,
+                                      guidance_rescale, inputs.make_rng(seed), return_latent_history)
+
     @staticmethod
-    def modify_latent(latent: np.ndarray, strength: float, noise: np.ndarray) -> np.ndarray:
-        """``(1 - s) * latent + s * noise``, standardised over the whole batch (as stablefused)."""
+    def modify_latent(latent: Any, strength: float, noise: np.ndarray | None = None,
+                      seed: int | None = None) -> np.ndarray:
+        """``(1 - s) * latent + s * noise``, standardised over the whole batch (as stablefused); ``noise``
+        is drawn from ``seed`` when not given."""
+        latent = as_numpy(latent)
+        if noise is None:
+            noise = inputs.random_latent(latent.shape, inputs.make_rng(seed))
         moved = (1.0 - strength) * latent + strength * noise
         return ((moved - moved.mean()) / moved.std()).astype(np.float32)
 

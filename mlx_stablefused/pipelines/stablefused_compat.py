@@ -60,7 +60,8 @@ def folder_from_components(**given: Any) -> Path:
                             f"got {type(given[name]).__name__}")
     root = Path(tempfile.mkdtemp(prefix="mlx-stablefused-components-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    index = {"_class_name": "StableDiffusionPipeline"}
+    video = type(given["unet"]).__name__ == "UNet3DConditionModel"
+    index = {"_class_name": "TextToVideoSDPipeline" if video else "StableDiffusionPipeline"}
     for name in COMPONENT_NAMES:
         obj = given[name]
         if name == "scheduler":
