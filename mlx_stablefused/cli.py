@@ -1,4 +1,4 @@
-"""The mlx-stablefused command: generate, edit, walk, interpolate, convert."""
+"""The mlx-stablefused command: generate, edit, walk, interpolate, convert, serve."""
 
 from __future__ import annotations
 
@@ -210,7 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="precision of the stored weights")
     p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    p = command("serve", "serve AUTOMATIC1111- and OpenAI-compatible HTTP APIs (needs the server extra)")
+    _serve_flags(p)
     return parser
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"as for txt2img (default: {DEFAULT_HUB_MODEL}; offline, the "
+                                                  f"demo model {DEMO_MODEL_ID})")
+    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
+    p.add_argument("--device", default=None, help="as for txt2img (default: the best available)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute precision")
+    p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16 (default: none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind: loopback unless told otherwise")
+    p.add_argument("--port", type=positive("--port"), default=7860, metavar="N", help="TCP port")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every request (default: none)")
+    p.add_argument("--lora-dir", default=None, metavar="FOLDER",
+                   help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
+    p.add_argument("--outputs", default=None, metavar="FOLDER",
+                   help="also write every result there, with its parameters (default: nothing written)")
+    for flag, default, what in (("--max-size", 2048, "largest width or height"), ("--max-steps", 150, "most steps"),
+                                ("--max-batch", 8, "most images per request"),
+                                ("--max-queue", 16, "requests waiting; more get 503")):
+        p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=what)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -387,9 +411,31 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import Limits, ServerSettings, serve
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ModelSourceError(f"serve needs the server extra: pip install \"mlx-stablefused[server]\" ({e})") from None
+    if args.port > 65535:
+        raise ValueError(f"--port: must be at most 65535, got {args.port}")
+    if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
+        raise ValueError(f"--lora-dir: not a folder ({args.lora_dir})")
+    check_backend(args.backend, args.device)
+    model = args.model if args.model is not None else default_model(args.variant)
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_batch=args.max_batch, max_queue=args.max_queue)
+    return serve(ServerSettings(model=model, backend=args.backend, dtype=args.dtype, device=args.device,
+                                variant=args.variant, host=args.host, port=args.port, api_key=args.api_key,
+                                lora_dir=None if args.lora_dir is None else Path(args.lora_dir).expanduser(),
+                                outputs=None if args.outputs is None else Path(args.outputs).expanduser(),
+                                limits=limits))
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "txt2img": run_txt2img, "img2img": run_img2img, "inpaint": run_inpaint, "walk": run_walk,
-    "interpolate": run_interpolate, "video": run_video, "convert": run_convert,
+    "interpolate": run_interpolate, "video": run_video, "convert": run_convert, "serve": run_serve,
 }
 
 
@@ -408,7 +454,7 @@ def check_start(args: argparse.Namespace) -> None:
 
 def check_before_work(args: argparse.Namespace) -> None:
     """Everything that can be refused without a model: output file, input images, backend, device."""
-    if args.command == "convert":
+    if args.command in ("convert", "serve"):
         return
     check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
     for flag in ("--image", "--mask"):
@@ -448,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
         print("mlx-stablefused: interrupted", file=sys.stderr)
         return 130
-    if args.command != "convert":
+    if args.command not in ("convert", "serve"):
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
 

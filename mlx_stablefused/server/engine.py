@@ -1,0 +1,155 @@
+"""The one model in memory and how a GenerationJob runs on it (on the worker thread only: not thread-safe)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+from ..demo import DEMO_MODEL_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS
+from .jobs import GenerationJob, RunControl
+from .settings import ServerSettings
+from .worker import Worker
+
+SEED_RANGE = 2 ** 32  # A1111's seeds are 32-bit
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    interrupted: bool
+
+
+class Engine:
+    """The one model in memory and the one thread that touches it (MLX streams belong to a thread, and
+    neither backend is thread-safe): loads a model into a text-to-image pipeline and shares its weights
+    with image-to-image and inpainting pipelines (``from_pipeline``: nothing loaded twice)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.model_id: str | None = None
+        self.pipes: dict[str, Any] = {}
+        self.worker = Worker(settings.limits.max_queue)
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn(engine)`` on the worker thread and wait for it (start-up loading; tests)."""
+        return self.worker.submit(lambda control: fn(self), RunControl()).future.result()
+
+    def close(self) -> None:
+        self.worker.close()
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model_id == DEMO_MODEL_ID
+
+    @property
+    def model_name(self) -> str:
+        """How clients see the model (A1111's checkpoint title, OpenAI's model id)."""
+        return str(self.model_id)
+
+    @property
+    def default_size(self) -> int:
+        return DEMO_SIZE if self.is_demo else 512
+
+    @property
+    def default_steps(self) -> int:
+        return DEMO_STEPS if self.is_demo else 30
+
+    def available_models(self) -> list[str]:
+        """What /sd-models lists and sd_model_checkpoint may switch to: the served model and the demo."""
+        return list(dict.fromkeys([m for m in (self.model_id, self.settings.model, DEMO_MODEL_ID) if m]))
+
+    def load(self, model_id: str) -> None:
+        """Load ``model_id``; the previous model stays in use if this fails (so it is freed only after)."""
+        from ..pipelines.image_to_image import ImageToImageDiffusion
+        from ..pipelines.inpaint import InpaintDiffusion
+        from ..pipelines.text_to_image import TextToImageDiffusion
+
+        s = self.settings
+        if model_id == DEMO_MODEL_ID:
+            print(DEMO_NOTICE, file=sys.stderr)
+        base = TextToImageDiffusion(model_id=model_id, backend=s.backend, dtype=s.dtype, device=s.device,
+                                    variant=s.variant, progress=False)
+        base.enable_prompt_weighting(lora_dir=s.lora_dir)  # A1111 syntax and <lora:name:w> tags
+        self.pipes = {"txt2img": base, "img2img": ImageToImageDiffusion.from_pipeline(base),
+                      "inpaint": InpaintDiffusion.from_pipeline(base)}
+        self.model_id = model_id
+
+    def generate(self, job: GenerationJob, control: RunControl) -> GenerationResult:
+        pipe = self.pipes[job.mode]
+        pipe.set_scheduler(job.sampler.ours, **job.sampler.overrides)
+        image, mask = self._inputs(job)
+
+        def on_step(p: Any, step: int, timestep: Any, tensors: dict) -> None:
+            control.step_done(step + 1)
+            if control.interrupted:
+                p.interrupt()
+
+        images, seeds = [], []
+        for k in range(job.count):
+            if control.interrupted:
+                break
+            control.image_started(k)
+            seed = (job.seed + k) % SEED_RANGE
+            common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
+                          guidance_scale=job.cfg_scale, seed=seed, image_height=job.height, image_width=job.width,
+                          callback_on_step_end=on_step)
+            if job.mode == "txt2img":
+                out = pipe(**common)
+            elif job.mode == "img2img":
+                out = pipe(image=image, strength=job.denoising_strength, **common)
+            else:
+                out = pipe(image=image, mask=mask, strength=job.denoising_strength, **common)
+            images.append(out[0])
+            seeds.append(seed)
+        return GenerationResult(images, seeds, control.interrupted)
+
+    @staticmethod
+    def _inputs(job: GenerationJob) -> tuple[Image.Image | None, Image.Image | None]:
+        """A1111's preparation: the mask inverted and blurred as asked; masked content filled (fill = 0)."""
+        if job.init_image is None:
+            return None, None
+        image = job.init_image.convert("RGB")
+        if job.mask is None:
+            return image, None
+        mask = job.mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)
+        if job.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        if job.mask_blur > 0:
+            mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
+        if job.inpainting_fill == 0:
+            image = fill_masked(image, mask)
+        return image, mask
+
+
+def fill_masked(image: Image.Image, mask: Image.Image, radius: int = 16) -> Image.Image:
+    """A1111's "fill": the masked part painted with the blurred colours of what surrounds it (a normalised
+    blur of the kept pixels), so the sampler does not start from the content being replaced."""
+    keep = (np.asarray(mask, dtype=np.float32) < 128).astype(np.float32)
+    pixels = np.asarray(image, dtype=np.float32)
+    weight = Image.fromarray((keep * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+    weighted = Image.fromarray((pixels * keep[..., None]).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+    w = np.asarray(weight, dtype=np.float32)[..., None] / 255.0
+    filled = np.asarray(weighted, dtype=np.float32) / np.maximum(w, 1e-3)
+    if keep.sum() == 0:  # everything masked: the image's mean colour
+        filled = np.broadcast_to(pixels.reshape(-1, 3).mean(0), pixels.shape)
+    out = np.where(keep[..., None] > 0, pixels, np.clip(filled, 0, 255))
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def save_outputs(folder: Path, request_id: str, pngs: list[bytes], seeds: list[int]) -> list[Path]:
+    """Each PNG (its parameters inside, in A1111's chunk) written atomically under ``folder``."""
+    from ..checkpoint_io import atomic_path
+
+    paths = []
+    for index, (data, seed) in enumerate(zip(pngs, seeds)):
+        path = folder / f"{request_id}-{index}-{seed}.png"
+        with atomic_path(path, suffix=".png") as tmp:
+            tmp.write_bytes(data)
+        paths.append(path)
+    return paths

@@ -1,0 +1,111 @@
+"""The server's state and the steps every generation request takes: limits, queue, wait, encode, save."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+from .engine import SEED_RANGE, Engine, GenerationResult, save_outputs
+from .images import FieldError, png_bytes
+from .infotext import info_json, infotext
+from .jobs import GenerationJob, RunControl
+from .settings import ServerSettings
+
+POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_RANGE)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited or ran."""
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
+        self.worker = engine.worker
+
+    # --------------------------------------------------------------------------------- limits
+    def check_limits(self, job: GenerationJob, count_field: str = "batch_size") -> None:
+        """The configured ceilings (422 naming the field), before the job is queued."""
+        lim = self.settings.limits
+        for name, value, ceiling in (("width", job.width, lim.max_width), ("height", job.height, lim.max_height),
+                                     ("steps", job.steps, lim.max_steps), (count_field, job.count, lim.max_batch)):
+            if value > ceiling:
+                what = "batch_size x n_iter" if count_field == "batch_size" and job.n_iter > 1 else name
+                raise FieldError(name if what == name else count_field,
+                                 f"{what} = {value} is over this server's limit of {ceiling}")
+
+    # ------------------------------------------------------------------------------- running
+    async def run(self, run: Any, control: RunControl, request: Request) -> Any:
+        """Queue ``run`` (503 when full), wait for it; if the client goes, skip or stop its job."""
+        task = self.worker.submit(run, control)
+        future = asyncio.wrap_future(task.future)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=POLL_S)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                control.cancel()
+                raise ClientGone()
+
+    async def generate(self, job: GenerationJob, request: Request, count_field: str = "batch_size"
+                       ) -> tuple[GenerationResult, list[str], list[bytes]]:
+        self.check_limits(job, count_field)
+        request.state.size = job.size
+        control = RunControl(job.count, job.sampling_steps)
+        result = await self.run(lambda c: self.engine.generate(job, c), control, request)
+        model = self.engine.model_name
+        texts = [infotext(job, seed, model) for seed in result.seeds]
+        pngs = [png_bytes(image, text) for image, text in zip(result.images, texts)]
+        if self.settings.outputs is not None:
+            rid = getattr(request.state, "request_id", uuid.uuid4().hex[:8])
+            await asyncio.to_thread(save_outputs, self.settings.outputs, f"{job.timestamp}-{rid}", pngs,
+                                    result.seeds)
+        return result, texts, pngs
+
+    async def a1111_generate(self, job: GenerationJob, request: Request) -> dict:
+        """A1111's response: base64 PNGs, the request's parameters, and ``info`` as a JSON string."""
+        result, texts, pngs = await self.generate(job, request)
+        import base64
+
+        return {"images": [base64.b64encode(p).decode("ascii") for p in pngs],
+                "parameters": _public_parameters(job),
+                "info": info_json(job, result.seeds, texts, self.engine.model_name)}
+
+    async def switch_model(self, name: str, request: Request) -> None:
+        if name == self.engine.model_name:
+            return
+        if name not in self.engine.available_models():
+            raise FieldError("sd_model_checkpoint", f"unknown model {name!r}; available: "
+                                                    f"{', '.join(self.engine.available_models())}")
+        await self.run(lambda c: self.engine.load(name), RunControl(), request)
+
+    def progress(self) -> dict:
+        """A1111's /progress: progress 0-1, eta_relative (s), state; no preview image yet."""
+        task = self.worker.current
+        control = task.control if task is not None else None
+        state = {"skipped": False, "interrupted": bool(control and control.interrupted),
+                 "stopping_generation": False, "job": "" if control is None else "generation",
+                 "job_count": 0 if control is None else control.images,
+                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": 0 if control is None else control.image_index,
+                 "sampling_step": 0 if control is None else control.step,
+                 "sampling_steps": 0 if control is None else control.steps, "queued": self.worker.waiting}
+        return {"progress": 0.0 if control is None else control.fraction(),
+                "eta_relative": 0.0 if control is None else control.eta(), "state": state,
+                "current_image": None, "textinfo": None}
+
+
+def _public_parameters(job: GenerationJob) -> dict:
+    """The request's parameters as A1111 echoes them (images left out)."""
+    return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
+            "cfg_scale": job.cfg_scale, "width": job.width, "height": job.height,
+            "sampler_name": job.sampler.label, "scheduler": job.sampler.schedule, "batch_size": job.batch_size,
+            "n_iter": job.n_iter, "denoising_strength": job.denoising_strength if job.init_image else None}

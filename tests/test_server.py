@@ -1,0 +1,305 @@
+"""The local server, driven by the real clients people use against it: webuiapi (AUTOMATIC1111's API), the
+openai package (Images API) and sd-parsers (A1111's PNG parameters); results compared, pixel for pixel,
+with the same pipelines called directly.
+
+One real uvicorn server per module on a free loopback port (plus a second app with an API key and an
+outputs folder on the same engine), the demo model at 64x64 and 2 steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+webuiapi = pytest.importorskip("webuiapi")
+openai = pytest.importorskip("openai")
+sd_parsers = pytest.importorskip("sd_parsers")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from mlx_stablefused.demo import DEMO_MODEL_ID  # noqa: E402
+from mlx_stablefused.server import Limits, ServerSettings, create_app  # noqa: E402
+from mlx_stablefused.server.engine import Engine, fill_masked  # noqa: E402
+from mlx_stablefused.server.jobs import RunControl  # noqa: E402
+
+SIZE, STEPS = 64, 2
+KEY = "sekrit"
+FAST = dict(width=SIZE, height=SIZE, steps=STEPS, cfg_scale=1.0)  # cfg 1: one UNet pass per step
+
+
+class Running:
+    """A uvicorn server on its own thread and socket."""
+
+    def __init__(self, app: object) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def write_tiny_lora(folder: Path) -> None:
+    """A kohya-format LoRA on one attention projection of the demo UNet (rank 2, large enough to show)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": rng.standard_normal((2, 64)).astype(np.float32),
+               f"{name}.lora_up.weight": rng.standard_normal((64, 2)).astype(np.float32),
+               f"{name}.alpha": np.array(2.0, dtype=np.float32)}, str(folder / "tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    loras = tmp_path_factory.mktemp("loras")
+    write_tiny_lora(loras)
+    settings = ServerSettings(model=DEMO_MODEL_ID, lora_dir=loras)
+    engine = Engine(settings)
+    engine.call(lambda e: e.load(DEMO_MODEL_ID))
+    outputs = tmp_path_factory.mktemp("outputs")
+    keyed_settings = ServerSettings(model=DEMO_MODEL_ID, api_key=KEY, outputs=outputs, lora_dir=loras,
+                                    limits=Limits(max_steps=150))
+    plain, keyed = Running(create_app(settings, engine)), Running(create_app(keyed_settings, engine))
+    yield {"plain": plain, "keyed": keyed, "engine": engine, "outputs": outputs}
+    plain.stop()
+    keyed.stop()
+    engine.close()
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def direct(engine: Engine, mode: str, sampler: str = "euler_ancestral", overrides: dict | None = None,
+           **kwargs) -> np.ndarray:
+    """The same job on the engine's own pipeline, called directly (on its thread), as the reference."""
+    def run(e: Engine) -> Image.Image:
+        pipe = e.pipes[mode]
+        pipe.set_scheduler(sampler, **(overrides or {}))
+        return pipe(image_height=SIZE, image_width=SIZE, num_inference_steps=STEPS, guidance_scale=1.0,
+                    **kwargs)[0]
+    return pixels(engine.call(run))
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_webuiapi_txt2img_img2img_inpainting_and_the_png_parameters(servers):
+    api = webuiapi.WebUIApi(port=servers["plain"].port, sampler="Euler a", steps=STEPS)
+    engine = servers["engine"]
+    result = api.txt2img(prompt="a red lighthouse", negative_prompt="fog", seed=7, batch_size=2, **FAST)
+    assert [im.size for im in result.images] == [(SIZE, SIZE)] * 2
+    assert result.info["seed"] == 7 and result.info["all_seeds"] == [7, 8]
+    for image, seed in zip(result.images, (7, 8)):  # image k from seed + k, as A1111 numbers them
+        ref = direct(engine, "txt2img", prompt="a red lighthouse", negative_prompt="fog", seed=seed)
+        assert np.array_equal(pixels(image), ref)
+
+    parsed = sd_parsers.ParserManager().parse(result.images[1])  # what A1111's PNG Info shows
+    sampler = parsed.samplers[0]
+    assert (sampler.name, sampler.parameters["seed"], sampler.parameters["steps"]) == ("Euler a", "8", str(STEPS))
+    assert [p.value for p in sampler.prompts] == ["a red lighthouse"]
+    assert [p.value for p in sampler.negative_prompts] == ["fog"]
+
+    random = api.txt2img(prompt="x", seed=-1, **FAST)  # -1: a random seed, the one used reported
+    assert random.info["seed"] >= 0 and f"Seed: {random.info['seed']}," in random.image.info["parameters"]
+
+    start = result.images[0]
+    edited = api.img2img(images=[start], prompt="a blue lighthouse", seed=3, denoising_strength=0.5,
+                         sampler_name="DPM++ 2M", scheduler="Karras", **FAST)
+    ref = direct(engine, "img2img", "dpm_multistep", {"use_karras_sigmas": True}, image=start,
+                 prompt="a blue lighthouse", strength=0.5, seed=3)
+    assert np.array_equal(pixels(edited.image), ref)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in edited.image.info["parameters"]
+
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    painted = api.img2img(images=[start], mask_image=mask, prompt="a window", seed=4, denoising_strength=0.75,
+                          mask_blur=0, inpainting_fill=1, **FAST)
+    ref = direct(engine, "inpaint", image=start, mask=mask, prompt="a window", strength=0.75, seed=4)
+    assert np.array_equal(pixels(painted.image), ref)
+    filled = api.img2img(images=[start], mask_image=mask, prompt="a window", seed=4, denoising_strength=0.75,
+                         mask_blur=4, inpainting_fill=0, **FAST)  # A1111's default: fill, blurred mask
+    blurred = mask.filter(ImageFilter.GaussianBlur(4))
+    ref = direct(engine, "inpaint", image=fill_masked(start, blurred), mask=blurred, prompt="a window", strength=0.75,
+                 seed=4)
+    assert np.array_equal(pixels(filled.image), ref)
+
+
+def test_fill_paints_the_masked_part_with_its_surroundings():
+    """A1111's inpainting_fill 0: a red square inside a blue image, masked, comes back blue."""
+    image = Image.new("RGB", (SIZE, SIZE), (0, 0, 255))
+    image.paste((255, 0, 0), (16, 16, 48, 48))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    filled = pixels(fill_masked(image, mask))
+    assert np.abs(filled[16:48, 16:48] - [0, 0, 255]).max() <= 2
+    assert np.array_equal(filled[:16], pixels(image)[:16])  # outside the mask: untouched
+
+
+def test_webuiapi_lists_progress_interrupt_and_lora_tags(servers):
+    api = webuiapi.WebUIApi(port=servers["plain"].port, steps=STEPS)
+    names = api.util_get_sampler_names()
+    assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "DDIM", "UniPC"} <= set(names)
+    assert {s["name"] for s in api.get_schedulers()} == {"automatic", "uniform", "karras"}
+    assert DEMO_MODEL_ID in api.util_get_model_names()
+    api.util_set_model(DEMO_MODEL_ID, find_closest=False)
+    assert api.util_get_current_model() == DEMO_MODEL_ID
+    assert [lora["name"] for lora in api.get_loras()] == ["tiny"]
+    assert api.get_progress()["progress"] == 0.0
+
+    tagged = api.txt2img(prompt="<lora:tiny:1> a cat", seed=1, **FAST).image
+    assert np.array_equal(pixels(tagged), direct(servers["engine"], "txt2img", prompt="<lora:tiny:1> a cat", seed=1))
+    assert not np.array_equal(pixels(tagged), direct(servers["engine"], "txt2img", prompt="a cat", seed=1))
+
+    # A long job, interrupted from another client once it has started: it returns early, with an image.
+    keyed = webuiapi.WebUIApi(port=servers["keyed"].port, steps=150)
+    keyed.session.headers["Authorization"] = f"Bearer {KEY}"
+    with ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        job = pool.submit(keyed.txt2img, prompt="slow", seed=2, width=SIZE, height=SIZE, steps=150, cfg_scale=1.0)
+        while (progress := api.get_progress())["state"]["sampling_step"] < 2:
+            time.sleep(0.02)
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
+        assert progress["eta_relative"] > 0
+        api.interrupt()
+        result = job.result(timeout=60)
+    assert len(result.images) == 1 and time.perf_counter() - start < 10  # 150 steps take ~15 s
+    saved = sorted(servers["outputs"].iterdir())  # the keyed server writes its results
+    assert [p.suffix for p in saved] == [".png"]
+    assert Image.open(saved[0]).info["parameters"] == result.image.info["parameters"]
+
+
+def test_openai_images_generate_edit_and_models(servers):
+    client = openai.OpenAI(base_url=servers["plain"].url + "/v1", api_key="unused")
+    assert DEMO_MODEL_ID in [m.id for m in client.models.list()]
+    out = client.images.generate(model=DEMO_MODEL_ID, prompt="a red lighthouse", n=2, size=f"{SIZE}x{SIZE}",
+                                 response_format="b64_json", extra_body={"seed": 7, "steps": STEPS, "cfg_scale": 1.0})
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
+    engine = servers["engine"]
+    for image, seed in zip(images, (7, 8)):  # the same images as A1111's txt2img with these seeds
+        assert np.array_equal(pixels(image), direct(engine, "txt2img", prompt="a red lighthouse", seed=seed))
+
+    start = images[0]
+    mask = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # OpenAI: the transparent part is edited
+    edit = client.images.edit(image=("start.png", png(start), "image/png"), mask=("mask.png", png(mask), "image/png"),
+                              prompt="a window", size=f"{SIZE}x{SIZE}", response_format="b64_json",
+                              extra_body={"seed": 4, "steps": STEPS, "cfg_scale": 1.0})
+    edited = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
+    white = Image.new("L", (SIZE, SIZE), 0)
+    white.paste(255, (16, 16, 48, 48))
+    assert np.array_equal(pixels(edited), direct(engine, "inpaint", image=start, mask=white, prompt="a window",
+                                                 strength=0.75, seed=4))
+    with pytest.raises(openai.UnprocessableEntityError, match="size"):
+        client.images.generate(prompt="x", size="13x13")
+
+
+def test_eight_concurrent_clients_equal_sequential_runs(servers):
+    url = servers["plain"].url + "/sdapi/v1/txt2img"
+
+    def one(seed: int) -> np.ndarray:
+        r = httpx.post(url, json={"prompt": "a boat", "seed": seed, "sampler_name": "Euler", **FAST}, timeout=60)
+        assert r.status_code == 200, r.text
+        return pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+    seeds = list(range(20, 28))
+    sequential = [one(s) for s in seeds]  # each waits for the last
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(one, seeds))
+    assert all(np.array_equal(a, b) for a, b in zip(sequential, concurrent))
+    assert len({a.tobytes() for a in sequential}) == 8
+
+
+def test_bad_requests_get_4xx_naming_the_field_and_the_server_keeps_serving(servers):
+    base = servers["plain"].url + "/sdapi/v1"
+    good = {"prompt": "a cat", "seed": 1, **FAST}
+    cases = {"steps": {"steps": "many"}, "width": {"width": 13}, "steps ": {"steps": 0},
+             "sampler_name": {"sampler_name": "Nonsense"}, "batch_size": {"batch_size": 9},
+             "height": {"height": 4096}, "scheduler": {"sampler_name": "DDIM", "scheduler": "Karras"},
+             "cfg_scale": {"cfg_scale": "NaN"}}
+    for field, change in cases.items():
+        r = httpx.post(base + "/txt2img", json={**good, **change})
+        assert r.status_code == 422 and field.strip() in r.json()["error"], (change, r.text)
+    r = httpx.post(base + "/img2img", json={**good, "init_images": ["not base64!"]})
+    assert r.status_code == 422 and "init_images" in r.json()["error"]
+    r = httpx.post(base + "/img2img", json={**good, "init_images": [base64.b64encode(b"not an image").decode()]})
+    assert r.status_code == 422 and "init_images" in r.json()["error"]
+    r = httpx.post(base + "/txt2img", content=b"{" + b" " * (50 * 2 ** 20) + b"}",
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "body" in r.json()["error"]
+    r = httpx.post(base + "/txt2img", json={**good, "prompt": "<lora:missing:1> a cat"})  # fails in the pipeline
+    assert r.status_code == 422 and "missing" in r.json()["error"]
+    r = httpx.post(base + "/txt2img", json=good)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_queue_limit_gives_503_with_retry_after(servers):
+    engine, release, running = servers["engine"], threading.Event(), threading.Event()
+    blocker = engine.worker.submit(lambda control: (running.set(), release.wait(30)), RunControl())
+    try:
+        running.wait(30)
+        waiting = [engine.worker.submit(lambda control: None, RunControl()) for _ in range(engine.worker.max_waiting)]
+        r = httpx.post(servers["plain"].url + "/sdapi/v1/txt2img", json={"prompt": "x", **FAST})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "queue" in r.json()["error"]
+    finally:
+        release.set()
+    blocker.future.result(timeout=30)
+    for task in waiting:
+        task.future.result(timeout=30)
+
+
+def test_api_key_is_enforced_and_loopback_is_the_default(servers, monkeypatch, capsys):
+    url = servers["keyed"].url
+    assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 401
+    assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+    assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list().data][0] == DEMO_MODEL_ID
+
+    from mlx_stablefused import cli
+
+    binds = []
+    monkeypatch.setattr("mlx_stablefused.server.engine.Engine", lambda settings: _NoModel())
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: binds.append((host, port)))
+    assert cli.main(["serve", "--model", DEMO_MODEL_ID]) == 0
+    assert binds[-1] == ("127.0.0.1", 7860) and "warning" not in capsys.readouterr().err
+    assert cli.main(["serve", "--model", DEMO_MODEL_ID, "--host", "0.0.0.0", "--port", "8000"]) == 0
+    assert binds[-1] == ("0.0.0.0", 8000) and "without an API key" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", DEMO_MODEL_ID, "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+class _NoModel:
+    """Stands in for the engine where only the command's binding is tested."""
+
+    worker = None
+
+    def call(self, fn):
+        return None
+
+    def close(self):
+        pass
