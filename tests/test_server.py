@@ -3,13 +3,14 @@ openai package (Images API) and sd-parsers (A1111's PNG parameters); results com
 with the same pipelines called directly.
 
 One real uvicorn server per module on a free loopback port (plus a second app with an API key and an
-outputs folder on the same engine), the demo model at 64x64 and 2 steps.
+outputs folder on the same engine), the demo model at 32x32 and 2 steps (64x64 in the slow variant).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -34,7 +35,8 @@ from mlx_stablefused.server import Limits, ServerSettings, create_app  # noqa: E
 from mlx_stablefused.server.engine import Engine, fill_masked  # noqa: E402
 from mlx_stablefused.server.jobs import RunControl  # noqa: E402
 
-SIZE, STEPS = 64, 2
+SIZE, STEPS = 32, 2  # 32x32: a quarter of 64x64's time (the VAE decode dominates); 64x64 in the slow test
+BOX = (SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4)  # the masked square
 KEY = "sekrit"
 FAST = dict(width=SIZE, height=SIZE, steps=STEPS, cfg_scale=1.0)  # cfg 1: one UNet pass per step
 
@@ -90,15 +92,26 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+_REFERENCES: dict[str, np.ndarray] = {}
+
+
 def direct(engine: Engine, mode: str, sampler: str = "euler_ancestral", overrides: dict | None = None,
            **kwargs) -> np.ndarray:
-    """The same job on the engine's own pipeline, called directly (on its thread), as the reference."""
+    """The same job on the engine's own pipeline, called directly (on its thread), as the reference
+    (text-to-image references are kept: the A1111 and OpenAI tests ask for the same ones)."""
+    key = repr((mode, sampler, overrides, sorted(kwargs.items()))) if mode == "txt2img" else None
+    if key in _REFERENCES:
+        return _REFERENCES[key]
+
     def run(e: Engine) -> Image.Image:
         pipe = e.pipes[mode]
         pipe.set_scheduler(sampler, **(overrides or {}))
         return pipe(image_height=SIZE, image_width=SIZE, num_inference_steps=STEPS, guidance_scale=1.0,
                     **kwargs)[0]
-    return pixels(engine.call(run))
+    out = pixels(engine.call(run))
+    if key is not None:
+        _REFERENCES[key] = out
+    return out
 
 
 def png(image: Image.Image) -> bytes:
@@ -135,7 +148,7 @@ def test_webuiapi_txt2img_img2img_inpainting_and_the_png_parameters(servers):
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in edited.image.info["parameters"]
 
     mask = Image.new("L", (SIZE, SIZE), 0)
-    mask.paste(255, (16, 16, 48, 48))
+    mask.paste(255, BOX)
     painted = api.img2img(images=[start], mask_image=mask, prompt="a window", seed=4, denoising_strength=0.75,
                           mask_blur=0, inpainting_fill=1, **FAST)
     ref = direct(engine, "inpaint", image=start, mask=mask, prompt="a window", strength=0.75, seed=4)
@@ -151,12 +164,12 @@ def test_webuiapi_txt2img_img2img_inpainting_and_the_png_parameters(servers):
 def test_fill_paints_the_masked_part_with_its_surroundings():
     """A1111's inpainting_fill 0: a red square inside a blue image, masked, comes back blue."""
     image = Image.new("RGB", (SIZE, SIZE), (0, 0, 255))
-    image.paste((255, 0, 0), (16, 16, 48, 48))
+    image.paste((255, 0, 0), BOX)
     mask = Image.new("L", (SIZE, SIZE), 0)
-    mask.paste(255, (16, 16, 48, 48))
+    mask.paste(255, BOX)
     filled = pixels(fill_masked(image, mask))
-    assert np.abs(filled[16:48, 16:48] - [0, 0, 255]).max() <= 2
-    assert np.array_equal(filled[:16], pixels(image)[:16])  # outside the mask: untouched
+    assert np.abs(filled[BOX[1]:BOX[3], BOX[0]:BOX[2]] - [0, 0, 255]).max() <= 2
+    assert np.array_equal(filled[:BOX[1]], pixels(image)[:BOX[1]])  # outside the mask: untouched
 
 
 def test_webuiapi_lists_progress_interrupt_and_lora_tags(servers):
@@ -196,21 +209,23 @@ def test_openai_images_generate_edit_and_models(servers):
     client = openai.OpenAI(base_url=servers["plain"].url + "/v1", api_key="unused")
     assert DEMO_MODEL_ID in [m.id for m in client.models.list()]
     out = client.images.generate(model=DEMO_MODEL_ID, prompt="a red lighthouse", n=2, size=f"{SIZE}x{SIZE}",
-                                 response_format="b64_json", extra_body={"seed": 7, "steps": STEPS, "cfg_scale": 1.0})
+                                 response_format="b64_json",
+                                 extra_body={"seed": 7, "steps": STEPS, "cfg_scale": 1.0, "negative_prompt": "fog"})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     engine = servers["engine"]
-    for image, seed in zip(images, (7, 8)):  # the same images as A1111's txt2img with these seeds
-        assert np.array_equal(pixels(image), direct(engine, "txt2img", prompt="a red lighthouse", seed=seed))
+    for image, seed in zip(images, (7, 8)):  # A1111's seed numbering and default sampler (Euler a)
+        ref = direct(engine, "txt2img", prompt="a red lighthouse", negative_prompt="fog", seed=seed)
+        assert np.array_equal(pixels(image), ref)
 
     start = images[0]
     mask = Image.new("RGBA", (SIZE, SIZE), (0, 0, 0, 255))
-    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # OpenAI: the transparent part is edited
+    mask.paste((0, 0, 0, 0), BOX)  # OpenAI: the transparent part is edited
     edit = client.images.edit(image=("start.png", png(start), "image/png"), mask=("mask.png", png(mask), "image/png"),
                               prompt="a window", size=f"{SIZE}x{SIZE}", response_format="b64_json",
                               extra_body={"seed": 4, "steps": STEPS, "cfg_scale": 1.0})
     edited = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
     white = Image.new("L", (SIZE, SIZE), 0)
-    white.paste(255, (16, 16, 48, 48))
+    white.paste(255, BOX)
     assert np.array_equal(pixels(edited), direct(engine, "inpaint", image=start, mask=white, prompt="a window",
                                                  strength=0.75, seed=4))
     with pytest.raises(openai.UnprocessableEntityError, match="size"):
@@ -303,3 +318,27 @@ class _NoModel:
 
     def close(self):
         pass
+
+
+def test_a_client_that_disconnects_frees_the_worker(servers):
+    worker = servers["engine"].worker
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-job and closes its connection
+        httpx.post(servers["plain"].url + "/sdapi/v1/txt2img", timeout=0.5,
+                   json={"prompt": "slow", "seed": 1, "width": SIZE, "height": SIZE, "steps": 150, "cfg_scale": 1.0})
+    deadline = time.monotonic() + 5  # 150 steps take ~15 s: the job was stopped, not finished
+    while worker.current is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.current is None
+
+
+@pytest.mark.slow
+def test_a_batch_equals_its_images_run_alone_at_64x64(servers):
+    """A1111's numbering at 64x64: image k of batch_size 4 x n_iter 2 is the image of seed + k run alone."""
+    url = servers["plain"].url + "/sdapi/v1/txt2img"
+    body = {"prompt": "a boat", "seed": 40, "width": 64, "height": 64, "steps": STEPS, "cfg_scale": 7.0}
+    batch = httpx.post(url, json={**body, "batch_size": 4, "n_iter": 2}, timeout=120).json()
+    assert json.loads(batch["info"])["all_seeds"] == list(range(40, 48))
+    for k, image in enumerate(batch["images"]):
+        alone = httpx.post(url, json={**body, "seed": 40 + k}, timeout=120).json()["images"][0]
+        assert np.array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(image)))),
+                              pixels(Image.open(io.BytesIO(base64.b64decode(alone)))))

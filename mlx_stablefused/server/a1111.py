@@ -134,7 +134,8 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/sd-models")
     async def sd_models() -> list:
-        return [{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None}
+        return [{"title": m, "model_name": m, "hash": None, "sha256": None, "filename": m, "config": None,
+                 "description": service.engine.label(m)}
                 for m in service.engine.available_models()]
 
     @api.get("/options")

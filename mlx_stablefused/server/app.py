@@ -138,7 +138,8 @@ def create_app(settings: ServerSettings, engine: Engine) -> Any:
     @app.exception_handler(ValidationError)
     async def invalid(request: Request, exc: Any) -> JSONResponse:
         first = exc.errors()[0]
-        return reply(request, 422, _field_of(tuple(first.get("loc", ()))), first.get("msg", "invalid"))
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return reply(request, 422, _field_of(tuple(first.get("loc", ()))), message)
 
     @app.exception_handler(FieldError)
     async def field_error(request: Request, exc: FieldError) -> JSONResponse:

@@ -60,6 +60,10 @@ class Engine:
     def default_steps(self) -> int:
         return DEMO_STEPS if self.is_demo else 30
 
+    def label(self, model: str) -> str:
+        """The demo model is said to be one wherever models are listed, as the CLI says it."""
+        return "demo model: tiny, random weights, noise by design" if model == DEMO_MODEL_ID else "mlx-stablefused"
+
     def available_models(self) -> list[str]:
         """What /sd-models lists and sd_model_checkpoint may switch to: the served model and the demo."""
         return list(dict.fromkeys([m for m in (self.model_id, self.settings.model, DEMO_MODEL_ID) if m]))

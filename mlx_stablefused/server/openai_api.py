@@ -118,7 +118,7 @@ def router(service: Service) -> APIRouter:
     @api.get("/models")
     async def models() -> dict:
         return {"object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "mlx-stablefused"}
+                "data": [{"id": m, "object": "model", "created": 0, "owned_by": service.engine.label(m)}
                          for m in service.engine.available_models()]}
 
     return api
