@@ -25,6 +25,11 @@ from .worker import Cancelled, QueueFull
 log = logging.getLogger("mlx_stablefused.server")
 
 
+# Words in the pipeline's error messages -> the request field they are about (first match).
+PIPELINE_NAMES = (("<lora:", "prompt"), ("image_height", "height"), ("image_width", "width"),
+                  ("strength", "denoising_strength"), ("num_inference_steps", "steps"), ("prompt", "prompt"))
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -155,12 +160,12 @@ def create_app(settings: ServerSettings, engine: Engine) -> Any:
         return reply(request, 499, "client", "the client disconnected")
 
     @app.exception_handler(ValueError)
-    @app.exception_handler(TypeError)
     @app.exception_handler(MemoryError)
     async def refused(request: Request, exc: Exception) -> JSONResponse:
-        # The pipeline's own checks (sizes, memory, a <lora:...> tag without a file): that request alone fails.
+        # The pipeline's own checks (a <lora:...> tag without a file, a request that cannot fit): that
+        # request alone fails, named by the request field the pipeline's message is about.
         text = str(exc)
-        field = text.split(":", 1)[0] if ":" in text and " " not in text.split(":", 1)[0] else "request"
+        field = next((name for key, name in PIPELINE_NAMES if key in text), "request")
         return reply(request, 422, field, text)
 
     @app.exception_handler(Exception)

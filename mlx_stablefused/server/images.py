@@ -46,6 +46,3 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
     image.save(out, format="PNG", pnginfo=info)
     return out.getvalue()
 
-
-def b64_png(image: Image.Image, parameters: str) -> str:
-    return base64.b64encode(png_bytes(image, parameters)).decode("ascii")

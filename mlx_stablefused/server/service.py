@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import time
 import uuid
@@ -36,12 +37,13 @@ class Service:
     def check_limits(self, job: GenerationJob, count_field: str = "batch_size") -> None:
         """The configured ceilings (422 naming the field), before the job is queued."""
         lim = self.settings.limits
-        for name, value, ceiling in (("width", job.width, lim.max_width), ("height", job.height, lim.max_height),
-                                     ("steps", job.steps, lim.max_steps), (count_field, job.count, lim.max_batch)):
+        count = "batch_size x n_iter" if count_field == "batch_size" else count_field
+        for name, what, value, ceiling in (("width", "width", job.width, lim.max_width),
+                                           ("height", "height", job.height, lim.max_height),
+                                           ("steps", "steps", job.steps, lim.max_steps),
+                                           (count_field, count, job.count, lim.max_batch)):
             if value > ceiling:
-                what = "batch_size x n_iter" if count_field == "batch_size" and job.n_iter > 1 else name
-                raise FieldError(name if what == name else count_field,
-                                 f"{what} = {value} is over this server's limit of {ceiling}")
+                raise FieldError(name, f"{what} = {value} is over this server's limit of {ceiling}")
 
     # ------------------------------------------------------------------------------- running
     async def run(self, run: Any, control: RunControl, request: Request) -> Any:
@@ -74,8 +76,6 @@ class Service:
     async def a1111_generate(self, job: GenerationJob, request: Request) -> dict:
         """A1111's response: base64 PNGs, the request's parameters, and ``info`` as a JSON string."""
         result, texts, pngs = await self.generate(job, request)
-        import base64
-
         return {"images": [base64.b64encode(p).decode("ascii") for p in pngs],
                 "parameters": _public_parameters(job),
                 "info": info_json(job, result.seeds, texts, self.engine.model_name)}
