@@ -34,7 +34,7 @@ class Engine:
         self.settings = settings
         self.model_id: str | None = None
         self.pipes: dict[str, Any] = {}
-        self.worker = Worker(settings.limits.max_queue)
+        self.worker = Worker(settings.limits.max_queue, on_exit=self._release_thread)
 
     def call(self, fn: Any) -> Any:
         """Run ``fn(engine)`` on the worker thread and wait for it (start-up loading; tests)."""
@@ -42,6 +42,15 @@ class Engine:
 
     def close(self) -> None:
         self.worker.close()
+
+    def _release_thread(self) -> None:
+        """MLX streams belong to the thread that made them; destroyed before it ends, or the process may
+        abort at exit ("terminate called without an active exception", ml-explore/mlx#3126)."""
+        if self.settings.backend == "mlx":
+            import mlx.core as mx
+
+            if hasattr(mx, "clear_streams"):  # recent MLX; older ones have no such call
+                mx.clear_streams()
 
     @property
     def is_demo(self) -> bool:

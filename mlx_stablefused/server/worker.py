@@ -33,8 +33,8 @@ class Task:
 class Worker:
     """Runs submitted tasks in order on its own thread; at most ``max_waiting`` wait behind the running one."""
 
-    def __init__(self, max_waiting: int) -> None:
-        self.max_waiting = max_waiting
+    def __init__(self, max_waiting: int, on_exit: Callable[[], None] | None = None) -> None:
+        self.max_waiting, self._on_exit = max_waiting, on_exit
         self._queue: queue.Queue[Task | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -68,6 +68,13 @@ class Worker:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._on_exit is not None:
+                self._on_exit()
+
+    def _serve(self) -> None:
         while (task := self._queue.get()) is not None:
             with self._lock:
                 self._waiting -= 1
