@@ -188,8 +188,7 @@ def test_webuiapi_lists_progress_interrupt_and_lora_tags(servers):
     assert not np.array_equal(pixels(tagged), direct(servers["engine"], "txt2img", prompt="a cat", seed=1))
 
     # A long job, interrupted from another client once it has started: it returns early, with an image.
-    keyed = webuiapi.WebUIApi(port=servers["keyed"].port, steps=150)
-    keyed.session.headers["Authorization"] = f"Bearer {KEY}"
+    keyed = webuiapi.WebUIApi(port=servers["keyed"].port, steps=150, username="any", password=KEY)  # Basic
     with ThreadPoolExecutor(1) as pool:
         start = time.perf_counter()
         job = pool.submit(keyed.txt2img, prompt="slow", seed=2, width=SIZE, height=SIZE, steps=150, cfg_scale=1.0)
@@ -210,10 +209,11 @@ def test_openai_images_generate_edit_and_models(servers):
     assert DEMO_MODEL_ID in [m.id for m in client.models.list()]
     out = client.images.generate(model=DEMO_MODEL_ID, prompt="a red lighthouse", n=2, size=f"{SIZE}x{SIZE}",
                                  response_format="b64_json",
-                                 extra_body={"seed": 7, "steps": STEPS, "cfg_scale": 1.0, "negative_prompt": "fog"})
+                                 extra_body={"seed": 7, "steps": STEPS, "cfg_scale": 1.0, "negative_prompt": "fog",
+                                             "sampler_name": "Euler a"})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     engine = servers["engine"]
-    for image, seed in zip(images, (7, 8)):  # A1111's seed numbering and default sampler (Euler a)
+    for image, seed in zip(images, (7, 8)):  # A1111's seed numbering, as in the txt2img test
         ref = direct(engine, "txt2img", prompt="a red lighthouse", negative_prompt="fog", seed=seed)
         assert np.array_equal(pixels(image), ref)
 
@@ -222,7 +222,7 @@ def test_openai_images_generate_edit_and_models(servers):
     mask.paste((0, 0, 0, 0), BOX)  # OpenAI: the transparent part is edited
     edit = client.images.edit(image=("start.png", png(start), "image/png"), mask=("mask.png", png(mask), "image/png"),
                               prompt="a window", size=f"{SIZE}x{SIZE}", response_format="b64_json",
-                              extra_body={"seed": 4, "steps": STEPS, "cfg_scale": 1.0})
+                              extra_body={"seed": 4, "steps": STEPS, "cfg_scale": 1.0, "sampler_name": "Euler a"})
     edited = Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json)))
     white = Image.new("L", (SIZE, SIZE), 0)
     white.paste(255, BOX)
@@ -291,6 +291,7 @@ def test_api_key_is_enforced_and_loopback_is_the_default(servers, monkeypatch, c
     assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 401
     assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(url + "/sdapi/v1/sd-models", auth=("user", "wrong")).status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
     assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list().data][0] == DEMO_MODEL_ID

@@ -119,11 +119,6 @@ def router(service: Service) -> APIRouter:
         service.worker.interrupt()
         return None
 
-    @api.post("/skip")
-    async def skip() -> Any:
-        service.worker.interrupt()
-        return None
-
     @api.get("/samplers")
     async def samplers() -> list:
         return sampler_items()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -63,7 +65,7 @@ class Gate:
         key = self.settings.api_key
         if key is not None:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            if not _authorized(given, key):
                 return await _send_json(send, 401, _error(scope["path"], "authorization",
                                                           "missing or wrong API key: send 'Authorization: Bearer KEY'"),
                                         [(b"www-authenticate", b"Bearer")])
@@ -91,6 +93,20 @@ class Gate:
             if not started[0]:
                 await _drain(receive, 4 * cap)
                 await _send_json(send, 413, _too_large(scope["path"], seen[0], cap))
+
+
+def _authorized(header: str, key: str) -> bool:
+    """``Bearer KEY`` (OpenAI's clients), or HTTP Basic with KEY as the password (A1111's --api-auth, which
+    webuiapi's username/password send)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), key.encode("utf-8"))
 
 
 async def _drain(receive: Any, limit: int) -> None:

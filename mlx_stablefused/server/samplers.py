@@ -56,7 +56,7 @@ class SamplerChoice:
 
 def choose_sampler(sampler_name: str | None, scheduler: str | None) -> SamplerChoice:
     """Our sampler for A1111's ``sampler_name`` and ``scheduler``; ValueError naming the field otherwise."""
-    name = (sampler_name or "Euler a").strip()
+    name = (sampler_name or "Euler").strip()  # A1111's default (its sampler_index field's)
     sampler = _BY_NAME.get(name.lower())
     if sampler is None:
         raise ValueError(f"sampler_name: unknown sampler {sampler_name!r}; known: "
