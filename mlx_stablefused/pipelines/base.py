@@ -11,7 +11,7 @@ MLX and torch, Mac and NVIDIA.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +42,8 @@ class ModelComponents:
     backend: Backend
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
+    tokenizers: dict[str, CLIPTokenizer] = field(default_factory=dict)  # text-encoder component -> its tokenizer
+    model_index: dict[str, Any] = field(default_factory=dict)  # the pipeline's config (SDXL: force_zeros...)
 
     @classmethod
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
@@ -50,13 +52,18 @@ class ModelComponents:
         from dataclasses import replace
 
         from ..demo import resolve_special_adapter, resolve_special_id
-        from ..model_description import STABLE_DIFFUSION
+        from ..model_description import STABLE_DIFFUSION, description_for
+        from ..model_index import read_model_index
         from ..motion_adapters import MotionAdapterSource, resolve_motion_adapter
         from ..sources import is_special_id
 
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
-        source = resolve_model(resolve_special_id(model_id), variant=variant, revision=revision,
-                               local_files_only=local_files_only, description=STABLE_DIFFUSION)
+        # The model index names the pipeline class, which picks the components to fetch and load (SD, SDXL).
+        model_path = resolve_special_id(model_id)
+        description = description_for(read_model_index(model_path, revision=revision,
+                                                       local_files_only=local_files_only))
+        source = resolve_model(model_path, variant=variant, revision=revision,
+                               local_files_only=local_files_only, description=description)
         if is_special_id(model_id):
             source = replace(source, origin=model_id)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
@@ -66,13 +73,17 @@ class ModelComponents:
         scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
-        text_encoder = STABLE_DIFFUSION.first_with_role("text_encoder")
-        tokenizer = CLIPTokenizer.from_folder(source.root / STABLE_DIFFUSION.tokenizers[text_encoder.name])
+        tokenizers = {name: CLIPTokenizer.from_folder(source.root / folder)
+                      for name, folder in description.tokenizers.items()}
+        index_file = source.root / "model_index.json"
+        model_index = read_json(index_file) if index_file.is_file() else {}
         options: dict[str, Any] = dict(dtype=dtype, variant=variant, use_cache=use_cache, device=device)
         if motion_adapter is not None:
             options["motion_adapter"] = motion_adapter
+        if description is not STABLE_DIFFUSION:
+            options["description"] = description
         engine = create_backend(backend, source, **options)
-        return cls(source, engine, tokenizer, read_json(scheduler_file))
+        return cls(source, engine, next(iter(tokenizers.values())), read_json(scheduler_file), tokenizers, model_index)
 
 
 def with_run_settings(method: Callable) -> Callable:

@@ -68,6 +68,14 @@ class MLXBackend(Backend):
         mx.eval(out)
         return out
 
+    def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
+                           hidden_state: int = -2) -> tuple[mx.array, mx.array]:
+        out = self.components[component](mx.array(token_ids), output_hidden_states=True)
+        pooled = out.pooler_output if out.text_embeds is None else out.text_embeds
+        hidden = out.hidden_states[hidden_state]
+        mx.eval(hidden, pooled)
+        return hidden, pooled
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
         file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
