@@ -246,18 +246,45 @@ class BaseDiffusion:
 
     # ---------------------------------------------------------------------------------- prompts
     @with_run_settings
-    def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None) -> Array:
-        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to ""."""
-        prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
-        ids = np.concatenate([self.tokenizer(negatives), self.tokenizer(prompts)], axis=0)
-        embedding = self.backend.encode_text(ids)
+    def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None,
+                            prompt_2: PromptType | None = None, negative_prompt_2: PromptType | None = None) -> Any:
+        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to "".
+
+        SDXL models return ``(embeddings, pooled)``: the two encoders' penultimate states concatenated,
+        (2B, 77, D1 + D2) (2048 for SDXL base; the refiner's single encoder: 1280), and the second
+        encoder's projected pooled output, (2B, P) (1280); ``prompt_2`` / ``negative_prompt_2`` go to the
+        second encoder (default: the first's). With no ``negative_prompt`` and the model's
+        ``force_zeros_for_empty_prompt`` the unconditional rows are zeros, as diffusers."""
+        from .sdxl_conditioning import SDXLPromptEncoder, is_sdxl, sdxl_prompts
+
+        if is_sdxl(self.backend):
+            prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
+            encoder = SDXLPromptEncoder(self.components)
+            (text, pooled), (neg_text, neg_pooled) = encoder.encode_pairs(
+                prompts, negatives, sdxl_prompts(negative_prompt, prompt_2, negative_prompt_2))
+            embedding = (self.backend.concat([neg_text, text]), self.backend.concat([neg_pooled, pooled]))
+        else:
+            if prompt_2 is not None or negative_prompt_2 is not None:
+                raise ValueError("prompt_2 and negative_prompt_2: only SDXL models take these")
+            prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
+            ids = np.concatenate([self.tokenizer(negatives), self.tokenizer(prompts)], axis=0)
+            embedding = self.backend.encode_text(ids)
         if self.release_text_encoder:
             self.backend.release_text_encoder()
         return embedding
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str]) -> tuple[Conditioning, Conditioning]:
-        """(positive, negative) conditioning for prompt pairs, encoded in one text-encoder pass."""
-        return self.split_embedding(self.prompt_to_embedding(prompts, negatives))
+    def encode_prompt(self, prompts: list[str], negatives: list[str], sdxl: Any = None,
+                      num_images_per_prompt: int = 1) -> tuple[Conditioning, Conditioning]:
+        """(positive, negative) conditioning for prompt pairs, encoded in one text-encoder pass; ``sdxl``
+        (``sdxl_conditioning.SDXLInputs``) adds the second prompts, pooled embeddings and time ids."""
+        if sdxl is None:
+            return self.split_embedding(self.prompt_to_embedding(prompts, negatives))
+        from .sdxl_conditioning import SDXLPromptEncoder
+
+        out = SDXLPromptEncoder(self.components).conditioning(prompts, negatives, sdxl, num_images_per_prompt)
+        if self.release_text_encoder:
+            self.backend.release_text_encoder()
+        return out
 
     @staticmethod
     def split_embedding(embedding: Array) -> tuple[Conditioning, Conditioning]:
@@ -279,7 +306,7 @@ class BaseDiffusion:
         Returns ``[final]``, or every latent from the start when ``return_latent_history``."""
         callbacks = StepCallbacks(self, callback_on_step_end)
         history = [latents]
-        steps = len(self.scheduler.timesteps) - start
+        steps = (core.get("stop") or len(self.scheduler.timesteps)) - start
         with tqdm(total=steps, disable=not self.progress, desc=progress_desc, leave=False) as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):
