@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
@@ -86,7 +87,8 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "default: the input's size" if resize_only else "default: 512; 256 for the demo model"
+    what = ("default: the input's size" if resize_only
+            else "default: 512, for SDXL models the UNet's (1024); 256 for the demo model")
     for flag in ("--height", "--width"):
         p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
                        help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _size_flags(p)
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=False)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "img2img.png")
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -149,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -213,18 +218,21 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     """Build ``cls`` from the model flags; fill size and step defaults (smaller for the demo model)."""
     if args.model is None:
         args.model = default_model(args.variant)
+    from .pipelines.sdxl_conditioning import default_image_side
+
     demo = args.model == DEMO_MODEL_ID
-    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
-        size = 256 if demo else 512
-        args.height = size if args.height is None else args.height
-        args.width = size if args.width is None else args.width
     if args.steps is None:
         args.steps = 20 if demo else 30
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
-    return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
+    pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
+        size = 256 if demo else default_image_side(pipe.backend, pipe.vae_scale_factor)  # 512; SDXL: its UNet's
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
+    return pipe
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
@@ -258,7 +266,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(TextToImageDiffusion, args)
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -269,7 +277,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args))
+                  **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -280,7 +288,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 

@@ -110,6 +110,15 @@ def sdxl_refiner(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_inpaint(tmp_path_factory):
+    """The tiny SDXL model with a 9-channel inpainting UNet: (StableDiffusionXLInpaintPipeline, folder)."""
+    from tiny_sdxl import INPAINT, build_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl-inpaint")
+    return build_sdxl(INPAINT, folder), folder / "model"
+
+
+@pytest.fixture(scope="session")
 def unet3d_model(tmp_path_factory):
     """A ModelScope-style text-to-video model (UNet3D), as TextToVideoSDPipeline."""
     from tiny_models import build_video_pipeline

@@ -23,7 +23,7 @@ from ..backends import create_backend
 from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings
 from ..conditioning import Conditioning
 from ..config import read_json
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, UnsupportedModelError
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
 from ..sources import ModelSource, resolve_model
 from ..tokenizer import CLIPTokenizer
@@ -289,6 +289,9 @@ class BaseDiffusion:
     @staticmethod
     def split_embedding(embedding: Array) -> tuple[Conditioning, Conditioning]:
         """``[uncond; cond]`` -> (positive, negative) conditioning."""
+        if isinstance(embedding, tuple):
+            raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: latent walks, "
+                                        "interpolation and embedding_to_latent do not take SDXL models yet")
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 

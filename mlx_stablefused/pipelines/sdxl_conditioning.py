@@ -10,7 +10,8 @@ shared pipelines call when the model is an SDXL one (a ``text_time`` UNet):
   ``negative_prompt``, the unconditional branch is all zeros, not the encoding of "";
 * the time ids: ``original_size + crops_coords_top_left + target_size`` (6 numbers), or for a refiner
   (``requires_aesthetics_score``) ``original_size + crops_coords_top_left + (aesthetic_score,)`` (5).
-  The negative branch follows diffusers per pipeline (``negative_time_ids`` below).
+  The negative branch follows diffusers per pipeline (``MicroConditioning.time_ids`` and
+  ``text_to_image_time_ids``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ SDXL_PROMPT_KEYWORDS = ("prompt_2", "negative_prompt_2")
 def is_sdxl(backend: Any) -> bool:
     """Whether the loaded UNet takes SDXL's added conditioning (pooled text and time ids)."""
     return getattr(backend.unet_config, "addition_embed_type", None) == "text_time"
+
+
+def refuse_sdxl(backend: Any, what: str) -> None:
+    """Refuse, before any work, a pipeline that does not take SDXL models yet (latent walks, interpolation)."""
+    if is_sdxl(backend):
+        raise UnsupportedModelError(f"{what} does not take SDXL models yet (their prompt embeddings need pooled "
+                                    "embeddings and time ids); use TextToImageDiffusion, ImageToImageDiffusion "
+                                    "or InpaintDiffusion")
 
 
 def _pair(value: Any, name: str, check: Any) -> Pair | None:
@@ -76,10 +85,6 @@ class MicroConditioning:
                 checked = _pair(value, f.name, positive_int)
             object.__setattr__(self, f.name, checked)
 
-    @property
-    def keywords(self) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(self))
-
     def time_ids(self, height: int, width: int, aesthetic: bool) -> tuple[list[float], list[float]]:
         """(positive, negative) time ids for an image of ``height`` x ``width`` as diffusers' SDXL
         image-to-image and inpainting pipelines build them: each negative size defaults to its positive
@@ -92,7 +97,8 @@ class MicroConditioning:
         if aesthetic:
             return ([*original, *self.crops_coords_top_left, self.aesthetic_score],
                     [*neg_original, *self.negative_crops_coords_top_left, self.negative_aesthetic_score])
-        return [*original, *self.crops_coords_top_left, *target], [*neg_original, *self.crops_coords_top_left, *neg_target]
+        crop = self.crops_coords_top_left
+        return [*original, *crop, *target], [*neg_original, *crop, *neg_target]
 
     def text_to_image_time_ids(self, height: int, width: int) -> tuple[list[float], list[float]]:
         """(positive, negative) time ids as diffusers' SDXL text-to-image pipeline builds them: the negative
@@ -179,7 +185,8 @@ class SDXLPromptEncoder:
     def pooled_dim(self) -> int:
         last = self.encoders[-1]
         config = self.backend.configs[last]
-        return config.projection_dim if hasattr(self.backend.components[last], "text_projection") else config.hidden_size
+        with_projection = hasattr(self.backend.components[last], "text_projection")
+        return config.projection_dim if with_projection else config.hidden_size
 
     def check_time_ids(self, count: int) -> None:
         """Refuse, before any work, time ids the UNet's add_embedding cannot take (a refiner asked for sizes)."""
@@ -220,7 +227,8 @@ class SDXLPromptEncoder:
                      k: int = 1) -> tuple[Conditioning, Conditioning]:
         """(positive, negative) ``Conditioning``s with text, pooled text and time ids (one row per image)."""
         (text, pooled), (neg_text, neg_pooled) = self.encode_pairs(prompts, negatives, sdxl, k)
-        ids = [self.backend.from_numpy(np.tile(np.asarray(row, np.float32), (len(prompts), 1))) for row in sdxl.time_ids]
+        ids = [self.backend.from_numpy(np.tile(np.asarray(row, np.float32), (len(prompts), 1)))
+               for row in sdxl.time_ids]
         return Conditioning(text, pooled, ids[0]), Conditioning(neg_text, neg_pooled, ids[1])
 
 
@@ -281,3 +289,16 @@ def denoising_start_index(scheduler: Any, denoising_start: float) -> int:
     if getattr(scheduler, "order", 1) == 2 and count % 2 == 0:
         count += 1
     return len(scheduler.timesteps) - count
+
+
+def given_latents(image: Any, latent_channels: int) -> np.ndarray | None:
+    """``image`` as scaled latents (B, C, h, w) when it is one (a numpy array with the latent channel count on
+    axis 1, as another pipeline's ``output_type="latent"`` returns; diffusers takes them as ``image`` too);
+    None for images. Checked finite."""
+    if not isinstance(image, np.ndarray) or image.ndim != 4 or image.shape[1] != latent_channels \
+            or image.shape[-1] in (1, 3):
+        return None
+    latents = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(latents).all():
+        raise ValueError("the image latent contains NaN or infinite values")
+    return latents

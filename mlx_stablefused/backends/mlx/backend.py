@@ -77,17 +77,22 @@ class MLXBackend(Backend):
         return hidden, pooled
 
     def release_text_encoder(self) -> bool:
-        """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
-        file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
-        path = self._weights_files.get("text_encoder")
-        if path is None or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
-            return False
+        """Free the text encoders' materialised weights (SDXL: both): they are re-read lazily (mx.load maps the
+        converted file and reads on first use) the next time a prompt is encoded. False when there is no such
+        file."""
         from ...checkpoint_io import load_weights
         from .weights import apply_weights
 
-        dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
-        apply_weights(self.text_encoder, load_weights(path), str(path), dtype)
-        return True
+        released = False
+        for c in self.description.components:
+            module, path = self.components.get(c.name), self._weights_files.get(c.name)
+            if c.role != "text_encoder" or path is None or any(
+                    type(m).__name__.startswith("Quantized") for _, m in module.named_modules()):
+                continue
+            dtype = module.text_model.final_layer_norm.weight.dtype
+            apply_weights(module, load_weights(path), str(path), dtype)
+            released = True
+        return released
 
     def compile_unet(self, enabled: bool = True) -> None:
         """Trace the UNet once per input shape and run the fused graph (``mx.compile``)."""
