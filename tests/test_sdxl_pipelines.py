@@ -19,14 +19,27 @@ def _noise(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def test_sdxl_text_to_image_matches_diffusers(sdxl, pipelines, backend_name):
+@pytest.fixture(scope="module")
+def references():
+    """diffusers' outputs by case, computed once for both backends."""
+    cache = {}
+
+    def get(key, compute):
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = compute()
+        return cache[key]
+
+    return get
+
+
+def test_sdxl_text_to_image_matches_diffusers(sdxl, pipelines, backend_name, references):
     ref, root = sdxl
     pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
     # prompt_to_embedding vs encode_prompt: [uncond; cond] states (2B, 77, 32 + 48) and pooled (2B, 40)
     prompts, prompts_2 = ["a red lighthouse", "a cat"], ["a watercolour", "at night, oil"]
     embeds, pooled = pipe.prompt_to_embedding(prompts, "blurry", prompt_2=prompts_2, negative_prompt_2="dark")
-    with torch.no_grad():
-        want = ref.encode_prompt(prompts, prompts_2, "cpu", 1, True, "blurry", "dark")
+    want = references("encode", lambda: ref.encode_prompt(prompts, prompts_2, "cpu", 1, True, "blurry", "dark"))
     assert tuple(embeds.shape) == (4, 77, 80) and tuple(pooled.shape) == (4, 40)
     to_np = pipe.backend.to_numpy
     assert report("SDXL prompt_to_embedding vs encode_prompt (states)", rel_error(
@@ -41,30 +54,35 @@ def test_sdxl_text_to_image_matches_diffusers(sdxl, pipelines, backend_name):
                   latent=_noise((1, 4, 8, 10), 1), negative_original_size=(32, 40), negative_target_size=(64, 64),
                   negative_crops_coords_top_left=(4, 0), **MICRO)]
     pipe.enable_low_memory()  # both text encoders freed after each encoding and re-read when next needed
-    for case in cases:
+    for i, case in enumerate(cases):
         noise = case.pop("latent")
-        with torch.no_grad():
-            want = ref(**case, num_inference_steps=2, guidance_scale=5.0, latents=torch.from_numpy(noise),
-                       output_type="np", height=64, width=80).images
+        want = references(("t2i", i), lambda: ref(**case, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                                                  latents=torch.from_numpy(noise), height=64, width=80).images)
         got = pipe(**case, num_inference_steps=2, guidance_scale=5.0, latent=noise, output_type="np")
         assert report(f"SDXL text-to-image vs StableDiffusionXLPipeline [{backend_name}]",
                       max_abs_error(got, want)) < IMAGE_TOL
 
 
-def test_sdxl_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refiner, pipelines, backend_name):
+# The SDXL conditioning and schedules are backend-neutral code: the torch variants of the ensemble and Turbo
+# runs are slow; every SDXL network and text-to-image run both backends by default.
+MLX_DEFAULT = pytest.mark.parametrize("backend_name", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
+
+
+@MLX_DEFAULT
+def test_sdxl_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refiner, pipelines, backend_name, references):
     """Base with denoising_end -> latents -> refiner (aesthetic scores, second encoder only) with
     denoising_start, vs StableDiffusionXLPipeline -> StableDiffusionXLImg2ImgPipeline."""
     (base_ref, base_root), (refiner_ref, refiner_root) = sdxl, sdxl_refiner
     base = pipelines.pipeline(TextToImageDiffusion, base_root, backend_name)
     refiner = pipelines.pipeline(ImageToImageDiffusion, refiner_root, backend_name)
     noise = _noise((1, 4, 8, 8), 2)
-    common = dict(prompt="a lighthouse", num_inference_steps=5, guidance_scale=5.0)
+    common = dict(prompt="a lighthouse", num_inference_steps=4, guidance_scale=5.0)
     refine = dict(aesthetic_score=7.5, negative_aesthetic_score=1.0, negative_original_size=(40, 48),
                   negative_crops_coords_top_left=(2, 4), **MICRO)
-    with torch.no_grad():
-        latent_ref = base_ref(**common, denoising_end=0.7, latents=torch.from_numpy(noise), height=64, width=64,
-                              output_type="latent").images
-        want = refiner_ref(**common, image=latent_ref, denoising_start=0.7, output_type="np", **refine).images
+    latent_ref = references("base", lambda: base_ref(**common, denoising_end=0.7, latents=torch.from_numpy(noise),
+                                                     height=64, width=64, output_type="latent").images)
+    want = references("refined", lambda: refiner_ref(**common, image=latent_ref, denoising_start=0.7,
+                                                     output_type="np", **refine).images)
     latent = base(**common, denoising_end=0.7, latent=noise, output_type="latent")
     assert report(f"SDXL denoising_end latents vs StableDiffusionXLPipeline [{backend_name}]",
                   max_abs_error(latent, latent_ref.numpy())) < 1e-3
@@ -73,7 +91,8 @@ def test_sdxl_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refiner, pipeline
                   max_abs_error(got, want)) < IMAGE_TOL
 
 
-def test_sdxl_turbo_one_step_matches_diffusers(sdxl, pipelines, backend_name):
+@MLX_DEFAULT
+def test_sdxl_turbo_one_step_matches_diffusers(sdxl, pipelines, backend_name, references):
     """SDXL-Turbo's recipe: Euler ancestral with trailing timesteps, one step, no guidance (diffusers'
     guidance_scale=0.0 turns guidance off; here exactly 1.0 does)."""
     ref, root = sdxl
@@ -82,16 +101,15 @@ def test_sdxl_turbo_one_step_matches_diffusers(sdxl, pipelines, backend_name):
     noise = _noise((1, 4, 8, 8), 3)
     scheduler = diffusers_scheduler_for(root, "euler_ancestral")
     scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing="trailing")
-    with torch.no_grad():
-        want = diffusers_pipeline(ref, scheduler=scheduler)(
-            "a cat", num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(noise), height=64, width=64,
-            output_type="np").images
+    want = references("turbo", lambda: diffusers_pipeline(ref, scheduler=scheduler)(
+        "a cat", num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(noise), height=64, width=64,
+        output_type="np").images)
     got = pipe("a cat", num_inference_steps=1, guidance_scale=1.0, latent=noise, output_type="np")
     assert report(f"SDXL-Turbo 1 step vs StableDiffusionXLPipeline [{backend_name}]",
                   max_abs_error(got, want)) < IMAGE_TOL
 
 
-IMAGE_CASES = [("img2img", "mlx"), ("inpaint-9", "mlx"), ("blend", "mlx")] + [
+IMAGE_CASES = [("img2img", "mlx"), ("inpaint-9", "mlx"), pytest.param("blend", "mlx", marks=pytest.mark.slow)] + [
     pytest.param(case, "torch", marks=pytest.mark.slow) for case in ("img2img", "inpaint-9", "blend")]
 
 
