@@ -36,7 +36,7 @@ def test_sdxl_txt2img_and_refiner_img2img_write_what_the_api_makes(sdxl, sdxl_re
     ("refiner", [], "refiner (requires_aesthetics_score in its model_index.json): it refines an image"),
     ("sdxl", ["--original-size", "0", "64"], "--original-size must be a positive integer, got 0"),
     ("sdxl", ["--crops-coords-top-left", "-1", "0"], "--crops-coords-top-left must be a non-negative integer"),
-    ("sd1", ["--prompt-2", "x"], "prompt_2: only SDXL models take these"),
+    ("sd1", ["--prompt-2", "x", "--target-size", "64", "64"], "--prompt-2, --target-size: only SDXL models take these"),
 ])
 def test_sdxl_bad_input_exits_1_naming_it(sdxl, sdxl_refiner, sd1, tmp_path, capsys, model, argv, message):
     root = {"sdxl": sdxl, "refiner": sdxl_refiner, "sd1": sd1}[model][1]
