@@ -359,8 +359,14 @@ def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
     from .sources import resolve_model
 
-    source = resolve_model(resolve_special_id(args.source), variant=args.variant)
-    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
+    from .model_description import description_for
+    from .model_index import read_model_index
+
+    model = resolve_special_id(args.source)
+    description = description_for(read_model_index(model))  # SDXL: both text encoders, or the refiner's one
+    source = resolve_model(model, variant=args.variant, description=description)
+    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
+                        description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
     return 0
 

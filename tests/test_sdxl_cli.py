@@ -30,6 +30,11 @@ def test_sdxl_txt2img_and_refiner_img2img_write_what_the_api_makes(sdxl, sdxl_re
     api = ImageToImageDiffusion(sdxl_refiner[1], progress=False)(str(source), "a lighthouse", num_inference_steps=2,
                                                                  strength=0.5, aesthetic_score=7.0, seed=5)[0]
     assert np.abs(np.asarray(Image.open(refined), float) - np.asarray(api, float)).max() <= 1
+    converted = tmp_path / "refiner-mlx"  # convert keeps the description the model index names
+    assert main(["convert", str(sdxl_refiner[1]), str(converted), "--dtype", "float32"]) == 0
+    again = ImageToImageDiffusion(converted, progress=False)(str(source), "a lighthouse", num_inference_steps=2,
+                                                           strength=0.5, aesthetic_score=7.0, seed=5)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(api))
 
 
 @pytest.mark.parametrize("model,argv,message", [
