@@ -73,10 +73,11 @@ class ModelComponents:
         scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
-        tokenizers = {name: CLIPTokenizer.from_folder(source.root / folder)
-                      for name, folder in description.tokenizers.items()}
         index_file = source.root / "model_index.json"
         model_index = read_json(index_file) if index_file.is_file() else {}
+        description = description_for(model_index)  # the resolved folder's own index decides (an offline hub id)
+        tokenizers = {name: CLIPTokenizer.from_folder(source.root / folder)
+                      for name, folder in description.tokenizers.items()}
         options: dict[str, Any] = dict(dtype=dtype, variant=variant, use_cache=use_cache, device=device)
         if motion_adapter is not None:
             options["motion_adapter"] = motion_adapter
