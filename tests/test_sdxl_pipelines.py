@@ -136,6 +136,16 @@ def test_sdxl_image_to_image_and_inpainting_match_diffusers(case, backend, sdxl,
     assert report(f"SDXL {case} vs diffusers' SDXL pipeline [{backend}]", max_abs_error(got, want)) < IMAGE_TOL
 
 
+def test_negative_micro_conditioning_defaults_to_the_positive_values():
+    from mlx_stablefused.pipelines.sdxl_conditioning import MicroConditioning
+
+    micro = MicroConditioning(original_size=(96, 80), crops_coords_top_left=(8, 16), negative_original_size=(32, 40))
+    assert micro.time_ids(64, 48, aesthetic=False) == ([96, 80, 8, 16, 64, 48], [32, 40, 8, 16, 64, 48])
+    assert micro.time_ids(64, 48, aesthetic=True) == ([96, 80, 8, 16, 6.0], [32, 40, 8, 16, 2.5])
+    given = MicroConditioning(negative_crops_coords_top_left=(0, 4), negative_target_size=(8, 8))
+    assert given.time_ids(64, 48, aesthetic=False) == ([64, 48, 0, 0, 64, 48], [64, 48, 0, 4, 8, 8])
+
+
 def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sd1, pipelines):
     _, root = sdxl
     pipe = pipelines.pipeline(TextToImageDiffusion, root)

@@ -10,8 +10,7 @@ shared pipelines call when the model is an SDXL one (a ``text_time`` UNet):
   ``negative_prompt``, the unconditional branch is all zeros, not the encoding of "";
 * the time ids: ``original_size + crops_coords_top_left + target_size`` (6 numbers), or for a refiner
   (``requires_aesthetics_score``) ``original_size + crops_coords_top_left + (aesthetic_score,)`` (5).
-  The negative branch follows diffusers per pipeline (``MicroConditioning.time_ids`` and
-  ``text_to_image_time_ids``).
+  Every negative value defaults to its positive one (``MicroConditioning``).
 """
 
 from __future__ import annotations
@@ -59,14 +58,19 @@ def _pair(value: Any, name: str, check: Any) -> Pair | None:
 class MicroConditioning:
     """SDXL's size and crop conditioning (arXiv 2307.01952 section 2.2), diffusers' keyword names.
 
-    Sizes are (height, width) in pixels, crops (top, left); ``None`` sizes default to the image size.
-    ``aesthetic_score`` / ``negative_aesthetic_score`` are used by refiners (``requires_aesthetics_score``)."""
+    Sizes are (height, width) in pixels, crops (top, left); ``None`` sizes default to the image size and
+    ``None`` negative values to the positive ones, in every pipeline. diffusers 0.42 has three rules instead
+    (text-to-image ignores the negative sizes unless both are given, then crops at (0, 0); image-to-image
+    and inpainting ignore ``negative_crops_coords_top_left`` unless the model is a refiner, diffusers PR
+    #14676; refiners crop the negative branch at (0, 0)); where a caller gives every negative value, or none,
+    the ids are the same. ``aesthetic_score`` / ``negative_aesthetic_score`` are used by refiners
+    (``requires_aesthetics_score``)."""
 
     original_size: Pair | None = None
     crops_coords_top_left: Pair = (0, 0)
     target_size: Pair | None = None
     negative_original_size: Pair | None = None
-    negative_crops_coords_top_left: Pair = (0, 0)
+    negative_crops_coords_top_left: Pair | None = None
     negative_target_size: Pair | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
@@ -79,38 +83,24 @@ class MicroConditioning:
                 checked = finite_float(value, f.name)
             elif f.name.endswith("crops_coords_top_left"):
                 checked = _pair(value, f.name, non_negative_int)
-                if checked is None:
+                if checked is None and f.name == "crops_coords_top_left":
                     raise ValueError(f"{f.name} must be a pair of integers (top, left), got None")
             else:
                 checked = _pair(value, f.name, positive_int)
             object.__setattr__(self, f.name, checked)
 
     def time_ids(self, height: int, width: int, aesthetic: bool) -> tuple[list[float], list[float]]:
-        """(positive, negative) time ids for an image of ``height`` x ``width`` as diffusers' SDXL
-        image-to-image and inpainting pipelines build them: each negative size defaults to its positive
-        one; the negative branch takes ``crops_coords_top_left`` (the positive crop) unless the model is
-        a refiner, which takes ``negative_crops_coords_top_left`` and the negative aesthetic score."""
+        """(positive, negative) time ids for an image of ``height`` x ``width``: sizes default to the image
+        size, and every ``negative_*`` value to its positive one. ``aesthetic`` (refiners): the aesthetic
+        score takes the target size's place."""
         original = self.original_size or (height, width)
         target = self.target_size or (height, width)
-        neg_original = self.negative_original_size or original
-        neg_target = self.negative_target_size or target
-        if aesthetic:
-            return ([*original, *self.crops_coords_top_left, self.aesthetic_score],
-                    [*neg_original, *self.negative_crops_coords_top_left, self.negative_aesthetic_score])
         crop = self.crops_coords_top_left
-        return [*original, *crop, *target], [*neg_original, *crop, *neg_target]
-
-    def text_to_image_time_ids(self, height: int, width: int) -> tuple[list[float], list[float]]:
-        """(positive, negative) time ids as diffusers' SDXL text-to-image pipeline builds them: the negative
-        branch has its own ids only when both ``negative_original_size`` and ``negative_target_size`` are
-        given (then with ``negative_crops_coords_top_left``); else it repeats the positive ones."""
-        original = self.original_size or (height, width)
-        target = self.target_size or (height, width)
-        positive = [*original, *self.crops_coords_top_left, *target]
-        if self.negative_original_size is not None and self.negative_target_size is not None:
-            return positive, [*self.negative_original_size, *self.negative_crops_coords_top_left,
-                              *self.negative_target_size]
-        return positive, positive
+        neg_original = self.negative_original_size or original
+        neg_crop = crop if self.negative_crops_coords_top_left is None else self.negative_crops_coords_top_left
+        if aesthetic:
+            return [*original, *crop, self.aesthetic_score], [*neg_original, *neg_crop, self.negative_aesthetic_score]
+        return [*original, *crop, *target], [*neg_original, *neg_crop, *(self.negative_target_size or target)]
 
 
 MICRO_KEYWORDS = tuple(f.name for f in fields(MicroConditioning))
@@ -141,8 +131,7 @@ def sdxl_inputs(pipe: Any, negative_prompt: PromptType | None, height: int, widt
                 prompt_2: PromptType | None = None, negative_prompt_2: PromptType | None = None,
                 **micro: Any) -> SDXLInputs | None:
     """The checked SDXL inputs of a call for an image of ``height`` x ``width``, or None for a non-SDXL
-    model (which refuses SDXL keywords by name). ``text_to_image``: diffusers' text-to-image rule for the
-    negative time ids, and a refiner is refused (it needs an image)."""
+    model (which refuses SDXL keywords by name). ``text_to_image``: a refiner is refused (it needs an image)."""
     if not is_sdxl(pipe.backend):
         given = [k for k, v in {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2, **micro}.items()
                  if v is not None]
@@ -153,13 +142,10 @@ def sdxl_inputs(pipe: Any, negative_prompt: PromptType | None, height: int, widt
     prompts = sdxl_prompts(negative_prompt, prompt_2, negative_prompt_2)
     encoder = SDXLPromptEncoder(pipe.components)
     conditioning = MicroConditioning(**{k: v for k, v in micro.items() if v is not None})
-    if text_to_image:
-        if encoder.requires_aesthetics_score:
-            raise UnsupportedModelError("this SDXL model is a refiner (requires_aesthetics_score in its "
-                                        "model_index.json): it refines an image; use ImageToImageDiffusion")
-        ids = conditioning.text_to_image_time_ids(height, width)
-    else:
-        ids = conditioning.time_ids(height, width, encoder.requires_aesthetics_score)
+    if text_to_image and encoder.requires_aesthetics_score:
+        raise UnsupportedModelError("this SDXL model is a refiner (requires_aesthetics_score in its "
+                                    "model_index.json): it refines an image; use ImageToImageDiffusion")
+    ids = conditioning.time_ids(height, width, encoder.requires_aesthetics_score)
     encoder.check_time_ids(len(ids[0]))
     return replace(prompts, time_ids=ids)
 
