@@ -87,17 +87,25 @@ def _pickle_refusal(error: Exception) -> str:
     return lines[0] if lines else f"{type(error).__name__} (corrupt, or not a PyTorch checkpoint)"
 
 
-def load_torch_pickle(path: str | Path) -> dict:
-    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
+def load_pickle_object(path: str | Path) -> object:
+    """Whatever a PyTorch checkpoint holds (nested dicts, tensors, numbers, strings), read with torch's
+    weights-only unpickler: no pickled code is executed, and anything else is refused."""
     try:
         import torch
     except ImportError as e:
         raise WeightLoadError(f"{path} is a PyTorch pickle; reading it needs torch "
                               "(pip install 'mlx-stablefused[torch]'), or use a .safetensors file") from e
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {_pickle_refusal(e)}") from e
+
+
+def load_torch_pickle(path: str | Path) -> dict:
+    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
+    state = load_pickle_object(path)
+    import torch  # present: the read above needed it
+
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -88,9 +88,11 @@ def _download(repo_id: str, *, variant: str | None, revision: str | None, local_
               description: ModelDescription) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
+    from .hub_access import offline_reason
+
     patterns = description.hub_support_patterns() + list(fmt.HUB_PATTERNS)
-    reason = "offline mode requested"
-    if not local_files_only:
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
         try:
             files = HfApi().list_repo_files(repo_id, revision=revision)
             chosen = [select_weight_file(files, c, variant) for c in description.components]
@@ -111,7 +113,7 @@ def _download(repo_id: str, *, variant: str | None, revision: str | None, local_
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*"], local_files_only=True))
     except Exception as e:
         raise ModelSourceError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({reason}) and it is not in the local cache. "
+            f"could not get {repo_id!r} from the Hugging Face Hub ({reason}) and it is not in the local cache; "
             "Check your connection, or download the model elsewhere and pass its folder: "
             "TextToImageDiffusion(model_id='/path/to/model_folder').") from e
     warnings.warn(f"using the cached copy of {repo_id!r} ({reason})", stacklevel=3)

@@ -18,6 +18,13 @@ from ..conditioning import Conditioning
 
 Array = Any  # a backend-native array
 
+
+def as_numpy(array: Any) -> np.ndarray:
+    """numpy, an ``mx.array`` or a torch tensor (any device, requiring grad or not) -> float32 numpy."""
+    if hasattr(array, "detach"):
+        array = array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
+
 # Optional capabilities a backend may declare (``Backend.capabilities``); pipelines ask, never probe.
 COMPILE = "compile"  # fused UNet graphs
 QUANTIZE = "quantize"  # low-bit Linear layers
@@ -49,6 +56,16 @@ class Backend(ABC):
     @abstractmethod
     def encode_text(self, token_ids: np.ndarray) -> Array:
         """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
+
+    @property
+    def token_embedding_width(self) -> int:
+        """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
+        return int(self.text_config.hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
+        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+        raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
 
     def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
                            hidden_state: int = -2) -> tuple[Array, Array]:
@@ -99,6 +116,15 @@ class Backend(ABC):
     @abstractmethod
     def latent_to_numpy(self, latent: Array) -> np.ndarray:
         """Native latent -> (B, C, h, w) or (B, C, F, h, w) float32 numpy."""
+
+    def latent_to_public(self, latent: Array) -> Array:
+        """A native latent as the public API hands it out: a native array in diffusers' layout,
+        (B, C, h, w) or (B, C, F, h, w). Backends whose own layout differs override this with a view."""
+        return self.from_numpy(self.latent_to_numpy(latent))
+
+    def latent_from_public(self, latent: Any) -> Array:
+        """A latent in diffusers' layout (numpy, a native array, a torch tensor) -> native float32."""
+        return self.latent_from_numpy(as_numpy(latent))
 
     @abstractmethod
     def images_from_numpy(self, images: np.ndarray) -> Array:
@@ -187,10 +213,51 @@ class Backend(ABC):
     def set_attention_chunk(self, chunk: int | None) -> None:
         """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""
 
+    def to_device(self, device: str) -> None:
+        """Run on ``device`` from now on (what ``pipe.to(device)`` asks)."""
+        raise NotImplementedError(f"the {self.name} backend cannot change device after loading")
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
         return False
 
+    def available_memory(self) -> int | None:
+        """Bytes a generation may still use on the device in use (None: unknown). Default: free RAM."""
+        from ..memory_estimate import system_available_memory
+
+        return system_available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs without materialising the (queries x keys) score matrix here."""
+        return False
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of the networks' compute dtype."""
+        dtype = getattr(self, "dtype", None)
+        return int(getattr(dtype, "itemsize", None) or getattr(dtype, "size", 4))
+
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------------ LoRA
+    def lora_host(self) -> Any:
+        """The backend's ``lora.LoRAHost``: how LoRA terms attach to its layers (``backends/*/lora.py``)."""
+        raise NotImplementedError(f"the {self.name} backend has no LoRA support")
+
+    def lora_state(self, model: str = "the loaded model") -> Any:
+        """The LoRA adapters of these networks (a ``lora.LoRAState``, made on first use): they live with the
+        loaded weights, so every pipeline sharing this backend sees them."""
+        if getattr(self, "_lora", None) is None:
+            from ..lora import LoRAState
+
+            self._lora = LoRAState(self.lora_host(), model)
+        return self._lora
+
+    @property
+    def lora_fused_components(self) -> set[str]:
+        """Components whose weights a fused LoRA changed (they no longer equal the files)."""
+        state = getattr(self, "_lora", None)
+        return set() if state is None else state.changed_components

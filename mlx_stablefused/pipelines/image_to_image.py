@@ -45,6 +45,8 @@ class ImageToImageDiffusion(BaseDiffusion):
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
+        if size is not None:
+            self.check_memory(*size, len(prompts))
         latent_input = given_latents(image, self.latent_channels)
         if latent_input is None:
             pixels = self.preprocess_image(image, size)
@@ -54,6 +56,7 @@ class ImageToImageDiffusion(BaseDiffusion):
             height, width = (n * self.vae_scale_factor for n in latent_input.shape[2:])
             latent_input = inputs.match_batch(latent_input, len(prompts) // num_images_per_prompt,
                                               num_images_per_prompt, "image latent")
+        self.check_memory(height, width, len(prompts))
         denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
         denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
         if denoising_start is not None and (start_step is not None or strength is not None):

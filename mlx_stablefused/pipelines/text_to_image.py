@@ -44,6 +44,7 @@ class TextToImageDiffusion(BaseDiffusion):
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         height, width = self._resolve_size(image_height, image_width, latent)
+        self.check_memory(height, width, len(prompts))
         denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=True, **check_sdxl_keywords(sdxl))
         f = self.vae_scale_factor
