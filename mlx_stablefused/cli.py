@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
@@ -102,7 +103,8 @@ def _prompt_syntax_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "default: the input's size" if resize_only else f"default: 512; {DEMO_SIZE} for the demo model"
+    what = ("default: the input's size" if resize_only
+            else f"default: 512, for SDXL models the UNet's (1024); {DEMO_SIZE} for the demo model")
     for flag in ("--height", "--width"):
         p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
                        help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _size_flags(p)
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=False)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -153,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "img2img.png")
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -232,11 +237,9 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     """Build ``cls`` from the model flags; fill size and step defaults (smaller for the demo model)."""
     if args.model is None:
         args.model = default_model(args.variant)
+    from .pipelines.sdxl_conditioning import default_image_side
+
     demo = args.model == DEMO_MODEL_ID
-    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
-        size = DEMO_SIZE if demo else 512
-        args.height = size if args.height is None else args.height
-        args.width = size if args.width is None else args.width
     if args.steps is None:
         args.steps = DEMO_STEPS if demo else 30
     check_start(args)
@@ -244,6 +247,10 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         print(DEMO_NOTICE, file=sys.stderr)
     pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
+        size = DEMO_SIZE if demo else default_image_side(pipe.backend, pipe.vae_scale_factor)  # 512; SDXL: the UNet's
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
     if getattr(args, "vae_tiling", False):
         pipe.enable_tiling()
     if getattr(args, "vae_slicing", False):
@@ -288,7 +295,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(TextToImageDiffusion, args)
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -299,7 +306,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args))
+                  **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -310,7 +317,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -381,8 +388,14 @@ def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
     from .sources import resolve_model
 
-    source = resolve_model(resolve_special_id(args.source), variant=args.variant)
-    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
+    from .model_description import description_for
+    from .model_index import read_model_index
+
+    model = resolve_special_id(args.source)
+    description = description_for(read_model_index(model))  # SDXL: both text encoders, or the refiner's one
+    source = resolve_model(model, variant=args.variant, description=description)
+    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
+                        description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
     return 0
 

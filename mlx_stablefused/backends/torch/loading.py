@@ -17,7 +17,7 @@ from ... import model_loading
 from ...checkpoint_io import load_torch_weights
 from ...model_description import ModuleKind
 from ...sources import ModelSource
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
@@ -36,7 +36,8 @@ def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> t
 class TorchNetworks(model_loading.Networks):
     name = "torch"
     layout = model_loading.DIFFUSERS_LAYOUT
-    classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+               "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
