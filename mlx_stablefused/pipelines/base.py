@@ -347,11 +347,12 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         encoder's projected pooled output, (2B, P) (1280); ``prompt_2`` / ``negative_prompt_2`` go to the
         second encoder (default: the first's). With no ``negative_prompt`` and the model's
         ``force_zeros_for_empty_prompt`` the unconditional rows are zeros, as diffusers."""
-        from .sdxl_conditioning import SDXLPromptEncoder, is_sdxl, sdxl_prompts
+        from .sdxl_conditioning import is_sdxl, sdxl_prompts
 
         prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
         if is_sdxl(self.backend):
-            encoder = SDXLPromptEncoder(self.components)
+            encoder = self.sdxl_prompt_encoder()
+            prompts = self.take_lora_tags(prompts)
             (text, pooled), (neg_text, neg_pooled) = encoder.encode_pairs(
                 prompts, negatives, sdxl_prompts(negative_prompt, prompt_2, negative_prompt_2))
             embedding = (self.backend.concat([neg_text, text]), self.backend.concat([neg_pooled, pooled]))
@@ -369,9 +370,8 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         (``sdxl_conditioning.SDXLInputs``) adds the second prompts, pooled embeddings and time ids."""
         if sdxl is None:
             return self.split_embedding(self.prompt_to_embedding(prompts, negatives))
-        from .sdxl_conditioning import SDXLPromptEncoder
-
-        out = SDXLPromptEncoder(self.components).conditioning(prompts, negatives, sdxl, num_images_per_prompt)
+        out = self.sdxl_prompt_encoder().conditioning(self.take_lora_tags(prompts), negatives, sdxl,
+                                                      num_images_per_prompt)
         if self.release_text_encoder:
             self.backend.release_text_encoder()
         return out

@@ -153,7 +153,8 @@ def sdxl_inputs(pipe: Any, negative_prompt: PromptType | None, height: int, widt
 class SDXLPromptEncoder:
     """Two-encoder prompt encoding on a loaded SDXL model (the text encoders in description order)."""
 
-    def __init__(self, components: Any) -> None:
+    def __init__(self, components: Any, prompt_syntax: str = "plain", comma_padding_backtrack: int = 20) -> None:
+        self.prompt_syntax, self.comma_padding_backtrack = prompt_syntax, comma_padding_backtrack
         self.backend = components.backend
         self.tokenizers = components.tokenizers
         self.model_index = components.model_index
@@ -188,10 +189,28 @@ class SDXLPromptEncoder:
 
     def encode(self, prompts: list[str], prompts_2: list[str]) -> tuple[Array, Array]:
         """(B, 77, sum of encoder widths) penultimate states concatenated, and (B, P) pooled embeddings."""
+        if self.prompt_syntax == "a1111":
+            return self.encode_weighted(prompts, prompts_2)
         states, pooled = [], None
         for name, texts in zip(self.encoders, [prompts, prompts_2][-len(self.encoders):]):
             hidden, pooled = self.backend.encode_text_states(self.tokenizers[name](texts), name)
             states.append(hidden)
+        return (states[0] if len(states) == 1 else concat_features(self.backend, states)), pooled
+
+    def encode_weighted(self, prompts: list[str], prompts_2: list[str]) -> tuple[Array, Array]:
+        """AUTOMATIC1111's syntax on both encoders, as its SDXL conditioner runs it: each encoder chunks,
+        weights and mean-restores its own penultimate states (both padded to one chunk count, so they
+        concatenate), and the pooled embedding is the last encoder's for each prompt's first chunk."""
+        from .. import prompt_weighting as pw
+
+        pairs = list(zip(self.encoders, [prompts, prompts_2][-len(self.encoders):]))
+        count = max(pw.chunk_count(self.tokenizers[n], texts, self.comma_padding_backtrack) for n, texts in pairs)
+        states, pooled = [], None
+        for name, texts in pairs:
+            chunked = pw.chunk_prompts(self.tokenizers[name], texts, self.comma_padding_backtrack, count)
+            hidden, pooled = self.backend.encode_text_states(np.concatenate([c.ids for c in chunked]), name)
+            states.append(pw.weighted_states(self.backend, chunked, hidden))
+        pooled = pooled[::count] if count > 1 else pooled
         return (states[0] if len(states) == 1 else concat_features(self.backend, states)), pooled
 
     def encode_pairs(self, prompts: list[str], negatives: list[str], sdxl: SDXLInputs,
