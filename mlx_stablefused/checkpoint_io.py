@@ -87,18 +87,26 @@ def _pickle_refusal(error: Exception) -> str:
     return lines[0] if lines else f"{type(error).__name__} (corrupt, or not a PyTorch checkpoint)"
 
 
-def load_torch_pickle(path: str | Path) -> dict:
-    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
+def load_torch_pickle(path: str | Path, mmap: bool = False) -> dict:
+    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code.
+
+    ``mmap``: map the file instead of reading it (zip-format checkpoints; others are read): for looking
+    at shapes, or taking a few tensors of a large file. ``state_dict`` wrappers are unwrapped."""
     try:
         import torch
     except ImportError as e:
         raise WeightLoadError(f"{path} is a PyTorch pickle; reading it needs torch "
                               "(pip install 'mlx-stablefused[torch]'), or use a .safetensors file") from e
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)  # not zip-format
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {_pickle_refusal(e)}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightLoadError(f"{path} does not hold a dictionary of tensors")
@@ -126,6 +134,38 @@ def load_torch_weights(path: str | Path) -> dict:
     from safetensors.torch import load_file
 
     return _read_weight_file(path, load_file, load_torch_pickle)
+
+
+def load_torch_tensors(path: str | Path, keys: set[str]) -> dict:
+    """The tensors named ``keys`` of one weight file as torch tensors, reading no others (safetensors: opened
+    in place; a pickle: memory-mapped where its format allows)."""
+    from safetensors import safe_open
+
+    def some(name: str) -> dict:
+        with safe_open(name, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in set(f.keys()) & set(keys)}
+
+    def some_pickled(p: Path) -> dict:
+        state = load_torch_pickle(p, mmap=True)
+        return {k: state[k] for k in keys if k in state}
+
+    return _read_weight_file(path, some, some_pickled)
+
+
+def load_tensors(path: str | Path, keys: set[str]) -> dict:
+    """The tensors named ``keys`` of one weight file as MLX arrays (safetensors: lazily; a pickle:
+    memory-mapped, only these converted)."""
+    import mlx.core as mx
+
+    def some(name: str) -> dict:
+        state = mx.load(name)
+        return {k: state[k] for k in keys if k in state}
+
+    def some_pickled(p: Path) -> dict:
+        state = load_torch_pickle(p, mmap=True)
+        return {k: _torch_to_mx(state[k]) for k in keys if k in state}
+
+    return _read_weight_file(path, some, some_pickled)
 
 
 def load_weights(path: str | Path) -> dict:

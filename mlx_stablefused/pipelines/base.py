@@ -46,7 +46,12 @@ class ModelComponents:
     @classmethod
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-             local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
+             local_files_only: bool = False, motion_adapter: Any = None, vae: str | Path | None = None,
+             config: str | Path | None = None, use_ema: bool = False,
+             prediction_type: str | None = None) -> "ModelComponents":
+        """``model_id`` may be a single-file checkpoint (a path or ``owner/repo/file.safetensors``; see
+        ``mlx_stablefused.single_file``: ``config=``, ``use_ema=``); ``vae=`` a VAE file or folder for any
+        model; ``prediction_type=`` overrides the scheduler's (``"v_prediction"`` for SD 2.x 768-v files)."""
         from dataclasses import replace
 
         from ..demo import resolve_special_adapter, resolve_special_id
@@ -56,9 +61,14 @@ class ModelComponents:
 
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
         source = resolve_model(resolve_special_id(model_id), variant=variant, revision=revision,
-                               local_files_only=local_files_only, description=STABLE_DIFFUSION)
+                               local_files_only=local_files_only, description=STABLE_DIFFUSION,
+                               config=config, use_ema=use_ema, prediction_type=prediction_type)
         if is_special_id(model_id):
             source = replace(source, origin=model_id)
+        if vae is not None:
+            from ..single_file import resolve_vae
+
+            source = resolve_vae(vae, source, revision=revision, local_files_only=local_files_only)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
             motion_adapter = resolve_motion_adapter(resolve_special_id(motion_adapter),
                                                     local_files_only=local_files_only)
@@ -72,7 +82,12 @@ class ModelComponents:
         if motion_adapter is not None:
             options["motion_adapter"] = motion_adapter
         engine = create_backend(backend, source, **options)
-        return cls(source, engine, tokenizer, read_json(scheduler_file))
+        scheduler_config = read_json(scheduler_file)
+        if prediction_type is not None:
+            if prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+            scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+        return cls(source, engine, tokenizer, scheduler_config)
 
 
 def with_run_settings(method: Callable) -> Callable:
@@ -96,13 +111,19 @@ class BaseDiffusion:
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
                  backend: str = "mlx", dtype: str = "float32", device: str | None = None,
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-                 local_files_only: bool = False, scheduler: str | None = None, progress: bool = True) -> None:
+                 local_files_only: bool = False, scheduler: str | None = None, progress: bool = True,
+                 vae: str | Path | None = None, config: str | Path | None = None, use_ema: bool = False,
+                 prediction_type: str | None = None) -> None:
         if (model_id is None) == (components is None):
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        if components is None:
+        model_files = {k: v for k, v in dict(vae=vae, config=config, use_ema=use_ema,
+                                              prediction_type=prediction_type).items() if v not in (None, False)}
+        if components is None:  # see ModelComponents.load: vae=, and config=, use_ema= for single-file checkpoints
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
                                               variant=variant, revision=revision, use_cache=use_cache,
-                                              local_files_only=local_files_only)
+                                              local_files_only=local_files_only, **model_files)
+        elif model_files:
+            raise ValueError(f"{', '.join(sorted(model_files))}= apply when loading a model_id, not to shared components")
         self.components = components
         self.model_id = model_id if model_id is not None else components.source.origin
         self.source = components.source

@@ -34,7 +34,7 @@ class TextToVideoDiffusion(BaseDiffusion):
                  device: str | None = None, variant: str | None = None, revision: str | None = None,
                  use_cache: bool = True, local_files_only: bool = False, scheduler: str | None = None,
                  progress: bool = True, adapter_variant: str | None = None,
-                 motion_adapter_config: dict | None = None) -> None:
+                 motion_adapter_config: dict | None = None, **model_files: Any) -> None:
         """``model_id``: an SD 1.x model; ``motion_adapter``: a MotionAdapter folder or hub id, or an original
         AnimateDiff checkpoint (.ckpt / .safetensors; ``motion_adapter_config`` may give MotionAdapter
         config entries such a file cannot store, e.g. ``motion_num_attention_heads``). The default
@@ -47,7 +47,7 @@ class TextToVideoDiffusion(BaseDiffusion):
                 config=motion_adapter_config)
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device, variant=variant,
                                               revision=revision, use_cache=use_cache, local_files_only=local_files_only,
-                                              motion_adapter=adapter)
+                                              motion_adapter=adapter, **model_files)  # vae=, config=, use_ema=, ...
         elif model_id is not None:
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
         super().__init__(components=components, scheduler=scheduler, progress=progress)
