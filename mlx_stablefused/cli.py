@@ -57,8 +57,10 @@ class HelpFormatter(argparse.HelpFormatter):
 # ------------------------------------------------------------------------------------------- flags
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
+                   help=f"hub repo id, diffusers folder, converted folder, or a single-file checkpoint (.safetensors, "
+                        f".ckpt; local or owner/repo/file.safetensors) (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
+    _vae_flags(p)
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
     p.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu "
                                                   "(default: the best available)")
@@ -68,6 +70,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"),
                    help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _vae_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", default=None, metavar="VAE",
+                   help="a separate VAE: a .safetensors/.ckpt file or a diffusers VAE folder (default: the model's own)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts; SD 2.x 768-v single files without a .yaml need v_prediction "
+                        "(default: the model's own)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
@@ -189,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--context-stride", 4, "frames between window starts")
 
     p = command("convert", "convert a diffusers model to an MLX folder")
-    p.add_argument("source", help="hub repo id or diffusers folder")
+    p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
+    _vae_flags(p)
     p.add_argument("destination", help="folder to create")
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="precision of the stored weights")
     p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (default: none)")
@@ -223,8 +234,9 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
+    model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
     return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
-               device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+               device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
@@ -351,7 +363,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
     from .sources import resolve_model
 
-    source = resolve_model(resolve_special_id(args.source), variant=args.variant)
+    source = resolve_model(resolve_special_id(args.source), variant=args.variant, prediction_type=args.prediction_type)
+    if args.vae is not None:
+        from .single_file import resolve_vae
+
+        source = resolve_vae(args.vae, source)
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
     print(f"converted {args.source} -> {out} ({args.dtype})")
     return 0
