@@ -333,10 +333,10 @@ def _is_unet3d_model(model: str, variant: str | None) -> bool:
     """ModelScope / Zeroscope models carry their own temporal layers and take no motion adapter."""
     from .config import read_json
     from .model_description import STABLE_DIFFUSION, UNET_3D
-    from .sources import resolve_model
+    from .single_file import resolve_model_or_file
 
     unet = STABLE_DIFFUSION.component("unet")
-    config = resolve_model(resolve_special_id(model), variant=variant).root / unet.folder / "config.json"
+    config = resolve_model_or_file(resolve_special_id(model), variant=variant).config_path(unet)
     return config.is_file() and unet.kind_for(read_json(config)) == UNET_3D
 
 
@@ -361,12 +361,13 @@ def run_video(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
-    from .sources import resolve_model
+    from .single_file import resolve_model_or_file, resolve_vae
 
-    source = resolve_model(resolve_special_id(args.source), variant=args.variant, prediction_type=args.prediction_type)
+    source = resolve_model_or_file(resolve_special_id(args.source), variant=args.variant,
+                                   prediction_type=args.prediction_type)
+    if args.prediction_type is not None and source.kind != "single_file":
+        raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
     if args.vae is not None:
-        from .single_file import resolve_vae
-
         source = resolve_vae(args.vae, source)
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
     print(f"converted {args.source} -> {out} ({args.dtype})")

@@ -39,7 +39,7 @@ from .config import read_json
 from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
 from .model_description import STABLE_DIFFUSION, ModelDescription
 from .sources import (ComponentFiles, ModelSource, cache_root, classify_folder, download_configs, download_file,
-                      is_hub_file, select_weight_file)
+                      is_hub_file, resolve_model, select_weight_file)
 from .weights import KeyMap, transformed_shape
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -542,6 +542,19 @@ def _sidecar(spec: str | Path, path: Path, revision: str | None, local_files_onl
         except ModelSourceError:
             continue
     return OriginalConfig()
+
+
+def resolve_model_or_file(model_id: str | Path, *, config: str | Path | None = None, use_ema: bool = False,
+                          prediction_type: str | None = None, **options: Any) -> ModelSource:
+    """``sources.resolve_model``, and single-file checkpoints (a path, or ``owner/repo/file.safetensors``)."""
+    if isinstance(model_id, (str, Path)) and (Path(model_id).expanduser().is_file() or is_hub_file(str(model_id))):
+        options.pop("variant", None)  # one file has no variants
+        return resolve_single_file(model_id, config=config, use_ema=use_ema, prediction_type=prediction_type,
+                                   **options)
+    given = [name for name, v in (("config", config), ("use_ema", use_ema)) if v not in (None, False)]
+    if given:
+        raise ValueError(f"{'= and '.join(given)}= apply to single-file checkpoints; {str(model_id)!r} is not one")
+    return resolve_model(model_id, **options)
 
 
 def resolve_single_file(spec: str | Path, *, config: str | Path | None = None, use_ema: bool = False,

@@ -75,13 +75,8 @@ def classify_folder(root: Path) -> str | None:
 
 
 def resolve_model(model_id: str | Path, *, variant: str | None = None, revision: str | None = None,
-                  local_files_only: bool = False, description: ModelDescription = STABLE_DIFFUSION,
-                  **single_file: Any) -> ModelSource:
-    """Find or download the model named ``model_id`` (a hub id downloads what ``description`` needs).
-
-    A checkpoint file, local or ``owner/repo/file.safetensors`` on the hub, is a single-file model
-    (``mlx_stablefused.single_file``); ``single_file`` holds its options (``config``, ``use_ema``,
-    ``prediction_type``)."""
+                  local_files_only: bool = False, description: ModelDescription = STABLE_DIFFUSION) -> ModelSource:
+    """Find or download the model named ``model_id`` (a hub id downloads what ``description`` needs)."""
     if not isinstance(model_id, (str, Path)) or not str(model_id).strip():
         raise ModelSourceError(f"model_id must be a hub repo id or a path, got {model_id!r}")
     if is_special_id(model_id):
@@ -89,13 +84,8 @@ def resolve_model(model_id: str | Path, *, variant: str | None = None, revision:
                                "(mlx_stablefused.demo.resolve_special_id gives its folder)")
     path = Path(model_id).expanduser()
     if path.is_file() or is_hub_file(str(model_id)):
-        from .single_file import resolve_single_file
-
-        return resolve_single_file(model_id, revision=revision, local_files_only=local_files_only,
-                                   description=description, **single_file)
-    given = sorted(k for k, v in single_file.items() if v not in (None, False) and k != "prediction_type")
-    if given:
-        raise ValueError(f"{', '.join(given)}= apply to single-file checkpoints; {str(model_id)!r} is not one")
+        raise ModelSourceError(f"{str(model_id)!r} is a single-file checkpoint: the pipelines and the CLI load it "
+                               "(mlx_stablefused.single_file.resolve_model_or_file gives its source)")
     if path.exists():
         kind = classify_folder(path)
         if kind is None:

@@ -25,7 +25,7 @@ from ..conditioning import Conditioning
 from ..config import read_json
 from ..errors import ModelSourceError
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
-from ..sources import ModelSource, resolve_model
+from ..sources import ModelSource
 from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
@@ -60,14 +60,14 @@ class ModelComponents:
         from ..sources import is_special_id
 
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
-        source = resolve_model(resolve_special_id(model_id), variant=variant, revision=revision,
-                               local_files_only=local_files_only, description=STABLE_DIFFUSION,
-                               config=config, use_ema=use_ema, prediction_type=prediction_type)
+        from ..single_file import resolve_model_or_file, resolve_vae
+
+        source = resolve_model_or_file(resolve_special_id(model_id), variant=variant, revision=revision,
+                                       local_files_only=local_files_only, description=STABLE_DIFFUSION,
+                                       config=config, use_ema=use_ema, prediction_type=prediction_type)
         if is_special_id(model_id):
             source = replace(source, origin=model_id)
         if vae is not None:
-            from ..single_file import resolve_vae
-
             source = resolve_vae(vae, source, revision=revision, local_files_only=local_files_only)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
             motion_adapter = resolve_motion_adapter(resolve_special_id(motion_adapter),
