@@ -300,3 +300,27 @@ def test_bad_single_files_are_refused_by_name(files, sd1, sd2, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(ModelSourceError, match="could not get 'nobody/nothing/model.safetensors'"):
             TextToImageDiffusion("nobody/nothing/model.safetensors", local_files_only=True, progress=False)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_equals_its_folder(tmp_path):
+    """The full SD 1.5 architecture (random weights) as one fp16 LDM file, loaded with no config: the same
+    tensors as its diffusers folder loaded in fp16."""
+    from test_slow_full_size import SD15_TEXT, SD15_UNET, SD15_VAE
+    from tiny_models import SD1_SCHEDULER, build_text_encoder, build_unet, build_vae
+    from types import SimpleNamespace
+    from transformers import CLIPTokenizer
+
+    pipe = SimpleNamespace(unet=build_unet(SD15_UNET), vae=build_vae(SD15_VAE),
+                           text_encoder=build_text_encoder(SD15_TEXT, vocab_size=49408, pad_id=49407))
+    for name in ROLES:
+        getattr(pipe, name).save_pretrained(str(tmp_path / "model" / name), safe_serialization=True)
+    CLIPTokenizer.from_pretrained(str(unpack_clip_vocabulary(tmp_path / "vocabulary"))).save_pretrained(
+        str(tmp_path / "model" / "tokenizer"))
+    (tmp_path / "model" / "scheduler").mkdir()
+    (tmp_path / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
+    file = ldm.save_single_file(ldm.ldm_state(pipe), tmp_path / "sd15.safetensors", torch.float16)
+    del pipe
+    ours = TextToImageDiffusion(str(file), dtype="float16", progress=False, use_cache=False).backend
+    ref = TextToImageDiffusion(tmp_path / "model", dtype="float16", progress=False, use_cache=False).backend
+    assert_same_tensors(ours, ref, round_to=np.float16)  # an fp32 VAE (force_upcast) holds the file's fp16 values
