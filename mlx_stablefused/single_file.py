@@ -296,7 +296,7 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str],
 
 
 # ------------------------------------------------------------------------------------------- VAE
-def vae_key_map(keys: Iterable[str]) -> dict[str, tuple[str, tuple]]:
+def vae_key_map(keys: Iterable[str]) -> KeyMap:
     """LDM VAE keys (prefix removed) -> {diffusers name: (LDM key, op)}; unknown keys are an error."""
     keys = list(keys)
     levels = len({m[1] for k in keys for m in [re.match(r"decoder\.up\.(\d+)\.", k)] if m})
@@ -334,7 +334,7 @@ def vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     return config
 
 
-def vae_names(keys: Iterable[str]) -> tuple[dict[str, tuple[str, tuple]], str]:
+def vae_names(keys: Iterable[str]) -> tuple[KeyMap, str]:
     """A VAE's tensors under diffusers' names, whatever the file's naming: (key map, naming found)."""
     keys = list(keys)
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
@@ -348,7 +348,7 @@ def vae_names(keys: Iterable[str]) -> tuple[dict[str, tuple[str, tuple]], str]:
 
 
 # ---------------------------------------------------------------------------------- text encoders
-def clip_key_map(keys: Iterable[str], family: str) -> dict[str, tuple[str, tuple]]:
+def clip_key_map(keys: Iterable[str], family: str) -> KeyMap:
     """The text encoder's tensors under transformers' CLIPTextModel names (``text_model.*``)."""
     if family == "sd1":
         out = {}
@@ -407,7 +407,7 @@ class SingleFilePlan:
     them) the inferred configs."""
 
     family: str  # "sd1" (CLIP) or "sd2" (OpenCLIP)
-    key_maps: dict[str, dict[str, tuple[str, tuple]]]
+    key_maps: dict[str, KeyMap]
     unet_blocks: list[int]  # resnets per down block, as read from the keys
     configs: dict[str, dict[str, Any]] | None = None  # diffusers configs + "scheduler", "tokenizer", "model_index"
 
@@ -456,7 +456,7 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, o
     unet_shapes = {t: shapes[s] for t, (s, _) in plan.key_maps["unet"].items()}
     names = {t: t for t in unet_shapes}
 
-    def mapped_shapes(key_map: Mapping[str, tuple[str, tuple]]) -> dict[str, tuple[int, ...]]:
+    def mapped_shapes(key_map: KeyMap) -> dict[str, tuple[int, ...]]:
         return {t: transformed_shape(shapes[s], op) for t, (s, op) in key_map.items()}
 
     text = {**template["text_encoder"], **clip_config(mapped_shapes(text_map))}
