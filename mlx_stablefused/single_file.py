@@ -156,6 +156,11 @@ def key_groups(keys: Iterable[str]) -> str:
     return ", ".join(f"{g!r} ({n} keys)" for g, n in counts.most_common(12)) or "no tensors at all"
 
 
+def mapped_shapes(shapes: Mapping[str, tuple[int, ...]], key_map: KeyMap) -> dict[str, tuple[int, ...]]:
+    """The shapes the parameters get through ``key_map`` (config inference from a header alone)."""
+    return {t: transformed_shape(shapes[s], op) for t, (s, op) in key_map.items()}
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -456,10 +461,7 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, o
     unet_shapes = {t: shapes[s] for t, (s, _) in plan.key_maps["unet"].items()}
     names = {t: t for t in unet_shapes}
 
-    def mapped_shapes(key_map: KeyMap) -> dict[str, tuple[int, ...]]:
-        return {t: transformed_shape(shapes[s], op) for t, (s, op) in key_map.items()}
-
-    text = {**template["text_encoder"], **clip_config(mapped_shapes(text_map))}
+    text = {**template["text_encoder"], **clip_config(mapped_shapes(shapes, text_map))}
     hidden = text["hidden_size"]
     if hidden % 64:
         raise UnsupportedModelError(f"{origin}: the text encoder is {hidden} wide, not a multiple of CLIP's 64-channel "
@@ -470,7 +472,7 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, o
         raise UnsupportedModelError(f"{origin}: the text encoder has {text['vocab_size']} token embeddings, not CLIP's "
                                     f"{CLIP_VOCAB_SIZE}, so the bundled tokenizer does not fit; pass config= (a diffusers "
                                     "folder or hub id with its tokenizer)")
-    vae = {**template["vae"], **vae_config(mapped_shapes(vae_map))}
+    vae = {**template["vae"], **vae_config(mapped_shapes(shapes, vae_map))}
     if original.scale_factor is not None:
         vae["scaling_factor"] = original.scale_factor
     unet = {**template["unet"], **unet_config(unet_shapes, names, plan.unet_blocks, family, original)}
@@ -615,9 +617,9 @@ def resolve_vae(spec: str | Path, source: ModelSource, *, revision: str | None =
                             vae, str(spec))
     else:
         file = local_checkpoint(spec, revision=revision, local_files_only=local_files_only)
-        key_map, naming = vae_names(checkpoint_shapes(file))
         shapes = checkpoint_shapes(file)
-        inferred = vae_config({t: transformed_shape(shapes[s], op) for t, (s, op) in key_map.items()})
+        key_map, naming = vae_names(shapes)
+        inferred = vae_config(mapped_shapes(shapes, key_map))
         base = read_json(source.config_path(vae))
         merged = {**base, **inferred}
         root = _generated_folder("vae", {"file": file_identity(file), "config": merged, "version": __version__},

@@ -18,8 +18,8 @@ from helpers import unpack_clip_vocabulary
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion
 from mlx_stablefused.errors import ModelSourceError, UnsupportedModelError, WeightLoadError
-from mlx_stablefused.single_file import checkpoint_shapes, clip_config, key_maps, plan_checkpoint, unet_config, vae_config
-from mlx_stablefused.single_file import OriginalConfig
+from mlx_stablefused.single_file import (OriginalConfig, checkpoint_shapes, clip_config, key_maps, mapped_shapes,
+                                         plan_checkpoint, unet_config, vae_config)
 
 ROLES = {"unet": "unet_model", "vae": "vae", "text_encoder": "text_encoder"}
 
@@ -112,31 +112,32 @@ def test_single_file_on_the_torch_backend(files, sd2, pipelines):
     assert_same_tensors(ours.backend, pipelines.components(TextToImageDiffusion, sd2[1], "torch").backend)
 
 
+def _per_block(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
 def test_what_the_tensors_say_is_inferred(files, sd1, sd2, sd1_inpaint):
-    """Block structure, per-block layers and depths, channels, projections, widths: as the folders' configs."""
+    """Block structure, per-block layers and depths, channels, projections, widths: as the folders' configs
+    (the tiny SD2 has 1, 2, 1 layers and depths per block)."""
     for case, (_, folder) in (("sd1_fp16", sd1), ("sd2", sd2), ("inpaint", sd1_inpaint)):
         shapes = checkpoint_shapes(files[case])
         plan = key_maps(shapes, case)
-        mapped = {name: {t: shapes[s] if not op else tuple(np.empty(shapes[s])[:1].shape) for t, (s, op) in m.items()}
-                  for name, m in plan.key_maps.items() if name != "text_encoder"}
-        unet = unet_config(mapped["unet"], {t: t for t in mapped["unet"]}, plan.unet_blocks, plan.family, OriginalConfig())
+        assert plan.family == ("sd2" if case == "sd2" else "sd1")
+        unet_shapes = mapped_shapes(shapes, plan.key_maps["unet"])
+        unet = unet_config(unet_shapes, {t: t for t in unet_shapes}, plan.unet_blocks, plan.family, OriginalConfig())
         want = json.loads((folder / "unet" / "config.json").read_text())
-        per_block = lambda v, n: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
         n = len(want["block_out_channels"])
         for key in ("in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
                     "cross_attention_dim", "use_linear_projection"):
             assert unet[key] == want[key], (case, key)
-        assert per_block(unet["layers_per_block"], n) == per_block(want["layers_per_block"], n)
-        attn = [t.startswith("CrossAttn") for t in want["down_block_types"]]
-        depths = [d for d, a in zip(per_block(want["transformer_layers_per_block"], n), attn) if a]
-        assert [d for d, a in zip(per_block(unet["transformer_layers_per_block"], n), attn) if a] == depths
-        vae, want_vae = vae_config(mapped["vae"]), json.loads((folder / "vae" / "config.json").read_text())
-        assert all(vae[k] == want_vae[k] for k in vae), case
-        text = clip_config({t: shapes[s] if not op else (shapes[s][0] // 3, *shapes[s][1:])
-                            for t, (s, op) in plan.key_maps["text_encoder"].items()})
-        want_text = json.loads((folder / "text_encoder" / "config.json").read_text())
-        assert all(text[k] == want_text[k] for k in text), case
-        assert plan.family == ("sd2" if case == "sd2" else "sd1")
+        assert _per_block(unet["layers_per_block"], n) == _per_block(want["layers_per_block"], n)
+        attention = [t.startswith("CrossAttn") for t in want["down_block_types"]]
+        depths = [_per_block(c["transformer_layers_per_block"], n) for c in (unet, want)]
+        assert [d for d, a in zip(depths[0], attention) if a] == [d for d, a in zip(depths[1], attention) if a]
+        for component, infer in (("vae", vae_config), ("text_encoder", clip_config)):
+            inferred = infer(mapped_shapes(shapes, plan.key_maps[component]))
+            expected = json.loads((folder / component / "config.json").read_text())
+            assert {k: expected[k] for k in inferred} == inferred, (case, component)
 
 
 # Published configs of the full-size models (stable-diffusion-v1-5, stable-diffusion-2-1, stable-diffusion-inpainting).
@@ -149,19 +150,15 @@ def _full_size_shapes(unet_cfg: dict, text_cfg: dict, open_clip: bool) -> dict[s
     """An LDM file's tensor shapes for a full-size architecture, built on the meta device (no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from types import SimpleNamespace
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text_cfg))
-    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=text)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text_cfg)).state_dict()
     state = ldm.unet_to_ldm(unet.state_dict(), dict(unet.config))
     state.update(ldm.vae_to_ldm(vae.state_dict(), dict(vae.config)))
-    text_state = text.state_dict()
-    state.update(ldm.clip_to_open_clip(text_state) if open_clip else ldm.clip_to_ldm(text_state))
-    del pipe
+    state.update(ldm.clip_to_open_clip(text) if open_clip else ldm.clip_to_ldm(text))
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
