@@ -58,6 +58,7 @@ KNOWN_GROUPS = ("model.diffusion_model", "model_ema", "first_stage_model", "cond
 IGNORED_TOP_LEVEL = re.compile(r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_.*|log_one_minus_.*|posterior_.*"
                                r"|lvlb_weights|logvar|model_ema\.decay|model_ema\.num_updates|scale_factor)")
 YAML_SUFFIXES = (".yaml", ".yml")
+VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 # ----------------------------------------------------------------------------------- key tables
 UNET_FIXED = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
@@ -344,6 +345,9 @@ def vae_names(keys: Iterable[str]) -> tuple[KeyMap, str]:
     keys = list(keys)
     prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
     inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    if not prefix:  # a VAE file: training leftovers (loss.*, model_ema.*) are not the VAE
+        _warn_unused("the VAE file", [k for k in inner if not k.startswith(VAE_PARTS)])
+        inner = [k for k in inner if k.startswith(VAE_PARTS)]
     if any(k.startswith("encoder.down_blocks.") for k in inner):  # diffusers' own naming
         return {k: (prefix + k, ()) for k in inner}, "diffusers"
     if any(k.startswith("encoder.down.") for k in inner):
@@ -450,7 +454,17 @@ def key_maps(shapes: Mapping[str, tuple[int, ...]], origin: str, use_ema: bool =
     else:
         unet_map = {t: (UNET_PREFIX + s, ()) for t, s in names.items()}
     vae_map, _ = vae_names(k for k in keys if k.startswith(VAE_PREFIXES))
+    used = (UNET_PREFIX, EMA_PREFIX, *VAE_PREFIXES, CLIP_PREFIX if family == "sd1" else OPEN_CLIP_PREFIX)
+    _warn_unused(origin, [k for k in keys if not k.startswith(used)])
     return SingleFilePlan(family, {"unet": unet_map, "vae": vae_map, "text_encoder": clip_key_map(keys, family)}, down)
+
+
+def _warn_unused(origin: str, keys: list[str]) -> None:
+    """Tensors of no network this port loads (scheduler buffers aside) are named, not dropped silently."""
+    extra = [k for k in keys if not IGNORED_TOP_LEVEL.fullmatch(k)]
+    if extra:
+        warnings.warn(f"{origin}: {len(extra)} tensors belong to no network loaded here and are not used: "
+                      f"{key_groups(extra)}", stacklevel=5)
 
 
 def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, origin: str,

@@ -43,6 +43,12 @@ def assert_same_tensors(a, b, round_to=None) -> None:
         assert not bad, f"{component}: {len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
+def _mlx_networks():
+    from mlx_stablefused.backends.mlx.loading import NETWORKS
+
+    return NETWORKS
+
+
 def image(pipe, **kwargs) -> np.ndarray:
     return pipe("a red boat", image_height=64, image_width=64, num_inference_steps=2, seed=3, output_type="np",
                 **kwargs)
@@ -99,12 +105,17 @@ def test_single_file_equals_its_folder(case, files, sd1, sd2, sd1_inpaint, pipel
         rng = np.random.default_rng(0)
         extra = dict(image=rng.random((64, 64, 3)).astype(np.float32), mask=(rng.random((64, 64)) > 0.5).astype(np.float32))
     assert np.array_equal(image(ours, **extra), image(ref, **extra))
-    if case == "sd1_ema":  # the default is the model.diffusion_model weights (diffusers' and A1111's choice)
-        plain = TextToImageDiffusion(str(files[case]), config=str(folder), progress=False, use_cache=False)
-        got = tensors(plain.backend, "unet")
-        ema_ref = {k[len("model.diffusion_model."):]: v for k, v in files["non_ema"].items()}
-        assert np.array_equal(got["conv_in.weight"], ema_ref["input_blocks.0.0.weight"].numpy().transpose(0, 2, 3, 1))
-        assert not np.array_equal(got["conv_in.weight"], tensors(ref.backend, "unet")["conv_in.weight"])
+    if case == "sd1_ema":  # by default the model.diffusion_model weights (diffusers' and A1111's choice), not EMA
+        from mlx_stablefused.model_description import UNET_2D
+        from mlx_stablefused.model_loading import read_component_files
+        from mlx_stablefused.single_file import resolve_model_or_file
+
+        plain = resolve_model_or_file(str(files[case]), config=str(folder)).overrides["unet"]
+        got = read_component_files(_mlx_networks(),
+                                   plain, UNET_2D)
+        non_ema = {k[len("model.diffusion_model."):]: v.numpy() for k, v in files["non_ema"].items()}
+        assert np.array_equal(np.asarray(got["conv_in.weight"]), non_ema["input_blocks.0.0.weight"])
+        assert not np.array_equal(non_ema["input_blocks.0.0.weight"], sd1[0].unet.conv_in.weight.detach().numpy())
 
 
 def test_single_file_on_the_torch_backend(files, sd2, pipelines):
@@ -290,8 +301,9 @@ def test_bad_single_files_are_refused_by_name(files, sd1, sd2, tmp_path):
         TextToImageDiffusion(str(files["sd1_fp16"]), progress=False)
     with pytest.raises(ValueError, match="use_ema= apply to single-file checkpoints"):
         TextToImageDiffusion(sd1[1], use_ema=True, progress=False)
-    with pytest.raises(ModelSourceError, match="no VAE found.*'model.diffusion_model'"):
-        save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3)}, str(tmp_path / "notvae.safetensors"))
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3)}, str(tmp_path / "notvae.safetensors"))
+    with pytest.raises(ModelSourceError, match="no VAE found.*'model.diffusion_model'"), \
+            pytest.warns(UserWarning, match=r"1 tensors belong to no network .*'model.diffusion_model'"):
         TextToImageDiffusion(sd1[1], vae=str(tmp_path / "notvae.safetensors"), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
