@@ -7,9 +7,10 @@ Mirrors stablefused's effect_of_guidance_scale notebook. Negative and zero scale
 """
 
 import numpy as np
-from _common import parser, saved, setup
+from _common import defaults, parser, saved, setup
 
 from mlx_stablefused import TextToImageDiffusion, image_grid, write_text_on_image
+from mlx_stablefused.cli_values import finite, positive
 
 SCALES = [-1.5, 0.0, 1.0, 3.0, 7.5, 12.0, 15.0]
 PROMPTS = ["a bowl of ramen, food photography", "a castle on a hill, matte painting"]
@@ -17,8 +18,10 @@ PROMPTS = ["a bowl of ramen, food photography", "a castle on a hill, matte paint
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--step-counts", type=int, nargs="+", default=[10, 20, 30])
-    p.add_argument("--scales", type=float, nargs="+", default=SCALES)
+    p.add_argument("--step-counts", type=positive("--step-counts"), nargs="+", default=None,
+                   help="step counts of the second grid (default: 10 20 30; 2 4 8 on the demo model)")
+    p.add_argument("--scales", type=finite("--scales"), nargs="+", default=SCALES)
+    defaults(p, step_counts=([10, 20, 30], [2, 4, 8]))
     args = p.parse_args()
     pipe, out = setup(args, TextToImageDiffusion)
     f = pipe.vae_scale_factor

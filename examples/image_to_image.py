@@ -9,12 +9,13 @@ with text-to-image from the same model.
 from _common import parser, saved, setup
 
 from mlx_stablefused import ImageToImageDiffusion, TextToImageDiffusion, image_grid, pil_to_video
+from mlx_stablefused.cli_values import non_negative
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--image", default=None)
-    p.add_argument("--start-step", type=int, default=None, help="default: a third of --steps")
+    p.add_argument("--start-step", type=non_negative("--start-step"), default=None, help="default: a third of --steps")
     args = p.parse_args()
     pipe, out = setup(args, ImageToImageDiffusion)
     image = args.image

@@ -7,10 +7,11 @@ Mirrors stablefused's inpaint_diffusion notebook. Works with 9-channel inpaintin
 """
 
 import numpy as np
-from _common import parser, saved, setup
+from _common import defaults, parser, saved, setup
 from PIL import Image
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion, pil_to_video
+from mlx_stablefused.cli_values import positive
 
 
 def centre_mask(size: int) -> Image.Image:
@@ -22,8 +23,11 @@ def centre_mask(size: int) -> Image.Image:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--image", default=None)
-    p.add_argument("--walk-steps", type=int, default=4, help="inpainting steps of each walk")
-    p.add_argument("--frames", type=int, default=30, help="frames per walk step")
+    p.add_argument("--walk-steps", type=positive("--walk-steps"), default=None,
+                   help="inpainting steps of each walk (default: 4; 2 on the demo model)")
+    p.add_argument("--frames", type=positive("--frames"), default=None,
+                   help="frames per walk step (default: 30; 4 on the demo model)")
+    defaults(p, walk_steps=(4, 2), frames=(30, 4))
     args = p.parse_args()
     pipe, out = setup(args, InpaintDiffusion)
     image = args.image

@@ -6,9 +6,10 @@ Mirrors stablefused's latent_walk_diffusion notebook.
 """
 
 import numpy as np
-from _common import parser, saved, setup
+from _common import defaults, parser, saved, setup
 
 from mlx_stablefused import LatentWalkDiffusion, image_grid, pil_to_video
+from mlx_stablefused.cli_values import positive
 
 STORY = [
     "a small boat leaving a harbour at dawn, watercolor",
@@ -20,8 +21,11 @@ STORY = [
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--frames", type=int, default=16, help="frames between consecutive prompts")
-    p.add_argument("--similar", type=int, default=4, help="number of similar images")
+    p.add_argument("--frames", type=positive("--frames"), default=None,
+                   help="frames between consecutive prompts (default: 16; 4 on the demo model)")
+    p.add_argument("--similar", type=positive("--similar"), default=None,
+                   help="number of similar images (default: 4; 2 on the demo model)")
+    defaults(p, frames=(16, 4), similar=(4, 2))
     args = p.parse_args()
     pipe, out = setup(args, LatentWalkDiffusion)
     f = pipe.vae_scale_factor

@@ -9,18 +9,20 @@ the motion comes from AnimateDiff on any SD 1.5 model).
 
 from functools import partial
 
-from _common import parser, saved, setup
+from _common import defaults, parser, saved, setup
 
 from mlx_stablefused import TextToVideoDiffusion, pil_to_gif, pil_to_video
 from mlx_stablefused.cli import DEFAULT_MOTION_ADAPTER, default_model
-from mlx_stablefused.demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID
+from mlx_stablefused.demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_STEPS
+from mlx_stablefused.cli_values import positive
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--motion-adapter", default=None)
-    p.add_argument("--frames", type=int, default=16)
-    p.set_defaults(steps=25)
+    p.add_argument("--frames", type=positive("--frames"), default=None,
+                   help="video frames (default: 16; 8 on the demo model)")
+    defaults(p, frames=(16, 8), steps=(25, DEMO_STEPS))
     args = p.parse_args()
     args.model = args.model or default_model(None)
     adapter = args.motion_adapter or (DEMO_MOTION_ADAPTER_ID if args.model == DEMO_MODEL_ID else DEFAULT_MOTION_ADAPTER)

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError  # noqa: E402
+from .errors import LoRAError, ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError  # noqa: E402
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
 from .pipelines.image_to_image import ImageToImageDiffusion  # noqa: E402
 from .pipelines.inpaint import InpaintDiffusion  # noqa: E402
@@ -28,6 +28,7 @@ __all__ = [
     "LatentWalkDiffusion",
     "WalkType",
     "SCHEDULER_NAMES",
+    "LoRAError",
     "ModelSourceError",
     "NonFiniteError",
     "UnsupportedModelError",

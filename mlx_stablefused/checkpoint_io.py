@@ -87,11 +87,12 @@ def _pickle_refusal(error: Exception) -> str:
     return lines[0] if lines else f"{type(error).__name__} (corrupt, or not a PyTorch checkpoint)"
 
 
-def load_torch_pickle(path: str | Path, mmap: bool = False) -> dict:
-    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code.
+def load_pickle_object(path: str | Path, mmap: bool = False) -> object:
+    """Whatever a PyTorch checkpoint holds (nested dicts, tensors, numbers, strings), read with torch's
+    weights-only unpickler: no pickled code is executed, and anything else is refused.
 
     ``mmap``: map the file instead of reading it (zip-format checkpoints; others are read): for looking
-    at shapes, or taking a few tensors of a large file. ``state_dict`` wrappers are unwrapped."""
+    at shapes, or taking a few tensors of a large file."""
     try:
         import torch
     except ImportError as e:
@@ -99,13 +100,21 @@ def load_torch_pickle(path: str | Path, mmap: bool = False) -> dict:
                               "(pip install 'mlx-stablefused[torch]'), or use a .safetensors file") from e
     try:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError:
             if not mmap:
                 raise
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)  # not zip-format
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)  # not zip-format
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {_pickle_refusal(e)}") from e
+
+
+def load_torch_pickle(path: str | Path, mmap: bool = False) -> dict:
+    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code;
+    ``state_dict`` wrappers (nested, as some training scripts save them) are unwrapped."""
+    state = load_pickle_object(path, mmap=mmap)
+    import torch  # present: the read above needed it
+
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -12,7 +12,7 @@ from . import __version__
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
-from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, resolve_special_id
+from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS, resolve_special_id
 from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
@@ -20,7 +20,7 @@ from .schedulers import SCHEDULER_NAMES
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
 EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
-                   TypeError, NotImplementedError, OSError)
+                   TypeError, NotImplementedError, OSError, MemoryError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -70,6 +70,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    type=one_of("--scheduler", SCHEDULER_NAMES, "scheduler"),
                    help=f"sampler: {', '.join(SCHEDULER_NAMES)} (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--vae-tiling", action="store_true", help="decode (and encode) on overlapping VAE tiles: "
+                                                             "memory of one tile at any size")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one image (or frame batch) at a time")
+    p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
 
 
 def _vae_flags(p: argparse.ArgumentParser) -> None:
@@ -86,17 +90,29 @@ def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None)
     p.add_argument("--negative-prompt", default=None, nargs=prompt_nargs,
                    help="what to steer away from" + several + " (default: none)")
     p.add_argument("--steps", type=positive("--steps"), default=None, metavar="N",
-                   help="sampling steps, a positive integer (default: 30; 20 for the demo model)")
+                   help=f"sampling steps, a positive integer (default: 30; {DEMO_STEPS} for the demo model)")
     p.add_argument("--guidance", type=finite("--guidance"), default=7.5, metavar="SCALE",
                    help="classifier-free guidance scale, a finite number; 1 or less turns it off")
     p.add_argument("--guidance-rescale", type=finite("--guidance-rescale"), default=0.0, metavar="PHI",
                    help="rescale of the guided prediction, a finite number, usually in [0, 1]")
     p.add_argument("--seed", type=non_negative("--seed"), default=0, metavar="N",
                    help="random seed, a non-negative integer; the same seed gives the same file")
+    _prompt_syntax_flags(p)
+
+
+def _prompt_syntax_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-prompts", action="store_true",
+                   help="read prompts as plain text, cut at 77 tokens (default: AUTOMATIC1111's syntax: "
+                        "(word:1.3), (word), [word], BREAK, prompts of any length, <lora:name:weight> tags)")
+    p.add_argument("--lora-dir", default=None, metavar="FOLDER",
+                   help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
+    p.add_argument("--textual-inversion", action="append", default=None, metavar="PATH",
+                   help="a textual-inversion embedding (.safetensors, .pt, .bin, or a diffusers folder or hub id), "
+                        "used by its own token; repeat for several (default: none)")
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "default: the input's size" if resize_only else "default: 512; 256 for the demo model"
+    what = "default: the input's size" if resize_only else f"default: 512; {DEMO_SIZE} for the demo model"
     for flag in ("--height", "--width"):
         p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
                        help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
@@ -210,13 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ running
 def default_model(variant: str | None) -> str:
-    """The hub's SD 1.5 when reachable (or cached); otherwise the offline demo model, said out loud."""
+    """The hub's SD 1.5 when reachable (or cached); otherwise the offline demo model, said in one line."""
+    from .hub_access import offline_reason
     from .sources import resolve_model
 
+    reason = offline_reason()  # seconds at most, where the hub's own retries take ~23 s
     try:
-        return str(resolve_model(DEFAULT_HUB_MODEL, variant=variant).root)
+        return str(resolve_model(DEFAULT_HUB_MODEL, variant=variant, local_files_only=reason is not None).root)
     except ModelSourceError as e:
-        print(f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable ({str(e).split('.')[0]}).", file=sys.stderr)
+        why = f"offline: {reason}; not in the local cache" if reason else str(e).split(";")[0]
+        print(f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable ({why}).", file=sys.stderr)
         return DEMO_MODEL_ID
 
 
@@ -226,17 +245,28 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         args.model = default_model(args.variant)
     demo = args.model == DEMO_MODEL_ID
     if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
-        size = 256 if demo else 512
+        size = DEMO_SIZE if demo else 512
         args.height = size if args.height is None else args.height
         args.width = size if args.width is None else args.width
     if args.steps is None:
-        args.steps = 20 if demo else 30
+        args.steps = DEMO_STEPS if demo else 30
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
     model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
-    return cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
+    pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
+    if getattr(args, "vae_tiling", False):
+        pipe.enable_tiling()
+    if getattr(args, "vae_slicing", False):
+        pipe.enable_slicing()
+    if getattr(args, "attention_slicing", False):
+        pipe.enable_attention_slicing()
+    for source in args.textual_inversion or []:
+        pipe.load_textual_inversion(source)
+    if not args.plain_prompts:
+        pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
+    return pipe
 
 
 def save_image_atomically(image: Any, path: Path) -> None:
@@ -403,7 +433,23 @@ def check_before_work(args: argparse.Namespace) -> None:
         if path is not None:
             check_input_image(path, flag)
     check_start(args)
+    check_size_flags(args)
     check_backend(args.backend, args.device)
+    if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).expanduser().is_dir()):
+        raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"
+                         f" ({args.lora_dir})")
+
+
+def check_size_flags(args: argparse.Namespace) -> None:
+    """--height/--width: multiples of 8 (every Stable Diffusion VAE's factor) within the pixel cap."""
+    from .memory_estimate import check_pixel_cap
+
+    height, width = getattr(args, "height", None), getattr(args, "width", None)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value % 8:
+            raise ValueError(f"{flag}: must be a multiple of 8, got {value}")
+    if height is not None and width is not None:
+        check_pixel_cap(height, width, ("--height", "--width"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,8 @@ FLAGS_FOR_PARAMETERS = {
     "height_translation_per_step": "--translation", "width_translation_per_step": "--translation",
     "motion_adapter=": "--motion-adapter", "overwrite=True": "--overwrite",
     "call enable_context_windows()": "pass --context-length", "enable_context_windows()": "--context-length",
+    "enable_tiling()": "--vae-tiling", "enable_attention_slicing()": "--attention-slicing",
+    "enable_slicing() (decode one image at a time)": "--vae-slicing",
 }
 _PARAMETER_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FLAGS_FOR_PARAMETERS)) + r")(?!\w)")
 

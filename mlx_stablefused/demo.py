@@ -29,6 +29,8 @@ DEMO_MOTION_ADAPTER_ID = SPECIAL_ID_PREFIX + "motion"
 DEMO_NOTICE = ("[mlx-stablefused] Using the built-in offline demo model: tiny, random weights. Its images are "
                "noise by design (a smoke test of the install). For real images pass a model, e.g. "
                "--model stable-diffusion-v1-5/stable-diffusion-v1-5")
+DEMO_SIZE = 128  # the CLI's and examples' defaults on the demo model: its images are noise, so seconds suffice
+DEMO_STEPS = 10
 DEMO_VERSION = 3  # 3: weights drawn with numpy, so any installed backend builds the same model
 
 # A few merges so the tokenizer exercises BPE, not only single bytes.

@@ -14,6 +14,10 @@ class WeightLoadError(ValueError):
     """A checkpoint is unreadable, truncated, or does not fit the model (keys or shapes)."""
 
 
+class LoRAError(WeightLoadError):
+    """A LoRA file that does not fit the loaded model (unmatched keys, wrong shapes, an unsupported kind)."""
+
+
 class UnsupportedModelError(ValueError):
     """A model config asks for an architecture feature this port does not implement."""
 

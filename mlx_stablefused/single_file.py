@@ -554,7 +554,7 @@ def _sidecar(spec: str | Path, path: Path, revision: str | None, local_files_onl
     stem = str(spec).rsplit(".", 1)[0]
     for suffix in YAML_SUFFIXES:  # a hub file's .yaml lives beside it in the repo, if anywhere
         try:
-            return OriginalConfig.read(download_file(stem + suffix, revision=revision, local_files_only=False))
+            return OriginalConfig.read(download_file(stem + suffix, revision=revision, quiet=True))
         except ModelSourceError:
             continue
     return OriginalConfig()
@@ -663,12 +663,5 @@ def _vae_folder(folder: Path, vae: Any, origin: str) -> ComponentFiles:
 
 
 def _download_vae_folder(repo_id: str, revision: str | None, local_files_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["config.json", "diffusion_pytorch_model.safetensors"]
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=local_files_only))
-    except Exception as e:  # network and hub errors come in many types
-        raise ModelSourceError(f"could not get vae={repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
-                               "pass a local VAE folder or file") from e
+    return download_configs(repo_id, revision=revision, local_files_only=local_files_only,
+                            patterns=["config.json", "diffusion_pytorch_model.safetensors"])

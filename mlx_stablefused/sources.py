@@ -111,14 +111,18 @@ def is_hub_file(text: str) -> bool:
             and text.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)))
 
 
-def download_file(spec: str, *, revision: str | None = None, local_files_only: bool = False) -> Path:
-    """One file of a hub repo (``owner/repo/path``), from the local cache when offline or unreachable."""
+def download_file(spec: str, *, revision: str | None = None, local_files_only: bool = False,
+                  quiet: bool = False) -> Path:
+    """One file of a hub repo (``owner/repo/path``), from the local cache when offline or unreachable
+    (``quiet``: no warning when the cached copy is used)."""
     from huggingface_hub import hf_hub_download
+
+    from .hub_access import offline_reason
 
     parts = spec.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    reason = "offline mode requested"
-    if not local_files_only:
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
         try:
             return Path(hf_hub_download(repo, filename, revision=revision))
         except Exception as e:  # network and hub errors come in many types
@@ -129,36 +133,42 @@ def download_file(spec: str, *, revision: str | None = None, local_files_only: b
         raise ModelSourceError(
             f"could not get {spec!r} from the Hugging Face Hub ({reason}) and it is not in the local cache. "
             "Check your connection, or download the file elsewhere and pass its path.") from e
-    if not local_files_only:
+    if not local_files_only and not quiet:
         warnings.warn(f"using the cached copy of {spec!r} ({reason})", stacklevel=3)
     return path
 
 
 def download_configs(repo_id: str, *, revision: str | None = None, local_files_only: bool = False,
-                     description: ModelDescription = STABLE_DIFFUSION) -> Path:
-    """A hub model's configs, tokenizer and scheduler only (``config=`` of a single-file checkpoint)."""
+                     description: ModelDescription = STABLE_DIFFUSION, patterns: list[str] | None = None) -> Path:
+    """A hub model's configs, tokenizer and scheduler only (``config=`` of a single-file checkpoint), or
+    the files matching ``patterns``; from the local cache when offline or unreachable."""
     from huggingface_hub import snapshot_download
 
-    patterns = description.hub_support_patterns()
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=local_files_only))
-    except Exception as e:
+    from .hub_access import offline_reason
+
+    patterns = patterns or description.hub_support_patterns()
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
         try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            raise ModelSourceError(f"could not get the configs of {repo_id!r} from the Hugging Face Hub "
-                                   f"({type(e).__name__}: {e}) and they are not in the local cache; pass a local "
-                                   "diffusers folder as config=") from e
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as e:  # network and hub errors come in many types
+            reason = f"{type(e).__name__}: {e}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception as e:
+        raise ModelSourceError(f"could not get {patterns} of {repo_id!r} from the Hugging Face Hub ({reason}) "
+                               "and they are not in the local cache; pass a local folder instead") from e
 
 
 def _download(repo_id: str, *, variant: str | None, revision: str | None, local_files_only: bool,
               description: ModelDescription) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
+    from .hub_access import offline_reason
+
     patterns = description.hub_support_patterns() + list(fmt.HUB_PATTERNS)
-    reason = "offline mode requested"
-    if not local_files_only:
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
         try:
             files = HfApi().list_repo_files(repo_id, revision=revision)
             chosen = [select_weight_file(files, c, variant) for c in description.components]
@@ -179,7 +189,7 @@ def _download(repo_id: str, *, variant: str | None, revision: str | None, local_
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*"], local_files_only=True))
     except Exception as e:
         raise ModelSourceError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({reason}) and it is not in the local cache. "
+            f"could not get {repo_id!r} from the Hugging Face Hub ({reason}) and it is not in the local cache; "
             "Check your connection, or download the model elsewhere and pass its folder: "
             "TextToImageDiffusion(model_id='/path/to/model_folder').") from e
     warnings.warn(f"using the cached copy of {repo_id!r} ({reason})", stacklevel=3)

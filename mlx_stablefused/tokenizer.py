@@ -82,6 +82,10 @@ class CLIPTokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in dict.fromkeys((pad_token, BOS, EOS))])
         self._tokenizer = tok
+        self._vocab = vocab
+        self.added_tokens: dict[str, int] = {}  # tokens added after loading (textual inversion), in id order
+        self.multi_vector_ids: dict[int, list[int]] = {}  # first id of a multi-vector token -> all its ids
+        self._expansions: dict[int, str] = {}  # first id -> "tok tok_1 ... tok_{n-1}"
         self.vocab_size = len(vocab)
         self.max_length = int(max_length)
         self.bos_token_id = vocab[BOS]
@@ -115,9 +119,63 @@ class CLIPTokenizer:
                         max_length = ml
         return cls(vocab, merges, pad_token=pad, max_length=max_length)
 
+    def __len__(self) -> int:
+        """Vocabulary plus added tokens (transformers' ``len(tokenizer)``): the next added token's id."""
+        return self.vocab_size + len(self.added_tokens)
+
+    def __contains__(self, token: str) -> bool:
+        """Whether ``token`` is in the vocabulary or among the added tokens (transformers' ``get_vocab()``)."""
+        return token in self._vocab or token in self.added_tokens
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry or added token (``",</w>"`` is the comma ending a word), or None."""
+        return self._vocab.get(token, self.added_tokens.get(token))
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add new tokens (matched in the raw text before BPE, as transformers' ``add_tokens``); their ids,
+        consecutive from ``len(self)``. A token already known is refused."""
+        known = [t for t in tokens if t in self]
+        if known or len(set(tokens)) != len(tokens):
+            raise ValueError(f"cannot add tokens {list(tokens)}: {known or 'duplicates'} already present")
+        start = len(self)
+        self._tokenizer.add_tokens(list(tokens))
+        ids = [self._tokenizer.token_to_id(t) for t in tokens]
+        if ids != list(range(start, start + len(tokens))):  # the library numbers them after the vocabulary
+            raise RuntimeError(f"added tokens got ids {ids}, expected {start}..{start + len(tokens) - 1}")
+        self.added_tokens.update(zip(tokens, ids))
+        self.multi_vector_ids = {}
+        for token, token_id in self.added_tokens.items():
+            names = [token]
+            while f"{token}_{len(names)}" in self.added_tokens:
+                names.append(f"{token}_{len(names)}")
+            stem, _, index = token.rpartition("_")
+            if len(names) > 1 and not (stem in self.added_tokens and index.isdigit()):
+                self.multi_vector_ids[token_id] = [self.added_tokens[n] for n in names]
+        self._expansions = {first: " ".join(self._tokenizer.id_to_token(i) for i in run)
+                            for first, run in self.multi_vector_ids.items()}
+        return ids
+
+    def expand_multi_vector_tokens(self, prompt: str) -> str:
+        """Write each multi-vector textual-inversion token ``tok`` as ``tok tok_1 ... tok_{n-1}``, as diffusers'
+        ``maybe_convert_prompt`` does, at every place the tokenizer matched it (case-insensitively).
+        diffusers replaces the token's own spelling in the text after looking up the lowercased match, so a
+        name with capitals (``EasyNegative``) or a prompt spelling it in another case keeps only the first
+        vector there; here every vector is used. A lowercase name written in lowercase gives the same ids."""
+        if not self._expansions:
+            return prompt
+        encoding = self._tokenizer.encode(prompt, add_special_tokens=False)
+        for token_id, (start, end) in reversed(list(zip(encoding.ids, encoding.offsets))):
+            if token_id in self._expansions:
+                prompt = prompt[:start] + self._expansions[token_id] + prompt[end:]
+        return prompt
+
+    def encode_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS (multi-vector tokens expanded), for building chunks."""
+        return self._tokenizer.encode(self.expand_multi_vector_tokens(text), add_special_tokens=False).ids
+
     def tokenize(self, text: str) -> list[int]:
-        """Token ids with BOS and EOS, unpadded and untruncated."""
-        return self._tokenizer.encode(text).ids
+        """Token ids with BOS and EOS, unpadded and untruncated (multi-vector tokens expanded)."""
+        return self._tokenizer.encode(self.expand_multi_vector_tokens(text)).ids
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Ids of shape (batch, max_length): BOS, tokens, EOS, then pad; truncated with a warning."""

@@ -12,13 +12,16 @@ import helpers  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_environment(tmp_path_factory):
     """Converted-model cache in a temp dir (tests never touch, or depend on, the user's cache) and two torch
-    threads (the tiny models gain nothing from more); both restored when the session ends."""
+    threads (the tiny models gain nothing from more; one per xdist worker, whose siblings use the other
+    cores); both restored when the session ends."""
     import torch
+
+    import os
 
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLX_STABLEFUSED_CACHE", str(tmp_path_factory.mktemp("msf-cache")))
-        torch.set_num_threads(2)
+        torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
         try:
             yield
         finally:
@@ -139,17 +142,42 @@ def tiny(request):
 
 
 # ------------------------------------------------------------------------------------ summary
+# The default run is spread over the cores by pytest-xdist (``-n auto`` in pyproject). Workers measure; the
+# controller (or the one process without xdist) receives every report and prints both summaries.
 SECONDS_PER_FILE: dict = {}  # test file -> seconds in setup, call and teardown (the default run's budget: 4 min)
+MAX_WORKERS = 4  # each worker holds its own tiny models, torch and diffusers (~1.5 GB): more buys little
+_PARITY_SENT: dict = {}  # what this process's reports already carried
+
+
+def pytest_xdist_auto_num_workers(config):
+    import os
+
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      MAX_WORKERS))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the parity errors measured since the last report to this one, which xdist carries to the controller."""
+    outcome = yield
+    measured = {k: v for k, v in helpers.PARITY.items() if _PARITY_SENT.get(k) != v}
+    _PARITY_SENT.update(measured)
+    if measured:
+        outcome.get_result().user_properties.append(("parity", measured))
 
 
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::")[0]
     SECONDS_PER_FILE[path] = SECONDS_PER_FILE.get(path, 0.0) + report.duration
+    for key, value in report.user_properties:
+        if key == "parity":
+            for name, error in value.items():
+                helpers.report(name, error)
 
 
 def pytest_terminal_summary(terminalreporter):
     if SECONDS_PER_FILE:
-        terminalreporter.section("seconds per test file")
+        terminalreporter.section("seconds per test file (summed over workers)")
         for path, seconds in sorted(SECONDS_PER_FILE.items(), key=lambda item: -item[1]):
             terminalreporter.write_line(f"{seconds:8.1f}  {path}")
     if helpers.PARITY:

@@ -66,6 +66,7 @@ def test_default_model_falls_back_to_the_labelled_demo_when_offline(tmp_path, ca
         raise ConnectionError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr("mlx_stablefused.hub_access.offline_reason", lambda *a, **k: None)  # the probe says online
     out = tmp_path / "d.png"
     assert main(["txt2img", "--prompt", "x", "--output", str(out), *FAST[2:]]) == 0
     err = capsys.readouterr().err

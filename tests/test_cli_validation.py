@@ -54,6 +54,7 @@ BAD_VALUES = [  # argv, the flag the message must name
     (IMAGE + ["--width", "0"], "--width"),
     (IMAGE + ["--height", "-64"], "--height"),
     (IMAGE + ["--height", "64.5"], "--height"),
+    (IMAGE + ["--height", "60"], "--height"),  # not a multiple of 8: refused before the model loads
     (IMAGE + ["--width", "abc"], "--width"),
     (IMAGE + ["--steps", "0"], "--steps"),
     (IMAGE + ["--steps", "-3"], "--steps"),
@@ -235,7 +236,6 @@ def test_expected_errors_become_one_line_exit_1(tmp_path, capsys, monkeypatch, e
 
 
 @pytest.mark.parametrize("argv,flag,parameter", [
-    (IMAGE + ["--output", "{out}.png", *FAST, "--height", "60"], "--height=60", "image_height"),
     (VIDEO + ["--output", "{out}.gif", *FAST, "--frames", "33", "--height", "32", "--width", "32"],
      "--context-length", "enable_context_windows"),
 ])
@@ -346,3 +346,23 @@ def test_console_cuda_device_without_cuda(tmp_path):
 def test_console_version():
     proc = console("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"mlx-stablefused {__version__}"
+
+
+def test_console_refuses_sizes_before_loading_and_impossible_ones_before_work(tmp_path):
+    out = str(tmp_path / "o.png")
+    assert_console_refusal(console("txt2img", "--prompt", "x", "--height", "100", "--output", out), "--height",
+                           tmp_path)
+    proc = console("txt2img", "--prompt", "x", "--height", "65536", "--width", "65536", "--output", out)
+    assert_console_refusal(proc, "--height x --width = 65536x65536", tmp_path)
+    assert "MLX_STABLEFUSED_MAX_PIXELS" in proc.stderr
+
+
+def test_a_request_too_big_for_memory_names_the_flags_that_fit_it(tmp_path, capsys, monkeypatch):
+    from mlx_stablefused.backends.mlx.backend import MLXBackend
+
+    monkeypatch.setattr(MLXBackend, "available_memory", lambda self: 3 * 1024 ** 3)
+    monkeypatch.setattr(MLXBackend, "fused_attention", property(lambda self: False))
+    argv = IMAGE + ["--model", "demo:tiny-random", "--height", "2048", "--width", "2048", "--output",
+                    str(tmp_path / "o.png")]
+    err = refused(capsys, argv, "--attention-slicing", tmp_path, notice=True)
+    assert "--height=2048, --width=2048 needs at least" in err and "it would fit with --attention-slicing" in err

@@ -86,3 +86,141 @@ def test_a_torch_latent_that_requires_grad_is_accepted(sd1, pipelines):
     args = dict(prompt="a cat", num_inference_steps=2, output_type="np")
     expected = pipe(latent=noise, **args)
     np.testing.assert_array_equal(pipe(latent=torch.from_numpy(noise).requires_grad_(True), **args), expected)
+
+
+# ------------------------------------------------------------------------ memory (issue 21, item 1)
+def _giant_request_is_refused_without_allocating(pipe, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setenv("MLX_STABLEFUSED_MAX_PIXELS", str(2 ** 40))  # past the cap: the estimate must refuse
+    monkeypatch.setattr(pipe.backend, "unet", lambda *a: pytest.fail("the UNet ran on a refused request"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryError) as caught:
+            pipe(**dict(ARGS, image_height=65536, image_width=65536))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak} bytes allocated before the refusal"  # no latent (1 GB) was drawn
+    return str(caught.value)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_any_work(sd1, pipelines, backend_name, monkeypatch):
+    _, root = sd1
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name, scheduler="ddim")
+    message = _giant_request_is_refused_without_allocating(pipe, monkeypatch)
+    assert "image_height=65536, image_width=65536 needs at least" in message and "is available" in message
+    assert "no option makes it fit" in message
+    monkeypatch.delenv("MLX_STABLEFUSED_MAX_PIXELS")
+    with pytest.raises(ValueError, match=r"image_height x image_width = 65536x65536 is 4295 MP, over the cap of 67 MP"):
+        pipe(**dict(ARGS, image_height=65536, image_width=65536))
+
+
+def test_the_refusal_names_the_options_that_would_make_it_fit(sd1, pipelines, monkeypatch):
+    """With 3 GB free, 2048x2048 on the MLX CPU path needs both the UNet's attention sliced and the VAE tiled
+    (its mid-block attention alone would take 16 GB)."""
+    from mlx_stablefused.memory_estimate import Request, estimate, peak
+
+    _, root = sd1
+    pipe = TextToImageDiffusion.from_pipeline(pipelines.pipeline(TextToImageDiffusion, root, "mlx"))
+    backend = pipe.backend
+    monkeypatch.setattr(type(backend), "available_memory", lambda self: 3 * 1024 ** 3)
+    monkeypatch.setattr(type(backend), "fused_attention", property(lambda self: False))
+    parts = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, False)
+    assert min(parts["attention"], parts["vae"]) > 3 * 1024 ** 3  # the premise of the test
+    with pytest.raises(MemoryError, match=r"it would fit with enable_tiling\(\) \+ enable_attention_slicing\(\)$"):
+        pipe.check_memory(2048, 2048, 1)
+    pipe.enable_attention_slicing()
+    with pytest.raises(MemoryError, match=r"largest part: VAE decoder activations.*it would fit with enable_tiling"):
+        pipe.check_memory(2048, 2048, 1)
+    pipe.enable_tiling()
+    pipe.check_memory(2048, 2048, 1)  # now it fits
+    both = Request(2048, 2048, 1, attention_chunk=1024, tile=pipe.tiling.sample_size)
+    assert peak(estimate(backend.unet_config, backend.vae_config, both, 4, False)) < 3 * 1024 ** 3
+    fused = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, True)
+    assert fused["attention"] == 0 and fused["vae"] < parts["vae"]  # Metal / CUDA: no score matrices
+
+
+def test_the_pixel_cap_is_configurable_and_checked(monkeypatch):
+    from mlx_stablefused.memory_estimate import check_pixel_cap
+
+    monkeypatch.setenv("MLX_STABLEFUSED_MAX_PIXELS", "4096")
+    with pytest.raises(ValueError, match="over the cap of 0 MP"):
+        check_pixel_cap(128, 64)
+    check_pixel_cap(64, 64)
+    monkeypatch.setenv("MLX_STABLEFUSED_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="MLX_STABLEFUSED_MAX_PIXELS='lots' must be a positive integer"):
+        check_pixel_cap(64, 64)
+
+
+# --------------------------------------------------------------------- offline (issue 21, item 5)
+def test_offline_is_known_in_seconds_and_said_in_one_line(monkeypatch, capsys):
+    import time
+
+    from mlx_stablefused import hub_access
+    from mlx_stablefused.cli import DEFAULT_HUB_MODEL, default_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_access.offline_reason() == "HF_HUB_OFFLINE is set"
+    monkeypatch.setenv("HF_HOME", os.devnull + "-no-cache")  # nothing cached either
+    start = time.perf_counter()
+    assert default_model(None) == "demo:tiny-random"
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"[mlx-stablefused] {DEFAULT_HUB_MODEL} is unavailable (offline: HF_HUB_OFFLINE is set; "
+                   "not in the local cache)."], err
+    assert elapsed < 5, elapsed  # a bound on waiting for retries, not a benchmark: the hub's own take ~23 s
+
+
+def test_the_probe_refuses_an_unreachable_hub_without_retries(monkeypatch):
+    import socket
+
+    from mlx_stablefused import hub_access
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    attempts = []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(hub_access, "_last", None)
+    assert hub_access.offline_reason() == "hub.invalid unreachable: Name or service not known"
+    assert hub_access.offline_reason() == "hub.invalid unreachable: Name or service not known"
+    assert attempts == [(("hub.invalid", 443), hub_access.PROBE_TIMEOUT_S)]  # one probe, remembered
+    monkeypatch.setattr(hub_access, "_last", None)
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: _Closing())
+    assert hub_access.offline_reason() is None
+
+
+class _Closing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------- progress (issue 21, item 8)
+def test_progress_off_a_terminal_is_plain_lines_from_the_outer_bar_only(monkeypatch, capsys):
+    from mlx_stablefused import progress
+
+    monkeypatch.setattr(progress, "_is_terminal", lambda: False)
+    monkeypatch.setattr(progress, "_in_notebook", lambda: False)
+    with progress.progress_bar(8, "frames", unit="frame") as outer:
+        for _ in range(8):
+            with progress.progress_bar(3, "denoising", unit="step") as inner:
+                for _ in range(3):
+                    inner.update(1)
+            outer.update(1)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["frames: 2/8 frame (25%)", "frames: 4/8 frame (50%)",
+                                                      "frames: 6/8 frame (75%)", "frames: 8/8 frame (100%)"]
+    assert "\r" not in err and "\x1b" not in err and "denoising" not in err
+    with progress.progress_bar(5, "hidden", enabled=False) as bar:
+        bar.update(5)
+    assert capsys.readouterr().err == ""

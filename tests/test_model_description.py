@@ -265,6 +265,7 @@ def test_hub_download_fetches_what_the_description_lists(tmp_path, monkeypatch):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: repo_files)
+    monkeypatch.setattr("mlx_stablefused.hub_access.offline_reason", lambda *a, **k: None)  # the probe says online
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     resolve_model("someone/sdxl-like", variant="fp16", description=TWO_ENCODERS)
     for c in TWO_ENCODERS.components:

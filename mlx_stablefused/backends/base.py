@@ -50,6 +50,16 @@ class Backend(ABC):
     def encode_text(self, token_ids: np.ndarray) -> Array:
         """(B, 77) int ids -> (B, 77, D) last hidden state, in the model dtype."""
 
+    @property
+    def token_embedding_width(self) -> int:
+        """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
+        return int(self.text_config.hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
+        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+        raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
+
     motion_config: Any = None  # the motion adapter's config when the UNet is a motion UNet
     is_video_unet: bool = False  # a motion UNet or a UNet3D: takes (B, C, F, h, w) latents
 
@@ -183,6 +193,43 @@ class Backend(ABC):
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
         return False
 
+    def available_memory(self) -> int | None:
+        """Bytes a generation may still use on the device in use (None: unknown). Default: free RAM."""
+        from ..memory_estimate import system_available_memory
+
+        return system_available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether attention runs without materialising the (queries x keys) score matrix here."""
+        return False
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of the networks' compute dtype."""
+        dtype = getattr(self, "dtype", None)
+        return int(getattr(dtype, "itemsize", None) or getattr(dtype, "size", 4))
+
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------------ LoRA
+    def lora_host(self) -> Any:
+        """The backend's ``lora.LoRAHost``: how LoRA terms attach to its layers (``backends/*/lora.py``)."""
+        raise NotImplementedError(f"the {self.name} backend has no LoRA support")
+
+    def lora_state(self, model: str = "the loaded model") -> Any:
+        """The LoRA adapters of these networks (a ``lora.LoRAState``, made on first use): they live with the
+        loaded weights, so every pipeline sharing this backend sees them."""
+        if getattr(self, "_lora", None) is None:
+            from ..lora import LoRAState
+
+            self._lora = LoRAState(self.lora_host(), model)
+        return self._lora
+
+    @property
+    def lora_fused_components(self) -> set[str]:
+        """Components whose weights a fused LoRA changed (they no longer equal the files)."""
+        state = getattr(self, "_lora", None)
+        return set() if state is None else state.changed_components

@@ -17,19 +17,21 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..backends import create_backend
 from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings
 from ..conditioning import Conditioning
 from ..config import read_json
 from ..errors import ModelSourceError
+from ..progress import progress_bar
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
 from ..sources import ModelSource
 from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from .lora_loader import LoRALoaderMixin
+from .prompt_features import PromptFeaturesMixin
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -57,11 +59,12 @@ class ModelComponents:
         from ..demo import resolve_special_adapter, resolve_special_id
         from ..model_description import STABLE_DIFFUSION
         from ..motion_adapters import MotionAdapterSource, resolve_motion_adapter
+        from ..single_file import resolve_model_or_file, resolve_vae
         from ..sources import is_special_id
 
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
-        from ..single_file import resolve_model_or_file, resolve_vae
-
         source = resolve_model_or_file(resolve_special_id(model_id), variant=variant, revision=revision,
                                        local_files_only=local_files_only, description=STABLE_DIFFUSION,
                                        config=config, use_ema=use_ema, prediction_type=prediction_type)
@@ -84,8 +87,6 @@ class ModelComponents:
         engine = create_backend(backend, source, **options)
         scheduler_config = read_json(scheduler_file)
         if prediction_type is not None:
-            if prediction_type not in ("epsilon", "v_prediction"):
-                raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
             scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
         return cls(source, engine, tokenizer, scheduler_config)
 
@@ -101,10 +102,10 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion:
+class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
-    ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
+    ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
     another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
     """
 
@@ -152,6 +153,7 @@ class BaseDiffusion:
         chosen = {f.name: getattr(other.settings, f.name) for f in fields(RunSettings)
                   if getattr(other.settings, f.name) != getattr(defaults, f.name)}
         pipe.settings = replace(pipe.settings, **chosen)
+        pipe.copy_prompt_settings(other)
         return pipe
 
     # ----------------------------------------------------------------------------------- setup
@@ -230,7 +232,7 @@ class BaseDiffusion:
 
     @property
     def vae_io(self) -> VAEIO:
-        return VAEIO(self.backend, self.tiling, self.decode_batch_size)
+        return VAEIO(self.backend, self.tiling, self.decode_batch_size, self.progress)
 
     # ------------------------------------------------------------------------------ interrupt
     def interrupt(self) -> None:
@@ -247,6 +249,20 @@ class BaseDiffusion:
     def validate_size(self, height: int, width: int) -> None:
         inputs.check_size(height, width, self.vae_scale_factor)
 
+    def check_memory(self, height: int, width: int, batch: int, frames: int = 1,
+                     names: tuple[str, str] = ("image_height", "image_width")) -> None:
+        """Refuse, before any work, a request that cannot fit (memory_estimate: a lower bound of its peak,
+        with this pipeline's tiling, slicing and decode batching), and any over the pixel cap."""
+        from ..memory_estimate import Request, check_fits, check_pixel_cap
+
+        check_pixel_cap(height, width, names)
+        request = Request(height, width, batch, frames, attention_chunk=self.settings.attention_chunk,
+                          tile=self.tiling.sample_size if self.tiling else None, decode_batch=self.decode_batch_size)
+        backend = self.backend
+        what = f"{names[0]}={height}, {names[1]}={width}" + (f", {frames} frames" if frames > 1 else "")
+        check_fits(backend.unet_config, backend.vae_config, request, backend.dtype_bytes, backend.fused_attention,
+                   backend.available_memory(), what + (f", batch {batch}" if batch > 1 else ""))
+
     @staticmethod
     def validate_steps(num_inference_steps: int) -> None:
         inputs.positive_int(num_inference_steps, "num_inference_steps")
@@ -257,10 +273,10 @@ class BaseDiffusion:
     # ---------------------------------------------------------------------------------- prompts
     @with_run_settings
     def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None) -> Array:
-        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to ""."""
+        """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to "".
+        With ``enable_prompt_weighting()``: (2B, 77 k, D), k the largest chunk count of them all."""
         prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
-        ids = np.concatenate([self.tokenizer(negatives), self.tokenizer(prompts)], axis=0)
-        embedding = self.backend.encode_text(ids)
+        embedding = self.encode_texts(negatives + prompts, positives=len(prompts))
         if self.release_text_encoder:
             self.backend.release_text_encoder()
         return embedding
@@ -290,7 +306,7 @@ class BaseDiffusion:
         callbacks = StepCallbacks(self, callback_on_step_end)
         history = [latents]
         steps = len(self.scheduler.timesteps) - start
-        with tqdm(total=steps, disable=not self.progress, desc=progress_desc, leave=False) as bar:
+        with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):
                 callbacks(state)

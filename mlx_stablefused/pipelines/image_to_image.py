@@ -35,7 +35,10 @@ class ImageToImageDiffusion(BaseDiffusion):
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
+        if size is not None:
+            self.check_memory(*size, len(prompts))
         pixels = self.preprocess_image(image, size)
+        self.check_memory(*pixels.shape[1:3], len(prompts))
         pixels = inputs.match_batch(pixels, len(prompts) // num_images_per_prompt, num_images_per_prompt, "image")
         start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         # 2. Encode the prompt.

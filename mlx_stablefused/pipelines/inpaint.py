@@ -8,10 +8,10 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..conditioning import Conditioning
 from ..errors import UnsupportedModelError
+from ..progress import progress_bar
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
@@ -46,7 +46,10 @@ class InpaintDiffusion(BaseDiffusion):
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         num_prompts = len(prompts) // num_images_per_prompt
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
+        if size is not None:
+            self.check_memory(*size, len(prompts))
         pixels = self.preprocess_image(image, size)
+        self.check_memory(*pixels.shape[1:3], len(prompts))
         masks = inputs.load_mask(mask, pixels.shape[1:3], resize=size is not None)
         pixels = inputs.match_batch(pixels, num_prompts, num_images_per_prompt, "image")
         masks = inputs.match_batch(masks, num_prompts, num_images_per_prompt, "mask")
@@ -159,24 +162,26 @@ class InpaintDiffusion(BaseDiffusion):
         current_image = Image.fromarray((current[0] * 255).round().astype(np.uint8))
         step_seeds = inputs.make_rng(seed).integers(0, 2**31 - 1, size=n)
         frames: list[Image.Image] = []
-        for k in tqdm(range(n), disable=not self.progress, desc="walk"):
-            walk = walks[k]
-            if walk == WalkType.BACKWARD:
-                source, mask = shrink_and_mask(current_image, (wt, ht))
-            else:
-                shift = ht if walk in (WalkType.UP, WalkType.DOWN) else wt
-                source, mask = shift_and_mask(current_image, walk, shift)
-            painted = self(prompts[k], source, mask, num_inference_steps=num_inference_steps, start_step=start_step,
-                           strength=strength, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                           negative_prompt=negatives[k], seed=int(step_seeds[k]), mode=mode, output_type="pil",
-                           callback_on_step_end=callback_on_step_end)[0]
-            if self._interrupted:
-                break
-            if walk == WalkType.BACKWARD:
-                frames += zoom_out_frames(current_image, painted, (wt, ht), frames_per_step)
-            else:
-                frames += pan_frames(current_image, painted, walk, shift, frames_per_step)
-            current_image = painted
+        with progress_bar(n, "walk", self.progress, unit="frame") as bar:
+            for k in range(n):
+                walk = walks[k]
+                if walk == WalkType.BACKWARD:
+                    source, mask = shrink_and_mask(current_image, (wt, ht))
+                else:
+                    shift = ht if walk in (WalkType.UP, WalkType.DOWN) else wt
+                    source, mask = shift_and_mask(current_image, walk, shift)
+                painted = self(prompts[k], source, mask, num_inference_steps=num_inference_steps,
+                               start_step=start_step, strength=strength, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                               negative_prompt=negatives[k], seed=int(step_seeds[k]), mode=mode, output_type="pil",
+                               callback_on_step_end=callback_on_step_end)[0]
+                if self._interrupted:
+                    break
+                if walk == WalkType.BACKWARD:
+                    frames += zoom_out_frames(current_image, painted, (wt, ht), frames_per_step)
+                else:
+                    frames += pan_frames(current_image, painted, walk, shift, frames_per_step)
+                current_image = painted
+                bar.update(1)
         return frames[::-1] if all(forward) else frames
 
     @staticmethod

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..progress import progress_bar
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
@@ -47,6 +48,8 @@ class LatentWalkDiffusion(BaseDiffusion):
             prompts, negatives = prompts * base.shape[0], negatives * base.shape[0]
         if len(prompts) != base.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {base.shape[0]} latents; pass one prompt or one per latent")
+        f = self.vae_scale_factor
+        self.check_memory(base.shape[2] * f, base.shape[3] * f, base.shape[0])
         rng = inputs.make_rng(seed)
         walked = self.modify_latent(base, strength, inputs.given_or_random(noise, base.shape, rng, "noise"))
         latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
@@ -133,9 +136,11 @@ class LatentWalkDiffusion(BaseDiffusion):
             out = np.asarray(latent, dtype=np.float32)
             if out.ndim != 4 or out.shape[0] != count:
                 raise ValueError(f"latent must be ({count}, C, h, w), one per prompt; got shape {out.shape}")
+            self.check_memory(out.shape[2] * self.vae_scale_factor, out.shape[3] * self.vae_scale_factor, 1)
             return out
         height, width = height or 512, width or 512
         self.validate_size(height, width)
+        self.check_memory(height, width, 1)
         f = self.vae_scale_factor
         return inputs.random_latent((count, self.latent_channels, height // f, width // f), rng)
 
@@ -144,15 +149,17 @@ class LatentWalkDiffusion(BaseDiffusion):
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None) -> Any:
         outputs = []
-        for s in range(0, len(latents), batch_size):
-            if self._interrupted:
-                break
-            e = slice(s, s + batch_size)
-            embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
-            result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
-                                            guidance_rescale, rng, return_latent_history, callback_on_step_end)
-            native = output_type == self.backend.native_output_type
-            outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
+        with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
+            for s in range(0, len(latents), batch_size):
+                if self._interrupted:
+                    break
+                e = slice(s, s + batch_size)
+                embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
+                result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
+                                                guidance_rescale, rng, return_latent_history, callback_on_step_end)
+                native = output_type == self.backend.native_output_type
+                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
+                bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
         merged = np.concatenate(outputs, axis=0)

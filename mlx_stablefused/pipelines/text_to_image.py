@@ -35,6 +35,7 @@ class TextToImageDiffusion(BaseDiffusion):
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         height, width = self._resolve_size(image_height, image_width, latent)
+        self.check_memory(height, width, len(prompts))
         f = self.vae_scale_factor
         shape = (len(prompts), self.latent_channels, height // f, width // f)
         rng = inputs.make_rng(seed)

@@ -108,6 +108,7 @@ class TextToVideoDiffusion(BaseDiffusion):
             video_frames, video_height, video_width = shape[2], shape[3] * f, shape[4] * f
         inputs.check_size(video_height, video_width, f, ("video_height", "video_width"))
         video_frames = inputs.positive_int(video_frames, "video_frames")
+        self.check_memory(video_height, video_width, len(prompts), video_frames, ("video_height", "video_width"))
         if self.max_frames is not None and video_frames > self.max_frames and self.context_windows is None:
             raise ValueError(f"{video_frames} frames exceed the motion module's maximum of {self.max_frames}; "
                              "generate fewer, or call enable_context_windows() for longer videos")

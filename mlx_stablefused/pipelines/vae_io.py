@@ -13,6 +13,7 @@ import numpy as np
 
 from ..backends.base import Array, Backend
 from ..errors import NonFiniteError
+from ..progress import progress_bar
 from ..utils.images import denormalize, normalize, numpy_to_pil
 from .denoise import non_finite_message
 from .vae_tiling import TileSpec, tiled_decode, tiled_encode
@@ -23,6 +24,7 @@ class VAEIO:
     backend: Backend
     tiling: TileSpec | None = None  # decode/encode on overlapping tiles beyond this size
     decode_batch_size: int | None = None  # images decoded at a time (None: the whole batch)
+    progress: bool = False  # a decode bar when the batch is decoded in several parts (video frames)
 
     # ------------------------------------------------------------------------------- encode
     def encode(self, pixels: np.ndarray) -> Array:
@@ -56,11 +58,13 @@ class VAEIO:
         n = latents.shape[0]
         step = batch_size or self.decode_batch_size or n
         chunks = []
-        for s in range(0, n, step):
-            z = latents[s:s + step] * (1.0 / cfg.scaling_factor)
-            if cfg.shift_factor:
-                z = z + cfg.shift_factor
-            chunks.append(self._decode_unscaled(z))
+        with progress_bar(n, "decoding", self.progress and n > step, unit="image") as bar:
+            for s in range(0, n, step):
+                z = latents[s:s + step] * (1.0 / cfg.scaling_factor)
+                if cfg.shift_factor:
+                    z = z + cfg.shift_factor
+                chunks.append(self._decode_unscaled(z))
+                bar.update(min(step, n - s))
         images = np.concatenate(chunks, axis=0)
         if not np.isfinite(images).all():  # an fp16 VAE overflow would otherwise give a black image
             raise NonFiniteError(non_finite_message("the decoded images", None, None, None, backend))

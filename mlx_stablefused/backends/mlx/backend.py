@@ -68,17 +68,58 @@ class MLXBackend(Backend):
         mx.eval(out)
         return out
 
+    def available_memory(self) -> int | None:
+        """Metal: the recommended working set less what MLX holds now; CPU: free RAM."""
+        if mx.default_device() == mx.gpu and mx.metal.is_available():
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            limit = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if limit:
+                return max(int(limit) - int(mx.get_active_memory()), 0)
+        return super().available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """mx.fast.scaled_dot_product_attention on Metal never materialises the scores."""
+        return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+    TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        import mlx.nn as nn
+
+        embeddings = self.text_encoder.text_model.embeddings
+        weight = embeddings.token_embedding.weight
+        if not hasattr(self, "_added_token_rows"):  # rows [:base] come from the weight file (re-read on release)
+            self._token_rows_kept, self._added_token_rows = int(first_id), np.zeros((0, weight.shape[1]), np.float32)
+        keep = int(first_id) - self._token_rows_kept
+        if keep < 0 or keep > len(self._added_token_rows) or first_id > weight.shape[0]:
+            raise ValueError(f"token embedding rows can only be replaced from row {self._token_rows_kept} to "
+                             f"{weight.shape[0]}, not from {first_id}")
+        self._added_token_rows = np.concatenate([self._added_token_rows[:keep], np.asarray(vectors, np.float32)])
+        table = nn.Embedding(1, weight.shape[1])
+        table.weight = mx.concatenate([weight[:first_id], mx.array(vectors).astype(weight.dtype)])
+        mx.eval(table.weight)
+        embeddings.token_embedding = table
+
+    def _with_added_token_rows(self, weights: dict) -> dict:
+        """File weights with the textual-inversion rows appended, as the loaded text encoder has them."""
+        if getattr(self, "_added_token_rows", None) is None or not len(self._added_token_rows):
+            return weights
+        base = weights[self.TOKEN_EMBEDDING][: self._token_rows_kept]
+        added = mx.array(self._added_token_rows).astype(base.dtype)
+        return {**weights, self.TOKEN_EMBEDDING: mx.concatenate([base, added])}
+
     def release_text_encoder(self) -> bool:
         """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
         file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
         path = self._weights_files.get("text_encoder")
-        if path is None or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
+        if path is None or "text_encoder" in self.lora_fused_components or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
             return False
         from ...checkpoint_io import load_weights
         from .weights import apply_weights
 
         dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
-        apply_weights(self.text_encoder, load_weights(path), str(path), dtype)
+        apply_weights(self.text_encoder, self._with_added_token_rows(load_weights(path)), str(path), dtype)
         return True
 
     def compile_unet(self, enabled: bool = True) -> None:
@@ -89,12 +130,27 @@ class MLXBackend(Backend):
         """Quantize the Linear layers of ``components`` (``nn.quantize``); convolutions stay as they are."""
         import mlx.nn as nn
 
+        lora = getattr(self, "_lora", None)
+        if lora is not None and lora.fused_components & set(components):
+            raise RuntimeError("quantize: LoRA weights are fused into these layers; unfuse_lora() first (LoRAs "
+                               "run unfused on quantized layers)")
         for name in components:
             model = {"unet": self.unet_model, "text_encoder": self.text_encoder}[name]
             nn.quantize(model, group_size=group_size, bits=bits,
                         class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
+        if lora is not None:
+            lora.refresh()  # quantized layers replaced the patched ones: attach the terms again
+        self.unet_changed()
+
+    def unet_changed(self) -> None:
+        """The UNet's layers or weights changed (quantize, LoRA): re-trace a compiled step."""
         if self._unet_fn is not None:
             self.compile_unet()
+
+    def lora_host(self):
+        from .lora import MLXLoRAHost
+
+        return MLXLoRAHost(self)
 
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         cond = as_conditioning(conditioning)

@@ -51,6 +51,14 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+        embeddings = self.text_encoder.text_model.embeddings
+        weight = embeddings.token_embedding.weight.detach()
+        if first_id > weight.shape[0]:
+            raise ValueError(f"token embedding rows end at {weight.shape[0]}; cannot replace from row {first_id}")
+        added = torch.from_numpy(np.asarray(vectors, np.float32)).to(device=weight.device, dtype=weight.dtype)
+        embeddings.token_embedding = torch.nn.Embedding.from_pretrained(torch.cat([weight[:first_id], added]))
+
     @torch.inference_mode()
     def unet(self, latent: torch.Tensor, timestep: float, conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
         cond = as_conditioning(conditioning)
@@ -118,6 +126,19 @@ class TorchBackend(Backend):
             parts.append(latent.new_zeros(shape[:2] + [after] + shape[3:]))
         return torch.cat(parts, dim=self.frame_axis) if len(parts) > 1 else latent
 
+    def available_memory(self) -> int | None:
+        """CUDA: free device memory; MPS: the recommended maximum less what torch holds; CPU: free RAM."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        if self.device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return max(int(torch.mps.recommended_max_memory()) - int(torch.mps.current_allocated_memory()), 0)
+        return super().available_memory()
+
+    @property
+    def fused_attention(self) -> bool:
+        """scaled_dot_product_attention picks a flash / memory-efficient kernel on CUDA and the CPU."""
+        return self.device.type in ("cuda", "cpu")
+
     def evaluate(self, *arrays: torch.Tensor) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -126,6 +147,11 @@ class TorchBackend(Backend):
         for module in self.unet_model.modules():
             if hasattr(module, "per_frame_norm"):
                 module.per_frame_norm = bool(per_frame)
+
+    def lora_host(self):
+        from .lora import TorchLoRAHost
+
+        return TorchLoRAHost(self)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
