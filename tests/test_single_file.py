@@ -18,8 +18,8 @@ from helpers import unpack_clip_vocabulary
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion
 from mlx_stablefused.errors import ModelSourceError, UnsupportedModelError, WeightLoadError
-from mlx_stablefused.single_file import (OriginalConfig, checkpoint_shapes, clip_config, key_maps, mapped_shapes,
-                                         plan_checkpoint, unet_config, vae_config)
+from mlx_stablefused.ldm_checkpoint import (OriginalConfig, checkpoint_shapes, clip_config, key_maps, mapped_shapes,
+                                            plan_checkpoint, unet_config, vae_config)
 
 ROLES = {"unet": "unet_model", "vae": "vae", "text_encoder": "text_encoder"}
 
