@@ -95,7 +95,8 @@ def resolve_model_or_file(model_id: str | Path, *, config: str | Path | None = N
                           prediction_type: str | None = None, **options: Any) -> ModelSource:
     """``sources.resolve_model``, and single-file checkpoints (a path, or ``owner/repo/file.safetensors``)."""
     if isinstance(model_id, (str, Path)) and (Path(model_id).expanduser().is_file() or is_hub_file(str(model_id))):
-        options.pop("variant", None)  # one file has no variants
+        if options.pop("variant", None) is not None:
+            raise ValueError(f"variant= picks among a folder's weight files; {str(model_id)!r} is one file")
         return resolve_single_file(model_id, config=config, use_ema=use_ema, prediction_type=prediction_type,
                                    **options)
     given = [name for name, v in (("config", config), ("use_ema", use_ema)) if v not in (None, False)]
