@@ -13,9 +13,11 @@ from .pipelines.text_to_image import TextToImageDiffusion  # noqa: E402
 from .pipelines.text_to_video import ANIMATEDIFF_DDIM, TextToVideoDiffusion  # noqa: E402
 from .schedulers import SCHEDULER_NAMES  # noqa: E402
 from .tokenizer import PromptTruncatedWarning  # noqa: E402
-from .utils.images import (image_grid, numpy_to_pil, pil_to_gif, pil_to_numpy, pil_to_video,  # noqa: E402
-                           write_text_on_image)
-from .utils.interpolation import lerp, slerp  # noqa: E402
+from .typing import (ImageType, InpaintWalkType, OutputType, PromptType, Scheduler, SchedulerType,  # noqa: E402
+                     UNetType)
+from .utils import (denormalize, image_grid, lerp, load_model_from_cache, normalize, numpy_to_pil,  # noqa: E402
+                    numpy_to_pt, pil_to_gif, pil_to_numpy, pil_to_video, pt_to_numpy, resolve_scheduler,
+                    save_model_to_cache, slerp, write_text_on_image)
 
 __all__ = [
     "BaseDiffusion",
@@ -42,4 +44,19 @@ __all__ = [
     "write_text_on_image",
     "lerp",
     "slerp",
+    # stablefused 0.2.0's other top-level names
+    "Scheduler",
+    "InpaintWalkType",
+    "ImageType",
+    "OutputType",
+    "PromptType",
+    "SchedulerType",
+    "UNetType",
+    "denormalize",
+    "normalize",
+    "numpy_to_pt",
+    "pt_to_numpy",
+    "load_model_from_cache",
+    "save_model_to_cache",
+    "resolve_scheduler",
 ]

@@ -54,3 +54,29 @@ def test_example_runs_on_the_demo_model(script, tmp_path):
             reader = imageio.get_reader(str(path))
             assert reader.count_frames() == frames, name
             reader.close()
+
+
+def test_examples_on_the_demo_model_get_small_defaults_and_say_so(tmp_path, capsys, monkeypatch):
+    """Unset sizes, steps and frame counts: the notebook's values on a real model, small ones on the demo
+    model (its images are noise), said in one line; flags the user gave are kept."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import _common
+
+    def parse(*argv):
+        p = _common.parser("x")
+        p.add_argument("--frames", type=int, default=None)
+        _common.defaults(p, frames=(16, 4))
+        return p.parse_args([*argv, "--output-dir", str(tmp_path / "out")])
+
+    built, _ = _common.setup(parse("--model", "demo:tiny-random", "--steps", "3"), dict)
+    args_line = capsys.readouterr().err.splitlines()[-1]
+    assert args_line == ("[mlx-stablefused] demo model: small defaults (--size 128, --frames 4); pass the flags to "
+                         "change them")
+    assert built["model_id"] == "demo:tiny-random"
+    real = parse("--model", str(tmp_path))
+    _common.setup(real, dict)
+    assert (real.size, real.steps, real.frames) == (512, 30, 16)
+    assert "demo" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--steps", "0")
+    assert "--steps" in capsys.readouterr().err

@@ -14,6 +14,8 @@ import torch
 from helpers import diffusers_pipeline, diffusers_scheduler_for, max_abs_error, rel_error, report
 
 from mlx_stablefused import SCHEDULER_NAMES, TextToImageDiffusion
+from mlx_stablefused.schedulers import make_scheduler
+from mlx_stablefused.schedulers.brownian import SEED_BOUND, BrownianNoise, BrownianTree
 
 PROMPTS = ["a photo of the cat", "an astronaut riding a horse"]
 NEGATIVES = ["blurry", ""]
@@ -28,8 +30,10 @@ RUN = dict(prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, gui
 NOISE_SEED = 5
 
 
-def patch_diffusers_noise(monkeypatch, scheduler, seed, shape):
-    """Make diffusers' sampler draw the same Gaussian noise, in the same order, as our pipeline does."""
+def patch_diffusers_noise(monkeypatch, scheduler, seed, shape, ours=None):
+    """Make diffusers' sampler draw the same Gaussian noise, in the same order, as our pipeline does; an
+    SDE sampler reads the Brownian path our pipeline draws (its seed is the generator's first draw), at
+    the sigmas of ``ours`` (our scheduler, timesteps set) that diffusers' float32 sigmas stand for."""
     rng = np.random.default_rng(seed)
 
     def draw(*args, **kwargs):
@@ -39,7 +43,16 @@ def patch_diffusers_noise(monkeypatch, scheduler, seed, shape):
     if hasattr(module, "randn_tensor"):
         monkeypatch.setattr(module, "randn_tensor", draw)
     if hasattr(module, "BrownianTreeNoiseSampler"):
-        monkeypatch.setattr(module, "BrownianTreeNoiseSampler", lambda *a, **k: (lambda *b: draw()))
+        sigmas = np.concatenate([ours.step_sigmas, ours.mid_sigmas])
+        positive = ours.step_sigmas[ours.step_sigmas > 0]
+        path = BrownianNoise(BrownianTree(positive.min(), positive.max(), shape, int(rng.integers(0, SEED_BOUND))),
+                             torch.from_numpy)
+
+        def ours_at(s):
+            return float(sigmas[np.argmin(np.abs(sigmas - float(s)))])
+
+        monkeypatch.setattr(module, "BrownianTreeNoiseSampler",
+                            lambda *a, **k: (lambda s, s_next: path(ours_at(s), ours_at(s_next))))
 
 
 def initial_latents():
@@ -58,7 +71,9 @@ def reference_image(runs, tiny, scheduler):
     if key not in runs:
         ref = diffusers_pipeline(pipe, scheduler=diffusers_scheduler_for(root, scheduler))
         with pytest.MonkeyPatch.context() as mp:
-            patch_diffusers_noise(mp, ref.scheduler, seed=NOISE_SEED, shape=(2, 4, 8, 8))
+            ours = make_scheduler(scheduler, ref.scheduler.config)
+            ours.set_timesteps(RUN["num_inference_steps"])
+            patch_diffusers_noise(mp, ref.scheduler, seed=NOISE_SEED, shape=(2, 4, 8, 8), ours=ours)
             with torch.no_grad():
                 runs[key] = ref(latents=torch.from_numpy(initial_latents()), height=64, width=64, output_type="np",
                                 **RUN).images

@@ -4,7 +4,7 @@ latent history, per-pipeline run settings, the Conditioning object, backend shap
 import numpy as np
 import pytest
 import torch
-from helpers import max_abs_error, rel_error, report
+from helpers import diffusers_pipeline, max_abs_error, rel_error, report
 
 from mlx_stablefused import InpaintDiffusion, TextToImageDiffusion, TextToVideoDiffusion
 from mlx_stablefused.conditioning import Conditioning
@@ -21,8 +21,8 @@ def ours(root, pipelines, backend="mlx"):
 def diffusers_images(pipe, root, latents, **kwargs):
     import diffusers
 
-    pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(str(root), subfolder="scheduler")
-    with torch.no_grad():
+    pipe = diffusers_pipeline(pipe, scheduler=diffusers.DDIMScheduler.from_pretrained(str(root), subfolder="scheduler"))
+    with torch.no_grad():  # a pipeline of its own: the session's diffusers pipeline keeps its scheduler
         return pipe(latents=torch.from_numpy(latents), output_type="np", height=64, width=64, **ARGS,
                     **kwargs).images
 
@@ -84,7 +84,7 @@ def test_latent_history_equals_what_a_callback_sees(sd1, pipelines):
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     collected = []
     history = p(latent=latents, output_type="latent", return_latent_history=True,
-                callback_on_step_end=lambda pipe, i, t, d: collected.append(p.backend.latent_to_numpy(d["latents"])),
+                callback_on_step_end=lambda pipe, i, t, d: collected.append(np.asarray(d["latents"])),
                 **ARGS)
     assert history.shape == (2, 5, 4, 8, 8)
     np.testing.assert_array_equal(history[:, 1:], np.stack(collected, axis=1))
@@ -97,7 +97,7 @@ def test_bad_callbacks_are_refused(sd1, pipelines):
         p(output_type="latent", image_height=64, image_width=64, callback_on_step_end=[1], **ARGS)
     with pytest.raises(TypeError, match="dict or None"):
         p(output_type="latent", image_height=64, image_width=64, callback_on_step_end=lambda *a: 3, **ARGS)
-    with pytest.raises(ValueError, match="native layout"):
+    with pytest.raises(ValueError, match="diffusers' layout, as the callback got them"):
         p(output_type="latent", image_height=64, image_width=64,
           callback_on_step_end=lambda pipe, i, t, d: {"latents": d["latents"][:1]}, **ARGS)
 

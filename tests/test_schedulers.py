@@ -13,6 +13,7 @@ import torch
 
 from helpers import DIFFUSERS_SCHEDULERS, diffusers_scheduler
 from mlx_stablefused.schedulers import SCHEDULER_NAMES, default_scheduler_name, make_scheduler
+from mlx_stablefused.schedulers.brownian import BrownianNoise, BrownianTree, StepNoise
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 CONFIGS = {
@@ -58,12 +59,17 @@ def tolerance(cfg_name):
 
 
 class NoiseQueue:
-    """One stream of Gaussian draws, served to diffusers (as torch) and to us (as numpy) in call order."""
+    """One stream of Gaussian draws, served to diffusers (as torch) and to us (as numpy) in call order;
+    and one Brownian path (``path``), which our SDE sampler asks for and diffusers' noise sampler reads."""
 
     def __init__(self, shape, seed):
-        self.shape, self.rng, self.draws = shape, np.random.default_rng(seed), []
+        self.shape, self.rng, self.draws, self.path = shape, np.random.default_rng(seed), [], None
 
-    def ours(self):
+    def brownian(self, t0, t1):
+        assert self.path is not None and (t0, t1) == (self.path.tree.t0, self.path.tree.t1)
+        return self.path
+
+    def __call__(self):
         z = self.rng.standard_normal(self.shape)
         self.draws.append(z)
         return z
@@ -86,8 +92,15 @@ def run_both(name, cfg, steps, monkeypatch, shape=(2, 4, 5, 3), seed=0, tol=(RTO
     module = importlib.import_module(type(ref).__module__)
     if hasattr(module, "randn_tensor"):
         monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: ref_q.torch_side())
-    if hasattr(ref, "noise_sampler"):
-        ref.noise_sampler = lambda *a: ref_q.torch_side()
+    if hasattr(ref, "noise_sampler"):  # DPMSolverSDEScheduler: both read one Brownian path over sigma
+        sigmas = np.concatenate([ours.step_sigmas, ours.mid_sigmas])
+        positive = ours.step_sigmas[ours.step_sigmas > 0]
+        ours_q.path = BrownianNoise(BrownianTree(positive.min(), positive.max(), shape, seed=5))
+
+        def at_our_sigma(s):  # diffusers' float32 sigma -> the same entry of our float64 table
+            return float(sigmas[np.argmin(np.abs(sigmas - float(s)))])
+
+        ref.noise_sampler = lambda s, s_next: torch.from_numpy(ours_q.path(at_our_sigma(s), at_our_sigma(s_next)))
     rng = np.random.default_rng(seed)
     x_ref = rng.standard_normal(shape) * float(ours.init_noise_sigma)
     x_ours = x_ref.copy()
@@ -100,7 +113,7 @@ def run_both(name, cfg, steps, monkeypatch, shape=(2, 4, 5, 3), seed=0, tol=(RTO
         assert_close(ours_in, ref_in, f"input scaling, step {i}", tol)
         out = 0.3 * ref_in + fixed  # a model output that depends on its input
         x_ref = ref.step(torch.from_numpy(out), t, torch.from_numpy(x_ref)).prev_sample.numpy()
-        x_ours = ours.step(0.3 * ours_in + fixed, i, x_ours, ours_q.ours)
+        x_ours = ours.step(0.3 * ours_in + fixed, i, x_ours, ours_q)
         if not np.isfinite(x_ref).all() and i >= 3:  # diffusers' UniPC noise mode: NaN at its last step
             assert np.isfinite(x_ours).all()
             return x_ours
@@ -209,7 +222,7 @@ def test_injected_noise_statistics(name):
         s.set_timesteps(10)
         y = x.copy()
         for k in range(i + 1):
-            y = s.step(out, k, y, lambda: rng.standard_normal(shape))
+            y = s.step(out, k, y, StepNoise(shape, rng))
         return y
     a, b = run(rng_a), run(rng_b)
     diff = (a - b).ravel()
@@ -234,7 +247,7 @@ def test_rerunning_a_schedule_starts_fresh(name):
         rng = np.random.default_rng(3)
         x = np.ones((1, 4, 2, 2))
         for i in range(len(ours.timesteps)):
-            x = ours.step(0.1 * ours.scale_model_input(x, i), i, x, lambda: rng.standard_normal((1, 4, 2, 2)))
+            x = ours.step(0.1 * ours.scale_model_input(x, i), i, x, StepNoise((1, 4, 2, 2), rng))
         return x
 
     np.testing.assert_array_equal(run(), run())

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import diffusers_pipeline, max_abs_error, rel_error, report
+from helpers import diffusers_pipeline, diffusers_scheduler_for, max_abs_error, rel_error, report
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -183,7 +183,7 @@ def long_context_reference(sd1):
 
 def test_pipelines_run_on_chunked_embeddings_as_diffusers_does(sd1, pipelines, backend_name, long_context_reference):
     ref_pipe, root = sd1
-    pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name, scheduler="ddim")
     pipe.enable_prompt_weighting()
     run = dict(prompt="a (red:1.4) boat BREAK on the sea", negative_prompt="[ugly]", num_inference_steps=2,
                guidance_scale=7.5, output_type="np")
@@ -193,7 +193,8 @@ def test_pipelines_run_on_chunked_embeddings_as_diffusers_does(sd1, pipelines, b
     assert embedding.shape == (2, 154, 32)
     if "image" not in long_context_reference:
         with torch.no_grad():
-            long_context_reference["image"] = ref_pipe(
+            reference = diffusers_pipeline(ref_pipe, scheduler=diffusers_scheduler_for(root, "ddim"))
+            long_context_reference["image"] = reference(
                 prompt_embeds=torch.from_numpy(embedding[1:]), negative_prompt_embeds=torch.from_numpy(embedding[:1]),
                 latents=torch.from_numpy(latent), num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
                 output_type="np").images

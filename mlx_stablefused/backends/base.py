@@ -18,6 +18,13 @@ from ..conditioning import Conditioning
 
 Array = Any  # a backend-native array
 
+
+def as_numpy(array: Any) -> np.ndarray:
+    """numpy, an ``mx.array`` or a torch tensor (any device, requiring grad or not) -> float32 numpy."""
+    if hasattr(array, "detach"):
+        array = array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
+
 # Optional capabilities a backend may declare (``Backend.capabilities``); pipelines ask, never probe.
 COMPILE = "compile"  # fused UNet graphs
 QUANTIZE = "quantize"  # low-bit Linear layers
@@ -101,6 +108,15 @@ class Backend(ABC):
     @abstractmethod
     def latent_to_numpy(self, latent: Array) -> np.ndarray:
         """Native latent -> (B, C, h, w) or (B, C, F, h, w) float32 numpy."""
+
+    def latent_to_public(self, latent: Array) -> Array:
+        """A native latent as the public API hands it out: a native array in diffusers' layout,
+        (B, C, h, w) or (B, C, F, h, w). Backends whose own layout differs override this with a view."""
+        return self.from_numpy(self.latent_to_numpy(latent))
+
+    def latent_from_public(self, latent: Any) -> Array:
+        """A latent in diffusers' layout (numpy, a native array, a torch tensor) -> native float32."""
+        return self.latent_from_numpy(as_numpy(latent))
 
     @abstractmethod
     def images_from_numpy(self, images: np.ndarray) -> Array:
@@ -188,6 +204,10 @@ class Backend(ABC):
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         """Attend in query slices of ``chunk`` tokens (None: whole) to bound attention memory."""
+
+    def to_device(self, device: str) -> None:
+        """Run on ``device`` from now on (what ``pipe.to(device)`` asks)."""
+        raise NotImplementedError(f"the {self.name} backend cannot change device after loading")
 
     def release_text_encoder(self) -> bool:
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..backends import create_backend
-from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings
+from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings, as_numpy
 from ..conditioning import Conditioning
 from ..config import read_json
 from ..errors import ModelSourceError
@@ -32,6 +32,7 @@ from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
+from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -91,6 +92,27 @@ class ModelComponents:
         return cls(source, engine, tokenizer, scheduler_config)
 
 
+AUTO_ATTENTION_CHUNK = 1024  # query tokens: at 512x512 a quarter of the largest attention, as diffusers' "auto"
+
+
+def attention_chunk_for(slice_size: int | str | None) -> int | None:
+    """``enable_attention_slicing``'s argument -> query tokens per attention slice (None: unsliced).
+
+    diffusers slices over heads ("max": one head at a time); this port slices over query tokens, which
+    has no one-head setting, so "max" is refused rather than mapped to a guess."""
+    if slice_size is None:
+        return None
+    if isinstance(slice_size, str):
+        if slice_size == "auto":
+            return AUTO_ATTENTION_CHUNK
+        raise ValueError(f"slice_size={slice_size!r}: pass 'auto', -1 (stablefused's default: the same), None "
+                         "(no slicing) or a number of query tokens per slice, e.g. 256 ('max', diffusers' "
+                         "one-head-at-a-time slicing, has no equivalent here: this port slices over query tokens)")
+    if slice_size == -1 and not isinstance(slice_size, bool):
+        return AUTO_ATTENTION_CHUNK
+    return inputs.positive_int(slice_size, "slice_size")
+
+
 def with_run_settings(method: Callable) -> Callable:
     """Run a public entry point with this pipeline's settings in force on the shared backend."""
 
@@ -107,17 +129,32 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
     another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
+    stablefused's spellings work too: ``torch_dtype=`` for ``dtype``, a diffusers scheduler object as
+    ``scheduler``, and ``tokenizer=, text_encoder=, vae=, unet=, scheduler=`` (diffusers / transformers
+    objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
+    ``vae=`` given a path (a VAE file or folder) replaces the VAE of ``model_id``; ``config=``,
+    ``use_ema=``, ``prediction_type=`` are for single-file checkpoints (see ``ModelComponents.load``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
                  backend: str = "mlx", dtype: str = "float32", device: str | None = None,
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-                 local_files_only: bool = False, scheduler: str | None = None, progress: bool = True,
-                 vae: str | Path | None = None, config: str | Path | None = None, use_ema: bool = False,
+                 local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
+                 torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
+                 unet: Any = None, config: str | Path | None = None, use_ema: bool = False,
                  prediction_type: str | None = None) -> None:
+        dtype = resolve_dtype(dtype, torch_dtype)
+        # vae=: a path (a VAE file or folder replacing the model's, see ModelComponents.load) or, with the
+        # other component objects, a diffusers AutoencoderKL (stablefused's component injection)
+        vae_file, vae = (vae, None) if isinstance(vae, (str, Path)) else (None, vae)
+        if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
+            if model_id is not None or components is not None:
+                raise ValueError("pass model_id, components, or the five component objects; not several")
+            model_id = folder_from_components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                                              scheduler=scheduler)
         if (model_id is None) == (components is None):
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        model_files = {k: v for k, v in dict(vae=vae, config=config, use_ema=use_ema,
+        model_files = {k: v for k, v in dict(vae=vae_file, config=config, use_ema=use_ema,
                                               prediction_type=prediction_type).items() if v not in (None, False)}
         if components is None:  # see ModelComponents.load: vae=, and config=, use_ema= for single-file checkpoints
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
@@ -125,20 +162,42 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                                               local_files_only=local_files_only, **model_files)
         elif model_files:
             raise ValueError(f"{', '.join(sorted(model_files))}= apply when loading a model_id, not to shared components")
-        self.components = components
         self.model_id = model_id if model_id is not None else components.source.origin
+        self.progress = progress
+        self.decode_batch_size: int | None = None
+        self.tiling: TileSpec | None = None
+        self.release_text_encoder = False
+        self._interrupted = False
+        self._use_components(components)
+        name, overrides = scheduler_choice(scheduler)
+        self.scheduler: Scheduler = self.set_scheduler(name or default_scheduler_name(self.scheduler_config),
+                                                       **overrides)
+
+    def _use_components(self, components: ModelComponents) -> None:
+        self.components = components
         self.source = components.source
         self.backend = components.backend
         self.tokenizer = components.tokenizer
         self.scheduler_config = components.scheduler_config
         self.vae_scale_factor = self.backend.vae_config.downscale_factor
-        self.progress = progress
-        self.decode_batch_size: int | None = None
-        self.tiling: TileSpec | None = None
-        self.release_text_encoder = False
         self.settings = RunSettings(cpu_streams=self.backend.settings.cpu_streams)
-        self._interrupted = False
-        self.scheduler: Scheduler = self.set_scheduler(scheduler or default_scheduler_name(self.scheduler_config))
+
+    def share_components_with(self, model: "BaseDiffusion") -> None:
+        """stablefused's sharing: use ``model``'s loaded networks (no copy) and its sampler choice, as
+        ``from_pipeline`` does for a new pipeline; this pipeline's run settings start from the defaults."""
+        self._use_components(model.components)
+        self.model_id = model.model_id
+        self.set_scheduler(model.scheduler_name, **model.scheduler_overrides)
+
+    def to(self, device: str) -> "BaseDiffusion":
+        """Run on ``device`` from now on (torch: moves the networks of every pipeline sharing them; MLX:
+        'gpu' or 'cpu', MLX's default device). Returns the pipeline, as stablefused's ``to``."""
+        self.backend.to_device(device)
+        return self
+
+    @property
+    def device(self) -> Any:
+        return self.backend.device
 
     @classmethod
     def from_pipeline(cls, other: "BaseDiffusion", **kwargs: Any) -> "BaseDiffusion":
@@ -216,12 +275,12 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     def disable_tiling(self) -> None:
         self.tiling = None
 
-    def enable_attention_slicing(self, slice_size: int | None = 1024) -> None:
+    def enable_attention_slicing(self, slice_size: int | str | None = "auto") -> None:
         """Attend in chunks of ``slice_size`` query tokens to cap attention memory (None: disable).
-        A setting of this pipeline: others sharing its components keep theirs."""
-        if slice_size is not None:
-            slice_size = inputs.positive_int(slice_size, "slice_size")
-        self.settings = replace(self.settings, attention_chunk=slice_size)
+        ``"auto"`` and -1 (stablefused's default argument, its way of asking for diffusers' "auto") mean
+        1024 tokens; ``"max"`` is refused (see ``attention_chunk_for``). A setting of this pipeline: others
+        sharing its components keep theirs."""
+        self.settings = replace(self.settings, attention_chunk=attention_chunk_for(slice_size))
 
     def disable_attention_slicing(self) -> None:
         self.enable_attention_slicing(None)
@@ -267,6 +326,24 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     def validate_steps(num_inference_steps: int) -> None:
         inputs.positive_int(num_inference_steps, "num_inference_steps")
 
+    @staticmethod
+    def validate_input(prompt: PromptType | None = None, negative_prompt: PromptType | None = None,
+                       image_height: int | None = None, image_width: int | None = None,
+                       start_step: int | None = None, num_inference_steps: int | None = None,
+                       strength: float | None = None) -> None:
+        """stablefused's checks, by this port's rules: prompts (and one negative per prompt), sizes in
+        multiples of 8, ``start_step`` in [0, num_inference_steps), ``strength`` in [0, 1]."""
+        if prompt is not None:
+            inputs.prompt_pairs(prompt, negative_prompt)
+        if image_height is not None and image_width is not None:
+            inputs.check_size(image_height, image_width, 8)
+        if start_step is not None:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps must be given with start_step")
+            inputs.start_index(inputs.positive_int(num_inference_steps, "num_inference_steps"), start_step, None, 1)
+        if strength is not None:
+            inputs.fraction(strength, "strength")
+
     def _check_output_type(self, output_type: str) -> None:
         inputs.check_output_type(output_type, self.backend.native_output_type)
 
@@ -291,9 +368,17 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 
-    def classifier_free_guidance(self, prediction: Array, guidance_scale: float, guidance_rescale: float) -> Array:
-        """``uncond + s * (cond - uncond)``, optionally rescaled toward cond's std (arXiv 2305.08891)."""
-        return Guidance(guidance_scale, guidance_rescale).combine(self.backend, prediction)
+    def classifier_free_guidance(self, noise_prediction: Array, guidance_scale: float,
+                                 guidance_rescale: float) -> Array:
+        """``uncond + s * (cond - uncond)``, optionally rescaled toward cond's std (arXiv 2305.08891);
+        ``noise_prediction`` is the UNet's ``[uncond; cond]`` batch."""
+        return Guidance(guidance_scale, guidance_rescale).combine(self.backend, noise_prediction)
+
+    def random_tensor(self, shape: Sequence[int], seed: int | np.random.Generator | None = None) -> Array:
+        """Standard-normal noise of ``shape`` (taken as given: (B, 4, h, w) latents, (B, 3, H, W) images) as a
+        native float32 array; drawn from numpy, so ``seed`` gives the same values on every backend."""
+        shape = tuple(inputs.positive_int(n, "shape") for n in shape)
+        return self.backend.from_numpy(inputs.random_latent(shape, inputs.make_rng(seed)))
 
     # ------------------------------------------------------------------------------ the loop
     def run_denoise(self, latents: Array, positive: Conditioning, negative: Conditioning | None, guidance: Guidance,
@@ -339,16 +424,16 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     @with_run_settings
     def latent_to_image(self, latent: Array | np.ndarray, output_type: str = "pil",
                         decode_batch_size: int | None = None) -> Any:
-        """Decode scaled latents (native, or numpy (B, C, h, w)) to images of ``output_type``."""
+        """Decode scaled latents in diffusers' layout, (B, C, h, w) (numpy or a native array, as
+        ``image_to_latent`` and step callbacks give them), to images of ``output_type``."""
         self._check_output_type(output_type)
-        if isinstance(latent, np.ndarray):
-            latent = self.backend.latent_from_numpy(latent)
-        return self.vae_io.output(latent, output_type, decode_batch_size)
+        return self.vae_io.output(self.backend.latent_from_public(latent), output_type, decode_batch_size)
 
     def image_to_latent(self, image: Image.Image | Sequence[Image.Image] | np.ndarray | str | Path,
                         size: tuple[int, int] | None = None) -> Array:
-        """Scaled latent of ``image``: mapped to [-1, 1], posterior mean times the VAE scaling factor."""
-        return self.pixels_to_latent(self.preprocess_image(image, size))
+        """Scaled latent of ``image``: mapped to [-1, 1], posterior mean times the VAE scaling factor; a
+        native array in diffusers' layout (B, C, h, w) on every backend, so it can be fed back as ``latent=``."""
+        return self.backend.latent_to_public(self.pixels_to_latent(self.preprocess_image(image, size)))
 
     @with_run_settings
     def pixels_to_latent(self, pixels: np.ndarray) -> Array:
@@ -363,8 +448,26 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         """
         return inputs.load_image(image, self.vae_scale_factor, size)
 
-    def resolve_output(self, latents: list[Array], output_type: str, return_latent_history: bool) -> Any:
-        """Final latent -> images; with history, every step's latent per prompt: (B, steps+1, ...)."""
+    def resolve_output(self, latents: list[Array] | None = None, output_type: str = "pil",
+                       return_latent_history: bool = False, *, latent: Any = None) -> Any:
+        """Final latent -> images; with history, every step's latent per prompt: (B, steps+1, ...).
+
+        ``latents``: the list ``embedding_to_latent`` returns (native). ``latent`` (stablefused's keyword):
+        that list, or a latent in diffusers' layout, or with history stablefused's stack (steps+1, B, C, h, w).
+        """
+        if (latents is None) == (latent is None):
+            raise ValueError("pass latents (a list of native latents) or latent, not both or neither")
+        if latent is not None:
+            latents = latent if isinstance(latent, (list, tuple)) else self._public_latents(latent, return_latent_history)
+        self._check_output_type(output_type)
         if return_latent_history:
             return self.vae_io.history_output(latents, output_type)
         return self.vae_io.output(latents[-1], output_type)
+
+    def _public_latents(self, latent: Any, history: bool) -> list[Array]:
+        if not history:
+            return [self.backend.latent_from_public(latent)]
+        stack = as_numpy(latent)
+        if stack.ndim != 5:
+            raise ValueError(f"a latent history is (steps+1, B, C, h, w), got shape {stack.shape}")
+        return [self.backend.latent_from_numpy(step) for step in stack]

@@ -18,7 +18,8 @@ from ..backends.base import Array, Backend
 from ..conditioning import Conditioning
 from ..errors import NonFiniteError
 from ..schedulers import Scheduler
-from .inputs import finite_float, random_latent
+from ..schedulers.brownian import StepNoise
+from .inputs import finite_float
 
 Predictor = Callable[[Array, float, Conditioning], Array]
 StepCallback = Callable[[Any, int, float, dict], "dict | None"]
@@ -82,10 +83,7 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         batched = Conditioning.concat([negative, conditioning], backend.concat)
     else:
         batched = conditioning
-    noise_shape = backend.latent_shape(latents)
-
-    def noise() -> Array:
-        return backend.latent_from_numpy(random_latent(noise_shape, rng))
+    noise = StepNoise(backend.latent_shape(latents), rng, backend.latent_from_numpy)
 
     for i in range(start, len(scheduler.timesteps)):
         t = float(scheduler.timesteps[i])
@@ -120,8 +118,11 @@ class StepCallbacks:
         self.pipe, self.callbacks = pipe, list(callbacks)
 
     def __call__(self, state: StepState) -> None:
+        backend = self.pipe.backend
         for callback in self.callbacks:
-            tensors = {"latents": state.latents, "noise_pred": state.noise_pred}
+            # Native arrays in diffusers' layout, as every latent that crosses the public API.
+            latents = backend.latent_to_public(state.latents)
+            tensors = {"latents": latents, "noise_pred": backend.latent_to_public(state.noise_pred)}
             out = callback(self.pipe, state.index, state.timestep, tensors)
             if out is None:
                 continue
@@ -129,10 +130,10 @@ class StepCallbacks:
                 raise TypeError(f"callback_on_step_end must return a dict or None, got {type(out).__name__}")
             if "latents" in out:
                 new = out["latents"]
-                if tuple(getattr(new, "shape", ())) != tuple(state.latents.shape):
+                if tuple(getattr(new, "shape", ())) != tuple(latents.shape):
                     raise ValueError(f"callback_on_step_end returned latents of shape {getattr(new, 'shape', None)}; "
-                                     f"expected {tuple(state.latents.shape)} (the backend's native layout)")
-                state.latents = new
+                                     f"expected {tuple(latents.shape)} (diffusers' layout, as the callback got them)")
+                state.latents = backend.latent_from_public(new)
 
 
 def non_finite_message(what: str, step: int | None, steps: int | None, timestep: float | None,

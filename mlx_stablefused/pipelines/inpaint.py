@@ -105,6 +105,22 @@ class InpaintDiffusion(BaseDiffusion):
         """Grayscale mask(s) -> (B, H, W, 1) of 0/1, binarised at 0.5; resized to ``size`` only if asked."""
         return inputs.load_mask(mask, size, resize)
 
+    def preprocess_image_and_mask(self, image: Any, mask: Any, image_height: int | None = None,
+                                  image_width: int | None = None) -> tuple[Array, Array, Array]:
+        """stablefused's building block: (image in [-1, 1] (B, 3, H, W), binarised mask (B, 1, H, W), masked
+        image ``image * (1 - mask)``), native arrays in diffusers' layout, as ``__call__`` prepares them.
+        Any image and mask types mix (stablefused required both of one type)."""
+        size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
+        pixels = self.preprocess_image(image, size)
+        masks = inputs.load_mask(mask, pixels.shape[1:3], resize=size is not None)
+        if masks.shape[0] != pixels.shape[0]:
+            masks = inputs.match_batch(masks, pixels.shape[0], 1, "mask")
+        image_nchw = (pixels * 2.0 - 1.0).transpose(0, 3, 1, 2)
+        mask_nchw = masks.transpose(0, 3, 1, 2)
+        native = self.backend.from_numpy
+        return (native(np.ascontiguousarray(image_nchw)), native(np.ascontiguousarray(mask_nchw)),
+                native(np.ascontiguousarray(image_nchw * (1.0 - mask_nchw))))
+
     def mask_to_latent(self, masks: np.ndarray) -> Array:
         """Nearest-neighbour downscale of (B, H, W, 1) masks to the latent grid, as torch's 'nearest'."""
         f = self.vae_scale_factor

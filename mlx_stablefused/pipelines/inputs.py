@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from ..backends.base import as_numpy
+from ..utils.array_types import is_mlx, is_torch
 from ..utils.images import numpy_to_pil
 from ..validation import finite_float, fraction, non_negative_int, positive_int  # noqa: F401  (shared rules)
 
@@ -27,10 +29,19 @@ def check_size(height: Any, width: Any, factor: int, names: tuple[str, str] = ("
             raise ValueError(f"{name}={v} is not a multiple of {factor} (the VAE's downscale factor)")
 
 
+TORCH_OUTPUT = "pt"  # a torch tensor (B, 3, H, W) on every backend, as stablefused returned
+
+
 def check_output_type(output_type: Any, native: str) -> None:
-    allowed = OUTPUT_TYPES + (native,)
+    allowed = OUTPUT_TYPES + tuple(dict.fromkeys((native, TORCH_OUTPUT)))
     if output_type not in allowed:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {allowed}")
+    if output_type == TORCH_OUTPUT and native != TORCH_OUTPUT:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise ImportError("output_type='pt' returns a torch tensor and needs PyTorch (pip install torch); "
+                              f"without it use 'np' or {native!r}")
 
 
 def requested_size(height: int | None, width: int | None, factor: int) -> tuple[int, int] | None:
@@ -118,9 +129,7 @@ def given_or_random(array: Any, shape: tuple[int, ...], rng: np.random.Generator
     """``array`` (checked against ``shape``, finite) as float32 numpy, or a fresh standard-normal draw."""
     if array is None:
         return random_latent(shape, rng)
-    if hasattr(array, "detach"):  # a torch tensor, possibly requiring grad or on a GPU
-        array = array.detach().float().cpu().numpy()
-    out = np.asarray(array, dtype=np.float32)
+    out = as_numpy(array)  # numpy, an mx.array, or a torch tensor (requiring grad, on a GPU)
     if out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}; expected {tuple(shape)}")
     if not np.isfinite(out).all():
@@ -183,9 +192,31 @@ def load_pixels(image: Any, size: tuple[int, int] | None = None, mode: str = "RG
     return np.stack(arrays)
 
 
+def tensor_pixels(image: Any) -> np.ndarray | None:
+    """A torch tensor or ``mx.array`` (B, 3, H, W) or (3, H, W) as diffusers reads a tensor: values in [0, 1], or in [-1, 1] when
+    any is negative (taken as is, as stablefused fed tensors to the VAE) -> (B, H, W, 3) on the [0, 1]
+    scale (the encoder maps it back exactly). None for anything else."""
+    if not (is_torch(image) or is_mlx(image)):
+        return None
+    arr = as_numpy(image)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"image tensors must be (B, 3, H, W) or (3, H, W), got {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError("image tensors must not contain NaN or infinite values")
+    if arr.min() < 0:
+        arr = (arr + 1.0) / 2.0
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
 def load_image(image: Any, factor: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An image or batch -> (B, H, W, 3) float32 in [0, 1], resized to ``size`` or a multiple of ``factor``."""
-    pixels = load_pixels(image, size)
+    """An image or batch -> (B, H, W, 3) float32 in [0, 1], resized to ``size`` or a multiple of ``factor``;
+    torch tensors as ``tensor_pixels`` reads them."""
+    pixels = tensor_pixels(image)
+    if pixels is not None and size is not None and pixels.shape[1:3] != tuple(size):
+        pixels = load_pixels(np.clip(pixels, 0.0, 1.0), size)
+    pixels = load_pixels(image, size) if pixels is None else pixels
     h, w = pixels.shape[1:3]
     if h % factor or w % factor:
         raise ValueError(f"image is {w}x{h} (width x height); both must be multiples of {factor}. "

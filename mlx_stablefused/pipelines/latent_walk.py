@@ -6,7 +6,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..backends.base import as_numpy
 from ..progress import progress_bar
+from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
@@ -38,7 +40,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         self.validate_steps(num_inference_steps)
         strength = inputs.fraction(strength, "strength")
         Guidance(guidance_scale, guidance_rescale)  # checked before any work
-        base = np.asarray(latent, dtype=np.float32)
+        base = as_numpy(latent)
         if base.ndim != 4:
             raise ValueError(f"latent must be (B, C, h, w), got shape {base.shape}")
         if not np.isfinite(base).all():
@@ -59,9 +61,23 @@ class LatentWalkDiffusion(BaseDiffusion):
 
     generate = __call__
 
+    def embedding_to_latent(self, embedding: Any, num_inference_steps: int, guidance_scale: float,
+                            guidance_rescale: float, latent: Any, return_latent_history: bool = False,
+                            seed: int | None = None) -> list:
+        """stablefused's step: denoise the full schedule from ``latent`` (initial noise, (B, C, h, w)) for
+        ``embedding`` (``[uncond; cond]``); the list ``resolve_output`` takes."""
+        self.validate_steps(num_inference_steps)
+        return self.sample_from_noise(embedding, as_numpy(latent), num_inference_steps, guidance_scale,
+                                      guidance_rescale, inputs.make_rng(seed), return_latent_history)
+
     @staticmethod
-    def modify_latent(latent: np.ndarray, strength: float, noise: np.ndarray) -> np.ndarray:
-        """``(1 - s) * latent + s * noise``, standardised over the whole batch (as stablefused)."""
+    def modify_latent(latent: Any, strength: float, noise: np.ndarray | None = None,
+                      seed: int | None = None) -> np.ndarray:
+        """``(1 - s) * latent + s * noise``, standardised over the whole batch (as stablefused); ``noise``
+        is drawn from ``seed`` when not given."""
+        latent = as_numpy(latent)
+        if noise is None:
+            noise = inputs.random_latent(latent.shape, inputs.make_rng(seed))
         moved = (1.0 - strength) * latent + strength * noise
         return ((moved - moved.mean()) / moved.std()).astype(np.float32)
 
@@ -115,6 +131,33 @@ class LatentWalkDiffusion(BaseDiffusion):
                                    guidance_rescale, output_type, return_latent_history, batch_size, rng,
                                    callback_on_step_end)
 
+    def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
+                              interpolation_type: str = "lerp") -> Any:
+        """stablefused's building block: ``[uncond; cond]`` embeddings of P prompts -> ``[uncond; cond]`` of
+        the frames between consecutive prompts, ``interpolation_steps`` per pair with both ends included (as
+        stablefused; ``interpolate`` itself does not repeat the ends). The negatives are interpolated too
+        (stablefused repeated the first). Returned in the type given."""
+        fn = _interpolator(interpolation_type, "embedding")
+        e = as_numpy(embedding)
+        p = e.shape[0] // 2
+        uncond = self._pairwise(fn, e[:p], interpolation_steps)
+        cond = self._pairwise(fn, e[p:], interpolation_steps)
+        return like(np.concatenate([uncond, cond]), embedding)
+
+    def interpolate_latent(self, latent: Any, interpolation_steps: int | Sequence[int],
+                           interpolation_type: str = "slerp") -> Any:
+        """stablefused's building block: P latents (P, C, h, w) -> the frames between consecutive ones,
+        ``interpolation_steps`` per pair, both ends included; returned in the type given."""
+        fn = _interpolator(interpolation_type, "latent")
+        return like(self._pairwise(fn, as_numpy(latent), interpolation_steps).astype(np.float32), latent)
+
+    def _pairwise(self, fn, values: np.ndarray, interpolation_steps: int | Sequence[int]) -> np.ndarray:
+        if len(values) < 2:
+            raise ValueError(f"interpolation needs at least two entries, got {len(values)}")
+        steps = self._steps_per_pair(interpolation_steps, len(values) - 1)
+        return np.concatenate([fn(values[i], values[i + 1], interpolation_weights(k, include_end=True))
+                               for i, k in enumerate(steps)])
+
     @staticmethod
     def _steps_per_pair(interpolation_steps: int | Sequence[int], pairs: int) -> list[int]:
         if isinstance(interpolation_steps, (int, np.integer)) and not isinstance(interpolation_steps, bool):
@@ -133,7 +176,7 @@ class LatentWalkDiffusion(BaseDiffusion):
     def _initial_latents(self, latent: np.ndarray | None, count: int, height: int | None, width: int | None,
                          rng: np.random.Generator) -> np.ndarray:
         if latent is not None:
-            out = np.asarray(latent, dtype=np.float32)
+            out = as_numpy(latent)
             if out.ndim != 4 or out.shape[0] != count:
                 raise ValueError(f"latent must be ({count}, C, h, w), one per prompt; got shape {out.shape}")
             self.check_memory(out.shape[2] * self.vae_scale_factor, out.shape[3] * self.vae_scale_factor, 1)
@@ -149,6 +192,7 @@ class LatentWalkDiffusion(BaseDiffusion):
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None) -> Any:
         outputs = []
+        native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
             for s in range(0, len(latents), batch_size):
                 if self._interrupted:
@@ -157,10 +201,9 @@ class LatentWalkDiffusion(BaseDiffusion):
                 embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
                 result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
                                                 guidance_rescale, rng, return_latent_history, callback_on_step_end)
-                native = output_type == self.backend.native_output_type
                 outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
                 bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
         merged = np.concatenate(outputs, axis=0)
-        return self.vae_io.format(merged, output_type) if output_type == self.backend.native_output_type else merged
+        return self.vae_io.format(merged, output_type) if native else merged

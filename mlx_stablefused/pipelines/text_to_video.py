@@ -21,6 +21,7 @@ from . import inputs
 from .base import Array, BaseDiffusion, ModelComponents, PromptType, with_run_settings
 from .context_windows import ContextWindows
 from .denoise import Guidance, StepCallback
+from .stablefused_compat import folder_from_components, resolve_dtype
 
 # AnimateDiff's sampler: DDIM on *linear* betas (not SD's scaled_linear), no clipping, linspace spacing.
 ANIMATEDIFF_DDIM = {"beta_schedule": "linear", "clip_sample": False, "timestep_spacing": "linspace",
@@ -32,13 +33,24 @@ class TextToVideoDiffusion(BaseDiffusion):
     def __init__(self, model_id: str | Path | None = None, *, motion_adapter: str | Path | None = None,
                  components: ModelComponents | None = None, backend: str = "mlx", dtype: str = "float32",
                  device: str | None = None, variant: str | None = None, revision: str | None = None,
-                 use_cache: bool = True, local_files_only: bool = False, scheduler: str | None = None,
+                 use_cache: bool = True, local_files_only: bool = False, scheduler: Any = None,
                  progress: bool = True, adapter_variant: str | None = None,
-                 motion_adapter_config: dict | None = None, **model_files: Any) -> None:
+                 motion_adapter_config: dict | None = None, torch_dtype: Any = None, tokenizer: Any = None,
+                 text_encoder: Any = None, vae: Any = None, unet: Any = None, **model_files: Any) -> None:
         """``model_id``: an SD 1.x model; ``motion_adapter``: a MotionAdapter folder or hub id, or an original
         AnimateDiff checkpoint (.ckpt / .safetensors; ``motion_adapter_config`` may give MotionAdapter
         config entries such a file cannot store, e.g. ``motion_num_attention_heads``). The default
-        sampler is AnimateDiff's DDIM (``ANIMATEDIFF_DDIM``); ``scheduler=`` or ``set_scheduler`` choose another."""
+        sampler is AnimateDiff's DDIM (``ANIMATEDIFF_DDIM``); ``scheduler=`` or ``set_scheduler`` choose another.
+        stablefused's ``torch_dtype=`` and component objects (a UNet3D model's) work as in ``BaseDiffusion``, and
+        so do ``vae=`` as a path and ``model_files`` (``config=``, ``use_ema=``, ``prediction_type=``)."""
+        dtype = resolve_dtype(dtype, torch_dtype)
+        if isinstance(vae, (str, Path)):  # a VAE file or folder for model_id (BaseDiffusion's vae=)
+            model_files["vae"], vae = vae, None
+        if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
+            if model_id is not None or components is not None:
+                raise ValueError("pass model_id, components, or the five component objects; not several")
+            model_id = folder_from_components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
+                                              scheduler=scheduler)
         if components is None:
             if model_id is None:
                 raise ValueError("pass model_id (and motion_adapter), or components")
@@ -86,7 +98,7 @@ class TextToVideoDiffusion(BaseDiffusion):
         self.context_windows = None
 
     @with_run_settings
-    def __call__(self, prompt: PromptType, video_height: int = 512, video_width: int = 512, video_frames: int = 16,
+    def __call__(self, prompt: PromptType, video_height: int = 512, video_width: int = 512, video_frames: int = 24,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,

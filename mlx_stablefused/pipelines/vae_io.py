@@ -86,6 +86,10 @@ class VAEIO:
             if images.ndim == 4:
                 return numpy_to_pil(images)
             return [self.format(row, "pil") for row in images]
+        if output_type == "pt" and self.backend.native_output_type != "pt":  # torch on another backend
+            import torch
+
+            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(images, -1, -3)))
         flat = images.reshape(-1, *images.shape[-3:])
         native = self.backend.images_from_numpy(flat)
         return native.reshape(*images.shape[:-3], *native.shape[1:]) if images.ndim > 4 else native

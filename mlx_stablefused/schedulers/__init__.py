@@ -75,10 +75,16 @@ def make_scheduler(name: str, config: Mapping[str, Any] | None = None, **overrid
     return cls(config, **{**preset, **overrides})
 
 
+def resolve_scheduler(scheduler_type: Any, config: Mapping[str, Any] | None = None) -> Scheduler:
+    """stablefused's name for ``make_scheduler``: a ``Scheduler`` enum member or name and a scheduler config
+    (an unknown name raises, where stablefused returned None)."""
+    return make_scheduler(scheduler_type, config)
+
+
 def default_scheduler_name(config: Mapping[str, Any] | None) -> str:
     """The sampler a model ships with (its ``_class_name``), or DDIM when we do not know that class."""
     class_name = (config or {}).get("_class_name", "")
     return DIFFUSERS_CLASS_NAMES.get(class_name, "ddim")
 
 
-__all__ = ["Scheduler", "SCHEDULERS", "SCHEDULER_NAMES", "make_scheduler", "default_scheduler_name"]
+__all__ = ["Scheduler", "SCHEDULERS", "SCHEDULER_NAMES", "make_scheduler", "resolve_scheduler", "default_scheduler_name"]

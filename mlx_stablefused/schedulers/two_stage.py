@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .base import NoiseSource
+from .brownian import brownian_noise
 from .euler import SigmaScheduler
 from .sigmas import ancestral_split, sigma_to_t
 
@@ -147,8 +148,9 @@ class KDPM2AncestralScheduler(TwoStageScheduler):
 
 
 class DPMSolverSDEScheduler(TwoStageScheduler):
-    """DPM-Solver++(2S)-SDE as DPMSolverSDEScheduler, with Gaussian noise from the pipeline's seeded
-    generator instead of a torchsde Brownian tree (same distribution per step; no torchsde needed)."""
+    """DPM-Solver++(2S)-SDE as DPMSolverSDEScheduler. Both moves of a step start at sigma_k (to the
+    midpoint, then to sigma_k+1) and take their noise from one Brownian path over sigma, as diffusers'
+    torchsde tree: ``schedulers.brownian``, seeded from the pipeline's generator (no torchsde needed)."""
 
     name = "dpm_sde"
     stochastic = True
@@ -159,12 +161,21 @@ class DPMSolverSDEScheduler(TwoStageScheduler):
         s = self.step_sigmas
         return np.sqrt(s[:-2] * s[1:-1])  # exp of the midpoint in t = -log(sigma)
 
+    def step(self, model_output: Any, i: int, sample: Any, noise: NoiseSource | None = None) -> Any:
+        if self._last_index is None or i != self._last_index + 1:
+            self._path = None  # a new run: a new path, drawn when its first noise is needed
+        return super().step(model_output, i, sample, noise)
+
     def _ancestral_move(self, start, x0, sigma_from, sigma_to, noise):
         up = min(sigma_to, math.sqrt(max(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2, 0.0)))
         down = math.sqrt(max(sigma_to**2 - up**2, 0.0))
         ratio = down / sigma_from
         prev = start * ratio - x0 * (ratio - 1.0)
-        return prev + self._require(noise, self.name)() * (up * float(self.config["s_noise"]))
+        if self._path is None:
+            positive = self.step_sigmas[self.step_sigmas > 0]
+            self._path = brownian_noise(self._require(noise, self.name), float(positive.min()),
+                                        float(positive.max()), self.name)
+        return prev + self._path(sigma_from, sigma_to) * (up * float(self.config["s_noise"]))
 
     def first_stage(self, x0, sample, sigma, sigma_next, k, noise):
         if sigma_next == 0:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .array_types import is_mlx, is_torch
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -35,14 +37,36 @@ def pil_to_numpy(images: Image.Image | Sequence[Image.Image]) -> np.ndarray:
     return np.stack(arrays)
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    """[0, 1] -> [-1, 1], the VAE's input range."""
+def normalize(images: Any) -> Any:
+    """[0, 1] -> [-1, 1], the VAE's input range (numpy, mx.array or torch tensor in, the same out)."""
     return images * 2.0 - 1.0
 
 
-def denormalize(images: np.ndarray) -> np.ndarray:
-    """VAE output (about [-1, 1]) -> [0, 1], clipped."""
+def denormalize(images: Any) -> Any:
+    """VAE output (about [-1, 1]) -> [0, 1], clipped (numpy, mx.array or torch tensor in, the same out)."""
+    if is_torch(images):
+        return (images / 2.0 + 0.5).clamp(0.0, 1.0)
+    if is_mlx(images):
+        import mlx.core as mx
+
+        return mx.clip(images / 2.0 + 0.5, 0.0, 1.0)
     return np.clip(images / 2.0 + 0.5, 0.0, 1.0)
+
+
+def numpy_to_pt(images: np.ndarray) -> Any:
+    """(B, H, W, C) numpy -> (B, C, H, W) torch tensor, values and dtype kept (a 3-D array is taken as
+    (B, H, W) and gets one channel), as stablefused's; needs torch."""
+    import torch
+
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def pt_to_numpy(images: Any) -> np.ndarray:
+    """(B, C, H, W) torch tensor -> (B, H, W, C) float32 numpy, as stablefused's."""
+    return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
 
 def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:

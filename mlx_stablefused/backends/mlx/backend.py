@@ -207,6 +207,24 @@ class MLXBackend(Backend):
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
+    @property
+    def device(self) -> mx.Device:
+        return mx.default_device()
+
+    def to_device(self, device: str) -> None:
+        """MLX arrays live in unified memory: the device is where operations run, MLX's default device."""
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"the MLX backend runs on 'gpu' or 'cpu', not {device!r}")
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+
+    def latent_to_public(self, latent: mx.array) -> mx.array:
+        return mx.transpose(latent, (0, 4, 1, 2, 3) if latent.ndim == 5 else (0, 3, 1, 2))
+
+    def latent_from_public(self, latent) -> mx.array:
+        if isinstance(latent, mx.array):
+            return mx.transpose(latent, (0, 2, 3, 4, 1) if latent.ndim == 5 else (0, 2, 3, 1)).astype(mx.float32)
+        return super().latent_from_public(latent)
+
     def images_from_numpy(self, images: np.ndarray) -> mx.array:
         return mx.array(np.asarray(images, dtype=np.float32))
 

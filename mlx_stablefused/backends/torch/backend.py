@@ -89,6 +89,20 @@ class TorchBackend(Backend):
     def latent_to_numpy(self, latent: torch.Tensor) -> np.ndarray:
         return latent.detach().float().cpu().numpy()
 
+    def to_device(self, device: str) -> None:
+        self.device = torch.device(device)
+        modules = [self.text_encoder, self.unet_model, self.vae, *getattr(self, "components", {}).values()]
+        for module in {id(m): m for m in modules if isinstance(m, torch.nn.Module)}.values():
+            module.to(self.device)
+
+    def latent_to_public(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent  # torch keeps diffusers' layout
+
+    def latent_from_public(self, latent) -> torch.Tensor:
+        if isinstance(latent, torch.Tensor):
+            return latent.detach().to(self.device, torch.float32)
+        return super().latent_from_public(latent)
+
     def images_from_numpy(self, images: np.ndarray) -> torch.Tensor:
         nchw = np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2))
         return torch.from_numpy(nchw).to(self.device)
