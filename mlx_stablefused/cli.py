@@ -58,8 +58,10 @@ class HelpFormatter(argparse.HelpFormatter):
 # ------------------------------------------------------------------------------------------- flags
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
+                   help=f"hub repo id, diffusers folder, converted folder, or a single-file checkpoint (.safetensors, "
+                        f".ckpt; local or owner/repo/file.safetensors) (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
+    _vae_flags(p)
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
     p.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu "
                                                   "(default: the best available)")
@@ -73,6 +75,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                              "memory of one tile at any size")
     p.add_argument("--vae-slicing", action="store_true", help="decode one image (or frame batch) at a time")
     p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
+
+
+def _vae_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", default=None, metavar="VAE",
+                   help="a separate VAE: a .safetensors/.ckpt file or a diffusers VAE folder (default: the model's own)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts; SD 2.x 768-v single files without a .yaml need v_prediction "
+                        "(default: the model's own)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
@@ -210,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--context-stride", 4, "frames between window starts")
 
     p = command("convert", "convert a diffusers model to an MLX folder")
-    p.add_argument("source", help="hub repo id or diffusers folder")
+    p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
+    _vae_flags(p)
     p.add_argument("destination", help="folder to create")
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="precision of the stored weights")
     p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (default: none)")
@@ -245,8 +256,9 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
+    model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
     pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
-               device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+               device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
     if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
         size = DEMO_SIZE if demo else default_image_side(pipe.backend, pipe.vae_scale_factor)  # 512; SDXL: the UNet's
         args.height = size if args.height is None else args.height
@@ -358,10 +370,10 @@ def _is_unet3d_model(model: str, variant: str | None) -> bool:
     """ModelScope / Zeroscope models carry their own temporal layers and take no motion adapter."""
     from .config import read_json
     from .model_description import STABLE_DIFFUSION, UNET_3D
-    from .sources import resolve_model
+    from .single_file import resolve_model_or_file
 
     unet = STABLE_DIFFUSION.component("unet")
-    config = resolve_model(resolve_special_id(model), variant=variant).root / unet.folder / "config.json"
+    config = resolve_model_or_file(resolve_special_id(model), variant=variant).config_path(unet)
     return config.is_file() and unet.kind_for(read_json(config)) == UNET_3D
 
 
@@ -386,14 +398,18 @@ def run_video(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
-    from .sources import resolve_model
-
     from .model_description import description_for
     from .model_index import read_model_index
+    from .single_file import resolve_model_or_file, resolve_vae
 
     model = resolve_special_id(args.source)
     description = description_for(read_model_index(model))  # SDXL: both text encoders, or the refiner's one
-    source = resolve_model(model, variant=args.variant, description=description)
+    source = resolve_model_or_file(model, variant=args.variant, prediction_type=args.prediction_type,
+                                   description=description)
+    if args.prediction_type is not None and source.kind != "single_file":
+        raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
+    if args.vae is not None:
+        source = resolve_vae(args.vae, source)
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                         description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")

@@ -27,7 +27,9 @@ def read_model_index(model_id: str | Path, *, revision: str | None = None,
     try:
         from huggingface_hub import hf_hub_download
 
-        return read_json(hf_hub_download(text, "model_index.json", revision=revision,
-                                         local_files_only=local_files_only))
+        from .hub_access import offline_reason
+
+        offline = local_files_only or offline_reason() is not None  # no retries when the hub is unreachable
+        return read_json(hf_hub_download(text, "model_index.json", revision=revision, local_files_only=offline))
     except Exception:  # offline, no such repo, no index: the resolver gives the real error
         return {}

@@ -25,7 +25,7 @@ from ..config import read_json
 from ..errors import ModelSourceError, UnsupportedModelError
 from ..progress import progress_bar
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
-from ..sources import ModelSource, resolve_model
+from ..sources import ModelSource
 from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
@@ -51,24 +51,35 @@ class ModelComponents:
     @classmethod
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-             local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
+             local_files_only: bool = False, motion_adapter: Any = None, vae: str | Path | None = None,
+             config: str | Path | None = None, use_ema: bool = False,
+             prediction_type: str | None = None) -> "ModelComponents":
+        """``model_id`` may be a single-file checkpoint (a path or ``owner/repo/file.safetensors``; see
+        ``mlx_stablefused.single_file``: ``config=``, ``use_ema=``); ``vae=`` a VAE file or folder for any
+        model; ``prediction_type=`` overrides the scheduler's (``"v_prediction"`` for SD 2.x 768-v files)."""
         from dataclasses import replace
 
         from ..demo import resolve_special_adapter, resolve_special_id
         from ..model_description import STABLE_DIFFUSION, description_for
         from ..model_index import read_model_index
         from ..motion_adapters import MotionAdapterSource, resolve_motion_adapter
+        from ..single_file import resolve_model_or_file, resolve_vae
         from ..sources import is_special_id
 
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
         # The model index names the pipeline class, which picks the components to fetch and load (SD, SDXL).
         model_path = resolve_special_id(model_id)
         description = description_for(read_model_index(model_path, revision=revision,
                                                        local_files_only=local_files_only))
-        source = resolve_model(model_path, variant=variant, revision=revision,
-                               local_files_only=local_files_only, description=description)
+        source = resolve_model_or_file(model_path, variant=variant, revision=revision,
+                                       local_files_only=local_files_only, description=description,
+                                       config=config, use_ema=use_ema, prediction_type=prediction_type)
         if is_special_id(model_id):
             source = replace(source, origin=model_id)
+        if vae is not None:
+            source = resolve_vae(vae, source, revision=revision, local_files_only=local_files_only)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
             motion_adapter = resolve_motion_adapter(resolve_special_id(motion_adapter),
                                                     local_files_only=local_files_only)
@@ -87,7 +98,10 @@ class ModelComponents:
         if description is not STABLE_DIFFUSION:
             options["description"] = description
         engine = create_backend(backend, source, **options)
-        return cls(source, engine, next(iter(tokenizers.values())), read_json(scheduler_file), tokenizers, model_index)
+        scheduler_config = read_json(scheduler_file)
+        if prediction_type is not None:
+            scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+        return cls(source, engine, next(iter(tokenizers.values())), scheduler_config, tokenizers, model_index)
 
 
 AUTO_ATTENTION_CHUNK = 1024  # query tokens: at 512x512 a quarter of the largest attention, as diffusers' "auto"
@@ -125,11 +139,13 @@ def with_run_settings(method: Callable) -> Callable:
 class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
-    ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
+    ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
     another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
     stablefused's spellings work too: ``torch_dtype=`` for ``dtype``, a diffusers scheduler object as
     ``scheduler``, and ``tokenizer=, text_encoder=, vae=, unet=, scheduler=`` (diffusers / transformers
     objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
+    ``vae=`` given a path (a VAE file or folder) replaces the VAE of ``model_id``; ``config=``,
+    ``use_ema=``, ``prediction_type=`` are for single-file checkpoints (see ``ModelComponents.load``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
@@ -137,8 +153,12 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
                  local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
-                 unet: Any = None) -> None:
+                 unet: Any = None, config: str | Path | None = None, use_ema: bool = False,
+                 prediction_type: str | None = None) -> None:
         dtype = resolve_dtype(dtype, torch_dtype)
+        # vae=: a path (a VAE file or folder replacing the model's, see ModelComponents.load) or, with the
+        # other component objects, a diffusers AutoencoderKL (stablefused's component injection)
+        vae_file, vae = (vae, None) if isinstance(vae, (str, Path)) else (None, vae)
         if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
             if model_id is not None or components is not None:
                 raise ValueError("pass model_id, components, or the five component objects; not several")
@@ -146,10 +166,14 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                                               scheduler=scheduler)
         if (model_id is None) == (components is None):
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        if components is None:
+        model_files = {k: v for k, v in dict(vae=vae_file, config=config, use_ema=use_ema,
+                                              prediction_type=prediction_type).items() if v not in (None, False)}
+        if components is None:  # see ModelComponents.load: vae=, and config=, use_ema= for single-file checkpoints
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
                                               variant=variant, revision=revision, use_cache=use_cache,
-                                              local_files_only=local_files_only)
+                                              local_files_only=local_files_only, **model_files)
+        elif model_files:
+            raise ValueError(f"{', '.join(sorted(model_files))}= apply when loading a model_id, not to shared components")
         self.model_id = model_id if model_id is not None else components.source.origin
         self.progress = progress
         self.decode_batch_size: int | None = None

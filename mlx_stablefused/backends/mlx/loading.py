@@ -14,7 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ... import model_loading
-from ...checkpoint_io import load_weights, save_safetensors
+from ...checkpoint_io import load_tensors, load_weights, save_safetensors
 from ...converted_format import LAYOUT
 from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...sources import ModelSource
@@ -37,6 +37,9 @@ class MLXNetworks(model_loading.Networks):
 
     def read(self, path: Path) -> dict[str, mx.array]:
         return load_weights(path)
+
+    def read_keys(self, path: Path, keys: set[str]) -> dict[str, mx.array]:
+        return load_tensors(path, keys)
 
     def to_native(self, value: mx.array, target_shape: tuple[int, ...], layout: str) -> mx.array:
         return value if layout == self.layout else torch_to_mlx_layout(value, target_shape)
