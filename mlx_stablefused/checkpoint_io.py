@@ -87,26 +87,35 @@ def _pickle_refusal(error: Exception) -> str:
     return lines[0] if lines else f"{type(error).__name__} (corrupt, or not a PyTorch checkpoint)"
 
 
-def load_pickle_object(path: str | Path) -> object:
+def load_pickle_object(path: str | Path, mmap: bool = False) -> object:
     """Whatever a PyTorch checkpoint holds (nested dicts, tensors, numbers, strings), read with torch's
-    weights-only unpickler: no pickled code is executed, and anything else is refused."""
+    weights-only unpickler: no pickled code is executed, and anything else is refused.
+
+    ``mmap``: map the file instead of reading it (zip-format checkpoints; others are read): for looking
+    at shapes, or taking a few tensors of a large file."""
     try:
         import torch
     except ImportError as e:
         raise WeightLoadError(f"{path} is a PyTorch pickle; reading it needs torch "
                               "(pip install 'mlx-stablefused[torch]'), or use a .safetensors file") from e
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)  # not zip-format
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         raise WeightLoadError(f"could not read {path} as a safe PyTorch checkpoint: {_pickle_refusal(e)}") from e
 
 
-def load_torch_pickle(path: str | Path) -> dict:
-    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code."""
-    state = load_pickle_object(path)
+def load_torch_pickle(path: str | Path, mmap: bool = False) -> dict:
+    """Tensors of a PyTorch checkpoint (torch tensors), read without executing any pickled code;
+    ``state_dict`` wrappers (nested, as some training scripts save them) are unwrapped."""
+    state = load_pickle_object(path, mmap=mmap)
     import torch  # present: the read above needed it
 
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise WeightLoadError(f"{path} does not hold a dictionary of tensors")
@@ -134,6 +143,38 @@ def load_torch_weights(path: str | Path) -> dict:
     from safetensors.torch import load_file
 
     return _read_weight_file(path, load_file, load_torch_pickle)
+
+
+def load_torch_tensors(path: str | Path, keys: set[str]) -> dict:
+    """The tensors named ``keys`` of one weight file as torch tensors, reading no others (safetensors: opened
+    in place; a pickle: memory-mapped where its format allows)."""
+    from safetensors import safe_open
+
+    def some(name: str) -> dict:
+        with safe_open(name, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in set(f.keys()) & set(keys)}
+
+    def some_pickled(p: Path) -> dict:
+        state = load_torch_pickle(p, mmap=True)
+        return {k: state[k] for k in keys if k in state}
+
+    return _read_weight_file(path, some, some_pickled)
+
+
+def load_tensors(path: str | Path, keys: set[str]) -> dict:
+    """The tensors named ``keys`` of one weight file as MLX arrays (safetensors: lazily; a pickle:
+    memory-mapped, only these converted)."""
+    import mlx.core as mx
+
+    def some(name: str) -> dict:
+        state = mx.load(name)
+        return {k: state[k] for k in keys if k in state}
+
+    def some_pickled(p: Path) -> dict:
+        state = load_torch_pickle(p, mmap=True)
+        return {k: _torch_to_mx(state[k]) for k in keys if k in state}
+
+    return _read_weight_file(path, some, some_pickled)
 
 
 def load_weights(path: str | Path) -> dict:

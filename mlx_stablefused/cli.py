@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
@@ -57,8 +58,10 @@ class HelpFormatter(argparse.HelpFormatter):
 # ------------------------------------------------------------------------------------------- flags
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help=f"hub repo id, diffusers folder or converted folder (default: {DEFAULT_HUB_MODEL}; "
+                   help=f"hub repo id, diffusers folder, converted folder, or a single-file checkpoint (.safetensors, "
+                        f".ckpt; local or owner/repo/file.safetensors) (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
+    _vae_flags(p)
     p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
     p.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu "
                                                   "(default: the best available)")
@@ -72,6 +75,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                              "memory of one tile at any size")
     p.add_argument("--vae-slicing", action="store_true", help="decode one image (or frame batch) at a time")
     p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
+
+
+def _vae_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", default=None, metavar="VAE",
+                   help="a separate VAE: a .safetensors/.ckpt file or a diffusers VAE folder (default: the model's own)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts; SD 2.x 768-v single files without a .yaml need v_prediction "
+                        "(default: the model's own)")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, prompt_nargs: str | None = None) -> None:
@@ -102,7 +113,8 @@ def _prompt_syntax_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _size_flags(p: argparse.ArgumentParser, resize_only: bool = False) -> None:
-    what = "default: the input's size" if resize_only else f"default: 512; {DEMO_SIZE} for the demo model"
+    what = ("default: the input's size" if resize_only
+            else f"default: 512, for SDXL models the UNet's (1024); {DEMO_SIZE} for the demo model")
     for flag in ("--height", "--width"):
         p.add_argument(flag, type=positive(flag), default=None, metavar="PIXELS",
                        help=f"{flag[2:]} in pixels, a positive multiple of 8 ({what})")
@@ -144,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _size_flags(p)
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=False)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -153,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "img2img.png")
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -165,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=MODES,
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
+    add_sdxl_flags(p, image=True)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -205,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--context-stride", 4, "frames between window starts")
 
     p = command("convert", "convert a diffusers model to an MLX folder")
-    p.add_argument("source", help="hub repo id or diffusers folder")
+    p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
+    _vae_flags(p)
     p.add_argument("destination", help="folder to create")
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="precision of the stored weights")
     p.add_argument("--variant", default=None, help="weight variant to read, e.g. fp16 (default: none)")
@@ -256,18 +272,21 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     """Build ``cls`` from the model flags; fill size and step defaults (smaller for the demo model)."""
     if args.model is None:
         args.model = default_model(args.variant)
+    from .pipelines.sdxl_conditioning import default_image_side
+
     demo = args.model == DEMO_MODEL_ID
-    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
-        size = DEMO_SIZE if demo else 512
-        args.height = size if args.height is None else args.height
-        args.width = size if args.width is None else args.width
     if args.steps is None:
         args.steps = DEMO_STEPS if demo else 30
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
+    model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
     pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
-               device=args.device, scheduler=args.scheduler, progress=not args.no_progress)
+               device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
+    if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
+        size = DEMO_SIZE if demo else default_image_side(pipe.backend, pipe.vae_scale_factor)  # 512; SDXL: the UNet's
+        args.height = size if args.height is None else args.height
+        args.width = size if args.width is None else args.width
     if getattr(args, "vae_tiling", False):
         pipe.enable_tiling()
     if getattr(args, "vae_slicing", False):
@@ -312,7 +331,7 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(TextToImageDiffusion, args)
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -323,7 +342,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args))
+                  **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -334,7 +353,7 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -375,10 +394,10 @@ def _is_unet3d_model(model: str, variant: str | None) -> bool:
     """ModelScope / Zeroscope models carry their own temporal layers and take no motion adapter."""
     from .config import read_json
     from .model_description import STABLE_DIFFUSION, UNET_3D
-    from .sources import resolve_model
+    from .single_file import resolve_model_or_file
 
     unet = STABLE_DIFFUSION.component("unet")
-    config = resolve_model(resolve_special_id(model), variant=variant).root / unet.folder / "config.json"
+    config = resolve_model_or_file(resolve_special_id(model), variant=variant).config_path(unet)
     return config.is_file() and unet.kind_for(read_json(config)) == UNET_3D
 
 
@@ -403,10 +422,20 @@ def run_video(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from .backends.mlx.loading import convert_model
-    from .sources import resolve_model
+    from .model_description import description_for
+    from .model_index import read_model_index
+    from .single_file import resolve_model_or_file, resolve_vae
 
-    source = resolve_model(resolve_special_id(args.source), variant=args.variant)
-    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
+    model = resolve_special_id(args.source)
+    description = description_for(read_model_index(model))  # SDXL: both text encoders, or the refiner's one
+    source = resolve_model_or_file(model, variant=args.variant, prediction_type=args.prediction_type,
+                                   description=description)
+    if args.prediction_type is not None and source.kind != "single_file":
+        raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
+    if args.vae is not None:
+        source = resolve_vae(args.vae, source)
+    out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
+                        description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
     return 0
 

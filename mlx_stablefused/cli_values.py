@@ -34,6 +34,11 @@ FLAGS_FOR_PARAMETERS = {
     "call enable_context_windows()": "pass --context-length", "enable_context_windows()": "--context-length",
     "enable_tiling()": "--vae-tiling", "enable_attention_slicing()": "--attention-slicing",
     "enable_slicing() (decode one image at a time)": "--vae-slicing",
+    # SDXL (cli_sdxl.py)
+    **{name: "--" + name.replace("_", "-") for name in (
+        "prompt_2", "negative_prompt_2", "original_size", "target_size", "crops_coords_top_left",
+        "negative_original_size", "negative_target_size", "negative_crops_coords_top_left", "aesthetic_score",
+        "negative_aesthetic_score")},
 }
 _PARAMETER_PATTERN = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, FLAGS_FOR_PARAMETERS)) + r")(?!\w)")
 

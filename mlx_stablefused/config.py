@@ -53,6 +53,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int = 512  # CLIPTextModelWithProjection's text_projection width (SDXL's second encoder)
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "CLIPTextConfig":
@@ -89,15 +90,26 @@ class UNetConfig:
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     attention_bias: bool = False
     sample_size: int | None = None
+    # SDXL's added conditioning: pooled text + sinusoidal micro-conditioning ids through add_embedding.
+    addition_embed_type: str | None = None  # None or "text_time"
+    addition_time_embed_dim: int | None = None  # width of each time id's sinusoidal embedding
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding.linear_1's input width
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "UNetConfig":
         c = "UNet"
-        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim",
+        _require(cfg, "addition_embed_type", (None, "text_time"), c)
+        text_time = cfg.get("addition_embed_type") == "text_time"
+        if text_time:
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
+                    raise UnsupportedModelError(f"{c} config: addition_embed_type='text_time' needs a positive "
+                                                f"integer {key}, got {cfg.get(key)!r}")
+        for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim",
                     "num_class_embeds", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act"):
             if cfg.get(key) is not None:
-                raise UnsupportedModelError(f"{c} config: {key}={cfg[key]!r} is not supported (SDXL-style and "
-                                            "class-conditioned UNets are not implemented)")
+                raise UnsupportedModelError(f"{c} config: {key}={cfg[key]!r} is not supported (class-conditioned "
+                                            "UNets are not implemented)")
         _require(cfg, "time_embedding_type", ("positional",), c)
         _require(cfg, "resnet_time_scale_shift", ("default",), c)
         _require(cfg, "act_fn", ("silu",), c)
@@ -168,6 +180,9 @@ class UNetConfig:
             mid_block_type=cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
             attention_bias=bool(cfg.get("attention_bias", False)),
             sample_size=cfg.get("sample_size"),
+            addition_embed_type="text_time" if text_time else None,
+            addition_time_embed_dim=cfg["addition_time_embed_dim"] if text_time else None,
+            projection_class_embeddings_input_dim=cfg["projection_class_embeddings_input_dim"] if text_time else None,
         )
 
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ backend under its ``ModuleKind.class_name``. This module imports no framework.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .config import CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .weights import Rule
@@ -57,7 +57,9 @@ class Component:
         return self.name
 
     def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
-        named = raw_config.get("_class_name")
+        architectures = raw_config.get("architectures")  # transformers configs name their class here
+        named = raw_config.get("_class_name") or (architectures[0] if isinstance(architectures, list)
+                                                  and architectures else None)
         return next((k for k in self.kinds if k.class_name == named), self.kinds[0])
 
     def weight_candidates(self, variant: str | None) -> list[str]:
@@ -112,6 +114,11 @@ class ModelDescription:
         """This description with more components (e.g. an SDXL second text encoder)."""
         return replace(self, components=self.components + tuple(components))
 
+    def only(self, names: Iterable[str], name: str | None = None) -> "ModelDescription":
+        """This description with only the components in ``names`` (the SDXL refiner has no first text encoder)."""
+        keep = set(names)
+        return replace(self, name=name or self.name, components=tuple(c for c in self.components if c.name in keep))
+
 
 def _vae_attention_rules() -> tuple[Rule, ...]:
     # Old diffusers checkpoints name the VAE mid-block attention query/key/value/proj_attn.
@@ -124,6 +131,9 @@ CLIP_TEXT_MODEL = ModuleKind("CLIPTextModel", CLIPTextConfig.from_dict, rules=(
     # transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix.
     Rule(r"((?:embeddings|encoder|final_layer_norm)\..*)", r"text_model.\1"),
 ))
+# SDXL's second text encoder (OpenCLIP bigG); transformers saves it with the same key layout plus text_projection.
+CLIP_TEXT_MODEL_WITH_PROJECTION = ModuleKind("CLIPTextModelWithProjection", CLIPTextConfig.from_dict,
+                                             rules=CLIP_TEXT_MODEL.rules)
 UNET_2D = ModuleKind("UNet2DConditionModel", UNetConfig.from_dict, takes_motion_adapter=True)
 UNET_3D = ModuleKind("UNet3DConditionModel", UNet3DConfig.from_dict)
 AUTOENCODER_KL = ModuleKind("AutoencoderKL", VAEConfig.from_dict, rules=_vae_attention_rules())
@@ -138,3 +148,29 @@ STABLE_DIFFUSION = ModelDescription("Stable Diffusion", (
     Component("vae", "vae", (AUTOENCODER_KL,), DIFFUSERS_STEMS, dtype_policy=upcast_fp16_vae),
 ))
 
+
+# SDXL base / Turbo / inpainting: CLIP-L (penultimate hidden states) and OpenCLIP-bigG with projection
+# (penultimate hidden states and the pooled ``text_embeds``), a text_time UNet. Both encoders have the role
+# "text_encoder", in the order their states are concatenated; the last one gives the pooled embedding.
+STABLE_DIFFUSION_XL = ModelDescription("Stable Diffusion XL", (
+    Component("text_encoder", "text_encoder", (CLIP_TEXT_MODEL,), TRANSFORMERS_STEMS, tokenizer="tokenizer"),
+    Component("text_encoder_2", "text_encoder", (CLIP_TEXT_MODEL_WITH_PROJECTION, CLIP_TEXT_MODEL),
+              TRANSFORMERS_STEMS, tokenizer="tokenizer_2"),
+    Component("unet", "unet", (UNET_2D,), DIFFUSERS_STEMS),
+    Component("vae", "vae", (AUTOENCODER_KL,), DIFFUSERS_STEMS, dtype_policy=upcast_fp16_vae),
+))
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+
+def description_for(model_index: Mapping[str, Any]) -> ModelDescription:
+    """The description a ``model_index.json`` names: SDXL for diffusers' SDXL pipelines, with the components
+    the index lists (the refiner's ``text_encoder`` is ``[null, null]``); Stable Diffusion otherwise."""
+    if model_index.get("_class_name") not in SDXL_PIPELINES:
+        return STABLE_DIFFUSION
+    present = [c.name for c in STABLE_DIFFUSION_XL.components
+               if isinstance(model_index.get(c.name), list) and any(model_index[c.name])]
+    if "text_encoder_2" not in present and "text_encoder" not in present:
+        present += ["text_encoder", "text_encoder_2"]  # an index without entries: the full base model
+    present += [n for n in ("unet", "vae") if n not in present]
+    name = STABLE_DIFFUSION_XL.name + ("" if "text_encoder" in present else " refiner")
+    return STABLE_DIFFUSION_XL.only(present, name)

@@ -25,8 +25,8 @@ from .config import MotionConfig, read_json
 from .errors import ModelSourceError
 from .model_description import STABLE_DIFFUSION, Component, ModelDescription, ModuleKind
 from .motion_adapters import MotionAdapterSource, motion_state
-from .sources import ModelSource, cache_root, local_weight_file, weight_files
-from .weights import check_names, check_shapes, map_keys
+from .sources import ComponentFiles, ModelSource, cache_root, local_weight_file, weight_files
+from .weights import check_names, check_shapes, map_keys, take
 
 DIFFUSERS_LAYOUT = "diffusers"  # PyTorch layout, as diffusers / transformers save it
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -72,6 +72,12 @@ class Networks(ABC):
     @abstractmethod
     def read(self, path: Path) -> dict[str, Any]:
         """All tensors of one weight file, in the file's own layout."""
+
+    def read_keys(self, path: Path, keys: set[str]) -> dict[str, Any]:
+        """The tensors named ``keys`` of one weight file (a part of a single-file checkpoint); a backend whose
+        ``read`` is not lazy reads only these."""
+        state = self.read(path)
+        return {k: state[k] for k in keys if k in state}
 
     @abstractmethod
     def to_native(self, value: Any, target_shape: tuple[int, ...], layout: str) -> Any:
@@ -136,8 +142,8 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def parse_component(root: Path, component: Component) -> ParsedComponent:
-    path = Path(root) / component.folder / "config.json"
+def parse_component(root: Path, component: Component, config: Path | None = None) -> ParsedComponent:
+    path = Path(config) if config is not None else Path(root) / component.folder / "config.json"
     if not path.is_file():
         raise ModelSourceError(f"{path} is missing")
     raw = read_json(path)
@@ -145,9 +151,13 @@ def parse_component(root: Path, component: Component) -> ParsedComponent:
     return ParsedComponent(component, raw, kind, kind.parse_config(raw))
 
 
-def parse_components(root: Path, description: ModelDescription) -> dict[str, ParsedComponent]:
-    """Every component's config, read once and parsed (unsupported fields are refused here, before work)."""
-    return {c.name: parse_component(root, c) for c in description.components}
+def parse_components(root: Path, description: ModelDescription,
+                     overrides: Mapping[str, ComponentFiles] | None = None) -> dict[str, ParsedComponent]:
+    """Every component's config, read once and parsed (unsupported fields are refused here, before work);
+    ``overrides`` (a source's components read from elsewhere) bring their own config files."""
+    overrides = overrides or {}
+    return {c.name: parse_component(root, c, getattr(overrides.get(c.name), "config", None))
+            for c in description.components}
 
 
 def _motion_target(description: ModelDescription, parsed: Mapping[str, ParsedComponent]) -> str:
@@ -180,17 +190,37 @@ def read_diffusers_state(networks: Networks, files: list[Path], kind: ModuleKind
     return map_keys(state, kind.rules)
 
 
+def read_component_files(networks: Networks, files: ComponentFiles, kind: ModuleKind) -> dict[str, Any]:
+    """A component stored elsewhere (a part of a single-file checkpoint, a VAE file) under our parameter
+    names, in PyTorch layout: only the tensors its key map names are read."""
+    if files.key_map is None:
+        return read_diffusers_state(networks, list(files.files), kind)
+    wanted = {key for key, _ in files.key_map.values()}
+    state: dict[str, Any] = {}
+    for f in files.files:
+        state.update(networks.read_keys(f, wanted))
+    return map_keys(take(state, files.key_map, ", ".join(map(str, files.files))), kind.rules)
+
+
 def cache_key(source: ModelSource, dtype: str, variant: str | None, description: ModelDescription = STABLE_DIFFUSION,
               files: Mapping[str, list[Path]] | None = None) -> str:
     """Identity of the exact weight and config files (path, size, mtime) plus dtype and converter version."""
     h = hashlib.sha256()
     h.update(f"{__version__}|{fmt.FORMAT_VERSION}|{dtype}|{variant}".encode())
     for c in description.components:
-        paths = files[c.name] if files is not None else weight_files(source.root, c, variant)
-        for f in list(paths) + [source.root / c.folder / "config.json"]:
+        paths = files[c.name] if files is not None else source_weight_files(source, c, variant)
+        for f in list(paths) + [source.config_path(c)]:
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        if c.name in source.overrides:
+            h.update(f"|{c.name}:{source.overrides[c.name].fingerprint}".encode())
     return h.hexdigest()[:24]
+
+
+def source_weight_files(source: ModelSource, component: Component, variant: str | None) -> list[Path]:
+    """The files ``component``'s weights are read from (its override's, else the folder's best)."""
+    override = source.overrides.get(component.name)
+    return list(override.files) if override is not None else weight_files(source.root, component, variant)
 
 
 def write_converted(destination: Path, source: ModelSource, description: ModelDescription,
@@ -212,7 +242,8 @@ def write_converted(destination: Path, source: ModelSource, description: ModelDe
             networks.save(fmt.weights_path(tmp, c.folder), weights[c.name], {"format": "mlx", "component": c.name})
         write_json(tmp / fmt.MANIFEST_NAME, fmt.manifest(
             source=source.origin, dtype=dtype, components=description.names, converter_version=__version__,
-            source_files={c.name: local_weight_file(root, c, variant).name for c in description.components}))
+            source_files={c.name: (source_weight_files(source, c, variant)[0].name if c.name in source.overrides
+                                   else local_weight_file(root, c, variant).name) for c in description.components}))
     return Path(destination)
 
 
@@ -227,6 +258,10 @@ class WeightSource:
 
     def read(self, networks: Networks, source: ModelSource, p: ParsedComponent) -> tuple[dict[str, Any], str, str]:
         """One component's tensors under our names: (state, its layout, a label for errors)."""
+        override = source.overrides.get(p.component.name)
+        if override is not None and (self.converted is None or source.kind == "mlx"):
+            label = ", ".join(map(str, override.files)) + f" ({p.component.name})"
+            return read_component_files(networks, override, p.kind), DIFFUSERS_LAYOUT, label
         if self.converted is not None:
             path = fmt.weights_path(self.converted, p.component.folder)
             return networks.read(path), fmt.LAYOUT, str(path.parent)
@@ -239,7 +274,7 @@ def weight_source(source: ModelSource, networks: Networks, description: ModelDes
     if source.kind == "mlx":
         where = WeightSource(source.root, {})
     else:
-        files = {c.name: weight_files(source.root, c, variant) for c in description.components}
+        files = {c.name: source_weight_files(source, c, variant) for c in description.components}
         target = None
         if use_cache and networks.caches_conversion:
             target = cache_root() / "converted" / cache_key(source, dtype, variant, description, files)
@@ -254,12 +289,12 @@ def convert_model(source: ModelSource, destination: str | Path, networks: Networ
                   variant: str | None = None, overwrite: bool = False,
                   description: ModelDescription = STABLE_DIFFUSION) -> Path:
     """Convert a diffusers model to a converted folder in ``networks``' layout (MLX)."""
-    if source.kind != "diffusers":
+    if source.kind == "mlx":
         raise ValueError(f"{source.origin} is already a converted MLX model")
     if not networks.caches_conversion:
         raise ValueError(f"the {networks.name} backend reads diffusers folders directly and writes no converted ones")
     check_dtype(dtype)
-    parsed = parse_components(source.root, description)
+    parsed = parse_components(source.root, description, source.overrides)
     where = weight_source(source, networks, description, dtype, variant, use_cache=False)
     weights = {}
     for name, p in parsed.items():
@@ -282,7 +317,7 @@ def load_model(source: ModelSource, networks: Networks, dtype: str = "float32", 
     for the cache are the ones assigned, and later loads read the cache.
     """
     check_dtype(dtype)
-    parsed = parse_components(source.root, description)
+    parsed = parse_components(source.root, description, source.overrides)
     dtypes = {n: p.component.dtype_policy(p.config, dtype) for n, p in parsed.items()}
     motion_weights, motion_config, motion_into = {}, None, None
     if motion_adapter is not None:

@@ -222,10 +222,11 @@ def empty_chunk(tokenizer: Any) -> PromptChunks:
 
 
 def chunk_prompts(tokenizer: Any, prompts: Sequence[str],
-                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> list[PromptChunks]:
-    """Every prompt chunked and padded with empty chunks to the largest chunk count among them."""
+                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK, min_chunks: int = 1) -> list[PromptChunks]:
+    """Every prompt chunked and padded with empty chunks to the largest chunk count among them (at least
+    ``min_chunks``: SDXL's two encoders must agree)."""
     chunked = [tokenize_line(tokenizer, p, comma_padding_backtrack) for p in prompts]
-    count = max(len(c.ids) for c in chunked)
+    count = max([min_chunks] + [len(c.ids) for c in chunked])
     empty = empty_chunk(tokenizer)
     return [c.padded(count, empty) for c in chunked]
 
@@ -247,12 +248,21 @@ def encode_weighted(backend: Any, tokenizer: Any, prompts: Sequence[str],
     All chunks go through the text encoder as one batch; prompts of one chunk with all weights 1 give
     exactly the plain path's embedding (the same ids, the same call)."""
     chunked = chunk_prompts(tokenizer, prompts, comma_padding_backtrack)
+    return weighted_states(backend, chunked, backend.encode_text(np.concatenate([c.ids for c in chunked])))
+
+
+def chunk_count(tokenizer: Any, prompts: Sequence[str], comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> int:
+    """The largest chunk count among ``prompts``."""
+    return max(len(tokenize_line(tokenizer, p, comma_padding_backtrack).ids) for p in prompts)
+
+
+def weighted_states(backend: Any, chunked: list[PromptChunks], hidden: Any) -> Any:
+    """(B k, 77, D) native hidden states of ``chunked`` (prompt-major rows) -> (B, 77 k, D) with the weights
+    applied; all weights 1: the states as they came (the plain path's numbers)."""
     b, k = len(chunked), len(chunked[0].ids)
-    ids = np.concatenate([c.ids for c in chunked])  # prompt-major: rows (prompt 0, chunks 0..k-1), ...
-    hidden = backend.encode_text(ids)
     weights = np.stack([c.weights for c in chunked])
-    d = hidden.shape[-1]
+    length, d = hidden.shape[-2], hidden.shape[-1]
     if np.all(weights == 1.0):
-        return hidden.reshape(b, k * ids.shape[1], d)
-    z = apply_weights(backend.to_numpy(hidden).reshape(b, k, ids.shape[1], d), weights)
-    return backend.from_numpy(z.reshape(b, k * ids.shape[1], d))
+        return hidden.reshape(b, k * length, d)
+    z = apply_weights(backend.to_numpy(hidden).reshape(b, k, length, d), weights)
+    return backend.from_numpy(z.reshape(b, k * length, d))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from . import converted_format as fmt
 from .errors import ModelSourceError
@@ -25,10 +25,29 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass(frozen=True)
+class ComponentFiles:
+    """One component whose config and weights do not live in ``root/<component>/``: a part of a single-file
+    checkpoint, or a separate VAE (``vae=``). ``key_map`` (weights.KeyMap) says which tensor of the files
+    makes each parameter; ``None`` means the files use diffusers' names. ``fingerprint`` identifies the
+    mapping (EMA or not, ...) in the conversion cache's key."""
+
+    config: Path
+    files: tuple[Path, ...]
+    key_map: Mapping[str, tuple[str, tuple]] | None = field(default=None, repr=False)
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSource:
     root: Path
-    kind: str  # "diffusers" or "mlx" (converted)
+    kind: str  # "diffusers", "mlx" (converted) or "single_file" (root: the configs made for the file)
     origin: str  # what the user passed
+    # components read from elsewhere than root (single-file checkpoints, vae=): name -> ComponentFiles
+    overrides: Mapping[str, ComponentFiles] = field(default_factory=dict, compare=False, repr=False)
+
+    def config_path(self, component: Component) -> Path:
+        override = self.overrides.get(component.name)
+        return override.config if override is not None else self.root / component.folder / "config.json"
 
 
 def is_special_id(spec: object) -> bool:
@@ -64,12 +83,10 @@ def resolve_model(model_id: str | Path, *, variant: str | None = None, revision:
         raise ModelSourceError(f"{model_id!r} is a special id: the pipelines and the CLI build it "
                                "(mlx_stablefused.demo.resolve_special_id gives its folder)")
     path = Path(model_id).expanduser()
+    if path.is_file() or is_hub_file(str(model_id)):
+        raise ModelSourceError(f"{str(model_id)!r} is a single-file checkpoint: the pipelines and the CLI load it "
+                               "(mlx_stablefused.single_file.resolve_model_or_file gives its source)")
     if path.exists():
-        if path.is_file():
-            raise ModelSourceError(
-                f"{path} is a single-file checkpoint; single-file loading is not supported yet. "
-                "Pass a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/) "
-                "or a hub repo id.")
         kind = classify_folder(path)
         if kind is None:
             raise ModelSourceError(f"{path} is neither a diffusers model folder (no model_index.json or "
@@ -82,6 +99,65 @@ def resolve_model(model_id: str | Path, *, variant: str | None = None, revision:
                      description=description)
     kind = classify_folder(root) or "diffusers"
     return ModelSource(root, kind, text)
+
+
+def is_hub_file(text: str) -> bool:
+    """``owner/repo/path/file.safetensors`` (or .ckpt ...): one file of a hub repo, not a local path."""
+    from .checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+
+    parts = text.split("/")
+    return (len(parts) > 2 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+            and _REPO_ID.match("/".join(parts[:2])) is not None
+            and text.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)))
+
+
+def download_file(spec: str, *, revision: str | None = None, local_files_only: bool = False,
+                  quiet: bool = False) -> Path:
+    """One file of a hub repo (``owner/repo/path``), from the local cache when offline or unreachable
+    (``quiet``: no warning when the cached copy is used)."""
+    from huggingface_hub import hf_hub_download
+
+    from .hub_access import offline_reason
+
+    parts = spec.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision))
+        except Exception as e:  # network and hub errors come in many types
+            reason = f"{type(e).__name__}: {e}"
+    try:
+        path = Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+    except Exception as e:
+        raise ModelSourceError(
+            f"could not get {spec!r} from the Hugging Face Hub ({reason}) and it is not in the local cache. "
+            "Check your connection, or download the file elsewhere and pass its path.") from e
+    if not local_files_only and not quiet:
+        warnings.warn(f"using the cached copy of {spec!r} ({reason})", stacklevel=3)
+    return path
+
+
+def download_configs(repo_id: str, *, revision: str | None = None, local_files_only: bool = False,
+                     description: ModelDescription = STABLE_DIFFUSION, patterns: list[str] | None = None) -> Path:
+    """A hub model's configs, tokenizer and scheduler only (``config=`` of a single-file checkpoint), or
+    the files matching ``patterns``; from the local cache when offline or unreachable."""
+    from huggingface_hub import snapshot_download
+
+    from .hub_access import offline_reason
+
+    patterns = patterns or description.hub_support_patterns()
+    reason = "offline mode requested" if local_files_only else offline_reason()
+    if reason is None:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as e:  # network and hub errors come in many types
+            reason = f"{type(e).__name__}: {e}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception as e:
+        raise ModelSourceError(f"could not get {patterns} of {repo_id!r} from the Hugging Face Hub ({reason}) "
+                               "and they are not in the local cache; pass a local folder instead") from e
 
 
 def _download(repo_id: str, *, variant: str | None, revision: str | None, local_files_only: bool,

@@ -120,6 +120,24 @@ class UpBlockPlan(_LayerCarry, _ResnetStack):
 
 
 @dataclass(frozen=True)
+class TextTimePlan:
+    """SDXL's ``addition_embed_type="text_time"``: each micro-conditioning id gets a ``time_proj_dim``-wide
+    sinusoidal embedding (``add_time_proj``); those, after the pooled text embedding, go through
+    ``add_embedding`` (linear_1 from ``in_dim``, SiLU, linear_2) and add to the time embedding."""
+
+    time_proj_dim: int
+    in_dim: int
+    temb_channels: int
+
+    def check_inputs(self, text_embeds_dim: int, time_ids_count: int) -> None:
+        """Refuse pooled embeddings and time ids that do not make ``in_dim`` (diffusers' message, with numbers)."""
+        got = text_embeds_dim + time_ids_count * self.time_proj_dim
+        if got != self.in_dim:
+            raise ValueError(f"the UNet's add_embedding takes {self.in_dim} features, but a pooled text embedding of "
+                             f"{text_embeds_dim} and {time_ids_count} time ids x {self.time_proj_dim} make {got}")
+
+
+@dataclass(frozen=True)
 class UNetPlan:
     """A UNet2DConditionModel (optionally with motion modules) or a UNet3DConditionModel."""
 
@@ -135,6 +153,7 @@ class UNetPlan:
     mid_block: MidBlockPlan | None
     up_blocks: tuple[UpBlockPlan, ...]
     transformer_in: TemporalPlan | None = None  # UNet3D: temporal attention right after conv_in
+    text_time: TextTimePlan | None = None  # SDXL: pooled text and time ids added to the time embedding
 
     @property
     def skip_channels(self) -> tuple[int, ...]:
@@ -289,11 +308,14 @@ def unet_plan(config: UNetConfig, motion: MotionConfig | None = None) -> UNetPla
             mid_motion = _motion_plan(motion, groups, c, motion.num_attention_heads[-1], motion.mid_transformer_layers)
         mid = MidBlockPlan(attention=attention(len(ch) - 1, c), motion=mid_motion,
                            resnets=(resnet(c, c), resnet(c, c)))
+    text_time = None
+    if config.addition_embed_type == "text_time":
+        text_time = TextTimePlan(config.addition_time_embed_dim, config.projection_class_embeddings_input_dim, temb)
     return UNetPlan(
         in_channels=config.in_channels, out_channels=config.out_channels, base_channels=ch[0], temb_channels=temb,
         flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift, groups=groups, eps=config.norm_eps,
         down_blocks=_down_blocks(ch, config.layers_per_block, resnet, down_carry, config.downsample_padding),
-        mid_block=mid, up_blocks=_up_blocks(ch, config.layers_per_block, resnet, up_carry))
+        mid_block=mid, up_blocks=_up_blocks(ch, config.layers_per_block, resnet, up_carry), text_time=text_time)
 
 
 def unet3d_plan(config: UNet3DConfig) -> UNetPlan:

@@ -90,3 +90,41 @@ def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, .
     if bad:
         raise WeightLoadError(f"{source}: {len(bad)} weight(s) with the wrong shape: " + "; ".join(bad[:12])
                               + (f" ... (+{len(bad) - 12} more)" if len(bad) > 12 else ""))
+
+
+# ------------------------------------------------------------------------- tensors taken from other files
+# A key map names, for each parameter, the tensor of a foreign checkpoint it is made of and how:
+# ``{our_name: (their_key, op)}`` with op ``()`` (as is), ``("matrix",)`` (a 1x1 convolution kernel held
+# as a Linear weight) or ``("rows", i, n)`` (the i-th of n equal row blocks: a fused q/k/v projection).
+KeyMap = Mapping[str, tuple[str, tuple]]
+
+
+def transformed_shape(shape: tuple[int, ...], op: tuple) -> tuple[int, ...]:
+    """The shape a tensor of ``shape`` has after ``op`` (for config inference on headers alone)."""
+    if not op:
+        return tuple(shape)
+    if op[0] == "matrix":
+        return tuple(shape[:2])
+    if op[0] == "rows":
+        return (shape[0] // op[2], *shape[1:])
+    raise ValueError(f"unknown tensor op {op!r}")
+
+
+def transform(value: Any, op: tuple) -> Any:
+    """``op`` applied to a framework array (MLX or torch: only slicing and reshape are used)."""
+    if not op:
+        return value
+    if op[0] == "matrix":
+        return value.reshape(value.shape[0], value.shape[1]) if value.ndim > 2 else value
+    if op[0] == "rows":
+        size = value.shape[0] // op[2]
+        return value[op[1] * size:(op[1] + 1) * size]
+    raise ValueError(f"unknown tensor op {op!r}")
+
+
+def take(state: Mapping[str, Any], key_map: KeyMap, source: str) -> dict[str, Any]:
+    """The tensors ``key_map`` asks for, out of ``state`` (a checkpoint's tensors under its own keys)."""
+    missing = sorted({k for k, _ in key_map.values()} - set(state))
+    if missing:
+        raise WeightLoadError(f"{source} lacks {len(missing)} tensor(s): {_describe(missing)}")
+    return {name: transform(state[key], op) for name, (key, op) in key_map.items()}

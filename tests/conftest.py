@@ -95,6 +95,33 @@ def sd1_inpaint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl(tmp_path_factory):
+    """The tiny SDXL base model (two text encoders, text_time UNet): (StableDiffusionXLPipeline, folder)."""
+    from tiny_sdxl import BASE, build_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    return build_sdxl(BASE, folder), folder / "model"
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner(tmp_path_factory):
+    """The tiny SDXL refiner (second text encoder only, aesthetic score): (StableDiffusionXLImg2ImgPipeline, folder)."""
+    from tiny_sdxl import REFINER, build_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl-refiner")
+    return build_sdxl(REFINER, folder), folder / "model"
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint(tmp_path_factory):
+    """The tiny SDXL model with a 9-channel inpainting UNet: (StableDiffusionXLInpaintPipeline, folder)."""
+    from tiny_sdxl import INPAINT, build_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl-inpaint")
+    return build_sdxl(INPAINT, folder), folder / "model"
+
+
+@pytest.fixture(scope="session")
 def unet3d_model(tmp_path_factory):
     """A ModelScope-style text-to-video model (UNet3D), as TextToVideoSDPipeline."""
     from tiny_models import build_video_pipeline

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 TESTS_DIR = Path(__file__).resolve().parent
-BUNDLED_TOKENIZER = TESTS_DIR / "data" / "clip-tokenizer"  # the real CLIP vocabulary, gzipped
+BUNDLED_TOKENIZER = TESTS_DIR.parent / "mlx_stablefused" / "data" / "clip-tokenizer"  # the real CLIP vocabulary,
+# gzipped: shipped with the package for single-file checkpoints (mlx_stablefused.single_file)
 
 BACKENDS = ("mlx", "torch")  # every backend; tests parametrize over this tuple (conftest's backend_name)
 
@@ -164,7 +165,7 @@ class NetworkRunner:
 
 # ------------------------------------------------------------------------------------------ data
 def unpack_clip_vocabulary(target: Path) -> Path:
-    """The real CLIP vocabulary (vocab.json, merges.txt) unpacked from tests/data into ``target``."""
+    """The real CLIP vocabulary (vocab.json, merges.txt) unpacked from the package data into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         with gzip.open(BUNDLED_TOKENIZER / f"{name}.gz", "rb") as src:

@@ -222,10 +222,14 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 
 def test_single_file_is_explained(tmp_path):
+    """Single files load (tests/test_single_file.py); a broken one or a file that is no checkpoint is named."""
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
-    with pytest.raises(ModelSourceError, match="single-file"):
+    with pytest.raises(WeightLoadError, match=f"{f} is truncated or not a safetensors file"):
         TextToImageDiffusion(f, progress=False)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelSourceError, match="notes.txt: not a checkpoint file"):
+        TextToImageDiffusion(tmp_path / "notes.txt", progress=False)
 
 
 def test_hub_id_offline_says_how_to_pass_a_path(monkeypatch):

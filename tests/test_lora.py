@@ -362,3 +362,27 @@ def test_bf16_and_pickle_files_and_api_rules(sd1, pipelines, lora_files, tmp_pat
         pipe.unfuse_lora()
     finally:
         pipe.unload_lora_weights()
+
+
+def test_lora_tags_in_prompts_load_and_weight_real_lora_files(sd1, pipelines, lora_files, reference, tmp_path):
+    """``<lora:name:w>`` (A1111 syntax, a LoRA folder) gives diffusers' image at that weight; a prompt
+    without the tag gives the plain model's image again."""
+    import shutil
+
+    folder = tmp_path / "loras"
+    (folder / "styles").mkdir(parents=True)
+    shutil.copy(lora_files["a_kohya"], folder / "styles" / "inkStyle.safetensors")
+    pipe = with_sampler(pipelines.pipeline(TextToImageDiffusion, sd1[1], "mlx"))
+    pipe.enable_prompt_weighting(lora_dir=folder)
+
+    def image(prompt):
+        return pipe(**{**RUN, "prompt": prompt}, latent=latents(), image_height=SIZE, image_width=SIZE,
+                    output_type="np", seed=0)
+
+    try:
+        tagged = image(RUN["prompt"] + " <lora:inkStyle:0.5>")
+        assert report("<lora:...:0.5> tag vs diffusers at scale 0.5 (max abs)",
+                      max_abs_error(tagged, reference[("a", 0.5)])) < TOL
+        assert max_abs_error(image(RUN["prompt"]), reference[("a", 0.0)]) < TOL  # the tag gone: weight 0
+    finally:
+        pipe.unload_lora_weights()

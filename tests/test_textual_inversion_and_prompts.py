@@ -375,3 +375,50 @@ def test_cli_reads_a1111_syntax_and_embeddings_by_default(sd1, embedding_files, 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a1111.png")), weighted)
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), weighted)
     assert main([*argv, "--output", str(tmp_path / "x.png"), "--lora-dir", str(tmp_path / "none")]) == 1
+
+
+def reference_weighted_sdxl(text_encoder, tokenizer, fragments, chunks):
+    """The same independent A1111 encoding on one SDXL encoder: penultimate hidden states, the pad token after
+    the first EOS, ``chunks`` chunks (empty ones appended); returns (states, the first chunk's pooled output)."""
+    ids, weights = [], []
+    for text, weight in fragments:
+        new = tokenizer(text, add_special_tokens=False).input_ids
+        ids, weights = ids + new, weights + [weight] * len(new)
+    out, pooled = [], None
+    for c in range(chunks):
+        part, w = ids[75 * c:75 * c + 75], weights[75 * c:75 * c + 75]
+        fill = 75 - len(part)
+        row = [tokenizer.bos_token_id] + part + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * fill
+        with torch.no_grad():
+            result = text_encoder(torch.tensor([row]), output_hidden_states=True)
+        z = result.hidden_states[-2][0].double().numpy()
+        if c == 0:
+            pooled = (result.text_embeds if hasattr(result, "text_embeds") else result.pooler_output)[0].numpy()
+        mean = z.mean()
+        z = z * np.array([1.0] + w + [1.0] * (fill + 1))[:, None]
+        out.append(z * (mean / z.mean()))
+    return np.concatenate(out), pooled
+
+
+def test_sdxl_reads_a1111_syntax_on_both_encoders(sdxl, pipelines):
+    """Each encoder weights and mean-restores its own penultimate states, both padded to one chunk count and
+    concatenated; the pooled embedding is the second encoder's first chunk (AUTOMATIC1111's SDXL conditioner).
+    Short unweighted prompts give exactly the plain path's embeddings."""
+    ref_pipe, root = sdxl
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, "mlx")
+    plain_prompt, negative = "a photo of a cat", "blurry"
+    plain = [pipe.backend.to_numpy(a) for a in pipe.prompt_to_embedding(plain_prompt, negative)]
+    pipe.enable_prompt_weighting()
+    same = [pipe.backend.to_numpy(a) for a in pipe.prompt_to_embedding(plain_prompt, negative)]
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))
+    prompt = "a (red:1.3) cat " + "y " * 80 + "[sky]"
+    text, pooled = (pipe.backend.to_numpy(a) for a in pipe.prompt_to_embedding(prompt, negative))
+    fragments = [("a ", 1.0), ("red", 1.3), (" cat " + "y " * 80, 1.0), ("sky", 1 / 1.1)]
+    encoders = [(ref_pipe.text_encoder, ref_pipe.tokenizer), (ref_pipe.text_encoder_2, ref_pipe.tokenizer_2)]
+    cond = [reference_weighted_sdxl(te, tok, fragments, 2) for te, tok in encoders]
+    uncond = [reference_weighted_sdxl(te, tok, [(negative, 1.0)], 2) for te, tok in encoders]
+    expected = np.stack([np.concatenate([u[0] for u in uncond], -1), np.concatenate([c[0] for c in cond], -1)])
+    assert text.shape == (2, 154, expected.shape[-1])
+    assert report("A1111 SDXL weighted embeddings vs numpy on transformers (rel.)", rel_error(text, expected)) < 1e-5
+    assert report("A1111 SDXL pooled embeddings vs transformers (rel.)",
+                  rel_error(pooled, np.stack([uncond[1][1], cond[1][1]]))) < 1e-5

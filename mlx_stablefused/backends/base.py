@@ -67,6 +67,13 @@ class Backend(ABC):
         them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
         raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
 
+    def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
+                           hidden_state: int = -2) -> tuple[Array, Array]:
+        """(B, 77) ids through text encoder ``component`` -> (its ``hidden_states[hidden_state]``, (B, 77, D),
+        SDXL's penultimate layer by default; its pooled embedding (B, D'): ``text_embeds`` for an encoder with
+        a projection, else the pooled EOS state), in the model dtype."""
+        raise NotImplementedError(f"the {self.name} backend has no hidden-state text encoding")
+
     motion_config: Any = None  # the motion adapter's config when the UNet is a motion UNet
     is_video_unet: bool = False  # a motion UNet or a UNet3D: takes (B, C, F, h, w) latents
 
@@ -88,9 +95,10 @@ class Backend(ABC):
             extra["down_block_additional_residuals"] = [cast(r) for r in cond.down_block_residuals]
         if cond.mid_block_residual is not None:
             extra["mid_block_additional_residual"] = cast(cond.mid_block_residual)
-        if cond.pooled_text is not None or cond.time_ids is not None:
-            raise NotImplementedError("pooled text embeddings and time ids need an SDXL UNet, which this "
-                                      "version does not implement yet")
+        if (cond.pooled_text is None) != (cond.time_ids is None):
+            raise ValueError("pooled text embeddings and time ids go together (SDXL's added conditioning)")
+        if cond.pooled_text is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": cast(cond.pooled_text), "time_ids": cast(cond.time_ids)}
         return extra
 
     @abstractmethod

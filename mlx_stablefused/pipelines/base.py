@@ -11,7 +11,7 @@ MLX and torch, Mac and NVIDIA.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,10 +22,10 @@ from ..backends import create_backend
 from ..backends.base import COMPILE, CPU_STREAMS, QUANTIZE, Array, Backend, RunSettings, as_numpy
 from ..conditioning import Conditioning
 from ..config import read_json
-from ..errors import ModelSourceError
+from ..errors import ModelSourceError, UnsupportedModelError
 from ..progress import progress_bar
 from ..schedulers import Scheduler, default_scheduler_name, make_scheduler
-from ..sources import ModelSource, resolve_model
+from ..sources import ModelSource
 from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
@@ -45,23 +45,41 @@ class ModelComponents:
     backend: Backend
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
+    tokenizers: dict[str, CLIPTokenizer] = field(default_factory=dict)  # text-encoder component -> its tokenizer
+    model_index: dict[str, Any] = field(default_factory=dict)  # the pipeline's config (SDXL: force_zeros...)
 
     @classmethod
     def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
-             local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
+             local_files_only: bool = False, motion_adapter: Any = None, vae: str | Path | None = None,
+             config: str | Path | None = None, use_ema: bool = False,
+             prediction_type: str | None = None) -> "ModelComponents":
+        """``model_id`` may be a single-file checkpoint (a path or ``owner/repo/file.safetensors``; see
+        ``mlx_stablefused.single_file``: ``config=``, ``use_ema=``); ``vae=`` a VAE file or folder for any
+        model; ``prediction_type=`` overrides the scheduler's (``"v_prediction"`` for SD 2.x 768-v files)."""
         from dataclasses import replace
 
         from ..demo import resolve_special_adapter, resolve_special_id
-        from ..model_description import STABLE_DIFFUSION
+        from ..model_description import STABLE_DIFFUSION, description_for
+        from ..model_index import read_model_index
         from ..motion_adapters import MotionAdapterSource, resolve_motion_adapter
+        from ..single_file import resolve_model_or_file, resolve_vae
         from ..sources import is_special_id
 
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         # Special ids (demo:*) are built here, at the entry layer; the resolver only finds folders and hub ids.
-        source = resolve_model(resolve_special_id(model_id), variant=variant, revision=revision,
-                               local_files_only=local_files_only, description=STABLE_DIFFUSION)
+        # The model index names the pipeline class, which picks the components to fetch and load (SD, SDXL).
+        model_path = resolve_special_id(model_id)
+        description = description_for(read_model_index(model_path, revision=revision,
+                                                       local_files_only=local_files_only))
+        source = resolve_model_or_file(model_path, variant=variant, revision=revision,
+                                       local_files_only=local_files_only, description=description,
+                                       config=config, use_ema=use_ema, prediction_type=prediction_type)
         if is_special_id(model_id):
             source = replace(source, origin=model_id)
+        if vae is not None:
+            source = resolve_vae(vae, source, revision=revision, local_files_only=local_files_only)
         if motion_adapter is not None and not isinstance(motion_adapter, MotionAdapterSource):
             motion_adapter = resolve_motion_adapter(resolve_special_id(motion_adapter),
                                                     local_files_only=local_files_only)
@@ -69,13 +87,21 @@ class ModelComponents:
         scheduler_file = source.root / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise ModelSourceError(f"{scheduler_file} is missing")
-        text_encoder = STABLE_DIFFUSION.first_with_role("text_encoder")
-        tokenizer = CLIPTokenizer.from_folder(source.root / STABLE_DIFFUSION.tokenizers[text_encoder.name])
+        index_file = source.root / "model_index.json"
+        model_index = read_json(index_file) if index_file.is_file() else {}
+        description = description_for(model_index)  # the resolved folder's own index decides (an offline hub id)
+        tokenizers = {name: CLIPTokenizer.from_folder(source.root / folder)
+                      for name, folder in description.tokenizers.items()}
         options: dict[str, Any] = dict(dtype=dtype, variant=variant, use_cache=use_cache, device=device)
         if motion_adapter is not None:
             options["motion_adapter"] = motion_adapter
+        if description is not STABLE_DIFFUSION:
+            options["description"] = description
         engine = create_backend(backend, source, **options)
-        return cls(source, engine, tokenizer, read_json(scheduler_file))
+        scheduler_config = read_json(scheduler_file)
+        if prediction_type is not None:
+            scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+        return cls(source, engine, next(iter(tokenizers.values())), scheduler_config, tokenizers, model_index)
 
 
 AUTO_ATTENTION_CHUNK = 1024  # query tokens: at 512x512 a quarter of the largest attention, as diffusers' "auto"
@@ -113,11 +139,13 @@ def with_run_settings(method: Callable) -> Callable:
 class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
-    ``model_id``: hub repo id, diffusers folder, or converted folder. Or pass ``components`` from
+    ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
     another pipeline (``other.components``, or ``cls.from_pipeline(other)``) to share its loaded weights.
     stablefused's spellings work too: ``torch_dtype=`` for ``dtype``, a diffusers scheduler object as
     ``scheduler``, and ``tokenizer=, text_encoder=, vae=, unet=, scheduler=`` (diffusers / transformers
     objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
+    ``vae=`` given a path (a VAE file or folder) replaces the VAE of ``model_id``; ``config=``,
+    ``use_ema=``, ``prediction_type=`` are for single-file checkpoints (see ``ModelComponents.load``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
@@ -125,8 +153,12 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
                  local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
-                 unet: Any = None) -> None:
+                 unet: Any = None, config: str | Path | None = None, use_ema: bool = False,
+                 prediction_type: str | None = None) -> None:
         dtype = resolve_dtype(dtype, torch_dtype)
+        # vae=: a path (a VAE file or folder replacing the model's, see ModelComponents.load) or, with the
+        # other component objects, a diffusers AutoencoderKL (stablefused's component injection)
+        vae_file, vae = (vae, None) if isinstance(vae, (str, Path)) else (None, vae)
         if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
             if model_id is not None or components is not None:
                 raise ValueError("pass model_id, components, or the five component objects; not several")
@@ -134,10 +166,14 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                                               scheduler=scheduler)
         if (model_id is None) == (components is None):
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        if components is None:
+        model_files = {k: v for k, v in dict(vae=vae_file, config=config, use_ema=use_ema,
+                                              prediction_type=prediction_type).items() if v not in (None, False)}
+        if components is None:  # see ModelComponents.load: vae=, and config=, use_ema= for single-file checkpoints
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device,
                                               variant=variant, revision=revision, use_cache=use_cache,
-                                              local_files_only=local_files_only)
+                                              local_files_only=local_files_only, **model_files)
+        elif model_files:
+            raise ValueError(f"{', '.join(sorted(model_files))}= apply when loading a model_id, not to shared components")
         self.model_id = model_id if model_id is not None else components.source.origin
         self.progress = progress
         self.decode_batch_size: int | None = None
@@ -325,22 +361,51 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
 
     # ---------------------------------------------------------------------------------- prompts
     @with_run_settings
-    def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None) -> Array:
+    def prompt_to_embedding(self, prompt: PromptType, negative_prompt: PromptType | None = None,
+                            prompt_2: PromptType | None = None, negative_prompt_2: PromptType | None = None) -> Any:
         """Text embeddings ``[uncond; cond]``, shape (2B, 77, D); ``negative_prompt`` defaults to "".
-        With ``enable_prompt_weighting()``: (2B, 77 k, D), k the largest chunk count of them all."""
+        With ``enable_prompt_weighting()``: (2B, 77 k, D), k the largest chunk count of them all.
+
+        SDXL models return ``(embeddings, pooled)``: the two encoders' penultimate states concatenated,
+        (2B, 77, D1 + D2) (2048 for SDXL base; the refiner's single encoder: 1280), and the second
+        encoder's projected pooled output, (2B, P) (1280); ``prompt_2`` / ``negative_prompt_2`` go to the
+        second encoder (default: the first's). With no ``negative_prompt`` and the model's
+        ``force_zeros_for_empty_prompt`` the unconditional rows are zeros, as diffusers."""
+        from .sdxl_conditioning import is_sdxl, sdxl_prompts
+
         prompts, negatives = inputs.prompt_pairs(prompt, negative_prompt)
-        embedding = self.encode_texts(negatives + prompts, positives=len(prompts))
+        if is_sdxl(self.backend):
+            encoder = self.sdxl_prompt_encoder()
+            prompts = self.take_lora_tags(prompts)
+            (text, pooled), (neg_text, neg_pooled) = encoder.encode_pairs(
+                prompts, negatives, sdxl_prompts(negative_prompt, prompt_2, negative_prompt_2))
+            embedding = (self.backend.concat([neg_text, text]), self.backend.concat([neg_pooled, pooled]))
+        else:
+            if prompt_2 is not None or negative_prompt_2 is not None:
+                raise ValueError("prompt_2 and negative_prompt_2: only SDXL models take these")
+            embedding = self.encode_texts(negatives + prompts, positives=len(prompts))
         if self.release_text_encoder:
             self.backend.release_text_encoder()
         return embedding
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str]) -> tuple[Conditioning, Conditioning]:
-        """(positive, negative) conditioning for prompt pairs, encoded in one text-encoder pass."""
-        return self.split_embedding(self.prompt_to_embedding(prompts, negatives))
+    def encode_prompt(self, prompts: list[str], negatives: list[str], sdxl: Any = None,
+                      num_images_per_prompt: int = 1) -> tuple[Conditioning, Conditioning]:
+        """(positive, negative) conditioning for prompt pairs, encoded in one text-encoder pass; ``sdxl``
+        (``sdxl_conditioning.SDXLInputs``) adds the second prompts, pooled embeddings and time ids."""
+        if sdxl is None:
+            return self.split_embedding(self.prompt_to_embedding(prompts, negatives))
+        out = self.sdxl_prompt_encoder().conditioning(self.take_lora_tags(prompts), negatives, sdxl,
+                                                      num_images_per_prompt)
+        if self.release_text_encoder:
+            self.backend.release_text_encoder()
+        return out
 
     @staticmethod
     def split_embedding(embedding: Array) -> tuple[Conditioning, Conditioning]:
         """``[uncond; cond]`` -> (positive, negative) conditioning."""
+        if isinstance(embedding, tuple):
+            raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: latent walks, "
+                                        "interpolation and embedding_to_latent do not take SDXL models yet")
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 
@@ -366,7 +431,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         Returns ``[final]``, or every latent from the start when ``return_latent_history``."""
         callbacks = StepCallbacks(self, callback_on_step_end)
         history = [latents]
-        steps = len(self.scheduler.timesteps) - start
+        steps = (core.get("stop") or len(self.scheduler.timesteps)) - start
         with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):

@@ -68,8 +68,9 @@ class StepState:
 def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning: Conditioning,
             negative: Conditioning | None, guidance: Guidance, rng: np.random.Generator, start: int = 0,
             predict: Predictor | None = None,
-            after_step: Callable[[int, Array], Array] | None = None) -> Iterator[StepState]:
-    """Run ``scheduler`` (timesteps already set) from table index ``start``; yield after every step.
+            after_step: Callable[[int, Array], Array] | None = None, stop: int | None = None) -> Iterator[StepState]:
+    """Run ``scheduler`` (timesteps already set) from table index ``start`` to ``stop`` (default: the end;
+    SDXL's ``denoising_end`` stops early); yield after every step.
 
     ``negative`` is the unconditional branch (needed unless guidance is off). ``predict`` replaces
     ``backend.unet`` (context windows over frames); ``after_step(i, latents)`` is part of the
@@ -85,7 +86,8 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         batched = conditioning
     noise = StepNoise(backend.latent_shape(latents), rng, backend.latent_from_numpy)
 
-    for i in range(start, len(scheduler.timesteps)):
+    end = len(scheduler.timesteps) if stop is None else stop
+    for i in range(start, end):
         t = float(scheduler.timesteps[i])
         x = scheduler.scale_model_input(latents, i)
         prediction = predict(backend.concat([x, x]) if guidance.enabled else x, t, batched)
@@ -96,7 +98,7 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
             latents = after_step(i, latents)
         backend.evaluate(latents)
         if not backend.all_finite(latents):
-            raise NonFiniteError(non_finite_message("the latents", i - start + 1, len(scheduler.timesteps) - start,
+            raise NonFiniteError(non_finite_message("the latents", i - start + 1, end - start,
                                                     t, backend))
         state = StepState(i, t, latents, prediction)
         yield state

@@ -9,6 +9,8 @@ import numpy as np
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, denoising_end_index,
+                                 denoising_start_index, given_latents, sdxl_inputs)
 
 
 class ImageToImageDiffusion(BaseDiffusion):
@@ -19,7 +21,8 @@ class ImageToImageDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  image_height: int | None = None, image_width: int | None = None,
-                 callback_on_step_end: StepCallback | list | None = None) -> Any:
+                 callback_on_step_end: StepCallback | list | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, **sdxl: Any) -> Any:
         """Re-imagine ``image`` (path, PIL, list, or NHWC numpy) following ``prompt``.
 
         How much of the schedule runs: ``start_step`` (stablefused: skip that many of the
@@ -27,6 +30,13 @@ class ImageToImageDiffusion(BaseDiffusion):
         that runs; less = closer). Neither: start_step=0, i.e. the image only seeds the noise.
         ``noise``: the Gaussian noise added to the image latent, (B, 4, h, w) numpy; else from ``seed``.
         ``image_height``/``image_width`` resize the input; otherwise its size must be a multiple of 8.
+
+        SDXL models take diffusers' keywords (``sdxl_conditioning``): ``prompt_2``, ``negative_prompt_2``,
+        the micro-conditioning sizes and crops and their ``negative_*`` forms, and for a refiner
+        ``aesthetic_score`` (6.0) / ``negative_aesthetic_score`` (2.5). The base-to-refiner ensemble of
+        experts: ``image`` may be the scaled latents (B, 4, h, w) numpy that a ``denoising_end`` run returned
+        with ``output_type="latent"``, and ``denoising_start`` (instead of ``start_step``/``strength``)
+        continues from that fraction of the schedule without adding noise; ``denoising_end`` stops early.
         """
         # 1. Check inputs.
         self._begin()
@@ -37,21 +47,45 @@ class ImageToImageDiffusion(BaseDiffusion):
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
         if size is not None:
             self.check_memory(*size, len(prompts))
-        pixels = self.preprocess_image(image, size)
-        self.check_memory(*pixels.shape[1:3], len(prompts))
-        pixels = inputs.match_batch(pixels, len(prompts) // num_images_per_prompt, num_images_per_prompt, "image")
-        start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
+        latent_input = given_latents(image, self.latent_channels)
+        if latent_input is None:
+            pixels = self.preprocess_image(image, size)
+            height, width = pixels.shape[1:3]
+            pixels = inputs.match_batch(pixels, len(prompts) // num_images_per_prompt, num_images_per_prompt, "image")
+        else:
+            height, width = (n * self.vae_scale_factor for n in latent_input.shape[2:])
+            latent_input = inputs.match_batch(latent_input, len(prompts) // num_images_per_prompt,
+                                              num_images_per_prompt, "image latent")
+        self.check_memory(height, width, len(prompts))
+        denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
+        denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
+        if denoising_start is not None and (start_step is not None or strength is not None):
+            raise ValueError("pass denoising_start or start_step/strength, not both")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        if denoising_start is None:
+            start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
+        sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,
+                                **check_sdxl_keywords(sdxl, aesthetic=True))
         # 2. Encode the prompt.
-        positive, negative = self.encode_prompt(prompts, negatives)
-        # 3. Prepare timesteps and latents: the image's latent noised to the start.
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        # 3. Prepare timesteps and latents: the image's latent noised to the start (with denoising_start:
+        # already noisy latents, taken as they are).
         self.scheduler.set_timesteps(num_inference_steps)
         rng = inputs.make_rng(seed)
-        image_latent = self.pixels_to_latent(pixels)
-        latents = self._noised(image_latent, start, noise, rng)
+        if latent_input is None:
+            image_latent = self.pixels_to_latent(pixels)
+        else:
+            image_latent = self.backend.latent_from_numpy(latent_input)
+        if denoising_start is None:
+            latents = self._noised(image_latent, start, noise, rng)
+        else:
+            start, latents = denoising_start_index(self.scheduler, denoising_start), image_latent
         # 4. Denoise.
         history = self.run_denoise(latents, positive, negative, guidance, rng, start,
                                    callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history)
+                                   return_latent_history=return_latent_history,
+                                   stop=denoising_end_index(self.scheduler, denoising_end))
         # 5. Decode.
         return self.resolve_output(history, output_type, return_latent_history)
 

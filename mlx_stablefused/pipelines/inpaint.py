@@ -4,17 +4,18 @@ after every step (latent blending), so any model can inpaint."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ..conditioning import Conditioning
 from ..errors import UnsupportedModelError
 from ..progress import progress_bar
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 MODES = ("auto", "unet", "blend")
@@ -28,7 +29,8 @@ class InpaintDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, output_type: str = "pil",
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
-                 mode: str = "auto", callback_on_step_end: StepCallback | list | None = None) -> Any:
+                 mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
+                 **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -36,6 +38,7 @@ class InpaintDiffusion(BaseDiffusion):
         equal for both). Start: ``start_step``/``strength`` as in image-to-image; at the default
         (start_step 0) the masked region starts from pure noise. ``mode``: "unet" (9-channel
         inpainting UNet), "blend" (latent blending, any model), or "auto" (by the UNet's channels).
+        SDXL models take the keywords image-to-image takes (``prompt_2``, micro-conditioning, aesthetic scores).
         """
         # 1. Check inputs.
         self._begin()
@@ -54,8 +57,10 @@ class InpaintDiffusion(BaseDiffusion):
         pixels = inputs.match_batch(pixels, num_prompts, num_images_per_prompt, "image")
         masks = inputs.match_batch(masks, num_prompts, num_images_per_prompt, "mask")
         start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
+        sdxl_call = sdxl_inputs(self, negative_prompt, *pixels.shape[1:3], text_to_image=False,
+                                **check_sdxl_keywords(sdxl, aesthetic=True))
         # 2. Encode the prompt.
-        positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
         # 3. Prepare timesteps, latents and the mask conditioning.
         self.scheduler.set_timesteps(num_inference_steps)
         rng = inputs.make_rng(seed)
@@ -71,8 +76,8 @@ class InpaintDiffusion(BaseDiffusion):
         if use_unet:
             masked = pixels * (1.0 - masks) + 0.5 * masks  # masked pixels become 0 in [-1, 1]
             channels = self.backend.concat_channels([mask_latent, self.pixels_to_latent(masked)])
-            positive = Conditioning(text=positive.text, image_channels=channels)
-            negative = Conditioning(text=negative.text, image_channels=channels)
+            positive = replace(positive, image_channels=channels)
+            negative = replace(negative, image_channels=channels)
         else:
             after_step = self._blend_known_region(image_latent, mask_latent, eps)
         # 4. Denoise.

@@ -13,6 +13,7 @@ from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import refuse_sdxl
 
 INTERPOLATIONS = {"lerp": lerp, "slerp": slerp}
 
@@ -36,6 +37,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         A single prompt is used for every latent; otherwise one prompt per latent.
         """
         self._begin()
+        refuse_sdxl(self.backend, "LatentWalkDiffusion")
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
         strength = inputs.fraction(strength, "strength")
@@ -99,6 +101,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         ``seed`` at ``image_height`` x ``image_width`` (default 512).
         """
         self._begin()
+        refuse_sdxl(self.backend, "LatentWalkDiffusion.interpolate")
         self._check_output_type(output_type)
         self.validate_steps(num_inference_steps)
         Guidance(guidance_scale, guidance_rescale)  # checked before any work

@@ -76,12 +76,25 @@ class PromptFeaturesMixin:
             return self.backend.encode_text(self.tokenizer(texts))
         if positives:
             first = len(texts) - positives
-            stripped = [prompt_weighting.extract_lora_tags(t) for t in texts[first:]]
-            texts[first:] = [text for text, _ in stripped]
-            tags = stripped[0][1]  # AUTOMATIC1111 takes the batch's LoRAs from its first prompt
-            if tags or self.lora_tags is not None:
-                self._apply_lora_tags(tags)
+            texts[first:] = self.take_lora_tags(texts[first:])
         return prompt_weighting.encode_weighted(self.backend, self.tokenizer, texts, self.comma_padding_backtrack)
+
+    def take_lora_tags(self, prompts: Sequence[str]) -> list[str]:
+        """Under the A1111 syntax: apply the ``<lora:...>`` tags of ``prompts`` and return them without the tags
+        (AUTOMATIC1111 takes the batch's LoRAs from its first prompt); plain syntax: unchanged."""
+        if self.prompt_syntax != "a1111":
+            return list(prompts)
+        stripped = [prompt_weighting.extract_lora_tags(t) for t in prompts]
+        tags = stripped[0][1] if stripped else []
+        if tags or self.lora_tags is not None:
+            self._apply_lora_tags(tags)
+        return [text for text, _ in stripped]
+
+    def sdxl_prompt_encoder(self) -> Any:
+        """The two-encoder prompt encoder of an SDXL model, reading prompts in this pipeline's syntax."""
+        from .sdxl_conditioning import SDXLPromptEncoder
+
+        return SDXLPromptEncoder(self.components, self.prompt_syntax, self.comma_padding_backtrack)
 
     def _apply_lora_tags(self, tags: list) -> None:
         if self.lora_tags is None:

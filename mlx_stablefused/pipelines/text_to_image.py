@@ -11,6 +11,8 @@ from ..errors import UnsupportedModelError
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, default_image_side, denoising_end_index,
+                                 sdxl_inputs)
 
 
 class TextToImageDiffusion(BaseDiffusion):
@@ -19,13 +21,20 @@ class TextToImageDiffusion(BaseDiffusion):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
-                 num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
+                 num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
+                 denoising_end: float | None = None, **sdxl: Any) -> Any:
         """Generate images for ``prompt``.
 
         ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
         sampler's initial sigma); else drawn from numpy with ``seed``. The size defaults to
-        512x512, or to the latent's size times 8. ``callback_on_step_end(pipe, step, timestep,
-        tensors)`` runs after every step (see ``StepCallbacks``).
+        512x512 (SDXL: the UNet's sample_size times 8, 1024), or to the latent's size times 8.
+        ``callback_on_step_end(pipe, step, timestep, tensors)`` runs after every step (see ``StepCallbacks``).
+
+        SDXL models also take diffusers' keywords (``sdxl_conditioning``): ``prompt_2``,
+        ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``, ``target_size``,
+        ``negative_original_size``, ``negative_crops_coords_top_left``, ``negative_target_size``.
+        ``denoising_end`` (a fraction in (0, 1)) stops the schedule there, for the base half of the
+        base-to-refiner ensemble of experts (``output_type="latent"``, then the refiner's ``denoising_start``).
         """
         # 1. Check inputs before any work.
         self._begin()
@@ -36,20 +45,23 @@ class TextToImageDiffusion(BaseDiffusion):
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         height, width = self._resolve_size(image_height, image_width, latent)
         self.check_memory(height, width, len(prompts))
+        denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
+        sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=True, **check_sdxl_keywords(sdxl))
         f = self.vae_scale_factor
         shape = (len(prompts), self.latent_channels, height // f, width // f)
         rng = inputs.make_rng(seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
                                                            "channels, height/8, width/8)")
         # 2. Encode the prompt.
-        positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
         # 4. Denoise.
         history = self.run_denoise(latents, positive, negative, guidance, rng,
                                    callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history)
+                                   return_latent_history=return_latent_history,
+                                   stop=denoising_end_index(self.scheduler, denoising_end))
         # 5. Decode.
         return self.resolve_output(history, output_type, return_latent_history)
 
@@ -65,8 +77,9 @@ class TextToImageDiffusion(BaseDiffusion):
 
     def _resolve_size(self, height: int | None, width: int | None, latent: Any) -> tuple[int, int]:
         if latent is None:
-            height = 512 if height is None else height
-            width = 512 if width is None else width
+            side = default_image_side(self.backend, self.vae_scale_factor)
+            height = side if height is None else height
+            width = side if width is None else width
         else:
             shape = np.shape(latent)
             if len(shape) != 4:

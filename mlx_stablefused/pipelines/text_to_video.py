@@ -36,13 +36,16 @@ class TextToVideoDiffusion(BaseDiffusion):
                  use_cache: bool = True, local_files_only: bool = False, scheduler: Any = None,
                  progress: bool = True, adapter_variant: str | None = None,
                  motion_adapter_config: dict | None = None, torch_dtype: Any = None, tokenizer: Any = None,
-                 text_encoder: Any = None, vae: Any = None, unet: Any = None) -> None:
+                 text_encoder: Any = None, vae: Any = None, unet: Any = None, **model_files: Any) -> None:
         """``model_id``: an SD 1.x model; ``motion_adapter``: a MotionAdapter folder or hub id, or an original
         AnimateDiff checkpoint (.ckpt / .safetensors; ``motion_adapter_config`` may give MotionAdapter
         config entries such a file cannot store, e.g. ``motion_num_attention_heads``). The default
         sampler is AnimateDiff's DDIM (``ANIMATEDIFF_DDIM``); ``scheduler=`` or ``set_scheduler`` choose another.
-        stablefused's ``torch_dtype=`` and component objects (a UNet3D model's) work as in ``BaseDiffusion``."""
+        stablefused's ``torch_dtype=`` and component objects (a UNet3D model's) work as in ``BaseDiffusion``, and
+        so do ``vae=`` as a path and ``model_files`` (``config=``, ``use_ema=``, ``prediction_type=``)."""
         dtype = resolve_dtype(dtype, torch_dtype)
+        if isinstance(vae, (str, Path)):  # a VAE file or folder for model_id (BaseDiffusion's vae=)
+            model_files["vae"], vae = vae, None
         if any(c is not None for c in (tokenizer, text_encoder, vae, unet)):
             if model_id is not None or components is not None:
                 raise ValueError("pass model_id, components, or the five component objects; not several")
@@ -56,7 +59,7 @@ class TextToVideoDiffusion(BaseDiffusion):
                 config=motion_adapter_config)
             components = ModelComponents.load(model_id, backend=backend, dtype=dtype, device=device, variant=variant,
                                               revision=revision, use_cache=use_cache, local_files_only=local_files_only,
-                                              motion_adapter=adapter)
+                                              motion_adapter=adapter, **model_files)  # vae=, config=, use_ema=, ...
         elif model_id is not None:
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
         super().__init__(components=components, scheduler=scheduler, progress=progress)

@@ -68,6 +68,14 @@ class MLXBackend(Backend):
         mx.eval(out)
         return out
 
+    def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
+                           hidden_state: int = -2) -> tuple[mx.array, mx.array]:
+        out = self.components[component](mx.array(token_ids), output_hidden_states=True)
+        pooled = out.pooler_output if out.text_embeds is None else out.text_embeds
+        hidden = out.hidden_states[hidden_state]
+        mx.eval(hidden, pooled)
+        return hidden, pooled
+
     def available_memory(self) -> int | None:
         """Metal: the recommended working set less what MLX holds now; CPU: free RAM."""
         if mx.default_device() == mx.gpu and mx.metal.is_available():
@@ -110,16 +118,28 @@ class MLXBackend(Backend):
         return {**weights, self.TOKEN_EMBEDDING: mx.concatenate([base, added])}
 
     def release_text_encoder(self) -> bool:
-        """Free the text encoder's materialised weights: they are re-read lazily (mx.load maps the converted
-        file and reads on first use) the next time a prompt is encoded. False when there is no such file."""
-        path = self._weights_files.get("text_encoder")
-        if path is None or "text_encoder" in self.lora_fused_components or any(type(m).__name__.startswith("Quantized") for _, m in self.text_encoder.named_modules()):
+        """Free the text encoders' materialised weights (SDXL: both): they are re-read lazily (mx.load maps the
+        converted file and reads on first use) the next time a prompt is encoded. False when there is no such
+        file."""
+        released = False
+        for c in self.description.components:
+            if c.role == "text_encoder":
+                released = self._release_one_text_encoder(c.name) or released
+        return released
+
+    def _release_one_text_encoder(self, name: str) -> bool:
+        path, module = self._weights_files.get(name), self.components.get(name)
+        if path is None or name in self.lora_fused_components or any(
+                type(m).__name__.startswith("Quantized") for _, m in module.named_modules()):
             return False
         from ...checkpoint_io import load_weights
         from .weights import apply_weights
 
-        dtype = self.text_encoder.text_model.final_layer_norm.weight.dtype
-        apply_weights(self.text_encoder, self._with_added_token_rows(load_weights(path)), str(path), dtype)
+        dtype = module.text_model.final_layer_norm.weight.dtype
+        weights = load_weights(path)
+        if module is self.text_encoder:  # textual-inversion rows live on the first text encoder
+            weights = self._with_added_token_rows(weights)
+        apply_weights(module, weights, str(path), dtype)
         return True
 
     def compile_unet(self, enabled: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""CLIP text encoder (transformers' CLIPTextModel) in MLX, with transformers' parameter names."""
+"""CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection) in MLX, with
+transformers' parameter names."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .cpu_math import gelu, sigmoid_scaled
 class CLIPOutput(NamedTuple):
     last_hidden_state: mx.array
     pooler_output: mx.array
+    hidden_states: tuple[mx.array, ...] | None = None  # embeddings, then every layer's output (when asked)
+    text_embeds: mx.array | None = None  # the pooled output through text_projection (WithProjection only)
 
 
 def quick_gelu(x: mx.array) -> mx.array:
@@ -91,15 +94,17 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def __call__(self, input_ids: mx.array) -> CLIPOutput:
+    def __call__(self, input_ids: mx.array, output_hidden_states: bool = False) -> CLIPOutput:
         tm = self.text_model
         ids = mx.array(input_ids)
         if ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{ids.shape[1]} tokens exceed the text encoder's "
                              f"{self.config.max_position_embeddings} positions")
         x = tm.embeddings(ids)
+        states = [x]
         for layer in tm.encoder.layers:
             x = layer(x)
+            states.append(x)
         x = tm.final_layer_norm(x)
         # Pooled output at the first EOS (legacy configs with eos_token_id=2: at the highest id).
         if self.config.eos_token_id == 2:
@@ -107,4 +112,17 @@ class CLIPTextModel(nn.Module):
         else:
             pos = mx.argmax((ids == self.config.eos_token_id).astype(mx.int32), axis=-1)
         pooled = mx.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
-        return CLIPOutput(x, pooled)
+        return CLIPOutput(x, pooled, tuple(states) if output_hidden_states else None)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP bigG): ``text_embeds`` is the pooled EOS state through
+    ``text_projection`` (no bias)."""
+
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def __call__(self, input_ids: mx.array, output_hidden_states: bool = False) -> CLIPOutput:
+        out = super().__call__(input_ids, output_hidden_states)
+        return out._replace(text_embeds=self.text_projection(out.pooler_output))

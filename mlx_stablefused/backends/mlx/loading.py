@@ -14,11 +14,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ... import model_loading
-from ...checkpoint_io import load_weights, save_safetensors
+from ...checkpoint_io import load_tensors, load_weights, save_safetensors
 from ...converted_format import LAYOUT
 from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...sources import ModelSource
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
@@ -27,7 +27,8 @@ from .weights import cast, torch_to_mlx_layout
 class MLXNetworks(model_loading.Networks):
     name = "mlx"
     layout = LAYOUT
-    classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+               "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
     dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -36,6 +37,9 @@ class MLXNetworks(model_loading.Networks):
 
     def read(self, path: Path) -> dict[str, mx.array]:
         return load_weights(path)
+
+    def read_keys(self, path: Path, keys: set[str]) -> dict[str, mx.array]:
+        return load_tensors(path, keys)
 
     def to_native(self, value: mx.array, target_shape: tuple[int, ...], layout: str) -> mx.array:
         return value if layout == self.layout else torch_to_mlx_layout(value, target_shape)

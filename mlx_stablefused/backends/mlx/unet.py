@@ -154,6 +154,8 @@ class ConditionalUNet(nn.Module):
         c0 = plan.base_channels
         self.conv_in = nn.Conv2d(plan.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, plan.temb_channels)
+        if plan.text_time is not None:
+            self.add_embedding = TimestepEmbedding(plan.text_time.in_dim, plan.temb_channels)
         if plan.transformer_in is not None:
             self.transformer_in = TemporalTransformer(plan.transformer_in)
         self.down_blocks = [DownBlock(block) for block in plan.down_blocks]
@@ -171,12 +173,14 @@ class ConditionalUNet(nn.Module):
 
     def __call__(self, sample: mx.array, timestep: mx.array, encoder_hidden_states: mx.array,
                  num_frames: int | None = None, down_block_additional_residuals: Sequence[mx.array] | None = None,
-                 mid_block_additional_residual: mx.array | None = None) -> mx.array:
+                 mid_block_additional_residual: mx.array | None = None,
+                 added_cond_kwargs: dict[str, mx.array] | None = None) -> mx.array:
         """``sample`` NHWC; ``timestep`` a scalar or (B,) training-time value; context (B, L, D).
 
         With ``num_frames`` (motion UNets, UNet3D), the batch holds B/F videos of F frames each,
         frame-minor, and the temporal layers mix information across each video's frames. The additional
         residuals (a ControlNet's, NHWC) are added to the skip states in order and to the mid block's output.
+        ``added_cond_kwargs`` (SDXL, ``text_time`` UNets): ``text_embeds`` (B, D) and ``time_ids`` (B, n).
         """
         f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
@@ -187,6 +191,8 @@ class ConditionalUNet(nn.Module):
         t_emb = timestep_embedding(t, self.plan.base_channels, self.plan.flip_sin_to_cos,
                                    self.plan.freq_shift).astype(sample.dtype)
         temb = self.time_embedding(t_emb)
+        if "add_embedding" in self:
+            temb = temb + self.add_embedding(self.text_time_embedding(added_cond_kwargs, b, temb.dtype))
         x = self.conv_in(sample)
         if "transformer_in" in self:
             x = self.transformer_in(x, f)
@@ -207,6 +213,20 @@ class ConditionalUNet(nn.Module):
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
             x = block(x, own, temb, encoder_hidden_states, size, f)
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def text_time_embedding(self, added: dict[str, mx.array] | None, batch: int, dtype: mx.Dtype) -> mx.array:
+        """``[text_embeds, sinusoidal(time_ids)]``, diffusers' ``text_time`` input to ``add_embedding``."""
+        plan = self.plan.text_time
+        if not added or "text_embeds" not in added or "time_ids" not in added:
+            raise ValueError("this UNet has addition_embed_type='text_time' (SDXL): pass added_cond_kwargs with "
+                             "text_embeds and time_ids")
+        text, ids = added["text_embeds"], added["time_ids"]
+        if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
+            raise ValueError(f"text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} must be (B, D) and "
+                             f"(B, n) for a batch of {batch}")
+        plan.check_inputs(text.shape[1], ids.shape[1])
+        time = timestep_embedding(ids.reshape(-1), plan.time_proj_dim, self.plan.flip_sin_to_cos, self.plan.freq_shift)
+        return mx.concatenate([text, time.reshape(batch, -1).astype(text.dtype)], axis=-1).astype(dtype)
 
 
 class UNet2DConditionModel(ConditionalUNet):

@@ -60,6 +60,14 @@ class TorchBackend(Backend):
         embeddings.token_embedding = torch.nn.Embedding.from_pretrained(torch.cat([weight[:first_id], added]))
 
     @torch.inference_mode()
+    def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
+                           hidden_state: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
+        out = self.components[component](ids, output_hidden_states=True)
+        pooled = out.pooler_output if out.text_embeds is None else out.text_embeds
+        return out.hidden_states[hidden_state], pooled
+
+    @torch.inference_mode()
     def unet(self, latent: torch.Tensor, timestep: float, conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
         cond = as_conditioning(conditioning)
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)

@@ -1,4 +1,5 @@
-"""CLIP text encoder (transformers' CLIPTextModel) in PyTorch, with transformers' parameter names."""
+"""CLIP text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection) in PyTorch, with
+transformers' parameter names."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from ...config import CLIPTextConfig
 class CLIPOutput(NamedTuple):
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then every layer's output (when asked)
+    text_embeds: torch.Tensor | None = None  # the pooled output through text_projection (WithProjection only)
 
 
 class CLIPAttention(nn.Module):
@@ -85,17 +88,33 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor) -> CLIPOutput:
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> CLIPOutput:
         tm = self.text_model
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{input_ids.shape[1]} tokens exceed the text encoder's "
                              f"{self.config.max_position_embeddings} positions")
         x = tm.embeddings(input_ids)
+        states = [x]
         for layer in tm.encoder.layers:
             x = layer(x)
+            states.append(x)
         x = tm.final_layer_norm(x)
         if self.config.eos_token_id == 2:
             pos = input_ids.argmax(dim=-1)
         else:
             pos = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
-        return CLIPOutput(x, x[torch.arange(x.shape[0], device=x.device), pos])
+        pooled = x[torch.arange(x.shape[0], device=x.device), pos]
+        return CLIPOutput(x, pooled, tuple(states) if output_hidden_states else None)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP bigG): ``text_embeds`` is the pooled EOS state through
+    ``text_projection`` (no bias)."""
+
+    def __init__(self, config: CLIPTextConfig) -> None:
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False) -> CLIPOutput:
+        out = super().forward(input_ids, output_hidden_states)
+        return out._replace(text_embeds=self.text_projection(out.pooler_output))

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ... import model_loading
-from ...checkpoint_io import load_torch_weights
+from ...checkpoint_io import load_torch_tensors, load_torch_weights
 from ...model_description import ModuleKind
 from ...sources import ModelSource
-from .clip import CLIPTextModel
+from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .vae import AutoencoderKL
@@ -36,7 +36,8 @@ def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> t
 class TorchNetworks(model_loading.Networks):
     name = "torch"
     layout = model_loading.DIFFUSERS_LAYOUT
-    classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+               "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,6 +53,10 @@ class TorchNetworks(model_loading.Networks):
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
         return load_torch_weights(path)
+
+    def read_keys(self, path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+        """Only these tensors: a safetensors file is opened in place, a pickle memory-mapped."""
+        return load_torch_tensors(path, keys)
 
     def to_native(self, value: torch.Tensor, target_shape: tuple[int, ...], layout: str) -> torch.Tensor:
         return value if layout == self.layout else mlx_to_torch_layout(value, target_shape)

@@ -157,6 +157,8 @@ class ConditionalUNet(nn.Module):
         c0 = plan.base_channels
         self.conv_in = nn.Conv2d(plan.in_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, plan.temb_channels)
+        if plan.text_time is not None:
+            self.add_embedding = TimestepEmbedding(plan.text_time.in_dim, plan.temb_channels)
         self.transformer_in = TemporalTransformer(plan.transformer_in) if plan.transformer_in is not None else None
         self.down_blocks = nn.ModuleList([DownBlock(block) for block in plan.down_blocks])
         self.mid_block = UNetMidBlock2DCrossAttn(plan.mid_block) if plan.mid_block is not None else None
@@ -172,9 +174,11 @@ class ConditionalUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 num_frames: int | None = None, down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
-                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+                mid_block_additional_residual: torch.Tensor | None = None,
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """As diffusers' forward (NCHW); the additional residuals (a ControlNet's) are added to the skip
-        states in order and to the mid block's output."""
+        states in order and to the mid block's output; ``added_cond_kwargs`` (SDXL, ``text_time`` UNets):
+        ``text_embeds`` (B, D) and ``time_ids`` (B, n)."""
         f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
         self.plan.check_residuals(None if down_res is None else [r.shape[1] for r in down_res],
@@ -184,6 +188,8 @@ class ConditionalUNet(nn.Module):
         t_emb = timestep_embedding(t, self.plan.base_channels, self.plan.flip_sin_to_cos,
                                    self.plan.freq_shift).to(sample.dtype)
         temb = self.time_embedding(t_emb)
+        if self.plan.text_time is not None:
+            temb = temb + self.add_embedding(self.text_time_embedding(added_cond_kwargs, b, temb.dtype))
         x = self.conv_in(sample)
         if self.transformer_in is not None:
             x = self.transformer_in(x, f)
@@ -203,6 +209,21 @@ class ConditionalUNet(nn.Module):
             size = tuple(skips[-1].shape[2:]) if skips else None
             x = block(x, own, temb, encoder_hidden_states, size, f)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def text_time_embedding(self, added: dict[str, torch.Tensor] | None, batch: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+        """``[text_embeds, sinusoidal(time_ids)]``, diffusers' ``text_time`` input to ``add_embedding``."""
+        plan = self.plan.text_time
+        if not added or "text_embeds" not in added or "time_ids" not in added:
+            raise ValueError("this UNet has addition_embed_type='text_time' (SDXL): pass added_cond_kwargs with "
+                             "text_embeds and time_ids")
+        text, ids = added["text_embeds"], added["time_ids"]
+        if text.ndim != 2 or ids.ndim != 2 or text.shape[0] != batch or ids.shape[0] != batch:
+            raise ValueError(f"text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} must be (B, D) and "
+                             f"(B, n) for a batch of {batch}")
+        plan.check_inputs(text.shape[1], ids.shape[1])
+        time = timestep_embedding(ids.reshape(-1), plan.time_proj_dim, self.plan.flip_sin_to_cos, self.plan.freq_shift)
+        return torch.cat([text, time.reshape(batch, -1).to(text.dtype)], dim=-1).to(dtype)
 
 
 class UNet2DConditionModel(ConditionalUNet):

@@ -1,0 +1,176 @@
+"""SDXL pipelines vs diffusers' StableDiffusionXL pipelines on the tiny SDXL models, both backends:
+two-encoder prompts (prompt_2, negative_prompt_2, force_zeros_for_empty_prompt), non-default
+micro-conditioning, the refiner's aesthetic score, the base-to-refiner ensemble of experts, Turbo."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import diffusers_pipeline, diffusers_scheduler_for, max_abs_error, rel_error, report
+from test_parity_image_pipelines import make_image, make_mask, run_diffusers
+
+from mlx_stablefused import ImageToImageDiffusion, InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion
+from mlx_stablefused.errors import UnsupportedModelError
+
+IMAGE_TOL = 5e-3
+MICRO = dict(original_size=(96, 80), crops_coords_top_left=(8, 16), target_size=(72, 48))
+
+
+def _noise(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def references():
+    """diffusers' outputs by case, computed once for both backends."""
+    cache = {}
+
+    def get(key, compute):
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = compute()
+        return cache[key]
+
+    return get
+
+
+def test_sdxl_text_to_image_matches_diffusers(sdxl, pipelines, backend_name, references):
+    ref, root = sdxl
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    # prompt_to_embedding vs encode_prompt: [uncond; cond] states (2B, 77, 32 + 48) and pooled (2B, 40)
+    prompts, prompts_2 = ["a red lighthouse", "a cat"], ["a watercolour", "at night, oil"]
+    embeds, pooled = pipe.prompt_to_embedding(prompts, "blurry", prompt_2=prompts_2, negative_prompt_2="dark")
+    want = references("encode", lambda: ref.encode_prompt(prompts, prompts_2, "cpu", 1, True, "blurry", "dark"))
+    assert tuple(embeds.shape) == (4, 77, 80) and tuple(pooled.shape) == (4, 40)
+    to_np = pipe.backend.to_numpy
+    assert report("SDXL prompt_to_embedding vs encode_prompt (states)", rel_error(
+        to_np(embeds), np.concatenate([want[1].numpy(), want[0].numpy()]))) < 1e-4
+    assert report("SDXL prompt_to_embedding vs encode_prompt (pooled)", rel_error(
+        to_np(pooled), np.concatenate([want[3].numpy(), want[2].numpy()]))) < 1e-4
+    # Two prompts, prompt_2, no negative prompt (force_zeros_for_empty_prompt: zero unconditional branch)
+    cases = [dict(prompt=prompts, prompt_2=prompts_2, latent=_noise((2, 4, 8, 10)), **MICRO),
+             # one image (diffusers repeats [negative, positive] time ids over the batch, which mixes rows
+             # when the negative ids differ and the batch is larger): every negative keyword
+             dict(prompt="a lighthouse", negative_prompt="blurry", negative_prompt_2="dark",
+                  latent=_noise((1, 4, 8, 10), 1), negative_original_size=(32, 40), negative_target_size=(64, 64),
+                  negative_crops_coords_top_left=(4, 0), **MICRO)]
+    pipe.enable_low_memory()  # both text encoders freed after each encoding and re-read when next needed
+    for i, case in enumerate(cases):
+        noise = case.pop("latent")
+        want = references(("t2i", i), lambda: ref(**case, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                                                  latents=torch.from_numpy(noise), height=64, width=80).images)
+        got = pipe(**case, num_inference_steps=2, guidance_scale=5.0, latent=noise, output_type="np")
+        assert report(f"SDXL text-to-image vs StableDiffusionXLPipeline [{backend_name}]",
+                      max_abs_error(got, want)) < IMAGE_TOL
+
+
+# The SDXL conditioning and schedules are backend-neutral code: the torch variants of the ensemble and Turbo
+# runs are slow; every SDXL network and text-to-image run both backends by default.
+MLX_DEFAULT = pytest.mark.parametrize("backend_name", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
+
+
+@MLX_DEFAULT
+def test_sdxl_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refiner, pipelines, backend_name, references):
+    """Base with denoising_end -> latents -> refiner (aesthetic scores, second encoder only) with
+    denoising_start, vs StableDiffusionXLPipeline -> StableDiffusionXLImg2ImgPipeline."""
+    (base_ref, base_root), (refiner_ref, refiner_root) = sdxl, sdxl_refiner
+    base = pipelines.pipeline(TextToImageDiffusion, base_root, backend_name)
+    refiner = pipelines.pipeline(ImageToImageDiffusion, refiner_root, backend_name)
+    noise = _noise((1, 4, 8, 8), 2)
+    common = dict(prompt="a lighthouse", num_inference_steps=4, guidance_scale=5.0)
+    refine = dict(aesthetic_score=7.5, negative_aesthetic_score=1.0, negative_original_size=(40, 48),
+                  negative_crops_coords_top_left=(2, 4), **MICRO)
+    latent_ref = references("base", lambda: base_ref(**common, denoising_end=0.7, latents=torch.from_numpy(noise),
+                                                     height=64, width=64, output_type="latent").images)
+    want = references("refined", lambda: refiner_ref(**common, image=latent_ref, denoising_start=0.7,
+                                                     output_type="np", **refine).images)
+    latent = base(**common, denoising_end=0.7, latent=noise, output_type="latent")
+    assert report(f"SDXL denoising_end latents vs StableDiffusionXLPipeline [{backend_name}]",
+                  max_abs_error(latent, latent_ref.numpy())) < 1e-3
+    got = refiner(latent, **common, denoising_start=0.7, output_type="np", **refine)
+    assert report(f"SDXL refiner denoising_start vs StableDiffusionXLImg2ImgPipeline [{backend_name}]",
+                  max_abs_error(got, want)) < IMAGE_TOL
+
+
+@MLX_DEFAULT
+def test_sdxl_turbo_one_step_matches_diffusers(sdxl, pipelines, backend_name, references):
+    """SDXL-Turbo's recipe: Euler ancestral with trailing timesteps, one step, no guidance (diffusers'
+    guidance_scale=0.0 turns guidance off; here exactly 1.0 does)."""
+    ref, root = sdxl
+    pipe = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    pipe.set_scheduler("euler_ancestral", timestep_spacing="trailing")
+    noise = _noise((1, 4, 8, 8), 3)
+    scheduler = diffusers_scheduler_for(root, "euler_ancestral")
+    scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing="trailing")
+    want = references("turbo", lambda: diffusers_pipeline(ref, scheduler=scheduler)(
+        "a cat", num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(noise), height=64, width=64,
+        output_type="np").images)
+    got = pipe("a cat", num_inference_steps=1, guidance_scale=1.0, latent=noise, output_type="np")
+    assert report(f"SDXL-Turbo 1 step vs StableDiffusionXLPipeline [{backend_name}]",
+                  max_abs_error(got, want)) < IMAGE_TOL
+
+
+IMAGE_CASES = [("img2img", "mlx"), ("inpaint-9", "mlx"), pytest.param("blend", "mlx", marks=pytest.mark.slow)] + [
+    pytest.param(case, "torch", marks=pytest.mark.slow) for case in ("img2img", "inpaint-9", "blend")]
+
+
+@pytest.mark.parametrize("case,backend", IMAGE_CASES)
+def test_sdxl_image_to_image_and_inpainting_match_diffusers(case, backend, sdxl, sdxl_inpaint, pipelines):
+    """StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline (9-channel UNet, and latent
+    blending on the base model), fed our noise and the posterior mean, non-default micro-conditioning."""
+    (base_ref, base_root), (inpaint_ref, inpaint_root) = sdxl, sdxl_inpaint
+    image, mask = make_image(64, 48), make_mask(64, 48)
+    noise = _noise((1, 4, 6, 8), 4)
+    common = dict(num_inference_steps=4, strength=0.6, guidance_scale=5.0, negative_prompt="blurry",
+                  prompt_2="in winter", **MICRO)
+    if case == "img2img":
+        ref = diffusers_pipeline(base_ref, "StableDiffusionXLImg2ImgPipeline")
+        want = run_diffusers(ref, noise, prompt="a cat", image=image, **common)
+        got = pipelines.pipeline(ImageToImageDiffusion, base_root, backend)(image, "a cat", noise=noise,
+                                                                           output_type="np", **common)
+    else:
+        ref = inpaint_ref if case == "inpaint-9" else diffusers_pipeline(base_ref, "StableDiffusionXLInpaintPipeline")
+        root = inpaint_root if case == "inpaint-9" else base_root
+        want = run_diffusers(ref, noise, prompt="a cat", image=image, mask_image=mask, height=48, width=64, **common)
+        got = pipelines.pipeline(InpaintDiffusion, root, backend)("a cat", image, mask, noise=noise,
+                                                                  output_type="np", **common)
+    assert report(f"SDXL {case} vs diffusers' SDXL pipeline [{backend}]", max_abs_error(got, want)) < IMAGE_TOL
+
+
+def test_negative_micro_conditioning_defaults_to_the_positive_values():
+    from mlx_stablefused.pipelines.sdxl_conditioning import MicroConditioning
+
+    micro = MicroConditioning(original_size=(96, 80), crops_coords_top_left=(8, 16), negative_original_size=(32, 40))
+    assert micro.time_ids(64, 48, aesthetic=False) == ([96, 80, 8, 16, 64, 48], [32, 40, 8, 16, 64, 48])
+    assert micro.time_ids(64, 48, aesthetic=True) == ([96, 80, 8, 16, 6.0], [32, 40, 8, 16, 2.5])
+    given = MicroConditioning(negative_crops_coords_top_left=(0, 4), negative_target_size=(8, 8))
+    assert given.time_ids(64, 48, aesthetic=False) == ([64, 48, 0, 0, 64, 48], [64, 48, 0, 4, 8, 8])
+
+
+def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sd1, pipelines):
+    _, root = sdxl
+    pipe = pipelines.pipeline(TextToImageDiffusion, root)
+    bad = [(dict(original_size=(64,)), "original_size must be a pair"),
+           (dict(target_size="64x64"), "target_size must be a pair"),
+           (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be a non-negative integer"),
+           (dict(negative_target_size=(64, 0)), "negative_target_size must be a positive integer"),
+           (dict(prompt_2=3), "prompt_2 must be a string or a non-empty list"),
+           (dict(denoising_end=1.0), "denoising_end must be a fraction strictly between 0 and 1")]
+    for kwargs, message in bad:
+        with pytest.raises((ValueError, TypeError), match=message):
+            pipe("a cat", num_inference_steps=1, **kwargs)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'aesthetic_score'"):
+        pipe("a cat", num_inference_steps=1, aesthetic_score=6.0)  # an image pipeline keyword
+    refiner = pipelines.pipeline(TextToImageDiffusion, sdxl_refiner[1])
+    with pytest.raises(UnsupportedModelError, match="refiner .*use ImageToImageDiffusion"):
+        refiner("a cat", num_inference_steps=1)
+    sd = pipelines.pipeline(TextToImageDiffusion, sd1[1])
+    with pytest.raises(ValueError, match="prompt_2, original_size: only SDXL models take these"):
+        sd("a cat", num_inference_steps=1, original_size=(64, 64), prompt_2="x")
+    i2i = pipelines.pipeline(ImageToImageDiffusion, root)
+    with pytest.raises(ValueError, match="aesthetic_score must be a real number"):
+        i2i(make_image(), "a cat", num_inference_steps=2, aesthetic_score="high")
+    with pytest.raises(ValueError, match="denoising_start or start_step/strength, not both"):
+        i2i(make_image(), "a cat", num_inference_steps=2, strength=0.5, denoising_start=0.5)
+    walk = pipelines.pipeline(LatentWalkDiffusion, root)
+    with pytest.raises(UnsupportedModelError, match="LatentWalkDiffusion.interpolate does not take SDXL models yet"):
+        walk.interpolate(["a", "b"], interpolation_steps=2, num_inference_steps=1)
