@@ -63,7 +63,13 @@ class Engine:
 
     @property
     def default_size(self) -> int:
-        return DEMO_SIZE if self.is_demo else 512
+        """The pipeline's own default side (SDXL: 1024), smaller for the demo model, as the CLI's."""
+        from ..pipelines.sdxl_conditioning import default_image_side
+
+        if self.is_demo:
+            return DEMO_SIZE
+        base = self.pipes["txt2img"]
+        return default_image_side(base.backend, base.vae_scale_factor)
 
     @property
     def default_steps(self) -> int:
