@@ -265,6 +265,8 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_keeps_serving(serv
     r = httpx.post(base + "/txt2img", content=b"{" + b" " * (50 * 2 ** 20) + b"}",
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "body" in r.json()["error"]
+    r = httpx.post(base + "/options", json={"sd_model_checkpoint": "not-served"})
+    assert r.status_code == 422 and r.json()["error"].startswith("sd_model_checkpoint")
     r = httpx.post(base + "/txt2img", json={**good, "prompt": "<lora:missing:1> a cat"})  # fails in the pipeline
     assert r.status_code == 422 and r.json()["error"].startswith("prompt: <lora:missing")
     r = httpx.post(base + "/txt2img", json=good)

@@ -66,7 +66,8 @@ class Service:
         result = await self.run(lambda c: self.engine.generate(job, c), control, request)
         model = self.engine.model_name
         texts = [infotext(job, seed, model) for seed in result.seeds]
-        pngs = [png_bytes(image, text) for image, text in zip(result.images, texts)]
+        # Encoded off the event loop (PIL's zlib releases the GIL): /progress stays quick meanwhile.
+        pngs = await asyncio.to_thread(lambda: [png_bytes(im, text) for im, text in zip(result.images, texts)])
         if self.settings.outputs is not None:
             rid = getattr(request.state, "request_id", uuid.uuid4().hex[:8])
             await asyncio.to_thread(save_outputs, self.settings.outputs, f"{job.timestamp}-{rid}", pngs,
