@@ -99,7 +99,7 @@ def direct(engine: Engine, mode: str, sampler: str = "euler_ancestral", override
            **kwargs) -> np.ndarray:
     """The same job on the engine's own pipeline, called directly (on its thread), as the reference
     (text-to-image references are kept: the A1111 and OpenAI tests ask for the same ones)."""
-    key = repr((mode, sampler, overrides, sorted(kwargs.items()))) if mode == "txt2img" else None
+    key = repr((engine.model_id, mode, sampler, overrides, sorted(kwargs.items()))) if mode == "txt2img" else None
     if key in _REFERENCES:
         return _REFERENCES[key]
 
@@ -345,3 +345,27 @@ def test_a_batch_equals_its_images_run_alone_at_64x64(servers):
         alone = httpx.post(url, json={**body, "seed": 40 + k}, timeout=120).json()["images"][0]
         assert np.array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(image)))),
                               pixels(Image.open(io.BytesIO(base64.b64decode(alone)))))
+
+
+@pytest.mark.slow
+def test_sd_model_checkpoint_switches_the_model(sd1):
+    """options' sd_model_checkpoint loads the other model on the worker; switching back gives the same image."""
+    model = str(sd1[1])  # (the diffusers pipeline, its folder)
+    settings = ServerSettings(model=model)
+    engine = Engine(settings)
+    engine.call(lambda e: e.load(model))
+    running = Running(create_app(settings, engine))
+    try:
+        api = webuiapi.WebUIApi(port=running.port, sampler="Euler a", steps=STEPS)
+        assert set(api.util_get_model_names()) == {model, DEMO_MODEL_ID}
+        first = pixels(api.txt2img(prompt="a cat", seed=1, **FAST).image)
+        api.util_set_model(DEMO_MODEL_ID, find_closest=False)
+        assert api.util_get_current_model() == DEMO_MODEL_ID
+        demo = pixels(api.txt2img(prompt="a cat", seed=1, **FAST).image)
+        assert np.array_equal(demo, direct(engine, "txt2img", prompt="a cat", seed=1))
+        api.util_set_model(model, find_closest=False)
+        assert np.array_equal(pixels(api.txt2img(prompt="a cat", seed=1, **FAST).image), first)
+        assert not np.array_equal(first, demo)
+    finally:
+        running.stop()
+        engine.close()
