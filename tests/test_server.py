@@ -190,15 +190,15 @@ def test_webuiapi_lists_progress_interrupt_and_lora_tags(servers):
     # A long job, interrupted from another client once it has started: it returns early, with an image.
     keyed = webuiapi.WebUIApi(port=servers["keyed"].port, steps=150, username="any", password=KEY)  # Basic
     with ThreadPoolExecutor(1) as pool:
-        start = time.perf_counter()
         job = pool.submit(keyed.txt2img, prompt="slow", seed=2, width=SIZE, height=SIZE, steps=150, cfg_scale=1.0)
         while (progress := api.get_progress())["state"]["sampling_step"] < 2:
             time.sleep(0.02)
         assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
-        assert progress["eta_relative"] > 0
+        eta = progress["eta_relative"]  # the time the other ~148 steps would take
+        asked = time.perf_counter()
         api.interrupt()
         result = job.result(timeout=60)
-    assert len(result.images) == 1 and time.perf_counter() - start < 10  # 150 steps take ~15 s
+    assert len(result.images) == 1 and time.perf_counter() - asked < eta / 3
     saved = sorted(servers["outputs"].iterdir())  # the keyed server writes its results
     assert [p.suffix for p in saved] == [".png"]
     assert Image.open(saved[0]).info["parameters"] == result.image.info["parameters"]
@@ -328,7 +328,7 @@ def test_a_client_that_disconnects_frees_the_worker(servers):
     with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-job and closes its connection
         httpx.post(servers["plain"].url + "/sdapi/v1/txt2img", timeout=0.5,
                    json={"prompt": "slow", "seed": 1, "width": SIZE, "height": SIZE, "steps": 150, "cfg_scale": 1.0})
-    deadline = time.monotonic() + 5  # 150 steps take ~15 s: the job was stopped, not finished
+    deadline = time.monotonic() + 1.5  # 150 steps take 5 s or more: the job was stopped, not finished
     while worker.current is not None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert worker.current is None
