@@ -369,3 +369,23 @@ def test_sd_model_checkpoint_switches_the_model(sd1):
     finally:
         running.stop()
         engine.close()
+
+
+@pytest.mark.slow
+def test_an_sdxl_model_is_served(sdxl):
+    """The tiny SDXL base through A1111's txt2img and img2img equals its pipelines called directly."""
+    model = str(sdxl[1])
+    settings = ServerSettings(model=model)
+    engine = Engine(settings)
+    engine.call(lambda e: e.load(model))
+    running = Running(create_app(settings, engine))
+    try:
+        api = webuiapi.WebUIApi(port=running.port, sampler="Euler a", steps=STEPS)
+        image = api.txt2img(prompt="a cat", seed=1, **FAST).image
+        assert np.array_equal(pixels(image), direct(engine, "txt2img", prompt="a cat", seed=1))
+        edited = api.img2img(images=[image], prompt="a dog", seed=2, denoising_strength=0.5, **FAST).image
+        assert np.array_equal(pixels(edited), direct(engine, "img2img", image=image, prompt="a dog", strength=0.5,
+                                                     seed=2))
+    finally:
+        running.stop()
+        engine.close()
