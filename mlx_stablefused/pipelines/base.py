@@ -47,7 +47,7 @@ class ModelComponents:
     scheduler_config: dict[str, Any]
 
     @classmethod
-    def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+    def load(cls, model_id: str | Path, *, backend: str = "auto", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
              local_files_only: bool = False, motion_adapter: Any = None) -> "ModelComponents":
         from dataclasses import replace
@@ -121,7 +121,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
-                 backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+                 backend: str = "auto", dtype: str = "float32", device: str | None = None,
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
                  local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
