@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from .config import CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import AutoencoderTinyConfig, CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .weights import Rule
 
 
@@ -51,10 +51,11 @@ class Component:
     weight_stems: tuple[str, str]
     tokenizer: str | None = None
     dtype_policy: Callable[[Any, str], str] = same_dtype
+    subfolder: str | None = None  # where it lives when not in the folder of its name ("." : the root itself)
 
     @property
     def folder(self) -> str:
-        return self.name
+        return self.name if self.subfolder is None else self.subfolder
 
     def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
         named = raw_config.get("_class_name")
@@ -138,3 +139,8 @@ STABLE_DIFFUSION = ModelDescription("Stable Diffusion", (
     Component("vae", "vae", (AUTOENCODER_KL,), DIFFUSERS_STEMS, dtype_policy=upcast_fp16_vae),
 ))
 
+# TAESD / TAESDXL (diffusers' AutoencoderTiny), a model of its own: config.json and weights at the folder's root.
+AUTOENCODER_TINY = ModuleKind("AutoencoderTiny", AutoencoderTinyConfig.from_dict)
+TINY_AUTOENCODER = ModelDescription("Tiny autoencoder (TAESD)", (
+    Component("tiny_vae", "preview_vae", (AUTOENCODER_TINY,), DIFFUSERS_STEMS, subfolder="."),
+), support_files=())

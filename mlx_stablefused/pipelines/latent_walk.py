@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backends.base import as_numpy
+from ..previews import check_preview_decoder
 from ..progress import progress_bar
 from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
@@ -29,7 +30,8 @@ class LatentWalkDiffusion(BaseDiffusion):
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, output_type: str = "pil",
                  return_latent_history: bool = False, seed: int | None = None,
-                 noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None) -> Any:
+                 noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None,
+                 history_decoder: str = "vae") -> Any:
         """Images similar to the one ``latent`` (initial noise, (B, 4, h, w)) makes: the noise is moved
         ``strength`` of the way toward fresh noise, re-standardised, then fully denoised.
 
@@ -37,6 +39,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         """
         self._begin()
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         strength = inputs.fraction(strength, "strength")
         Guidance(guidance_scale, guidance_rescale)  # checked before any work
@@ -57,7 +60,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
                                          guidance_scale, guidance_rescale, rng, return_latent_history,
                                          callback_on_step_end)
-        return self.resolve_output(latents, output_type, return_latent_history)
+        return self.resolve_output(latents, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
 

@@ -207,6 +207,12 @@ class MLXBackend(Backend):
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
+    def load_network(self, root, name: str, description: ModelDescription) -> object:
+        from ...model_loading import load_network
+        from .loading import NETWORKS
+
+        return load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description)
+
     @property
     def device(self) -> mx.Device:
         return mx.default_device()

@@ -21,6 +21,7 @@ from ...sources import ModelSource
 from .clip import CLIPTextModel
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
+from .tiny_vae import AutoencoderTiny
 from .vae import AutoencoderKL
 from .weights import cast, torch_to_mlx_layout
 
@@ -28,7 +29,8 @@ class MLXNetworks(model_loading.Networks):
     name = "mlx"
     layout = LAYOUT
     classes = {"CLIPTextModel": CLIPTextModel, "UNet2DConditionModel": UNet2DConditionModel,
-               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
+               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL,
+               "AutoencoderTiny": AutoencoderTiny}
     dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
     def parameter_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:
