@@ -70,10 +70,8 @@ def history_frames(pipe: Any, history: list[Array], decoder: str) -> np.ndarray:
     """Every step's latents -> (B, steps+1, H, W, 3) float32 numpy in [0, 1]."""
     if decoder == "vae":  # exactly the frames the VAE path has always given
         return np.stack([pipe.vae_io.decode(x) for x in history], axis=1)
-    batch = pipe.backend.concat(history)  # one call for all steps: the tiny decoders are cheap per image
-    frames = decode_latents(pipe, batch, decoder)
-    b = frames.shape[0] // len(history)
-    return frames.reshape(len(history), b, *frames.shape[1:]).swapaxes(0, 1)
+    # One step at a time, as the VAE path: memory stays that of one step's batch however long the history.
+    return np.stack([decode_latents(pipe, x, decoder) for x in history], axis=1)
 
 
 class PreviewCallback:

@@ -55,13 +55,25 @@ def test_taesd_decode_and_encode_match_diffusers(with_taesd, taesd, backend_name
     pipe, backend = with_taesd(backend_name), None
     backend = pipe.backend
     rng = np.random.default_rng(3)
-    latents = rng.standard_normal((2, 4, 5, 7)).astype(np.float32)  # odd sizes; tanh clamp exercised (|z| > 3)
+    latents = rng.standard_normal((2, 4, 9, 7)).astype(np.float32)  # odd sizes; tanh clamp exercised (|z| > 3)
     latents[0, 0, 0, 0] = 6.0
     with torch.no_grad():
         ref = taesd[0].decode(torch.from_numpy(latents)).sample.permute(0, 2, 3, 1).numpy()
     module = backend.components["tiny_vae"]
     raw = backend.images_to_numpy(module.decode(backend.latent_from_numpy(latents)))
     assert report(f"TAESD decode vs AutoencoderTiny ({backend_name})", rel_error(raw, ref)) < 1e-5
+    if backend_name == "mlx":  # MLX's CPU build: row bands on two CPU streams vs one stream
+        from mlx_stablefused.backends.mlx.cpu_streams import StreamSet
+
+        previous = module.stream_set
+        try:
+            module.set_stream_set(StreamSet(2))
+            banded = backend.images_to_numpy(module.decode(backend.latent_from_numpy(latents)))
+            module.set_stream_set(None)
+            single = backend.images_to_numpy(module.decode(backend.latent_from_numpy(latents)))
+        finally:
+            module.set_stream_set(previous)
+        assert max_abs_error(banded, single) < 1e-6 and rel_error(banded, ref) < 1e-5
     images = tiny_decode(backend, backend.latent_from_numpy(latents))
     assert max_abs_error(images, np.clip(ref / 2 + 0.5, 0, 1)) < 1e-5
 
@@ -121,6 +133,26 @@ def test_previews_and_history_decoders_against_diffusers(with_taesd, taesd):
     assert np.array_equal(images, plain[:, -1])
 
 
+def test_every_pipeline_with_history_takes_history_decoder(pipelines, sd1):
+    """Image-to-image and interpolation videos decoded by the linear approximation are exactly ``latents_to_rgb``
+    of the latent history the same call gives."""
+    from mlx_stablefused import ImageToImageDiffusion, LatentWalkDiffusion
+    from mlx_stablefused.previews import latents_to_rgb
+
+    i2i = pipelines.pipeline(ImageToImageDiffusion, sd1[1], backend="mlx", scheduler="ddim")
+    image = np.random.default_rng(7).uniform(0, 1, (1, 24, 32, 3)).astype(np.float32)
+    run = dict(image=image, prompt="x", num_inference_steps=3, strength=0.7, seed=1, return_latent_history=True)
+    latents = i2i(**run, output_type="latent")
+    assert np.array_equal(i2i(**run, output_type="np", history_decoder="linear")[0],
+                          latents_to_rgb(latents[0], upscale=8))
+    walk = pipelines.pipeline(LatentWalkDiffusion, sd1[1], backend="mlx", scheduler="ddim")
+    run = dict(prompt=["a", "b"], image_height=16, image_width=16, num_inference_steps=2, interpolation_steps=1,
+               seed=2, return_latent_history=True)
+    latents = walk.interpolate(**run, output_type="latent")
+    frames = walk.interpolate(**run, output_type="np", history_decoder="linear")
+    assert np.array_equal(frames, np.stack([latents_to_rgb(v, upscale=8) for v in latents]))
+
+
 def test_refused_before_work_and_clear_errors(pipelines, sd1, taesd, tmp_path, monkeypatch):
     from mlx_stablefused import TextToImageDiffusion
     from mlx_stablefused.errors import ModelSourceError, UnsupportedModelError
@@ -158,3 +190,38 @@ def test_refused_before_work_and_clear_errors(pipelines, sd1, taesd, tmp_path, m
     with pytest.raises(UnsupportedModelError, match="AutoencoderTiny"):
         pipe.load_tiny_autoencoder(Path(sd1[1]) / "vae")
     assert "tiny_vae" not in pipe.backend.components
+
+
+@pytest.mark.slow
+def test_full_size_taesd_matches_diffusers(backend_name, tmp_path):
+    """TAESD's own architecture (diffusers' AutoencoderTiny defaults, 64 channels) on 64x64 latents (512x512)."""
+    from diffusers import AutoencoderTiny
+
+    from mlx_stablefused.model_description import TINY_AUTOENCODER
+    from mlx_stablefused.model_loading import load_network
+
+    model = randomize(AutoencoderTiny(), seed=22)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    if backend_name == "mlx":
+        from mlx_stablefused.backends.mlx.loading import NETWORKS as networks
+    else:
+        from mlx_stablefused.backends.torch.loading import TorchNetworks
+
+        networks = TorchNetworks("cpu")
+    ours = load_network(tmp_path, "tiny_vae", networks, description=TINY_AUTOENCODER)
+    latents = np.random.default_rng(5).standard_normal((1, 4, 64, 64)).astype(np.float32)
+    pixels = np.random.default_rng(6).uniform(-1, 1, (1, 512, 512, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.decode(torch.from_numpy(latents)).sample.permute(0, 2, 3, 1).numpy()
+        ref_latent = model.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).latents.numpy()
+    if backend_name == "mlx":
+        import mlx.core as mx
+
+        decoded = np.asarray(ours.decode(mx.array(latents.transpose(0, 2, 3, 1))))
+        encoded = np.asarray(ours.encode(mx.array(pixels))).transpose(0, 3, 1, 2)
+    else:
+        decoded = ours.decode(torch.from_numpy(latents)).permute(0, 2, 3, 1).numpy()
+        encoded = ours.encode(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+    assert report(f"full-size TAESD decode vs AutoencoderTiny ({backend_name})", rel_error(decoded, ref)) < 1e-4
+    assert report(f"full-size TAESD encode vs AutoencoderTiny ({backend_name})",
+                  rel_error(encoded, ref_latent)) < 1e-4

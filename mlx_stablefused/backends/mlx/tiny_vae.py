@@ -1,4 +1,8 @@
-"""AutoencoderTiny (TAESD) in MLX, built from its topology plan (mlx_stablefused.topology). Tensors are NHWC."""
+"""AutoencoderTiny (TAESD) in MLX, built from its topology plan (mlx_stablefused.topology). Tensors are NHWC.
+
+On MLX's CPU build the decoder runs large maps as row bands on one CPU stream per core, as the VAE does
+(each 3x3 convolution borrows one row from each neighbouring band; ReLU and nearest upsampling are
+row-local), so a preview uses every core; the result is the same convolution, row for row."""
 
 from __future__ import annotations
 
@@ -7,11 +11,20 @@ import mlx.nn as nn
 
 from ...config import AutoencoderTinyConfig
 from ...topology import TinyLayer, tiny_autoencoder_plan
-from .layers import resize_nearest
+from .cpu_streams import StreamSet, split_axis
+from .layers import StripConv2d, on_bands, resize_nearest
+from .vae import band_streams
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    if stride == 1:
+        return StripConv2d(c_in, c_out, 3, padding=1, bias=bias)
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class ReLU(nn.ReLU):
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        return on_bands(nn.relu, streams, bands)
 
 
 class AutoencoderTinyBlock(nn.Module):
@@ -19,7 +32,7 @@ class AutoencoderTinyBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = [conv3x3(channels, channels), nn.ReLU(), conv3x3(channels, channels), nn.ReLU(),
+        self.conv = [conv3x3(channels, channels), ReLU(), conv3x3(channels, channels), ReLU(),
                      conv3x3(channels, channels)]
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -27,6 +40,12 @@ class AutoencoderTinyBlock(nn.Module):
         for layer in self.conv:
             y = layer(y)
         return nn.relu(y + x)
+
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        ys = bands
+        for layer in self.conv:
+            ys = layer.over_bands(ys, streams)
+        return on_bands(lambda y, x: nn.relu(y + x), streams, ys, bands)
 
 
 class Upsample(nn.Module):
@@ -37,6 +56,9 @@ class Upsample(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return resize_nearest(x, (x.shape[1] * self.scale, x.shape[2] * self.scale))
 
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        return on_bands(self, streams, bands)
+
 
 def build_layer(layer: TinyLayer) -> nn.Module:
     if layer.kind == "conv":
@@ -44,7 +66,7 @@ def build_layer(layer: TinyLayer) -> nn.Module:
     if layer.kind == "block":
         return AutoencoderTinyBlock(layer.out_channels)
     if layer.kind == "relu":
-        return nn.ReLU()
+        return ReLU()
     return Upsample(layer.scale)
 
 
@@ -60,6 +82,14 @@ class LayerStack(nn.Module):
             x = layer(x)
         return x
 
+    def over_bands(self, bands: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+        """Every layer on row bands (3x3 stride-1 convolutions, ReLU, upsampling: the decoder's kinds)."""
+        for layer in self.layers:
+            bands = layer.over_bands(bands, streams)
+            if isinstance(layer, Upsample):
+                mx.eval(bands)  # one stage's activations alive at a time
+        return bands
+
 
 class AutoencoderTiny(nn.Module):
     """TAESD: ``decode`` unscaled latents -> images in [-1, 1]; ``encode`` images in [-1, 1] -> latents.
@@ -70,11 +100,23 @@ class AutoencoderTiny(nn.Module):
         plan = tiny_autoencoder_plan(config)
         self.encoder = LayerStack(plan.encoder)
         self.decoder = LayerStack(plan.decoder)
+        self.stream_set: StreamSet | None = None
+
+    def set_stream_set(self, stream_set: StreamSet | None) -> None:
+        """Run the decoder on row bands over these CPU streams (None: one stream)."""
+        self.stream_set = stream_set
 
     def decode(self, z: mx.array) -> mx.array:
         dtype = self.decoder.layers[0].weight.dtype
         z = mx.tanh(z.astype(dtype) / 3) * 3  # diffusers' DecoderTiny clamp
-        return (self.decoder(z) * 2 - 1).astype(mx.float32)
+        streams = band_streams(self.stream_set, z.shape[1])
+        if len(streams) < 2:
+            x = self.decoder(z)
+        else:
+            with self.stream_set.sharing_cores(len(streams)):
+                x = mx.concatenate(self.decoder.over_bands(split_axis(z, len(streams), axis=1), streams), axis=1)
+                mx.eval(x)
+        return (x * 2 - 1).astype(mx.float32)
 
     def encode(self, images: mx.array) -> mx.array:
         dtype = self.encoder.layers[0].weight.dtype
