@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .backends.base import Array, as_numpy
-from .tiny_autoencoder import COMPONENT, has_tiny_autoencoder, tiny_decode
+from .tiny_autoencoder import has_tiny_autoencoder, tiny_decode
 from .utils.images import image_grid, numpy_to_pil
 
 PREVIEW_DECODERS = ("vae", "taesd", "linear")
@@ -107,4 +107,4 @@ class PreviewCallback:
 
 
 __all__ = ["PREVIEW_DECODERS", "SD15_LATENT_RGB_FACTORS", "latents_to_rgb", "decode_latents", "history_frames",
-           "check_preview_decoder", "PreviewCallback", "COMPONENT"]
+           "check_preview_decoder", "PreviewCallback"]

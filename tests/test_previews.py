@@ -52,8 +52,7 @@ def with_taesd(pipelines, sd1, taesd):
 def test_taesd_decode_and_encode_match_diffusers(with_taesd, taesd, backend_name):
     from mlx_stablefused.tiny_autoencoder import tiny_decode, tiny_encode
 
-    pipe, backend = with_taesd(backend_name), None
-    backend = pipe.backend
+    backend = with_taesd(backend_name).backend
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((2, 4, 9, 7)).astype(np.float32)  # odd sizes; tanh clamp exercised (|z| > 3)
     latents[0, 0, 0, 0] = 6.0
