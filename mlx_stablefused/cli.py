@@ -62,7 +62,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                         f".ckpt; local or owner/repo/file.safetensors) (default: {DEFAULT_HUB_MODEL}; "
                         f"offline, the built-in demo model {DEMO_MODEL_ID}, which makes noise)")
     _vae_flags(p)
-    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"],
+                   help="compute backend (auto: MLX on Apple Silicon, torch on CUDA and on CPU-only machines "
+                        "when installed; MLX_STABLEFUSED_BACKEND overrides auto)")
     p.add_argument("--device", default=None, help="torch: cuda, mps or cpu; mlx: gpu or cpu "
                                                   "(default: the best available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute precision")
@@ -280,6 +282,8 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     check_start(args)
     if demo:
         print(DEMO_NOTICE, file=sys.stderr)
+    if getattr(args, "backend_choice", None) is not None:
+        print(args.backend_choice)  # which backend "auto" picked, and why
     model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
     pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
@@ -492,6 +496,11 @@ def check_before_work(args: argparse.Namespace) -> None:
             check_input_image(path, flag)
     check_start(args)
     check_size_flags(args)
+    if args.backend == "auto":
+        from .backends.auto import resolve_backend
+
+        args.backend_choice = resolve_backend(args.backend, args.device)
+        args.backend = args.backend_choice.name
     check_backend(args.backend, args.device)
     if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).expanduser().is_dir()):
         raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"

@@ -237,6 +237,49 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderTinyConfig:
+    """diffusers' ``AutoencoderTiny`` (TAESD, TAESDXL): plain 3x3 convolutions, ReLU, nearest upsampling."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple = (64, 64, 64, 64)
+    latent_channels: int = 4
+    upsampling_scaling_factor: int = 2
+    num_encoder_blocks: tuple = (1, 3, 3, 3)
+    num_decoder_blocks: tuple = (3, 3, 3, 1)
+    scaling_factor: float = 1.0  # TAESD decodes the diffusion model's (already scaled) latents as they are
+    shift_factor: float = 0.0
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "AutoencoderTinyConfig":
+        c = "AutoencoderTiny"
+        _require(cfg, "act_fn", ("relu",), c)
+        _require(cfg, "upsample_fn", ("nearest",), c)
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
+                    "num_decoder_blocks"):
+            if key in known:
+                known[key] = tuple(known[key])
+        out = cls(**known)
+        for channels, blocks, side in ((out.encoder_block_out_channels, out.num_encoder_blocks, "encoder"),
+                                       (out.decoder_block_out_channels, out.num_decoder_blocks, "decoder")):
+            if len(channels) != len(blocks) or not channels:
+                raise UnsupportedModelError(f"{c} config: {side}_block_out_channels and num_{side}_blocks must "
+                                            f"have one entry per stage, got {list(channels)} and {list(blocks)}")
+            if len(set(channels)) != 1:  # diffusers' EncoderTiny / DecoderTiny keep one width throughout
+                raise UnsupportedModelError(f"{c} config: {side}_block_out_channels={list(channels)} must all be "
+                                            "equal (diffusers' tiny encoder and decoder keep one width)")
+        if out.upsampling_scaling_factor < 1:
+            raise UnsupportedModelError(f"{c} config: upsampling_scaling_factor={out.upsampling_scaling_factor}")
+        return out
+
+    @property
+    def downscale_factor(self) -> int:
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
 class MotionConfig:
     """An AnimateDiff motion adapter (diffusers' MotionAdapter config.json, or inferred from a checkpoint)."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import AutoencoderTinyConfig, CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .weights import Rule
 
 
@@ -51,10 +51,11 @@ class Component:
     weight_stems: tuple[str, str]
     tokenizer: str | None = None
     dtype_policy: Callable[[Any, str], str] = same_dtype
+    subfolder: str | None = None  # where it lives when not in the folder of its name ("." : the root itself)
 
     @property
     def folder(self) -> str:
-        return self.name
+        return self.name if self.subfolder is None else self.subfolder
 
     def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
         architectures = raw_config.get("architectures")  # transformers configs name their class here
@@ -174,3 +175,9 @@ def description_for(model_index: Mapping[str, Any]) -> ModelDescription:
     present += [n for n in ("unet", "vae") if n not in present]
     name = STABLE_DIFFUSION_XL.name + ("" if "text_encoder" in present else " refiner")
     return STABLE_DIFFUSION_XL.only(present, name)
+
+# TAESD / TAESDXL (diffusers' AutoencoderTiny), a model of its own: config.json and weights at the folder's root.
+AUTOENCODER_TINY = ModuleKind("AutoencoderTiny", AutoencoderTinyConfig.from_dict)
+TINY_AUTOENCODER = ModelDescription("Tiny autoencoder (TAESD)", (
+    Component("tiny_vae", "preview_vae", (AUTOENCODER_TINY,), DIFFUSERS_STEMS, subfolder="."),
+), support_files=())

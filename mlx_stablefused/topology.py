@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from .config import MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import AutoencoderTinyConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .errors import UnsupportedModelError
 
 VAE_EPS = 1e-6  # diffusers' AutoencoderKL norms, fixed whatever the config says
@@ -374,3 +374,45 @@ def vae_plan(config: VAEConfig) -> VAEPlan:
                           (rev[-1], config.out_channels), groups),
         latent_channels=config.latent_channels, quant_conv=config.use_quant_conv,
         post_quant_conv=config.use_post_quant_conv)
+
+
+@dataclass(frozen=True)
+class TinyLayer:
+    """One entry of diffusers' ``EncoderTiny`` / ``DecoderTiny`` ``layers`` Sequential (its index is the
+    parameter prefix): a 3x3 ``conv`` (``stride``, ``bias``), a residual ``block`` (AutoencoderTinyBlock:
+    three 3x3 convolutions with ReLU between, identity skip, ReLU after the sum), ``relu``, or nearest
+    ``upsample`` by ``scale``."""
+
+    kind: str
+    in_channels: int = 0
+    out_channels: int = 0
+    stride: int = 1
+    bias: bool = True
+    scale: int = 1
+
+
+@dataclass(frozen=True)
+class TinyAutoencoderPlan:
+    encoder: tuple[TinyLayer, ...]
+    decoder: tuple[TinyLayer, ...]
+
+
+def tiny_autoencoder_plan(config: AutoencoderTinyConfig) -> TinyAutoencoderPlan:
+    """TAESD's two layer lists, in diffusers' order: encoder conv (stride 2 after the first stage) + blocks per
+    stage, then a conv to the latent; decoder conv + ReLU, then per stage blocks, upsample and a conv."""
+    encoder: list[TinyLayer] = []
+    for i, (width, blocks) in enumerate(zip(config.encoder_block_out_channels, config.num_encoder_blocks)):
+        encoder.append(TinyLayer("conv", config.in_channels, width) if i == 0
+                       else TinyLayer("conv", width, width, stride=2, bias=False))
+        encoder += [TinyLayer("block", width, width)] * blocks
+    encoder.append(TinyLayer("conv", config.encoder_block_out_channels[-1], config.latent_channels))
+
+    widths = config.decoder_block_out_channels
+    decoder = [TinyLayer("conv", config.latent_channels, widths[0]), TinyLayer("relu")]
+    last = len(widths) - 1
+    for i, (width, blocks) in enumerate(zip(widths, config.num_decoder_blocks)):
+        decoder += [TinyLayer("block", width, width)] * blocks
+        if i != last:
+            decoder.append(TinyLayer("upsample", scale=config.upsampling_scaling_factor))
+        decoder.append(TinyLayer("conv", width, config.out_channels if i == last else width, bias=i == last))
+    return TinyAutoencoderPlan(tuple(encoder), tuple(decoder))

@@ -7,6 +7,13 @@ import mlx_stablefused.backends.mlx  # noqa: F401  (first, so the OpenBLAS prelo
 
 import helpers  # noqa: E402  (tests/ is on sys.path: pyproject's pythonpath)
 
+import os  # noqa: E402
+
+# Tests that build a pipeline without backend= (and the CLI and examples they run) mean the MLX backend, as
+# the default was before backend="auto": pinned here, for every worker and subprocess, so the suite means the
+# same on every machine. The auto rule itself is tested in test_auto_backend.py with this variable removed.
+os.environ["MLX_STABLEFUSED_BACKEND"] = "mlx"
+
 
 # --------------------------------------------------------------------------------- environment
 @pytest.fixture(autouse=True, scope="session")

@@ -25,7 +25,7 @@ from mlx_stablefused.tokenizer import CLIPTokenizer
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "mlx_stablefused"
 NEUTRAL_MODULES = ("sources", "weights", "model_description", "converted_format", "model_loading", "demo",
-                   "motion_adapters", "config", "checkpoint_io")
+                   "motion_adapters", "config", "checkpoint_io", "tiny_autoencoder", "previews", "backends.auto")
 
 
 def _networks_class(backend_name):

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 from mlx_stablefused import UnsupportedModelError
 from mlx_stablefused.backends.mlx.weights import apply_weights, convert_state, torch_to_mlx_layout
 from mlx_stablefused.backends.torch.loading import mlx_to_torch_layout
-from mlx_stablefused.config import CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
+from mlx_stablefused.config import (AutoencoderTinyConfig, CLIPTextConfig, MotionConfig, UNet3DConfig, UNetConfig,
+                                   VAEConfig)
 from mlx_stablefused.demo import demo_configs
 from mlx_stablefused.motion_adapters import MOTION_RULES
 from mlx_stablefused.topology import unet3d_plan, unet_plan, vae_plan
@@ -71,6 +72,9 @@ CASES = [
     ("sdxl-layout-unet", "unet", SDXL_LAYOUT, None, False),
     ("sd15-vae", "vae", SD15_VAE, None, False),
     ("sd21-text", "text_encoder", SD21_TEXT, None, False),
+    ("taesd-tiny", "tiny_vae", dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                                    num_encoder_blocks=(1, 2, 1, 1), num_decoder_blocks=(1, 2, 1, 1)), None, True),
+    ("taesd", "tiny_vae", {}, None, True),  # diffusers' AutoencoderTiny defaults are TAESD's (about 2.4M parameters)
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -78,8 +82,9 @@ CASE_IDS = [c[0] for c in CASES]
 def our_modules(component: str, raw: dict, motion: str | None):
     """The MLX module (lazy: nothing evaluated) and the torch one (on the meta device)."""
     from mlx_stablefused.backends.mlx import clip as mlx_clip, unet as mlx_unet, unet3d as mlx_unet3d, vae as mlx_vae
-    from mlx_stablefused.backends.torch import (clip as torch_clip, unet as torch_unet, unet3d as torch_unet3d,
-                                                vae as torch_vae)
+    from mlx_stablefused.backends.mlx import tiny_vae as mlx_tiny_vae
+    from mlx_stablefused.backends.torch import (clip as torch_clip, tiny_vae as torch_tiny_vae, unet as torch_unet,
+                                                unet3d as torch_unet3d, vae as torch_vae)
 
     if component == "unet":
         config = UNetConfig.from_dict(raw)
@@ -88,6 +93,7 @@ def our_modules(component: str, raw: dict, motion: str | None):
     else:
         parse, modules, name = {"unet3d": (UNet3DConfig, (mlx_unet3d, torch_unet3d), "UNet3DConditionModel"),
                                 "vae": (VAEConfig, (mlx_vae, torch_vae), "AutoencoderKL"),
+                                "tiny_vae": (AutoencoderTinyConfig, (mlx_tiny_vae, torch_tiny_vae), "AutoencoderTiny"),
                                 "text_encoder": (CLIPTextConfig, (mlx_clip, torch_clip), "CLIPTextModel")}[component]
         config = parse.from_dict(raw)
         build = (lambda m: getattr(m, name)(config)), modules
@@ -129,6 +135,8 @@ def diffusers_state_keys(component: str, raw: dict, motion: str | None) -> set[s
         return set(map_keys(diffusers.AutoencoderKL(**raw).state_dict(), AUTOENCODER_KL.rules))
     if component == "unet3d":
         return set(diffusers.UNet3DConditionModel(**raw).state_dict())
+    if component == "tiny_vae":
+        return set(diffusers.AutoencoderTiny(**raw).state_dict())
     unet = diffusers.UNet2DConditionModel(**raw)
     if motion is None:
         return set(map_keys(unet.state_dict(), UNET_2D.rules))

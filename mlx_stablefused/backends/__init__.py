@@ -7,10 +7,16 @@ from typing import Any
 from .base import Backend
 
 BACKENDS = ("mlx", "torch")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # "auto": see backends/auto.py
 
 
 def create_backend(name: str, source: Any, **options: Any) -> Backend:
-    """Instantiate backend ``name`` for the model at ``source``; imports the framework only when asked."""
+    """Instantiate backend ``name`` ("auto" picks one, see ``auto``) for the model at ``source``; imports the
+    framework only when asked."""
+    if name == "auto":
+        from .auto import resolve_backend
+
+        name = resolve_backend(name, options.get("device")).name
     if name == "mlx":
         from .mlx.backend import MLXBackend
 
@@ -21,4 +27,4 @@ def create_backend(name: str, source: Any, **options: Any) -> Backend:
         except ImportError as e:
             raise ImportError("the torch backend needs PyTorch: pip install 'mlx-stablefused[torch]'") from e
         return TorchBackend(source, **options)
-    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKEND_CHOICES)}")

@@ -179,6 +179,11 @@ class Backend(ABC):
         shape[self.frame_axis] = len(weights)
         return self.from_numpy(np.asarray(weights, np.float32).reshape(shape))
 
+    def load_network(self, root: Any, name: str, description: Any) -> Any:
+        """Component ``name`` of ``description`` from the diffusers folder ``root`` as this backend's module,
+        in the model's dtype on its device, strictly checked (a network beside the model: a preview decoder)."""
+        raise NotImplementedError(f"the {self.name} backend cannot load extra networks")
+
     # ---------------------------------------------------------------------------- run settings
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities

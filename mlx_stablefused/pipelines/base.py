@@ -30,6 +30,7 @@ from ..tokenizer import CLIPTokenizer
 from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
+from ..previews import check_preview_decoder, history_frames
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
@@ -49,7 +50,7 @@ class ModelComponents:
     model_index: dict[str, Any] = field(default_factory=dict)  # the pipeline's config (SDXL: force_zeros...)
 
     @classmethod
-    def load(cls, model_id: str | Path, *, backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+    def load(cls, model_id: str | Path, *, backend: str = "auto", dtype: str = "float32", device: str | None = None,
              variant: str | None = None, revision: str | None = None, use_cache: bool = True,
              local_files_only: bool = False, motion_adapter: Any = None, vae: str | Path | None = None,
              config: str | Path | None = None, use_ema: bool = False,
@@ -149,7 +150,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
-                 backend: str = "mlx", dtype: str = "float32", device: str | None = None,
+                 backend: str = "auto", dtype: str = "float32", device: str | None = None,
                  variant: str | None = None, revision: str | None = None, use_cache: bool = True,
                  local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
@@ -233,6 +234,17 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         self.scheduler = make_scheduler(name, self.scheduler_config, **overrides)
         self.scheduler_name, self.scheduler_overrides = str(getattr(name, "value", name)).lower(), dict(overrides)
         return self.scheduler
+
+    def load_tiny_autoencoder(self, pretrained_model_name_or_path: str | Path = "madebyollin/taesd", *,
+                              subfolder: str | None = None, revision: str | None = None,
+                              local_files_only: bool = False) -> None:
+        """Load TAESD (a diffusers AutoencoderTiny folder or hub id; "madebyollin/taesdxl" for SDXL latents) beside
+        the VAE, for ``PreviewCallback(method="taesd")`` and ``history_decoder="taesd"``. It lives with the loaded
+        networks: pipelines sharing them (``from_pipeline``) have it too."""
+        from ..tiny_autoencoder import load_tiny_autoencoder
+
+        load_tiny_autoencoder(self.backend, pretrained_model_name_or_path, subfolder=subfolder, revision=revision,
+                              local_files_only=local_files_only)
 
     def enable_low_memory(self, enabled: bool = True) -> None:
         """Free the text encoder's weights after each prompt encoding (re-read lazily when next needed):
@@ -490,17 +502,23 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         return inputs.load_image(image, self.vae_scale_factor, size)
 
     def resolve_output(self, latents: list[Array] | None = None, output_type: str = "pil",
-                       return_latent_history: bool = False, *, latent: Any = None) -> Any:
+                       return_latent_history: bool = False, *, latent: Any = None,
+                       history_decoder: str = "vae") -> Any:
         """Final latent -> images; with history, every step's latent per prompt: (B, steps+1, ...).
 
         ``latents``: the list ``embedding_to_latent`` returns (native). ``latent`` (stablefused's keyword):
         that list, or a latent in diffusers' layout, or with history stablefused's stack (steps+1, B, C, h, w).
+        ``history_decoder``: "vae" (exact), or "taesd" / "linear" for cheap history frames (see ``previews``);
+        the final image of a call without history always comes from the VAE.
         """
         if (latents is None) == (latent is None):
             raise ValueError("pass latents (a list of native latents) or latent, not both or neither")
         if latent is not None:
             latents = latent if isinstance(latent, (list, tuple)) else self._public_latents(latent, return_latent_history)
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
+        if return_latent_history and history_decoder != "vae" and output_type != "latent":
+            return self.vae_io.format(history_frames(self, latents, history_decoder), output_type)
         if return_latent_history:
             return self.vae_io.history_output(latents, output_type)
         return self.vae_io.output(latents[-1], output_type)

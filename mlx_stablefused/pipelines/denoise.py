@@ -117,6 +117,10 @@ class StepCallbacks:
             callbacks = [callbacks]
         elif not all(callable(c) for c in callbacks):
             raise TypeError("callback_on_step_end must be a callable or a list of callables")
+        for callback in callbacks:  # a callback that needs something of the pipeline says so before the first step
+            check = getattr(callback, "check_pipeline", None)
+            if callable(check):
+                check(pipe)
         self.pipe, self.callbacks = pipe, list(callbacks)
 
     def __call__(self, state: StepState) -> None:

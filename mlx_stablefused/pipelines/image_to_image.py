@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..previews import check_preview_decoder
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
@@ -22,7 +23,7 @@ class ImageToImageDiffusion(BaseDiffusion):
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  image_height: int | None = None, image_width: int | None = None,
                  callback_on_step_end: StepCallback | list | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
         """Re-imagine ``image`` (path, PIL, list, or NHWC numpy) following ``prompt``.
 
         How much of the schedule runs: ``start_step`` (stablefused: skip that many of the
@@ -41,6 +42,7 @@ class ImageToImageDiffusion(BaseDiffusion):
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
@@ -87,7 +89,7 @@ class ImageToImageDiffusion(BaseDiffusion):
                                    return_latent_history=return_latent_history,
                                    stop=denoising_end_index(self.scheduler, denoising_end))
         # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history)
+        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
 

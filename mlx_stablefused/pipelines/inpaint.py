@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UnsupportedModelError
+from ..previews import check_preview_decoder
 from ..progress import progress_bar
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
@@ -30,7 +31,7 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 **sdxl: Any) -> Any:
+                 history_decoder: str = "vae", **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -43,6 +44,7 @@ class InpaintDiffusion(BaseDiffusion):
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         guidance = Guidance(guidance_scale, guidance_rescale)
         use_unet = self._resolve_mode(mode)
@@ -85,7 +87,7 @@ class InpaintDiffusion(BaseDiffusion):
                                    callback_on_step_end=callback_on_step_end,
                                    return_latent_history=return_latent_history)
         # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history)
+        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..backends.base import as_numpy
+from ..previews import check_preview_decoder
 from ..progress import progress_bar
 from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
@@ -30,7 +31,8 @@ class LatentWalkDiffusion(BaseDiffusion):
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, output_type: str = "pil",
                  return_latent_history: bool = False, seed: int | None = None,
-                 noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None) -> Any:
+                 noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None,
+                 history_decoder: str = "vae") -> Any:
         """Images similar to the one ``latent`` (initial noise, (B, 4, h, w)) makes: the noise is moved
         ``strength`` of the way toward fresh noise, re-standardised, then fully denoised.
 
@@ -39,6 +41,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         self._begin()
         refuse_sdxl(self.backend, "LatentWalkDiffusion")
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         strength = inputs.fraction(strength, "strength")
         Guidance(guidance_scale, guidance_rescale)  # checked before any work
@@ -59,7 +62,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
                                          guidance_scale, guidance_rescale, rng, return_latent_history,
                                          callback_on_step_end)
-        return self.resolve_output(latents, output_type, return_latent_history)
+        return self.resolve_output(latents, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
 
@@ -91,7 +94,8 @@ class LatentWalkDiffusion(BaseDiffusion):
                     output_type: str = "pil", return_latent_history: bool = False,
                     embedding_interpolation_type: str = "lerp", latent_interpolation_type: str = "slerp",
                     seed: int | None = None, batch_size: int = 4, duplicate_endpoints: bool = False,
-                    callback_on_step_end: StepCallback | list | None = None) -> Any:
+                    callback_on_step_end: StepCallback | list | None = None,
+                    history_decoder: str = "vae") -> Any:
         """A video from ``prompt[0]`` to ``prompt[-1]``: text embeddings and initial latents interpolated
         between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
 
@@ -103,6 +107,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         self._begin()
         refuse_sdxl(self.backend, "LatentWalkDiffusion.interpolate")
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         Guidance(guidance_scale, guidance_rescale)  # checked before any work
         prompts = inputs.as_prompt_list(prompt)
@@ -132,7 +137,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         lat_all = np.concatenate(frame_latents).astype(np.float32)
         return self._render_frames(uncond_all, cond_all, lat_all, num_inference_steps, guidance_scale,
                                    guidance_rescale, output_type, return_latent_history, batch_size, rng,
-                                   callback_on_step_end)
+                                   callback_on_step_end, history_decoder)
 
     def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
                               interpolation_type: str = "lerp") -> Any:
@@ -193,7 +198,8 @@ class LatentWalkDiffusion(BaseDiffusion):
     def _render_frames(self, uncond: np.ndarray, cond: np.ndarray, latents: np.ndarray, num_inference_steps: int,
                        guidance_scale: float, guidance_rescale: float, output_type: str,
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
-                       callback_on_step_end: StepCallback | list | None = None) -> Any:
+                       callback_on_step_end: StepCallback | list | None = None,
+                       history_decoder: str = "vae") -> Any:
         outputs = []
         native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
@@ -204,7 +210,8 @@ class LatentWalkDiffusion(BaseDiffusion):
                 embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
                 result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
                                                 guidance_rescale, rng, return_latent_history, callback_on_step_end)
-                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history))
+                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history,
+                                                   history_decoder=history_decoder))
                 bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]

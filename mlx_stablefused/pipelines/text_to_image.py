@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from ..previews import check_preview_decoder
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .denoise import Guidance, StepCallback
@@ -22,7 +23,7 @@ class TextToImageDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
-                 denoising_end: float | None = None, **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
         """Generate images for ``prompt``.
 
         ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
@@ -39,6 +40,7 @@ class TextToImageDiffusion(BaseDiffusion):
         # 1. Check inputs before any work.
         self._begin()
         self._check_output_type(output_type)
+        check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
         self._check_plain_image_model()
         guidance = Guidance(guidance_scale, guidance_rescale)
@@ -63,7 +65,7 @@ class TextToImageDiffusion(BaseDiffusion):
                                    return_latent_history=return_latent_history,
                                    stop=denoising_end_index(self.scheduler, denoising_end))
         # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history)
+        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
 

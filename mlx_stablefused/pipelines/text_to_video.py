@@ -31,7 +31,7 @@ DEFAULT_VIDEO_ATTENTION_CHUNK = 512
 
 class TextToVideoDiffusion(BaseDiffusion):
     def __init__(self, model_id: str | Path | None = None, *, motion_adapter: str | Path | None = None,
-                 components: ModelComponents | None = None, backend: str = "mlx", dtype: str = "float32",
+                 components: ModelComponents | None = None, backend: str = "auto", dtype: str = "float32",
                  device: str | None = None, variant: str | None = None, revision: str | None = None,
                  use_cache: bool = True, local_files_only: bool = False, scheduler: Any = None,
                  progress: bool = True, adapter_variant: str | None = None,

@@ -56,7 +56,9 @@ class MLXBackend(Backend):
         if count > 1 and mx.default_device() != mx.cpu:
             count = 1  # one GPU queue: splitting would only serialise
         self.stream_set = StreamSet(count) if count > 1 else None
-        self.vae.set_stream_set(self.stream_set)
+        for module in {id(m): m for m in [self.vae, *getattr(self, "components", {}).values()]}.values():
+            if hasattr(module, "set_stream_set"):  # the VAE, and a tiny autoencoder loaded beside it
+                module.set_stream_set(self.stream_set)
         return count
 
     @property
@@ -226,6 +228,15 @@ class MLXBackend(Backend):
     def latent_to_numpy(self, latent: mx.array) -> np.ndarray:
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
+
+    def load_network(self, root, name: str, description: ModelDescription) -> object:
+        from ...model_loading import load_network
+        from .loading import NETWORKS
+
+        module = load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description)
+        if hasattr(module, "set_stream_set"):
+            module.set_stream_set(self.stream_set)
+        return module
 
     @property
     def device(self) -> mx.Device:

@@ -21,6 +21,7 @@ from ...sources import ModelSource
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
+from .tiny_vae import AutoencoderTiny
 from .vae import AutoencoderKL
 from .weights import cast, torch_to_mlx_layout
 
@@ -29,7 +30,8 @@ class MLXNetworks(model_loading.Networks):
     layout = LAYOUT
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "UNet2DConditionModel": UNet2DConditionModel,
-               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
+               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL,
+               "AutoencoderTiny": AutoencoderTiny}
     dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
     def parameter_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:

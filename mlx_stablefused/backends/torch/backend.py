@@ -97,6 +97,12 @@ class TorchBackend(Backend):
     def latent_to_numpy(self, latent: torch.Tensor) -> np.ndarray:
         return latent.detach().float().cpu().numpy()
 
+    def load_network(self, root, name: str, description: ModelDescription) -> torch.nn.Module:
+        from ...model_loading import load_network
+
+        return load_network(root, name, TorchNetworks(self.device), dtype=TorchNetworks.dtype_name(self.dtype),
+                            description=description)
+
     def to_device(self, device: str) -> None:
         self.device = torch.device(device)
         modules = [self.text_encoder, self.unet_model, self.vae, *getattr(self, "components", {}).values()]

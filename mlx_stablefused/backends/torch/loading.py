@@ -20,6 +20,7 @@ from ...sources import ModelSource
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
+from .tiny_vae import AutoencoderTiny
 from .vae import AutoencoderKL
 
 def mlx_to_torch_layout(value: torch.Tensor, target_shape: tuple[int, ...]) -> torch.Tensor:
@@ -38,7 +39,8 @@ class TorchNetworks(model_loading.Networks):
     layout = model_loading.DIFFUSERS_LAYOUT
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "UNet2DConditionModel": UNet2DConditionModel,
-               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL}
+               "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL,
+               "AutoencoderTiny": AutoencoderTiny}
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
