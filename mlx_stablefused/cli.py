@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"as for txt2img (default: {DEFAULT_HUB_MODEL}; offline, the "
                                                   f"demo model {DEMO_MODEL_ID})")
-    p.add_argument("--backend", default="mlx", choices=["mlx", "torch"], help="compute backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "torch"], help="as for txt2img")
     p.add_argument("--device", default=None, help="as for txt2img (default: the best available)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and compute precision")
     p.add_argument("--variant", default=None, help="weight variant to download, e.g. fp16 (default: none)")
@@ -456,6 +456,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.lora_dir is not None and not Path(args.lora_dir).expanduser().is_dir():
         raise ValueError(f"--lora-dir: not a folder ({args.lora_dir})")
     check_backend(args.backend, args.device)
+    if args.backend == "auto":
+        from .backends.auto import resolve_backend
+
+        choice = resolve_backend(args.backend, args.device)
+        print(choice)  # which backend "auto" picked, and why
+        args.backend = choice.name
     model = args.model if args.model is not None else default_model(args.variant)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_batch=args.max_batch, max_queue=args.max_queue)
