@@ -194,6 +194,10 @@ def test_webuiapi_lists_progress_interrupt_and_lora_tags(servers):
         while (progress := api.get_progress())["state"]["sampling_step"] < 2:
             time.sleep(0.02)
         assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
+        preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))  # the step's cheap preview
+        assert preview.format == "PNG" and preview.size == (SIZE, SIZE)
+        skipped = api.session.get(f"{api.baseurl}/progress", params={"skip_current_image": "true"}).json()
+        assert skipped["current_image"] is None
         eta = progress["eta_relative"]  # the time the other ~148 steps would take
         asked = time.perf_counter()
         api.interrupt()

@@ -112,7 +112,7 @@ def router(service: Service) -> APIRouter:
 
     @api.get("/progress")
     async def progress(skip_current_image: bool = False) -> dict:
-        return service.progress()
+        return service.progress(include_image=not skip_current_image)
 
     @api.post("/interrupt")
     async def interrupt() -> Any:

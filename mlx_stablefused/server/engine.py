@@ -104,8 +104,13 @@ class Engine:
         pipe.set_scheduler(job.sampler.ours, **job.sampler.overrides)
         image, mask = self._inputs(job)
 
+        from ..previews import latents_to_rgb
+
+        control.preview_scale = pipe.vae_scale_factor
+
         def on_step(p: Any, step: int, timestep: Any, tensors: dict) -> None:
-            control.step_done(step + 1)
+            latents = tensors["latents"]  # the public layout (B, 4, h, w); the first image is previewed
+            control.step_done(step + 1, latents_to_rgb(latents[:1])[0] if latents.shape[1] == 4 else None)
             if control.interrupted:
                 p.interrupt()
 

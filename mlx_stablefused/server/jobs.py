@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -64,6 +65,8 @@ class RunControl:
         self.image_index = self.step = 0
         self.started: float | None = None
         self.interrupted = self.cancelled = False
+        self.preview: Any = None  # the current image's linear latent-to-RGB preview, (h, w, 3) in [0, 1]
+        self.preview_scale = 8  # pixels per latent cell: the preview shown at the image's size
         self._lock = threading.Lock()
 
     def begin(self) -> None:
@@ -73,7 +76,9 @@ class RunControl:
         with self._lock:
             self.image_index, self.step = index, 0
 
-    def step_done(self, step: int) -> None:
+    def step_done(self, step: int, preview: Any = None) -> None:
+        if preview is not None:
+            self.preview = preview
         self.step = step
 
     def interrupt(self) -> None:

@@ -89,8 +89,9 @@ class Service:
                                                     f"{', '.join(self.engine.available_models())}")
         await self.run(lambda c: self.engine.load(name), RunControl(), request)
 
-    def progress(self) -> dict:
-        """A1111's /progress: progress 0-1, eta_relative (s), state; no preview image yet."""
+    def progress(self, include_image: bool = True) -> dict:
+        """A1111's /progress: progress 0-1, eta_relative (s), state, and ``current_image``: the running step's
+        linear latent-to-RGB preview (AUTOMATIC1111's cheap approximation) as a base64 PNG at the image's size."""
         task = self.worker.current
         control = task.control if task is not None else None
         state = {"skipped": False, "interrupted": bool(control and control.interrupted),
@@ -101,7 +102,22 @@ class Service:
                  "sampling_steps": 0 if control is None else control.steps, "queued": self.worker.waiting}
         return {"progress": 0.0 if control is None else control.fraction(),
                 "eta_relative": 0.0 if control is None else control.eta(), "state": state,
-                "current_image": None, "textinfo": None}
+                "current_image": _preview_png(control) if include_image else None, "textinfo": None}
+
+
+def _preview_png(control: Any) -> str | None:
+    rgb = None if control is None else control.preview
+    if rgb is None:
+        return None
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray((rgb * 255).round().astype("uint8"))
+    image = image.resize((image.width * control.preview_scale, image.height * control.preview_scale), Image.NEAREST)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def _public_parameters(job: GenerationJob) -> dict:
