@@ -386,3 +386,40 @@ def test_lora_tags_in_prompts_load_and_weight_real_lora_files(sd1, pipelines, lo
         assert max_abs_error(image(RUN["prompt"]), reference[("a", 0.0)]) < TOL  # the tag gone: weight 0
     finally:
         pipe.unload_lora_weights()
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders(sdxl, tmp_path):
+    """A PEFT LoRA on the SDXL UNet and both text encoders, saved with StableDiffusionXLPipeline's
+    save_lora_weights, gives diffusers' image (MLX)."""
+    import diffusers
+    from lora_files import _randomize_lora
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    session, root = sdxl
+    saved, metadata, modules = {}, {}, {}
+    for component, targets in (("unet", LORA_A.unet_targets), ("text_encoder", LORA_A.text_targets),
+                               ("text_encoder_2", LORA_A.text_targets)):
+        modules[component] = copy.deepcopy(getattr(session, component))
+        probe = copy.deepcopy(modules[component])
+        config = LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets), init_lora_weights=False)
+        inject_adapter_in_model(config, probe, adapter_name="x")
+        _randomize_lora(probe, 5 + len(component))
+        saved[component], metadata[component] = get_peft_model_state_dict(probe, adapter_name="x"), config.to_dict()
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=saved["unet"], text_encoder_lora_layers=saved["text_encoder"],
+        text_encoder_2_lora_layers=saved["text_encoder_2"], unet_lora_adapter_metadata=metadata["unet"],
+        text_encoder_lora_adapter_metadata=metadata["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=metadata["text_encoder_2"], safe_serialization=True)
+    ref = diffusers.StableDiffusionXLPipeline(**{**session.components, **modules, "scheduler": ddim(root)})
+    ref.set_progress_bar_config(disable=True)
+    with peft_for_transformers():
+        ref.load_lora_weights(str(tmp_path), adapter_name="x")
+    with torch.no_grad():
+        want = ref(latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np", **RUN).images
+    pipe = with_sampler(TextToImageDiffusion(root, backend="mlx", progress=False))
+    plain = pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", **RUN)
+    pipe.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="x")
+    got = pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", **RUN)
+    assert report("SDXL LoRA (UNet + both encoders) vs diffusers (max abs)", max_abs_error(got, want)) < TOL
+    assert max_abs_error(got, plain) > 0.05
