@@ -26,9 +26,8 @@ class Request:
 
     height: int
     width: int
-    batch: int  # images (or videos) denoised together, before classifier-free guidance doubles it
+    batch: int  # images (or videos) denoised together (the lower bound leaves out guidance's doubling)
     frames: int = 1
-    guided: bool = False  # classifier-free guidance runs the UNet on 2x the batch (False: the lower bound)
     attention_chunk: int | None = None  # query tokens per attention slice
     tile: int | None = None  # VAE tile size in pixels (None: the whole image)
     decode_batch: int | None = None  # images decoded at a time (None: all)
@@ -66,7 +65,7 @@ def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_atte
     f = 2 ** (len(vae.block_out_channels) - 1)
     h, w = request.height // f, request.width // f
     images = request.batch * request.frames
-    unet_batch = images * (2 if request.guided else 1)
+    unet_batch = images
     latents = 3 * images * unet.in_channels * h * w * 4  # noise, latents and the sampler's float32 copy
     # Skip connections kept from the down path until the up path: every resnet/downsample output, per level.
     skips = 0

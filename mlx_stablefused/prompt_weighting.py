@@ -222,11 +222,10 @@ def empty_chunk(tokenizer: Any) -> PromptChunks:
 
 
 def chunk_prompts(tokenizer: Any, prompts: Sequence[str],
-                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK, min_chunks: int = 1) -> list[PromptChunks]:
-    """Every prompt chunked and padded with empty chunks to the largest chunk count among them (at least
-    ``min_chunks``: SDXL's two encoders must agree)."""
+                  comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> list[PromptChunks]:
+    """Every prompt chunked and padded with empty chunks to the largest chunk count among them."""
     chunked = [tokenize_line(tokenizer, p, comma_padding_backtrack) for p in prompts]
-    count = max([min_chunks] + [len(c.ids) for c in chunked])
+    count = max(len(c.ids) for c in chunked)
     empty = empty_chunk(tokenizer)
     return [c.padded(count, empty) for c in chunked]
 
@@ -249,11 +248,6 @@ def encode_weighted(backend: Any, tokenizer: Any, prompts: Sequence[str],
     exactly the plain path's embedding (the same ids, the same call)."""
     chunked = chunk_prompts(tokenizer, prompts, comma_padding_backtrack)
     return weighted_states(backend, chunked, backend.encode_text(np.concatenate([c.ids for c in chunked])))
-
-
-def chunk_count(tokenizer: Any, prompts: Sequence[str], comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> int:
-    """The largest chunk count among ``prompts``."""
-    return max(len(tokenize_line(tokenizer, p, comma_padding_backtrack).ids) for p in prompts)
 
 
 def weighted_states(backend: Any, chunked: list[PromptChunks], hidden: Any) -> Any:

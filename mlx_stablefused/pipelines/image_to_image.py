@@ -58,7 +58,8 @@ class ImageToImageDiffusion(BaseDiffusion):
             height, width = (n * self.vae_scale_factor for n in latent_input.shape[2:])
             latent_input = inputs.match_batch(latent_input, len(prompts) // num_images_per_prompt,
                                               num_images_per_prompt, "image latent")
-        self.check_memory(height, width, len(prompts))
+        if (height, width) != size:  # not yet checked at this size
+            self.check_memory(height, width, len(prompts))
         denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
         denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
         if denoising_start is not None and (start_step is not None or strength is not None):

@@ -51,10 +51,11 @@ class InpaintDiffusion(BaseDiffusion):
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         num_prompts = len(prompts) // num_images_per_prompt
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
-        if size is not None:
+        if size is not None:  # the requested size is known before the image is read
             self.check_memory(*size, len(prompts))
         pixels = self.preprocess_image(image, size)
-        self.check_memory(*pixels.shape[1:3], len(prompts))
+        if size is None:
+            self.check_memory(*pixels.shape[1:3], len(prompts))
         masks = inputs.load_mask(mask, pixels.shape[1:3], resize=size is not None)
         pixels = inputs.match_batch(pixels, num_prompts, num_images_per_prompt, "image")
         masks = inputs.match_batch(masks, num_prompts, num_images_per_prompt, "mask")

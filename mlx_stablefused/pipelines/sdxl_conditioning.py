@@ -203,11 +203,12 @@ class SDXLPromptEncoder:
         concatenate), and the pooled embedding is the last encoder's for each prompt's first chunk."""
         from .. import prompt_weighting as pw
 
-        pairs = list(zip(self.encoders, [prompts, prompts_2][-len(self.encoders):]))
-        count = max(pw.chunk_count(self.tokenizers[n], texts, self.comma_padding_backtrack) for n, texts in pairs)
+        lines = {name: [pw.tokenize_line(self.tokenizers[name], t, self.comma_padding_backtrack) for t in texts]
+                 for name, texts in zip(self.encoders, [prompts, prompts_2][-len(self.encoders):])}
+        count = max(len(c.ids) for chunks in lines.values() for c in chunks)
         states, pooled = [], None
-        for name, texts in pairs:
-            chunked = pw.chunk_prompts(self.tokenizers[name], texts, self.comma_padding_backtrack, count)
+        for name, chunks in lines.items():
+            chunked = [c.padded(count, pw.empty_chunk(self.tokenizers[name])) for c in chunks]
             hidden, pooled = self.backend.encode_text_states(np.concatenate([c.ids for c in chunked]), name)
             states.append(pw.weighted_states(self.backend, chunked, hidden))
         pooled = pooled[::count] if count > 1 else pooled
