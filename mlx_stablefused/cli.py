@@ -77,6 +77,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                                                              "memory of one tile at any size")
     p.add_argument("--vae-slicing", action="store_true", help="decode one image (or frame batch) at a time")
     p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
+    p.add_argument("--low-memory", action="store_true",
+                   help="the low-memory preset: text encoders freed after encoding, attention slicing, VAE slicing "
+                        "and tiling beyond its sample size (see the README's memory section)")
+    p.add_argument("--low-memory-8bit-unet", action="store_true",
+                   help="with --low-memory: also quantize the UNet's Linear layers to 8 bits (MLX backend only)")
 
 
 def _vae_flags(p: argparse.ArgumentParser) -> None:
@@ -297,6 +302,8 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         pipe.enable_slicing()
     if getattr(args, "attention_slicing", False):
         pipe.enable_attention_slicing()
+    if getattr(args, "low_memory", False) or getattr(args, "low_memory_8bit_unet", False):
+        pipe.enable_low_memory(unet_bits=8 if getattr(args, "low_memory_8bit_unet", False) else None)
     for source in args.textual_inversion or []:
         pipe.load_textual_inversion(source)
     if not args.plain_prompts:
@@ -508,6 +515,8 @@ def check_before_work(args: argparse.Namespace) -> None:
         args.backend_choice = resolve_backend(args.backend, args.device)
         args.backend = args.backend_choice.name
     check_backend(args.backend, args.device)
+    if getattr(args, "low_memory_8bit_unet", False) and args.backend != "mlx":
+        raise ValueError(f"--low-memory-8bit-unet: the {args.backend} backend has no quantized path (use --backend mlx)")
     if args.lora_dir is not None and (args.plain_prompts or not Path(args.lora_dir).expanduser().is_dir()):
         raise ValueError(f"--lora-dir: {'has no effect with --plain-prompts' if args.plain_prompts else 'not a folder'}"
                          f" ({args.lora_dir})")

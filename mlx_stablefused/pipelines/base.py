@@ -246,10 +246,13 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         load_tiny_autoencoder(self.backend, pretrained_model_name_or_path, subfolder=subfolder, revision=revision,
                               local_files_only=local_files_only)
 
-    def enable_low_memory(self, enabled: bool = True) -> None:
-        """Free the text encoder's weights after each prompt encoding (re-read lazily when next needed):
-        the denoising loop and the VAE then run with only the UNet and VAE in memory."""
-        self.release_text_encoder = enabled
+    def enable_low_memory(self, enabled: bool = True, unet_bits: int | None = None) -> None:
+        """The low-memory preset (``low_memory.py``): text encoders freed after each encoding (MLX: re-read
+        lazily when next needed), attention slicing, one image at a time through the VAE and tiles beyond its
+        sample size; ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options before it."""
+        from .low_memory import enable_low_memory
+
+        enable_low_memory(self, enabled, unet_bits)
 
     def _require(self, capability: str, what: str) -> None:
         if not self.backend.supports(capability):

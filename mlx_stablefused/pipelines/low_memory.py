@@ -1,0 +1,78 @@
+"""The low-memory preset: every option that lowers a generation's peak memory, switched on together.
+
+``pipe.enable_low_memory()`` (CLI ``--low-memory``) sets, on this pipeline:
+
+* the text encoders' weights freed after each prompt encoding (MLX: re-read lazily from the converted
+  file the next time a prompt is encoded, so a new prompt just works; the torch backend keeps them:
+  its loader reads diffusers files it cannot map back in, so only the options below apply there);
+* attention in slices of at most ``AUTO_ATTENTION_CHUNK`` query tokens (exact);
+* the VAE decoding one image at a time (exact) and on tiles beyond its own sample size (512 px for
+  SD 1.x, 1024 for SDXL: at or below that size, nothing changes; above it, diffusers' tile blending);
+* optionally ``unet_bits=8``: the UNet's Linear layers quantized (MLX only, ``nn.quantize``; it changes
+  the loaded weights for every pipeline sharing them and stays until the model is reloaded; the
+  torch backend refuses it).
+
+Up to the VAE's sample size the preset gives the default path's images to float rounding; the README's
+memory section has the peaks and time costs, measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import BaseDiffusion
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """The memory-related choices of one pipeline, as they were before the preset (to restore them)."""
+
+    release_text_encoder: bool
+    attention_chunk: int | None
+    decode_batch_size: int | None
+    tiling: Any
+
+    @classmethod
+    def of(cls, pipe: "BaseDiffusion") -> "MemoryOptions":
+        return cls(pipe.release_text_encoder, pipe.settings.attention_chunk, pipe.decode_batch_size, pipe.tiling)
+
+    def apply_to(self, pipe: "BaseDiffusion") -> None:
+        pipe.release_text_encoder = self.release_text_encoder
+        pipe.settings = replace(pipe.settings, attention_chunk=self.attention_chunk)
+        pipe.decode_batch_size, pipe.tiling = self.decode_batch_size, self.tiling
+
+
+def enable_low_memory(pipe: "BaseDiffusion", enabled: bool = True, unet_bits: int | None = None) -> None:
+    """Switch the preset on (or, ``enabled=False``, back to the options chosen before it; a quantized UNet
+    stays quantized). Refused before anything changes: ``unet_bits`` other than None or 8, or 8 bits on a
+    backend without quantization."""
+    from ..backends.base import QUANTIZE
+    from .base import AUTO_ATTENTION_CHUNK
+
+    if unet_bits not in (None, 8):
+        raise ValueError(f"enable_low_memory: unet_bits is None or 8, got {unet_bits!r}")
+    if unet_bits is not None and not pipe.backend.supports(QUANTIZE):
+        raise NotImplementedError(f"enable_low_memory(unet_bits=8): the {pipe.backend.name} backend has no "
+                                  "quantized path (use the MLX backend, or leave unet_bits=None)")
+    saved = getattr(pipe, "_options_before_low_memory", None)
+    if not enabled:
+        if saved is not None:
+            saved.apply_to(pipe)
+            pipe._options_before_low_memory = None
+        return
+    if saved is None:
+        pipe._options_before_low_memory = MemoryOptions.of(pipe)
+    chunk = pipe.settings.attention_chunk
+    MemoryOptions(release_text_encoder=True,
+                  attention_chunk=min(chunk, AUTO_ATTENTION_CHUNK) if chunk else AUTO_ATTENTION_CHUNK,
+                  decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
+    if pipe.tiling is None:
+        pipe.enable_tiling()
+    if unet_bits is not None and not _quantized(pipe.backend.unet_model):
+        pipe.quantize(bits=unet_bits, components=("unet",))
+
+
+def _quantized(model: Any) -> bool:
+    return any(type(m).__name__.startswith("Quantized") for _, m in model.named_modules())
