@@ -141,3 +141,23 @@ def test_bounded_run_ahead_restores_the_limit_and_lowers_the_peak():
     report("strip conv peak MB, free run-ahead (a size, not an error)", free_peak)
     report("strip conv peak MB, 4 MB run-ahead bound (a size, not an error)", bounded_peak)
     assert bounded_peak < free_peak
+
+
+@pytest.mark.parametrize("dtype,bias", [(mx.float16, True), (mx.bfloat16, False)])
+def test_half_linear_on_cpu_matches_mlx_and_float64(dtype, bias):
+    """The float32-BLAS product of half-precision Linear layers gives MLX's own half result (both round a
+    float32-accumulated product), and is still an nn.Linear for quantization and LoRA."""
+    layer = nn.Linear(96, 80, bias=bias)
+    layer.set_dtype(dtype)
+    x = mx.random.normal((2, 33, 96), key=mx.random.key(3)).astype(dtype)
+    own = np.asarray(nn.Linear.__call__(layer, x).astype(mx.float32))
+    cpu_math.half_linears_in_float32(layer)
+    assert isinstance(layer, cpu_math.HalfLinearOnCPU) and isinstance(layer, nn.Linear)
+    ours = layer(x)
+    assert ours.dtype == dtype
+    f64 = np.asarray(x.astype(mx.float32), np.float64) @ np.asarray(layer.weight.astype(mx.float32), np.float64).T
+    f64 = f64 + (np.asarray(layer.bias.astype(mx.float32)) if bias else 0)
+    ours = np.asarray(ours.astype(mx.float32))
+    err = report(f"CPU {dtype} Linear via float32 BLAS vs float64 (max abs)", np.abs(ours - f64).max())
+    assert err <= np.abs(own - f64).max() * 1.01 + 1e-7  # as close as MLX's half-precision kernel
+    assert np.abs(layer(x.astype(mx.float32)) - nn.Linear.__call__(layer, x.astype(mx.float32))).max() == 0

@@ -42,6 +42,11 @@ class MLXBackend(Backend):
         for name, value in loaded.backend_fields().items():  # text_encoder, unet_model, vae, their configs,
             setattr(self, name, value)  # components, configs (dicts by component name), description, motion_config
         self._weights_files = loaded.weights_files  # converted files, re-read lazily (see release_text_encoder)
+        if self.dtype != mx.float32 and mx.default_device() == mx.cpu:  # no half-precision BLAS on the CPU
+            from .cpu_math import half_linears_in_float32
+
+            for module in {id(m): m for m in [self.unet_model, self.vae, *self.components.values()]}.values():
+                half_linears_in_float32(module)
         self._unet_fn = None
         self.set_cpu_streams(cpu_streams)
         self._settings = RunSettings(cpu_streams=cpu_streams)
