@@ -83,8 +83,8 @@ class HalfLinearOnCPU(nn.Linear):
     """``nn.Linear`` whose float16/bfloat16 product runs as a float32 BLAS product on MLX's CPU build.
 
     MLX's CPU matmul has no half-precision BLAS: a float16 1024^3 product took 9.4 s where the float32
-    one took 0.5 s (3 runs, OpenBLAS, this project's 2-core machine), so an fp16 SD 1.5 UNet step at
-    256x256 did not finish in ten minutes. Upcasting the operands (a transient float32 copy of the layer's
+    one took 0.5 s (3 runs, OpenBLAS, this project's 2-core machine, shared), and a (2, 4096, 320) x
+    (320, 1280) layer 32 s against 2.9 s upcast: fp16 weights on the CPU were unusable. Upcasting the operands (a transient float32 copy of the layer's
     weight and input) and rounding the result back gives the float32-accumulated product Metal's fp16
     kernels compute. Metal and CUDA run ``nn.Linear`` itself."""
 
