@@ -233,7 +233,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--no-openblas", action="store_true", help="MLX with its bundled reference BLAS")
-    p.add_argument("--low-memory", action="store_true", help="ours: release the text encoder after encoding")
+    p.add_argument("--low-memory", action="store_true", help="ours: the low-memory preset (enable_low_memory(): text encoder freed, attention and VAE slicing)")
     p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
     p.add_argument("--cpu-streams", type=int, default=None,
                    help="MLX on a CPU: streams run in parallel (default one per core; 1 = a single stream)")

@@ -1,6 +1,6 @@
 """The low-memory preset keeps the default path's images (up to the VAE's sample size), on both backends.
 
-Its parts are each exact: the text encoder re-read from the same file, attention sliced over queries,
+Its parts are each exact: the text encoder and the UNet re-read from the same files, attention sliced over queries,
 one image at a time through the VAE; VAE tiles start only beyond the VAE's sample size (their blending
 is diffusers' and parity-tested in test_parity_image_pipelines). The 8-bit UNet is measured apart.
 """
@@ -24,14 +24,17 @@ def test_low_memory_preset_keeps_the_images(sd1, pipelines, backend_name, monkey
     monkeypatch.setattr(base, "AUTO_ATTENTION_CHUNK", 24)  # slices of 24 queries on the 64-token maps
     low = pipelines.pipeline(TextToImageDiffusion, sd1[1], backend=backend_name, scheduler="ddim")
     low.enable_low_memory()
-    assert (low.settings.attention_chunk, low.decode_batch_size, low.release_text_encoder) == (24, 1, True)
+    assert (low.settings.attention_chunk, low.decode_batch_size, low.release_text_encoder, low.release_unet) == \
+        (24, 1, True, True)
     assert low.tiling.sample_size == 64  # the VAE's own: tiles only for larger images
     out = low(**ARGS)
+    if backend_name == "mlx":  # both networks were freed: the next call re-reads them from the converted files
+        assert max_abs_error(low(**ARGS), expected) == 0
     assert report(f"{backend_name}: low-memory preset vs default (max abs, [0, 1] images)",
                   max_abs_error(out, expected)) < 1e-5
     low.enable_low_memory(False)  # back to the options chosen before it
-    assert (low.settings.attention_chunk, low.decode_batch_size, low.tiling, low.release_text_encoder) == \
-        (None, None, None, False)
+    assert (low.settings.attention_chunk, low.decode_batch_size, low.tiling, low.release_text_encoder,
+            low.release_unet) == (None, None, None, False, False)
     with pytest.raises(ValueError, match="unet_bits"):
         low.enable_low_memory(unet_bits=4)
     if backend_name == "torch":

@@ -226,6 +226,10 @@ class Backend(ABC):
         """Free the text encoder's weights until the next prompt (if the backend can re-read them)."""
         return False
 
+    def release_unet(self) -> bool:
+        """Free the UNet's weights until its next use (if the backend can re-read them)."""
+        return False
+
     def available_memory(self) -> int | None:
         """Bytes a generation may still use on the device in use (None: unknown). Default: free RAM."""
         from ..memory_estimate import system_available_memory

@@ -180,6 +180,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         self.decode_batch_size: int | None = None
         self.tiling: TileSpec | None = None
         self.release_text_encoder = False
+        self.release_unet = False  # after each denoising loop (the low-memory preset)
         self._interrupted = False
         self._use_components(components)
         name, overrides = scheduler_choice(scheduler)
@@ -457,6 +458,9 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                 bar.update(1)
                 if self._interrupted:
                     break
+        if self.release_unet:
+            self.backend.evaluate(*history)  # the latents exist before the UNet's weights go
+            self.backend.release_unet()
         return history if return_latent_history else [latents]
 
     def _begin(self) -> None:

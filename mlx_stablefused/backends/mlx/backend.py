@@ -149,6 +149,21 @@ class MLXBackend(Backend):
         apply_weights(module, weights, str(path), dtype)
         return True
 
+    def release_unet(self) -> bool:
+        """Free the UNet's materialised weights (re-read lazily from the converted file at its next use), so the
+        VAE decodes with only itself in memory. False (kept) for weights the file does not hold: a motion UNet,
+        LoRA adapters, a quantized UNet."""
+        path, module = self._weights_files.get("unet"), self.unet_model
+        if path is None or self.motion_config is not None or getattr(self, "_lora", None) is not None or any(
+                type(m).__name__.startswith("Quantized") for _, m in module.named_modules()):
+            return False
+        from ...checkpoint_io import load_weights
+        from .weights import apply_weights
+
+        apply_weights(module, load_weights(path), str(path), module.conv_in.weight.dtype)
+        self.unet_changed()  # a compiled step holds the old arrays
+        return True
+
     def compile_unet(self, enabled: bool = True) -> None:
         """Trace the UNet once per input shape and run the fused graph (``mx.compile``)."""
         self._unet_fn = mx.compile(self.unet_model.__call__) if enabled else None
