@@ -1,0 +1,178 @@
+"""Peak memory of one generation, by pipeline, size and preset: the rows of the README's memory tables.
+
+Each row is a fresh worker process. MLX rows report ``mx.get_peak_memory()`` over the whole process
+(loading included) with float16 weights: on this CPU, the proxy for what Metal would need. Torch rows
+report the process's peak RSS (Python and the libraries included). The networks are the full
+architectures with random weights (``random_models.py``, built once); memory does not depend on the
+weights' values, so one sampling step (classifier-free guidance, batch 1) gives the peak of any step
+count: every step repeats the first one's allocations. The phases say what holds the peak: ``weights``
+(active memory once every network has run), ``encode+step`` (text encoding and the first UNet step)
+and ``decode`` (the VAE; with more steps, the later steps too).
+
+    python benchmarks/benchmark_memory.py --rows sd15-512 sd15-512-low --json benchmarks/results-memory-cpu-2core.json
+    python benchmarks/benchmark_memory.py --list
+
+Rows already in the JSON file are kept (rows are run one at a time, each under ten minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MLX_STABLEFUSED_CACHE", Path.home() / ".cache" / "mlx-stablefused"))
+MODELS = {"sd15": CACHE / "bench-sd15-full", "sdxl": CACHE / "bench-sdxl-random"}
+ADAPTER = CACHE / "bench-motion-adapter-random"  # benchmark_sd.py's random v1-5-2 adapter
+
+
+def _row(pipeline: str, size: int, backend: str = "mlx", frames: int = 0, low: bool = False,
+         unet_bits: int | None = None) -> dict:
+    return dict(pipeline=pipeline, size=size, backend=backend, frames=frames, low_memory=low, unet_bits=unet_bits)
+
+
+ROWS = {
+    **{f"sd15-{s}": _row("sd15", s) for s in (256, 512, 768, 1024)},
+    **{f"sd15-{s}-low": _row("sd15", s, low=True) for s in (256, 512, 768, 1024)},
+    "sd15-512-low-8bit": _row("sd15", 512, low=True, unet_bits=8),
+    "sd15-512-torch": _row("sd15", 512, backend="torch"),
+    "sd15-512-torch-low": _row("sd15", 512, backend="torch", low=True),
+    **{f"sdxl-{s}": _row("sdxl", s) for s in (256, 512, 768, 1024)},
+    **{f"sdxl-{s}-low": _row("sdxl", s, low=True) for s in (256, 512, 768, 1024)},
+    "sdxl-1024-low-8bit": _row("sdxl", 1024, low=True, unet_bits=8),
+    "animatediff-16x512": _row("animatediff", 512, frames=16),
+    "animatediff-16x256": _row("animatediff", 256, frames=16),
+}
+
+
+# ----------------------------------------------------------------------------------- worker side
+def worker(spec: dict) -> dict:
+    """Load, generate one step at ``spec``'s size, report the peaks (this process is the row's alone)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    backend = spec["backend"]
+    if backend == "torch":
+        import torch  # before mlx_stablefused, whose import preloads OpenBLAS globally
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    from mlx_stablefused import TextToImageDiffusion, TextToVideoDiffusion
+
+    model = MODELS["sd15" if spec["pipeline"] == "animatediff" else spec["pipeline"]]
+    t0 = time.perf_counter()
+    if spec["frames"]:
+        pipe = TextToVideoDiffusion(str(model), motion_adapter=str(ADAPTER), backend=backend, dtype="float16",
+                                    progress=False)
+    else:
+        pipe = TextToImageDiffusion(str(model), backend=backend, dtype="float16", progress=False)
+    if spec["low_memory"]:
+        pipe.enable_low_memory(unet_bits=spec["unet_bits"])
+    load_s = time.perf_counter() - t0
+    peak = _peak_reader(backend)
+    phases = {"load": peak(reset=True)}
+
+    def after_first_step(p, step, timestep, tensors):
+        if step == 0:
+            phases["encode+step"] = peak(reset=True)
+        return tensors
+
+    size, frames = spec["size"], spec["frames"]
+    latent_shape = (1, 4, frames, size // 8, size // 8) if frames else (1, 4, size // 8, size // 8)
+    latent = np.random.default_rng(0).standard_normal(latent_shape).astype(np.float32)
+    t1 = time.perf_counter()
+    out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=1, guidance_scale=7.5,
+               latent=latent, output_type="np", callback_on_step_end=after_first_step)
+    run_s = time.perf_counter() - t1
+    phases["decode"] = peak(reset=False)
+    result = {**spec, "load_s": load_s, "run_s": run_s, "steps": 1,
+              "peak_mb": max(phases.values()), "phase_peak_mb": phases,
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "finite": bool(np.isfinite(np.asarray(out)).all())}
+    if backend == "mlx":
+        import mlx.core as mx
+
+        from mlx_stablefused import _blas
+
+        result["blas"] = _blas.status if "openblas" not in os.environ.get("LD_PRELOAD", "") else \
+            f"LD_PRELOAD={os.environ['LD_PRELOAD']}"
+        result["weights_mb"] = mx.get_active_memory() / 2**20  # every network materialised (the text encoder
+        # re-read lazily when released, so not counted then)
+    return result
+
+
+def _peak_reader(backend: str):
+    """peak(reset) -> MB since the last reset: MLX's allocator peak, or the process RSS peak for torch."""
+    if backend == "mlx":
+        import mlx.core as mx
+
+        def peak(reset: bool) -> float:
+            value = mx.get_peak_memory() / 2**20
+            if reset:
+                mx.reset_peak_memory()
+            return value
+        return peak
+    return lambda reset: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # RSS cannot be reset
+
+
+# ------------------------------------------------------------------------------ orchestrator side
+def prepare(spec: dict) -> None:
+    """Build the random model once, and convert it into the MLX cache outside any measured run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import random_models
+
+    name = "sd15" if spec["pipeline"] == "animatediff" else spec["pipeline"]
+    if not (MODELS[name] / "model_index.json").is_file():
+        print(f"building the random {name} model in {MODELS[name]} (once) ...", file=sys.stderr)
+        random_models.BUILDERS[name](MODELS[name])
+    if spec["frames"] and not (ADAPTER / "config.json").is_file():
+        from benchmark_sd import build_random_motion_adapter
+
+        build_random_motion_adapter(ADAPTER)
+
+
+def run_row(name: str, timeout_s: float) -> dict:
+    spec = ROWS[name]
+    prepare(spec)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout_s)  # the worker is killed past it
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
+    return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=[], choices=sorted(ROWS), metavar="ROW")
+    p.add_argument("--list", action="store_true", help="list the rows")
+    p.add_argument("--json", default=None, help="merge the results into this file")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a row may run (default 600)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.list or not args.rows:
+        print("\n".join(f"{k:22s} {v}" for k, v in ROWS.items()))
+        return
+    path = Path(args.json) if args.json else None
+    data = json.loads(path.read_text()) if path and path.is_file() else {"cpu": platform.processor() or
+                                                                       platform.machine(), "rows": {}}
+    for name in args.rows:
+        row = run_row(name, args.timeout)
+        data["rows"][name] = row
+        print(f"{name:22s} peak {row['peak_mb']:8.0f} MB  phases {row['phase_peak_mb']}  "
+              f"{row['run_s']:.0f} s", file=sys.stderr)
+        if path:
+            path.write_text(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()
