@@ -148,16 +148,32 @@ def run_row(name: str, timeout_s: float) -> dict:
     return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+def markdown_table(data: dict) -> str:
+    """The README's table: one line per measured row, peaks in MB (2^20 bytes)."""
+    out = ["| row | pipeline | size | preset | peak MB | encode+step MB | decode MB | run s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in data["rows"].items():
+        preset = "low_memory" + (f" + {r['unet_bits']}-bit UNet" if r["unet_bits"] else "") if r["low_memory"] else "default"
+        what = r["pipeline"] + (f", {r['frames']} frames" if r["frames"] else "") + f" ({r['backend']})"
+        ph = r["phase_peak_mb"]
+        out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {ph['encode+step']:.0f} | "
+                   f"{ph['decode']:.0f} | {r['run_s']:.0f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=[], choices=sorted(ROWS), metavar="ROW")
     p.add_argument("--list", action="store_true", help="list the rows")
+    p.add_argument("--table", action="store_true", help="print the --json file's rows as a markdown table")
     p.add_argument("--json", default=None, help="merge the results into this file")
     p.add_argument("--timeout", type=float, default=600, help="seconds a row may run (default 600)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.table:
+        print(markdown_table(json.loads(Path(args.json).read_text())))
         return
     if args.list or not args.rows:
         print("\n".join(f"{k:22s} {v}" for k, v in ROWS.items()))

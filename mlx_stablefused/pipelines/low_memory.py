@@ -9,6 +9,9 @@
   the converted file: 1.6 GB for SD 1.5, 4.9 GB for SDXL in fp16), so the VAE decodes beside only itself;
   kept where the file does not hold them (a motion UNet, LoRA adapters, a quantized UNet) and on torch;
 * attention in slices of at most ``AUTO_ATTENTION_CHUNK`` query tokens (exact);
+* MLX's CPU build: each UNet pass allocates at most 512 MB ahead of the threads computing it
+  (``cpu_memory.bounded_run_ahead``, as VAE passes always do): unbounded, one pass allocated the buffers
+  of all its attention slices at once;
 * the VAE decoding one image at a time (exact) and on tiles beyond its own sample size (512 px for
   SD 1.x, 1024 for SDXL: at or below that size, nothing changes; above it, diffusers' tile blending);
 * optionally ``unet_bits=8``: the UNet's Linear layers quantized (MLX only, ``nn.quantize``; it changes
@@ -35,17 +38,19 @@ class MemoryOptions:
     release_text_encoder: bool
     release_unet: bool
     attention_chunk: int | None
+    bounded_unet_run_ahead: bool
     decode_batch_size: int | None
     tiling: Any
 
     @classmethod
     def of(cls, pipe: "BaseDiffusion") -> "MemoryOptions":
-        return cls(pipe.release_text_encoder, pipe.release_unet, pipe.settings.attention_chunk, pipe.decode_batch_size,
-                   pipe.tiling)
+        return cls(pipe.release_text_encoder, pipe.release_unet, pipe.settings.attention_chunk,
+                   pipe.settings.bounded_unet_run_ahead, pipe.decode_batch_size, pipe.tiling)
 
     def apply_to(self, pipe: "BaseDiffusion") -> None:
         pipe.release_text_encoder, pipe.release_unet = self.release_text_encoder, self.release_unet
-        pipe.settings = replace(pipe.settings, attention_chunk=self.attention_chunk)
+        pipe.settings = replace(pipe.settings, attention_chunk=self.attention_chunk,
+                                bounded_unet_run_ahead=self.bounded_unet_run_ahead)
         pipe.decode_batch_size, pipe.tiling = self.decode_batch_size, self.tiling
 
 
@@ -72,6 +77,7 @@ def enable_low_memory(pipe: "BaseDiffusion", enabled: bool = True, unet_bits: in
     chunk = pipe.settings.attention_chunk
     MemoryOptions(release_text_encoder=True, release_unet=True,
                   attention_chunk=min(chunk, AUTO_ATTENTION_CHUNK) if chunk else AUTO_ATTENTION_CHUNK,
+                  bounded_unet_run_ahead=True,
                   decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
     if pipe.tiling is None:
         pipe.enable_tiling()

@@ -195,6 +195,17 @@ class MLXBackend(Backend):
         return MLXLoRAHost(self)
 
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
+        if not self.settings.bounded_unet_run_ahead or mx.default_device() != mx.cpu:
+            return self._unet_parts(latent, timestep, conditioning)
+        # One UNet pass is one graph: unbounded, MLX's CPU build allocates the buffers of all its attention
+        # slices ahead of the threads computing them. Weights first, so the bound is over them (cpu_memory).
+        mx.eval(self.unet_model.parameters())
+        with bounded_run_ahead(self.cpu_run_ahead):
+            out = self._unet_parts(latent, timestep, conditioning)
+            mx.eval(out)
+        return out
+
+    def _unet_parts(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         cond = as_conditioning(conditioning)
         streams = self.stream_set.streams[:latent.shape[0]] if self.stream_set is not None else []
         if len(streams) < 2 or cond.batch_size != latent.shape[0]:
