@@ -41,7 +41,7 @@ class RunSettings:
     motion_norm_per_frame: bool = False  # AnimateDiff motion GroupNorm per frame (original repo) or across
     compile: bool = False  # run the UNet as a compiled graph (needs COMPILE)
     cpu_streams: int | None = None  # CPU streams (None: the backend's default; needs CPU_STREAMS)
-    bounded_unet_run_ahead: bool = False  # MLX's CPU build: UNet passes allocate ahead at most its VAE headroom
+    bounded_unet_run_ahead: bool = True  # MLX's CPU build: UNet passes allocate ahead at most its VAE headroom
 
 
 class Backend(ABC):
