@@ -52,3 +52,14 @@ def test_low_memory_8bit_unet_stays_close(sd1):
     err = max_abs_error(plain(**ARGS), expected)
     assert 0 < report("low-memory preset with the 8-bit UNet vs fp32 (max abs)", err) < 0.02
     assert np.isfinite(err)
+
+
+def test_cli_refuses_the_8bit_unet_on_torch_before_loading(capsys, tmp_path):
+    from mlx_stablefused import cli
+
+    argv = ["txt2img", "--prompt", "x", "--backend", "torch", "--low-memory-8bit-unet", "--output",
+            str(tmp_path / "o.png")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mlx-stablefused: error: --low-memory-8bit-unet: the torch backend") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
