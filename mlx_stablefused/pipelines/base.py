@@ -248,9 +248,10 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                               local_files_only=local_files_only)
 
     def enable_low_memory(self, enabled: bool = True, unet_bits: int | None = None) -> None:
-        """The low-memory preset (``low_memory.py``): text encoders freed after each encoding (MLX: re-read
-        lazily when next needed), attention slicing, one image at a time through the VAE and tiles beyond its
-        sample size; ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options before it."""
+        """The low-memory preset (``low_memory.py``): text encoders freed after each encoding and the UNet after
+        each denoising loop (MLX: re-read lazily when next needed), attention slicing, one image at a time
+        through the VAE; exact. ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options
+        before it."""
         from .low_memory import enable_low_memory
 
         enable_low_memory(self, enabled, unet_bits)

@@ -13,13 +13,14 @@
   (``cpu_memory.bounded_run_ahead``, as VAE passes do; on by default since it measured no slower, and
   kept on here even where a pipeline turned it off): unbounded, an SD 1.5 step at 512x512 held 2.2 GB
   of activations, sliced attention or not;
-* the VAE decoding one image at a time (exact) and on tiles beyond its own sample size (512 px for
-  SD 1.x, 1024 for SDXL: at or below that size, nothing changes; above it, diffusers' tile blending);
+* the VAE decoding one image at a time (exact). VAE tiling stays the caller's choice (``enable_tiling()``):
+  it changes images larger than the VAE's sample size (512 px for SD 1.x, 1024 for SDXL) and saves
+  nothing at or below it, so the preset is exact at every size;
 * optionally ``unet_bits=8``: the UNet's Linear layers quantized (MLX only, ``nn.quantize``; it changes
   the loaded weights for every pipeline sharing them and stays until the model is reloaded; the
   torch backend refuses it).
 
-Up to the VAE's sample size the preset gives the default path's images to float rounding; the README's
+The preset gives the default path's images to float rounding; the README's
 memory section has the peaks and time costs, measured.
 """
 
@@ -80,8 +81,6 @@ def enable_low_memory(pipe: "BaseDiffusion", enabled: bool = True, unet_bits: in
                   attention_chunk=min(chunk, AUTO_ATTENTION_CHUNK) if chunk else AUTO_ATTENTION_CHUNK,
                   bounded_unet_run_ahead=True,
                   decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
-    if pipe.tiling is None:
-        pipe.enable_tiling()
     if unet_bits is not None and not _quantized(pipe.backend.unet_model):
         pipe.quantize(bits=unet_bits, components=("unet",))
 
