@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import AutoencoderTinyConfig, CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import AutoencoderTinyConfig, CLIPTextConfig, ControlNetConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .weights import Rule
 
 
@@ -180,4 +180,10 @@ def description_for(model_index: Mapping[str, Any]) -> ModelDescription:
 AUTOENCODER_TINY = ModuleKind("AutoencoderTiny", AutoencoderTinyConfig.from_dict)
 TINY_AUTOENCODER = ModelDescription("Tiny autoencoder (TAESD)", (
     Component("tiny_vae", "preview_vae", (AUTOENCODER_TINY,), DIFFUSERS_STEMS, subfolder="."),
+), support_files=())
+
+# A ControlNet (diffusers' ControlNetModel), a model of its own: config.json and weights at the folder's root.
+CONTROLNET_MODEL = ModuleKind("ControlNetModel", ControlNetConfig.from_dict)
+CONTROLNET = ModelDescription("ControlNet", (
+    Component("controlnet", "controlnet", (CONTROLNET_MODEL,), DIFFUSERS_STEMS, subfolder="."),
 ), support_files=())
