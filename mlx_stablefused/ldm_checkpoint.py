@@ -159,8 +159,9 @@ def _resnet_name(rest: str, where: str) -> str:
     raise WeightLoadError(f"unrecognised UNet resnet key {where}.{rest}")
 
 
-def unet_key_map(keys: Iterable[str]) -> tuple[dict[str, str], list[int], list[int]]:
+def unet_key_map(keys: Iterable[str], encoder_only: bool = False) -> tuple[dict[str, str], list[int], list[int]]:
     """LDM UNet keys (prefix removed) -> {diffusers name: LDM key}, layers per down block, per up block.
+    ``encoder_only``: a ControlNet's copy of the encoder (no ``output_blocks``, no ``out``).
 
     The block structure is read from the keys: in ``input_blocks`` a downsampler (``.0.op``) closes a
     level; in ``output_blocks`` an upsampler (``.1.conv`` or ``.2.conv``) does."""
@@ -238,6 +239,8 @@ def unet_key_map(keys: Iterable[str]) -> tuple[dict[str, str], list[int], list[i
                       else f"mid_block.resnets.{sub // 2}.{_resnet_name(r, f'middle_block.{sub}')}")
             add(target, f"middle_block.{sub}.{r}")
     n = len(down)
+    if encoder_only and not up and 0 not in down:
+        return out, down, up
     if 0 in down or len(up) != n or any(up[u] != down[n - 1 - u] + 1 for u in range(n)):
         raise UnsupportedModelError(f"the UNet's blocks do not pair up (resnets per down block {down}, per up "
                                     f"block {up}); is the file complete?")

@@ -57,6 +57,10 @@ class Component:
     def folder(self) -> str:
         return self.name if self.subfolder is None else self.subfolder
 
+    def path(self, name: str) -> str:
+        """``name`` inside this component's folder, relative to the model root (as a hub repo lists it)."""
+        return name if self.folder == "." else f"{self.folder}/{name}"
+
     def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
         architectures = raw_config.get("architectures")  # transformers configs name their class here
         named = raw_config.get("_class_name") or (architectures[0] if isinstance(architectures, list)
@@ -109,7 +113,7 @@ class ModelDescription:
         """What to download besides the weight files: configs, tokenizers, scheduler, model index."""
         tokenizer_globs = [f"{t}/{g}" for t in dict.fromkeys(self.tokenizers.values()) for g in self.tokenizer_files]
         return [*self.support_files, *tokenizer_globs,
-                *(f"{c.folder}/config.json" for c in self.components)]
+                *(c.path("config.json") for c in self.components)]
 
     def adding(self, *components: Component) -> "ModelDescription":
         """This description with more components (e.g. an SDXL second text encoder)."""
