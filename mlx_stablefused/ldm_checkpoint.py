@@ -271,7 +271,8 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str],
         per_head = original.num_head_channels or (64 if family == "sd2" else None)
         heads = [max(1, c // per_head) for c in channels] if per_head else 8  # LDM SD 1.x: num_heads 8
     config = {
-        "in_channels": shape("conv_in.weight")[1], "out_channels": shape("conv_out.weight")[0],
+        "in_channels": shape("conv_in.weight")[1],
+        "out_channels": shape("conv_out.weight")[0] if "conv_out.weight" in names else None,  # None: a ControlNet
         "block_out_channels": channels, "layers_per_block": _one_or_list(down),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
