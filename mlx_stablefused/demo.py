@@ -186,7 +186,39 @@ def ensure_demo_motion_adapter(seed: int = 1) -> Path:
     return folder
 
 
-SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter}
+def demo_controlnet_config() -> dict[str, Any]:
+    """A ControlNet fitting the demo UNet (its widths, blocks, cross-attention); control images at 8x its latents."""
+    unet = demo_configs(1)["unet"]
+    keep = ("block_out_channels", "down_block_types", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+            "norm_num_groups", "in_channels")
+    return {"_class_name": "ControlNetModel", **{k: unet[k] for k in keep}, "use_linear_projection": True,
+            "conditioning_embedding_out_channels": [8, 16, 16, 32]}
+
+
+def ensure_demo_controlnet(seed: int = 2) -> Path:
+    """A random ControlNet for the demo model (a diffusers ControlNetModel folder), built on first use."""
+    from .model_description import CONTROLNET_MODEL
+
+    folder = cache_root() / f"demo-controlnet-v{DEMO_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    networks, config = installed_networks(), demo_controlnet_config()
+    shapes = networks.parameter_shapes(networks.build(CONTROLNET_MODEL, CONTROLNET_MODEL.parse_config(config)))
+    def diffusers_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if networks.layout == fmt.LAYOUT and name.endswith("conv_shortcut.weight") and len(shape) == 2:
+            return (*shape, 1, 1)  # a 1x1 convolution, which the MLX modules hold as Linear
+        return _diffusers_shape(shape, networks.layout)
+
+    weights = {k: demo_tensor(k, diffusers_shape(k, s), "diffusers", seed) for k, s in shapes.items()}
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_numpy_safetensors(tmp / "diffusion_pytorch_model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+    return folder
+
+
+DEMO_CONTROLNET_ID = SPECIAL_ID_PREFIX + "controlnet"
+SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter,
+               DEMO_CONTROLNET_ID: ensure_demo_controlnet}
 
 
 def resolve_special_id(spec: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import max_abs_error, rel_error, report
+from helpers import BACKENDS, max_abs_error, rel_error, report
 from test_parity_image_pipelines import make_image, make_mask, run_diffusers
 from tiny_controlnets import build_controlnet, control_image, to_original_format
 
@@ -124,48 +124,43 @@ def test_controlnet_module_matches_diffusers(sd1, sdxl, controlnets, pipelines, 
 
 
 # -------------------------------------------------------------------------------------- pipelines
-@pytest.mark.parametrize("case", list(T2I_CASES))
-def test_text_to_image_matches_diffusers(sd1, controlnets, pipelines, references, backend_name, case):
-    if backend_name == "torch" and case == "guess-mode":
-        pytest.skip("guess mode runs on MLX by default; torch with -m slow (test_guess_mode_on_torch)")
+# Default: two ControlNets with two scales and a guidance window on both backends, guess mode on MLX; the rest
+# (one ControlNet alone, guess mode on torch) with -m slow: the ControlNet step is backend-neutral code.
+T2I_PARAMS = [pytest.param(case, backend, id=f"{backend}-{case}",
+                           marks=() if (case, backend) in {("two-scales-window", "mlx"), ("two-scales-window", "torch"),
+                                                           ("guess-mode", "mlx")} else SLOW)
+              for case in T2I_CASES for backend in BACKENDS]
+MLX_THEN_SLOW = pytest.mark.parametrize("backend", [pytest.param("mlx"), pytest.param("torch", marks=SLOW)])
+
+
+@pytest.mark.parametrize("case,backend", T2I_PARAMS)
+def test_text_to_image_matches_diffusers(sd1, controlnets, pipelines, references, backend, case):
     names, options = T2I_CASES[case]
-    run = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
+    run = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
     want = references(("t2i", case), lambda: reference_pipeline(
         "StableDiffusionControlNetPipeline", sd1[0], [controlnets[n][0] for n in names])(
         "a cat", negative_prompt="blurry", image=_images(names), latents=torch.from_numpy(NOISE), **run, **options
     ).images)
-    pipe = with_controlnets(pipelines.pipeline(TextToImageDiffusion, sd1[1], backend_name), controlnets, names)
+    pipe = with_controlnets(pipelines.pipeline(TextToImageDiffusion, sd1[1], backend), controlnets, names)
     got = pipe("a cat", negative_prompt="blurry", control_image=_images(names), latent=NOISE, **run, **options)
-    assert report(f"ControlNet text-to-image ({case}) vs StableDiffusionControlNetPipeline [{backend_name}]",
+    assert report(f"ControlNet text-to-image ({case}) vs StableDiffusionControlNetPipeline [{backend}]",
                   max_abs_error(got, want)) < TOL
 
 
-@SLOW
-def test_guess_mode_on_torch(sd1, controlnets, pipelines, references):
-    names, options = T2I_CASES["guess-mode"]
-    run = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
-    want = reference_pipeline("StableDiffusionControlNetPipeline", sd1[0], [controlnets[n][0] for n in names])(
-        "a cat", negative_prompt="blurry", image=_images(names), latents=torch.from_numpy(NOISE), **run,
-        **options).images
-    pipe = with_controlnets(pipelines.pipeline(TextToImageDiffusion, sd1[1], "torch"), controlnets, names)
-    got = pipe("a cat", negative_prompt="blurry", control_image=_images(names), latent=NOISE, **run, **options)
-    assert report("ControlNet text-to-image (guess-mode) vs StableDiffusionControlNetPipeline [torch]",
-                  max_abs_error(got, want)) < TOL
-
-
+@MLX_THEN_SLOW
 def test_image_to_image_and_inpainting_match_diffusers(sd1, sd1_inpaint, controlnets, pipelines, references,
-                                                       backend_name):
+                                                       backend):
     """Image-to-image (strength 0.5, two ControlNets) and 9-channel inpainting with a ControlNet."""
     noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     names = ["sd1-a", "sd1-b"]
     want = references("img2img", lambda: run_diffusers(
         reference_pipeline("StableDiffusionControlNetImg2ImgPipeline", sd1[0], [controlnets[n][0] for n in names]),
         noise, prompt="a cat", image=make_image(), control_image=_images(names), strength=0.5,
-        num_inference_steps=4, guidance_scale=7.5, controlnet_conditioning_scale=[0.8, 0.5]))
-    pipe = with_controlnets(pipelines.pipeline(ImageToImageDiffusion, sd1[1], backend_name), controlnets, names)
+        num_inference_steps=4, guidance_scale=7.5, controlnet_conditioning_scale=[0.8, 0.5]))  # 2 steps run
+    pipe = with_controlnets(pipelines.pipeline(ImageToImageDiffusion, sd1[1], backend), controlnets, names)
     got = pipe(make_image(), "a cat", control_image=_images(names), strength=0.5, num_inference_steps=4,
                noise=noise, output_type="np", controlnet_conditioning_scale=[0.8, 0.5])
-    assert report(f"ControlNet image-to-image vs StableDiffusionControlNetImg2ImgPipeline [{backend_name}]",
+    assert report(f"ControlNet image-to-image vs StableDiffusionControlNetImg2ImgPipeline [{backend}]",
                   max_abs_error(got, want)) < TOL
 
     image, mask, control = make_image(64, 48), make_mask(64, 48), control_image(64, 48, seed=4)
@@ -173,35 +168,37 @@ def test_image_to_image_and_inpainting_match_diffusers(sd1, sd1_inpaint, control
     want = references("inpaint", lambda: run_diffusers(
         reference_pipeline("StableDiffusionControlNetInpaintPipeline", sd1_inpaint[0], [controlnets["sd1-a"][0]]),
         noise, prompt="a cat", image=image, mask_image=mask, control_image=control, height=48, width=64,
-        strength=0.75, num_inference_steps=4, guidance_scale=7.5))
-    pipe = with_controlnets(pipelines.pipeline(InpaintDiffusion, sd1_inpaint[1], backend_name), controlnets, ["sd1-a"])
-    got = pipe("a cat", image, mask, control_image=control, strength=0.75, num_inference_steps=4, noise=noise,
+        strength=0.5, num_inference_steps=4, guidance_scale=7.5))
+    pipe = with_controlnets(pipelines.pipeline(InpaintDiffusion, sd1_inpaint[1], backend), controlnets, ["sd1-a"])
+    got = pipe("a cat", image, mask, control_image=control, strength=0.5, num_inference_steps=4, noise=noise,
                output_type="np")
-    assert report(f"ControlNet inpainting (9-channel) vs StableDiffusionControlNetInpaintPipeline [{backend_name}]",
+    assert report(f"ControlNet inpainting (9-channel) vs StableDiffusionControlNetInpaintPipeline [{backend}]",
                   max_abs_error(got, want)) < TOL
 
 
-def test_sdxl_text_to_image_matches_diffusers(sdxl, controlnets, pipelines, references, backend_name):
+@MLX_THEN_SLOW
+def test_sdxl_text_to_image_matches_diffusers(sdxl, controlnets, pipelines, references, backend):
     noise = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
     run = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", controlnet_conditioning_scale=0.9)
     want = references("sdxl", lambda: reference_pipeline(
         "StableDiffusionXLControlNetPipeline", sdxl[0], [controlnets["sdxl"][0]], add_watermarker=False)(
         "a lighthouse", negative_prompt="blurry", image=control_image(seed=5), latents=torch.from_numpy(noise),
         **run).images)
-    pipe = with_controlnets(pipelines.pipeline(TextToImageDiffusion, sdxl[1], backend_name), controlnets, ["sdxl"])
+    pipe = with_controlnets(pipelines.pipeline(TextToImageDiffusion, sdxl[1], backend), controlnets, ["sdxl"])
     got = pipe("a lighthouse", negative_prompt="blurry", control_image=control_image(seed=5), latent=noise, **run)
-    assert report(f"ControlNet SDXL text-to-image vs StableDiffusionXLControlNetPipeline [{backend_name}]",
+    assert report(f"ControlNet SDXL text-to-image vs StableDiffusionXLControlNetPipeline [{backend}]",
                   max_abs_error(got, want)) < TOL
 
 
-def test_animatediff_matches_diffusers(sd1, motion_adapters, controlnets, pipelines, references, backend_name):
+@MLX_THEN_SLOW
+def test_animatediff_matches_diffusers(sd1, motion_adapters, controlnets, pipelines, references, backend):
     """One control image per frame, as AnimateDiffControlNetPipeline's conditioning_frames."""
     import diffusers
 
     from mlx_stablefused import ANIMATEDIFF_DDIM
 
-    frames = [control_image(seed=10 + i) for i in range(4)]
-    latents = np.random.default_rng(9).standard_normal((1, 4, 4, 8, 8)).astype(np.float32)
+    frames = [control_image(seed=10 + i) for i in range(3)]
+    latents = np.random.default_rng(9).standard_normal((1, 4, 3, 8, 8)).astype(np.float32)
 
     def reference():
         base = sd1[0]
@@ -213,17 +210,17 @@ def test_animatediff_matches_diffusers(sd1, motion_adapters, controlnets, pipeli
             motion_adapter=motion_adapters[True][0], controlnet=controlnets["sd1-a"][0],
             scheduler=diffusers.DDIMScheduler.from_config(config, **options))
         ref.set_progress_bar_config(disable=True)
-        return ref(prompt="a cat walking", negative_prompt="blurry", num_frames=4, height=64, width=64,
-                   conditioning_frames=frames, num_inference_steps=3, guidance_scale=7.5,
+        return ref(prompt="a cat walking", negative_prompt="blurry", num_frames=3, height=64, width=64,
+                   conditioning_frames=frames, num_inference_steps=2, guidance_scale=7.5,
                    latents=torch.from_numpy(latents), output_type="np", controlnet_conditioning_scale=0.9).frames
 
     want = np.asarray(references("animatediff", reference))
-    video = pipelines.pipeline(TextToVideoDiffusion, sd1[1], backend_name, motion_adapter=motion_adapters[True][1])
+    video = pipelines.pipeline(TextToVideoDiffusion, sd1[1], backend, motion_adapter=motion_adapters[True][1])
     with_controlnets(video, controlnets, ["sd1-a"])
-    got = video("a cat walking", negative_prompt="blurry", latent=latents, num_inference_steps=3, guidance_scale=7.5,
+    got = video("a cat walking", negative_prompt="blurry", latent=latents, num_inference_steps=2, guidance_scale=7.5,
                 output_type="np", control_image=frames, controlnet_conditioning_scale=0.9)
-    assert got.shape == want.shape == (1, 4, 64, 64, 3)
-    assert report(f"ControlNet AnimateDiff vs AnimateDiffControlNetPipeline [{backend_name}]",
+    assert got.shape == want.shape == (1, 3, 64, 64, 3)
+    assert report(f"ControlNet AnimateDiff vs AnimateDiffControlNetPipeline [{backend}]",
                   max_abs_error(got, want)) < TOL
 
 
@@ -325,3 +322,32 @@ def _wider(controlnets, name):
     config["block_out_channels"] = [c * 2 for c in config["block_out_channels"]]
     (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_command_line_controlnet_on_the_demo_model(tmp_path, capsys):
+    """--controlnet / --control-image / --controlnet-scale give the API's image (the size: the control image's);
+    count mismatches are refused by flag before any model loads."""
+    from PIL import Image
+
+    from mlx_stablefused.cli import main
+
+    edges = tmp_path / "edges.png"
+    control_image(64, 48, seed=3).save(edges)
+    out = tmp_path / "out.png"
+    fast = ["--model", "demo:tiny-random", "--steps", "2", "--no-progress", "--seed", "1"]
+    assert main(["txt2img", "--prompt", "a house", "--output", str(out), *fast, "--controlnet", "demo:controlnet",
+                 "--control-image", str(edges), "--controlnet-scale", "0.7"]) == 0
+    pipe = TextToImageDiffusion("demo:tiny-random", controlnet="demo:controlnet", progress=False)
+    want = pipe("a house", control_image=str(edges), controlnet_conditioning_scale=0.7, num_inference_steps=2,
+                seed=1)[0]
+    assert Image.open(out).size == (64, 48)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    capsys.readouterr()
+    for extra, message in ((["--controlnet", "demo:controlnet"], "--control-image: each --controlnet needs"),
+                           (["--controlnet", "demo:controlnet", "--control-image", str(edges), "--control-image",
+                             str(edges)], "--control-image: given 2 times for 1 --controlnet"),
+                           (["--guess-mode"], "need --controlnet")):
+        assert main(["txt2img", "--prompt", "x", "--output", str(tmp_path / "x.png"), *fast, *extra]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -26,6 +26,8 @@ CASES = {
                                                              "latent_walk_story.mp4": 7}),
     "text_to_video.py": (["--frames", "5"], {"text_to_video.gif": 5, "text_to_video.mp4": 5,
                                              "text_to_video_batch_1.mp4": 5}),
+    "controlnet.py": ([], {"controlnet_input.png": None, "controlnet_canny.png": None, "controlnet.png": (4 * 64, 64),
+                       "controlnet_img2img.png": None}),
     "guidance_scale.py": (["--step-counts", "1", "2", "--scales", "-1.5", "0", "7.5"],  # grids: scales x rows
                           {"guidance_scale_prompts.png": (3 * 64, 2 * 64), "guidance_scale_steps.png": (3 * 64, 2 * 64)}),
 }

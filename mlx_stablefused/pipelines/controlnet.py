@@ -117,6 +117,12 @@ class ControlNetMixin:
                 check_fits(self.backend, spec.plan, spec.config, spec.origin)
                 loaded.append(spec)
             else:
+                from ..demo import resolve_special_id
+
+                if isinstance(spec, str) and resolve_special_id(spec) != spec:  # demo:controlnet
+                    from ..controlnets import ControlNetSource
+
+                    spec = ControlNetSource(resolve_special_id(spec), spec)
                 loaded.append(load_controlnet(self.backend, spec, config=config, subfolder=subfolder,
                                               variant=variant, revision=revision, local_files_only=local_files_only))
         self.controlnets = loaded
