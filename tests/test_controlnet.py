@@ -124,11 +124,11 @@ def test_controlnet_module_matches_diffusers(sd1, sdxl, controlnets, pipelines, 
 
 
 # -------------------------------------------------------------------------------------- pipelines
-# Default: two ControlNets with two scales and a guidance window on both backends, guess mode on MLX; the rest
-# (one ControlNet alone, guess mode on torch) with -m slow: the ControlNet step is backend-neutral code.
+# Default: two ControlNets with two scales and a guidance window, and guess mode, on MLX; the rest (one ControlNet
+# alone, the torch runs) with -m slow: the ControlNet step is backend-neutral code, and the torch ControlNet module
+# is checked by default (test_controlnet_module_matches_diffusers).
 T2I_PARAMS = [pytest.param(case, backend, id=f"{backend}-{case}",
-                           marks=() if (case, backend) in {("two-scales-window", "mlx"), ("two-scales-window", "torch"),
-                                                           ("guess-mode", "mlx")} else SLOW)
+                           marks=() if backend == "mlx" and case != "one" else SLOW)
               for case in T2I_CASES for backend in BACKENDS]
 MLX_THEN_SLOW = pytest.mark.parametrize("backend", [pytest.param("mlx"), pytest.param("torch", marks=SLOW)])
 
@@ -176,8 +176,10 @@ def test_image_to_image_and_inpainting_match_diffusers(sd1, sd1_inpaint, control
                   max_abs_error(got, want)) < TOL
 
 
-@MLX_THEN_SLOW
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=SLOW) for b in BACKENDS])
 def test_sdxl_text_to_image_matches_diffusers(sdxl, controlnets, pipelines, references, backend):
+    """-m slow: the SDXL ControlNet module (text_time) is checked on both backends by default, and the SDXL
+    pipelines' conditioning is the same Conditioning the SD pipelines feed the ControlNet."""
     noise = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
     run = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", controlnet_conditioning_scale=0.9)
     want = references("sdxl", lambda: reference_pipeline(

@@ -34,7 +34,11 @@ CASES = {
 # expected: file name -> None (an image), a frame count (gif, video), or an image size (w, h)
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
+SLOW_EXAMPLES = {"controlnet.py"}  # its pipeline path runs by default in test_controlnet.py's command-line check
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_EXAMPLES else s
+                                    for s in sorted(CASES)])
 def test_example_runs_on_the_demo_model(script, tmp_path):
     extra, expected = CASES[script]
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *FAST, *extra, "--output-dir", str(tmp_path)],
