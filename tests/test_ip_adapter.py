@@ -184,3 +184,105 @@ def test_bad_ip_adapter_input_is_refused_before_work(sd1, sd2, adapter_root, pip
     finally:
         if pipe.ip_adapter is not None:
             pipe.unload_ip_adapter()
+
+
+# ------------------------------------------------------------------ the other pipelines (-m slow)
+@pytest.mark.slow
+def test_sdxl_ip_adapter_matches_diffusers(sdxl, pipelines, backend_name, tmp_path):
+    """An IP-Adapter for the tiny SDXL (80-wide tokens; the UNet's depth-2 transformers numbered as
+    diffusers numbers them) on StableDiffusionXLPipeline vs ours, text-to-image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe, root = sdxl
+    build_ip_adapter(tmp_path, pipe.unet)
+    ref = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    noise = latents()
+    with torch.no_grad():
+        want = ref(prompt="a lighthouse", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0,
+                   latents=torch.from_numpy(noise), height=SIZE, width=SIZE, output_type="latent",
+                   ip_adapter_image=ip_image()).images.numpy()
+    ours = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    try:
+        ours.load_ip_adapter(str(tmp_path), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = as_numpy(ours("a lighthouse", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0,
+                            latent=noise, output_type="latent", ip_adapter_image=ip_image()))
+        ours.set_ip_adapter_scale(0.0)
+        plain = as_numpy(ours("a lighthouse", negative_prompt="blurry", num_inference_steps=2, guidance_scale=5.0,
+                              latent=noise, output_type="latent", ip_adapter_image=ip_image()))
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"SDXL IP-Adapter vs StableDiffusionXLPipeline (rel, latents) [{backend_name}]",
+                  rel_error(got, want)) < TOL
+    assert rel_error(got, plain) > 0.05
+
+
+@pytest.mark.slow
+def test_animatediff_ip_adapter_matches_diffusers(sd1, motion_adapters, adapter_root, pipelines, backend_name):
+    """AnimateDiff with an image prompt (its tokens for every frame) vs AnimateDiffPipeline.load_ip_adapter."""
+    import diffusers
+
+    from mlx_stablefused import ANIMATEDIFF_DDIM, TextToVideoDiffusion
+
+    pipe, root = sd1
+    config = diffusers.DDIMScheduler.load_config(str(root), subfolder="scheduler")
+    options = {k: v for k, v in ANIMATEDIFF_DDIM.items() if k in diffusers.DDIMScheduler._get_init_keys(
+        diffusers.DDIMScheduler)}
+    ref = diffusers.AnimateDiffPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                        unet=copy.deepcopy(pipe.unet), motion_adapter=motion_adapters[True][0],
+                                        scheduler=diffusers.DDIMScheduler.from_config(config, **options))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(adapter_root), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    noise = latents(frames=4)
+    with torch.no_grad():
+        want = ref(prompt="a cat walking", negative_prompt="blurry", num_frames=4, height=SIZE, width=SIZE,
+                   num_inference_steps=2, guidance_scale=7.5, latents=torch.from_numpy(noise), output_type="latent",
+                   ip_adapter_image=ip_image()).frames.numpy()
+    ours = pipelines.pipeline(TextToVideoDiffusion, root, backend_name, motion_adapter=motion_adapters[True][1])
+    ours.set_scheduler("ddim", **ANIMATEDIFF_DDIM)
+    try:
+        ours.load_ip_adapter(str(adapter_root), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = as_numpy(ours("a cat walking", negative_prompt="blurry", latent=noise, num_inference_steps=2,
+                            guidance_scale=7.5, output_type="latent", ip_adapter_image=ip_image()))
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"AnimateDiff IP-Adapter vs AnimateDiffPipeline (rel, latents) [{backend_name}]",
+                  rel_error(got, want)) < TOL
+
+
+@pytest.mark.slow
+def test_image_to_image_ip_adapter_matches_diffusers(sd1, adapter_root, pipelines, backend_name):
+    """Image-to-image with an image prompt vs StableDiffusionImg2ImgPipeline.load_ip_adapter."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from test_parity_image_pipelines import make_image, run_diffusers
+
+    from mlx_stablefused import ImageToImageDiffusion
+
+    pipe, root = sd1
+    ref = StableDiffusionImg2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                         unet=copy.deepcopy(pipe.unet), scheduler=trailing_ddim(pipe.scheduler.config),
+                                         safety_checker=None, feature_extractor=None, image_encoder=None,
+                                         requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(adapter_root), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    noise = latents()
+    image = make_image(SIZE, SIZE)
+    want = run_diffusers(ref, noise, image=image, strength=0.75, ip_adapter_image=ip_image(), prompt=RUN["prompt"],
+                         negative_prompt=RUN["negative_prompt"], num_inference_steps=4, guidance_scale=7.5)
+    ours = pipelines.pipeline(ImageToImageDiffusion, root, backend_name)
+    ours.set_scheduler("ddim", timestep_spacing="trailing")
+    try:
+        ours.load_ip_adapter(str(adapter_root), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = ours(image, RUN["prompt"], negative_prompt=RUN["negative_prompt"], num_inference_steps=4,
+                   guidance_scale=7.5, strength=0.75, noise=noise, output_type="np", ip_adapter_image=ip_image())
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"image-to-image IP-Adapter vs StableDiffusionImg2ImgPipeline (max abs) [{backend_name}]",
+                  float(np.abs(got - want).max())) < 5e-3
