@@ -27,6 +27,7 @@ IMAGE_PROJ, IP_ADAPTER = "image_proj", "ip_adapter"
 IMAGE_ENCODER_FOLDER = "image_encoder"  # diffusers' default ``image_encoder_folder``
 ENCODER_FILES = ("config.json",)
 ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TOKENS_PER_IMAGE = 4  # the plain IP-Adapter's image tokens (diffusers builds every such projection with 4)
 
 
 class IPAdapterError(ValueError):

@@ -68,7 +68,8 @@ class IPAdapterMixin:
                         image_encoder_folder: str | None = IMAGE_ENCODER_FOLDER, *,
                         local_files_only: bool = False) -> None:
         """Load an IP-Adapter (h94/IP-Adapter's layout: ``load_ip_adapter("h94/IP-Adapter", subfolder="models",
-        weight_name="ip-adapter_sd15.safetensors")``; a file, a folder, or a state dict) and its image encoder
+        weight_name="ip-adapter_sd15.safetensors")``; a file, a folder, a state dict, or ``"demo:ip-adapter"``,
+        a random one for the offline demo model) and its image encoder
         (``image_encoder_folder`` inside ``subfolder``, as diffusers; a path with '/' is from the repo root;
         None: none, for ``ip_adapter_image_embeds`` only). Scale 1. It replaces an adapter loaded before.
         Everything is checked before the UNet changes: an adapter for another base (its cross-attention
@@ -78,7 +79,10 @@ class IPAdapterMixin:
             raise UnsupportedModelError("IP-Adapter: UNet3D (ModelScope / Zeroscope) models are not supported")
         from ..topology import unet_plan
 
+        from ..demo import resolve_special_id
+
         previous = self.ip_adapter
+        pretrained_model_name_or_path_or_dict = resolve_special_id(pretrained_model_name_or_path_or_dict)
         if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
             origin = "the given IP-Adapter state dict"
             groups = split_state(_flatten_state_dict(pretrained_model_name_or_path_or_dict), origin)
