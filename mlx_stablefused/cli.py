@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_ip_adapter import add_ip_adapter_flags, check_ip_adapter_flags, ip_adapter_keywords, load_flagged_ip_adapter
 from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=False)
+    add_ip_adapter_flags(p)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_ip_adapter_flags(p)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_ip_adapter_flags(p)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--frames", 16, "frames in the video (at most the adapter's window, 32, without context windows)")
     _count_flag(p, "--context-length", None, "sliding windows of this many frames", unset="off")
     _count_flag(p, "--context-stride", 4, "frames between window starts")
+    add_ip_adapter_flags(p)
 
     p = command("convert", "convert a diffusers model to an MLX folder")
     p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
@@ -301,6 +306,7 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         pipe.load_textual_inversion(source)
     if not args.plain_prompts:
         pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
+    load_flagged_ip_adapter(pipe, args)
     return pipe
 
 
@@ -335,7 +341,8 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(TextToImageDiffusion, args)
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -346,7 +353,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args), **sdxl_keywords(args))
+                  **_common(args), **sdxl_keywords(args), **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -357,7 +364,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -419,7 +427,7 @@ def run_video(args: argparse.Namespace) -> int:
     if args.context_length:
         pipe.enable_context_windows(args.context_length, args.context_stride)
     videos = pipe(prompt=args.prompt, video_height=args.height, video_width=args.width, video_frames=args.frames,
-                  **_common(args))
+                  **_common(args), **ip_adapter_keywords(args))
     save_frames(videos[0], args.output, args.fps)
     return 0
 
@@ -496,8 +504,9 @@ def check_before_work(args: argparse.Namespace) -> None:
     if args.command in ("convert", "serve"):
         return
     check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
-    for flag in ("--image", "--mask"):
-        path = getattr(args, flag[2:], None)
+    check_ip_adapter_flags(args)
+    for flag in ("--image", "--mask", "--ip-adapter-image"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
         if path is not None:
             check_input_image(path, flag)
     check_start(args)

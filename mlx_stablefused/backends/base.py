@@ -99,6 +99,8 @@ class Backend(ABC):
             raise ValueError("pooled text embeddings and time ids go together (SDXL's added conditioning)")
         if cond.pooled_text is not None:
             extra["added_cond_kwargs"] = {"text_embeds": cast(cond.pooled_text), "time_ids": cast(cond.time_ids)}
+        if cond.ip_hidden_states is not None:
+            extra["ip_hidden_states"] = cast(cond.ip_hidden_states)
         return extra
 
     @abstractmethod
@@ -246,6 +248,13 @@ class Backend(ABC):
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------ IP-Adapter
+    ip_adapter: Any = None  # the loaded IP-Adapter (pipelines/ip_adapter_loader.py), shared like the weights
+
+    def ip_adapter_host(self) -> Any:
+        """How an IP-Adapter attaches to this backend's UNet and runs its image encoder (backends/*/ip_adapter.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no IP-Adapter support")
 
     # ------------------------------------------------------------------------------------ LoRA
     def lora_host(self) -> Any:

@@ -31,6 +31,7 @@ from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
 from ..previews import check_preview_decoder, history_frames
+from .ip_adapter_loader import IPAdapterMixin
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
@@ -137,7 +138,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
+class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from

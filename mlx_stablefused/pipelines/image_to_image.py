@@ -23,7 +23,8 @@ class ImageToImageDiffusion(BaseDiffusion):
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  image_height: int | None = None, image_width: int | None = None,
                  callback_on_step_end: StepCallback | list | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Re-imagine ``image`` (path, PIL, list, or NHWC numpy) following ``prompt``.
 
         How much of the schedule runs: ``start_step`` (stablefused: skip that many of the
@@ -70,8 +71,10 @@ class ImageToImageDiffusion(BaseDiffusion):
             start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents: the image's latent noised to the start (with denoising_start:
         # already noisy latents, taken as they are).
         self.scheduler.set_timesteps(num_inference_steps)

@@ -31,7 +31,8 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 history_decoder: str = "vae", ip_adapter_image: Any = None, ip_adapter_image_embeds: Any = None,
+                 **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -62,8 +63,10 @@ class InpaintDiffusion(BaseDiffusion):
         start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, *pixels.shape[1:3], text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps, latents and the mask conditioning.
         self.scheduler.set_timesteps(num_inference_steps)
         rng = inputs.make_rng(seed)

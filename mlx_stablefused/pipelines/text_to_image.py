@@ -23,7 +23,8 @@ class TextToImageDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Generate images for ``prompt``.
 
         ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
@@ -54,8 +55,10 @@ class TextToImageDiffusion(BaseDiffusion):
         rng = inputs.make_rng(seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
                                                            "channels, height/8, width/8)")
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))

@@ -102,8 +102,10 @@ class TextToVideoDiffusion(BaseDiffusion):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,
-                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
-        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w)."""
+                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
+                 ip_adapter_image: Any = None, ip_adapter_image_embeds: Any = None) -> Any:
+        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w).
+        ``ip_adapter_image``: an image prompt for a loaded IP-Adapter, the same for every frame."""
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -127,8 +129,10 @@ class TextToVideoDiffusion(BaseDiffusion):
         shape = (len(prompts), self.latent_channels, video_frames, video_height // f, video_width // f)
         rng = inputs.make_rng(seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))

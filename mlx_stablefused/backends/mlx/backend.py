@@ -174,6 +174,11 @@ class MLXBackend(Backend):
 
         return MLXLoRAHost(self)
 
+    def ip_adapter_host(self):
+        from .ip_adapter import MLXIPAdapterHost
+
+        return MLXIPAdapterHost(self)
+
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         cond = as_conditioning(conditioning)
         streams = self.stream_set.streams[:latent.shape[0]] if self.stream_set is not None else []
@@ -200,6 +205,8 @@ class MLXBackend(Backend):
             b, f = latent.shape[:2]
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = mx.repeat(extra["ip_hidden_states"], f, axis=0)
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)

@@ -78,6 +78,8 @@ class TorchBackend(Backend):
             b, c, f, h, w = latent.shape
             x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
             ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = extra["ip_hidden_states"].repeat_interleave(f, dim=0)
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
@@ -180,6 +182,11 @@ class TorchBackend(Backend):
         from .lora import TorchLoRAHost
 
         return TorchLoRAHost(self)
+
+    def ip_adapter_host(self):
+        from .ip_adapter import TorchIPAdapterHost
+
+        return TorchIPAdapterHost(self)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
