@@ -31,8 +31,11 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae", ip_adapter_image: Any = None, ip_adapter_image_embeds: Any = None,
-                 **sdxl: Any) -> Any:
+                 history_decoder: str = "vae", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 0.5,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -41,6 +44,12 @@ class InpaintDiffusion(BaseDiffusion):
         (start_step 0) the masked region starts from pure noise. ``mode``: "unet" (9-channel
         inpainting UNet), "blend" (latent blending, any model), or "auto" (by the UNet's channels).
         SDXL models take the keywords image-to-image takes (``prompt_2``, micro-conditioning, aesthetic scores).
+        ControlNet (``controlnet=`` / ``set_controlnet``; see ``pipelines/controlnet.py``): ``control_image`` (one
+        image, a batch list, or with several ControlNets a list with one per ControlNet; of the output's size),
+        ``controlnet_conditioning_scale`` (one, or one per ControlNet; diffusers' default 0.5),
+        ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
+        ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
+        An inpainting ControlNet (control_v11p_sd15_inpaint) takes the image with masked pixels set to -1.
         """
         # 1. Check inputs.
         self._begin()
@@ -63,6 +72,9 @@ class InpaintDiffusion(BaseDiffusion):
         start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, *pixels.shape[1:3], text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, tuple(pixels.shape[1:3]), num_prompts,
+                                       num_images_per_prompt, guidance.enabled)
         image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
         # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
@@ -89,7 +101,7 @@ class InpaintDiffusion(BaseDiffusion):
         # 4. Denoise.
         history = self.run_denoise(latents, positive, negative, guidance, rng, start, after_step=after_step,
                                    callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history)
+                                   return_latent_history=return_latent_history, step_conditioning=control)
         # 5. Decode.
         return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 

@@ -23,7 +23,10 @@ class TextToImageDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", ip_adapter_image: Any = None,
+                 denoising_end: float | None = None, history_decoder: str = "vae", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
                  ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Generate images for ``prompt``.
 
@@ -37,6 +40,12 @@ class TextToImageDiffusion(BaseDiffusion):
         ``negative_original_size``, ``negative_crops_coords_top_left``, ``negative_target_size``.
         ``denoising_end`` (a fraction in (0, 1)) stops the schedule there, for the base half of the
         base-to-refiner ensemble of experts (``output_type="latent"``, then the refiner's ``denoising_start``).
+        ControlNet (``controlnet=`` / ``set_controlnet``; see ``pipelines/controlnet.py``): ``control_image`` (one
+        image, a batch list, or with several ControlNets a list with one per ControlNet; of the output's size),
+        ``controlnet_conditioning_scale`` (one, or one per ControlNet; diffusers' default 1.0),
+        ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
+        ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
+        Without a size, the control image's size is the output's.
         """
         # 1. Check inputs before any work.
         self._begin()
@@ -46,10 +55,15 @@ class TextToImageDiffusion(BaseDiffusion):
         self._check_plain_image_model()
         guidance = Guidance(guidance_scale, guidance_rescale)
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
+        if image_height is None and image_width is None and latent is None:
+            image_height, image_width = self.control_image_size(control_image) or (None, None)
         height, width = self._resolve_size(image_height, image_width, latent)
         self.check_memory(height, width, len(prompts))
         denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=True, **check_sdxl_keywords(sdxl))
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, (height, width),
+                                       len(prompts) // num_images_per_prompt, num_images_per_prompt, guidance.enabled)
         f = self.vae_scale_factor
         shape = (len(prompts), self.latent_channels, height // f, width // f)
         rng = inputs.make_rng(seed)
@@ -66,7 +80,7 @@ class TextToImageDiffusion(BaseDiffusion):
         history = self.run_denoise(latents, positive, negative, guidance, rng,
                                    callback_on_step_end=callback_on_step_end,
                                    return_latent_history=return_latent_history,
-                                   stop=denoising_end_index(self.scheduler, denoising_end))
+                                   stop=denoising_end_index(self.scheduler, denoising_end), step_conditioning=control)
         # 5. Decode.
         return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
