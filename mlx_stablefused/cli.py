@@ -446,6 +446,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
     if args.vae is not None:
         source = resolve_vae(args.vae, source)
+    description = description_for(read_model_index(source.root))  # a single file's keys said what it is
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                         description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")

@@ -62,9 +62,14 @@ class Backend(ABC):
         """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
         return int(self.text_config.hidden_size)
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
-        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+    def token_embedding_width_of(self, component: str) -> int:
+        """The token-embedding width of text encoder ``component`` (SDXL: ``text_encoder_2`` too)."""
+        return int(self.configs[component].hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward of text encoder ``component`` become
+        ``vectors`` (n, D) (rows after them are dropped, as diffusers' ``resize_token_embeddings`` does); rows
+        before are kept."""
         raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
 
     def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",

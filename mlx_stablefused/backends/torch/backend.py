@@ -52,8 +52,8 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        embeddings = self.text_encoder.text_model.embeddings
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        embeddings = self.components[component].text_model.embeddings
         weight = embeddings.token_embedding.weight.detach()
         if first_id > weight.shape[0]:
             raise ValueError(f"token embedding rows end at {weight.shape[0]}; cannot replace from row {first_id}")
