@@ -16,6 +16,22 @@ INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent noth
 SUPPORTED_FILLS = (0, 1)
 
 
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's ``enable_hr``: the first image upscaled to ``width x height`` and denoised again."""
+
+    width: int
+    height: int
+    upscaler: str          # A1111's name ("Latent", "Lanczos", ...)
+    steps: int             # the second pass's schedule length
+    denoising_strength: float
+    scale: float
+
+    @property
+    def sampling_steps(self) -> int:
+        return max(min(int(self.steps * self.denoising_strength), self.steps), 1)
+
+
 @dataclass
 class GenerationJob:
     """One request: ``batch_size * n_iter`` images, image k from seed ``seed + k`` (A1111's numbering)."""
@@ -36,6 +52,8 @@ class GenerationJob:
     mask_blur: int = 4
     inpainting_fill: int = 1
     inpainting_mask_invert: bool = False
+    resize_mode: int = 0                   # img2img: A1111's 0-3 (see resize.RESIZE_MODES)
+    hires: HiresFix | None = None          # txt2img: A1111's hires fix
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     @property
@@ -48,13 +66,20 @@ class GenerationJob:
 
     @property
     def sampling_steps(self) -> int:
-        """Steps that actually run: image-to-image skips the first (1 - strength) of the schedule."""
-        return self.steps if self.init_image is None else max(min(int(self.steps * self.denoising_strength),
-                                                                  self.steps), 1)
+        """Steps that actually run: image-to-image skips the first (1 - strength) of the schedule; the hires
+        fix's second pass adds its own."""
+        if self.init_image is None:
+            return self.steps + (0 if self.hires is None else self.hires.sampling_steps)
+        return max(min(int(self.steps * self.denoising_strength), self.steps), 1)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.width, self.height) if self.hires is None else (self.hires.width, self.hires.height)
 
     @property
     def size(self) -> str:
-        return f"{self.width}x{self.height}x{self.count}"
+        width, height = self.output_size
+        return f"{width}x{height}x{self.count}"
 
 
 class RunControl:
