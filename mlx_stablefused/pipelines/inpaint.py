@@ -20,6 +20,8 @@ from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 MODES = ("auto", "unet", "blend")
+# What the masked part of the image latent starts from (AUTOMATIC1111's "masked content" 1, 2, 3).
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
 
 
 class InpaintDiffusion(BaseDiffusion):
@@ -31,7 +33,7 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 history_decoder: str = "vae", masked_content: str = "original", **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -40,6 +42,9 @@ class InpaintDiffusion(BaseDiffusion):
         (start_step 0) the masked region starts from pure noise. ``mode``: "unet" (9-channel
         inpainting UNet), "blend" (latent blending, any model), or "auto" (by the UNet's channels).
         SDXL models take the keywords image-to-image takes (``prompt_2``, micro-conditioning, aesthetic scores).
+        ``masked_content``: what the masked part of the image latent is before it is noised to the start:
+        "original", or AUTOMATIC1111's "latent noise" (fresh Gaussian noise, drawn after ``noise``) and
+        "latent nothing" (zeros).
         """
         # 1. Check inputs.
         self._begin()
@@ -48,6 +53,8 @@ class InpaintDiffusion(BaseDiffusion):
         self.validate_steps(num_inference_steps)
         guidance = Guidance(guidance_scale, guidance_rescale)
         use_unet = self._resolve_mode(mode)
+        if masked_content not in MASKED_CONTENT:
+            raise ValueError(f"unknown masked_content {masked_content!r}; expected one of {MASKED_CONTENT}")
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         num_prompts = len(prompts) // num_images_per_prompt
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
@@ -71,10 +78,11 @@ class InpaintDiffusion(BaseDiffusion):
         mask_latent = self.mask_to_latent(masks)
         eps = self.backend.latent_from_numpy(
             inputs.given_or_random(noise, self.backend.latent_shape(image_latent), rng, "noise"))
+        start_latent = self._masked_content(image_latent, mask_latent, masked_content, rng)
         if start == 0:
             latents = eps * float(self.scheduler.init_noise_sigma)  # the masked region starts from pure noise
         else:
-            latents = self.scheduler.add_noise(image_latent, eps, start)
+            latents = self.scheduler.add_noise(start_latent, eps, start)
         after_step = None
         if use_unet:
             masked = pixels * (1.0 - masks) + 0.5 * masks  # masked pixels become 0 in [-1, 1]
@@ -91,6 +99,17 @@ class InpaintDiffusion(BaseDiffusion):
         return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
+
+    def _masked_content(self, image_latent: Array, mask_latent: Array, content: str,
+                        rng: np.random.Generator) -> Array:
+        """The image latent with its masked part replaced as ``masked_content`` says (the kept part as it is)."""
+        if content == "original":
+            return image_latent
+        kept = image_latent * (mask_latent * -1.0 + 1.0)
+        if content == "latent nothing":
+            return kept
+        fresh = inputs.random_latent(self.backend.latent_shape(image_latent), rng)
+        return kept + self.backend.latent_from_numpy(fresh) * mask_latent
 
     def _resolve_mode(self, mode: str) -> bool:
         if mode not in MODES:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..pipelines.lora_tags import LORA_SUFFIXES
 from .images import FieldError, decode_image
-from .jobs import INPAINTING_FILLS, SUPPORTED_FILLS, GenerationJob, HiresFix
+from .jobs import GenerationJob, HiresFix
 from .resize import hr_upscaler
 from .samplers import choose_sampler, sampler_items, schedule_items
 from .service import Service, random_seed
@@ -90,9 +90,6 @@ def to_job(req: Txt2ImgRequest, img2img: bool) -> GenerationJob:
         assert isinstance(req, Img2ImgRequest)
         if req.mask is not None and req.resize_mode == 3:
             raise FieldError("resize_mode", "3 (latent upscale) does not apply to inpainting; use 0, 1 or 2")
-        if req.mask is not None and req.inpainting_fill not in SUPPORTED_FILLS:
-            raise FieldError("inpainting_fill", f"{req.inpainting_fill} ({INPAINTING_FILLS[req.inpainting_fill]}) "
-                                                "is not supported here; use 0 (fill) or 1 (original)")
         if int(req.steps * req.denoising_strength) < 1:
             raise FieldError("denoising_strength", f"{req.denoising_strength} x steps {req.steps} leaves no step "
                                                    "to run")

@@ -177,7 +177,8 @@ class Engine:
         size = {} if isinstance(image, np.ndarray) else dict(image_height=job.height, image_width=job.width)
         if job.mode == "img2img":
             return pipe(image=image, strength=job.denoising_strength, **size, **common)[0]
-        return pipe(image=image, mask=mask, strength=job.denoising_strength, **size, **common)[0]
+        return pipe(image=image, mask=mask, strength=job.denoising_strength, masked_content=job.masked_content,
+                    **size, **common)[0]
 
     def _hires(self, job: GenerationJob, control: RunControl, common: dict) -> Image.Image:
         """A1111's hires fix: the first pass at width x height, upscaled (its latent, or its image with PIL),

@@ -13,7 +13,6 @@ from .samplers import SamplerChoice
 
 # A1111's inpainting_fill values: what the masked part starts from.
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-SUPPORTED_FILLS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,11 @@ class GenerationJob:
     @property
     def mode(self) -> str:
         return "txt2img" if self.init_image is None else "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def masked_content(self) -> str:
+        """The inpainting pipeline's ``masked_content`` for this fill (0 "fill" is prepared in pixels)."""
+        return INPAINTING_FILLS[self.inpainting_fill] if self.inpainting_fill >= 2 else "original"
 
     @property
     def count(self) -> int:
