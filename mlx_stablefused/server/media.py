@@ -145,17 +145,20 @@ def sweep_grid(cells: list[Image.Image], labels: list[str], columns: int = 4) ->
     from ..utils.images import _load_font
 
     width, height = cells[0].size
-    strip = max(14, min(32, width // 8))
-    font = _load_font(None, strip - 4)
+    strip = max(12, min(32, width // 8))
     columns = min(columns, len(cells))
     rows = -(-len(cells) // columns)
     grid = Image.new("RGB", (columns * width, rows * (height + strip)), "white")
     draw = ImageDraw.Draw(grid)
+    size = strip - 3  # one font for every label: the largest at which the widest fits its cell
+    while size > 6 and max(draw.textlength(t, font=_load_font(None, size)) for t in labels) > width - 2:
+        size -= 1
+    font = _load_font(None, size)
     for k, (cell, label) in enumerate(zip(cells, labels)):
         x, y = (k % columns) * width, (k // columns) * (height + strip)
         grid.paste(cell, (x, y))
         text_width = draw.textlength(label, font=font)
-        draw.text((x + (width - text_width) / 2, y + height + 1), label, fill="black", font=font)
+        draw.text((x + (width - text_width) / 2, y + height + (strip - size) / 2 - 1), label, fill="black", font=font)
     return grid
 
 

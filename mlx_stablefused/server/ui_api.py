@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .a1111 import Img2ImgRequest, Txt2ImgRequest, to_job
 from .images import FieldError, png_bytes
-from .infotext import infotext
+from .infotext import VERSION, infotext
 from .jobs import RunControl
 from .media import (VIDEO_KINDS, VIDEO_MIME, SweepJob, VideoJob, encode_video, run_sweep, run_video, sweep_grid,
                     video_formats)
@@ -91,6 +91,7 @@ def video_infotext(job: VideoJob, model_name: str) -> str:
               "CFG scale": job.cfg_scale, "Seed": job.seed, "Size": f"{job.width}x{job.height}", "Model": model_name}
     if job.kind == "latent_walk":
         fields.update({"Walk points": job.points, "Loop": job.loop})
+    fields["Version"] = VERSION
     lines = [" -> ".join(job.prompts)]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
@@ -125,6 +126,7 @@ def capabilities(service: Service) -> dict:
     engine, lim = service.engine, service.settings.limits
     walk, video = engine.walk_unavailable(), engine.video_unavailable()
     return {"model": engine.model_name, "label": engine.label(engine.model_name), "is_demo": engine.is_demo,
+            "backend": service.settings.backend, "dtype": service.settings.dtype,
             "default_size": engine.default_size, "default_steps": engine.default_steps,
             "modes": {"txt2img": None, "img2img": None, "inpaint": None, "sweep": None, "interpolate": walk,
                       "latent_walk": walk, "animatediff": video},

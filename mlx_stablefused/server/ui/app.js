@@ -133,6 +133,8 @@ function setBusy(busy) {
   $("generate").disabled = busy || Boolean(unavailableReason());
   $("cancel").disabled = !busy;
   $("generate").textContent = busy ? "Generating..." : "Generate";
+  $("result").classList.toggle("stale", busy);
+  $("result-params").classList.toggle("stale", busy);  // the last result stays, dimmed, until the new one comes
   if (busy) {
     $("progress").value = 0;
     $("progress-text").textContent = "queued";
@@ -365,7 +367,7 @@ function fillSelect(select, items, selected) {
 async function loadCapabilities() {
   const caps = await api("/ui/v1/capabilities");
   state.caps = caps;
-  $("model-label").textContent = caps.label;
+  $("model-label").textContent = caps.is_demo ? caps.label : `${caps.backend} \u00b7 ${caps.dtype}`;
   $("model-label").classList.toggle("demo", caps.is_demo);
   document.querySelectorAll("#tabs button").forEach((b) => {
     const reason = caps.modes[b.dataset.tab];
