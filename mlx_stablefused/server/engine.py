@@ -151,7 +151,7 @@ class Engine:
         pipe.set_scheduler(job.sampler.ours, **job.sampler.overrides)
         if job.hires is not None:
             self.pipes["img2img"].set_scheduler(job.sampler.ours, **job.sampler.overrides)
-        image, mask = self._inputs(job, pipe)
+        image, mask = self.prepare_inputs(job, pipe)
         control.preview_scale = pipe.vae_scale_factor
         images, seeds = [], []
         for k in range(job.count):
@@ -199,7 +199,7 @@ class Engine:
         second = {**common, "num_inference_steps": hr.steps, "callback_on_step_end": step_callback(control, job.steps)}
         return self.pipes["img2img"](image=source, strength=hr.denoising_strength, **second)[0]
 
-    def _inputs(self, job: GenerationJob, pipe: Any) -> tuple[Any, Image.Image | None]:
+    def prepare_inputs(self, job: GenerationJob, pipe: Any) -> tuple[Any, Image.Image | None]:
         """A1111's preparation: the image brought to the job's size by ``resize_mode`` (3: its latent, upscaled);
         the mask inverted and blurred as asked; masked content filled (fill = 0)."""
         from .resize import IMAGE_RESIZERS, interpolate_latent, latent_source_size

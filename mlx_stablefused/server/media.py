@@ -94,7 +94,7 @@ def run_sweep(engine: Any, job: SweepJob, control: RunControl) -> list[Image.Ima
     base = job.base
     pipe = engine.pipes[base.mode]
     pipe.set_scheduler(base.sampler.ours, **base.sampler.overrides)
-    image, mask = engine._inputs(base, pipe)
+    image, mask = engine.prepare_inputs(base, pipe)
     control.preview_scale = pipe.vae_scale_factor
     cells = []
     for k, scale in enumerate(job.cfg_scales):
