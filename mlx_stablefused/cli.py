@@ -254,8 +254,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
     p.add_argument("--outputs", default=None, metavar="FOLDER",
                    help="also write every result there, with its parameters (default: nothing written)")
+    p.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
+                   help="MotionAdapter folder, hub id or .ckpt for the web UI's AnimateDiff videos, loaded on first "
+                        f"use (default: none; the demo model uses {DEMO_MOTION_ADAPTER_ID})")
     for flag, default, what in (("--max-size", 2048, "largest width or height"), ("--max-steps", 150, "most steps"),
                                 ("--max-batch", 8, "most images per request"),
+                                ("--max-frames", 64, "most frames per video or cells per sweep grid"),
                                 ("--max-queue", 16, "requests waiting; more get 503")):
         p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=what)
 
@@ -473,10 +477,11 @@ def run_serve(args: argparse.Namespace) -> int:
         args.backend = choice.name
     model = args.model if args.model is not None else default_model(args.variant)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_frames=args.max_frames, max_queue=args.max_queue)
     return serve(ServerSettings(model=model, backend=args.backend, dtype=args.dtype, device=args.device,
                                 variant=args.variant, host=args.host, port=args.port, api_key=args.api_key,
                                 lora_dir=None if args.lora_dir is None else Path(args.lora_dir).expanduser(),
+                                motion_adapter=args.motion_adapter,
                                 outputs=None if args.outputs is None else Path(args.outputs).expanduser(),
                                 limits=limits))
 

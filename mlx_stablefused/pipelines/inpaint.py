@@ -20,6 +20,8 @@ from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 MODES = ("auto", "unet", "blend")
+# What the masked part of the image latent starts from (AUTOMATIC1111's "masked content" 1, 2, 3).
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
 
 
 class InpaintDiffusion(BaseDiffusion):
@@ -31,7 +33,7 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae", control_image: Any = None,
+                 history_decoder: str = "vae", masked_content: str = "original", control_image: Any = None,
                  controlnet_conditioning_scale: float | list[float] = 0.5,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
                  guess_mode: bool = False, ip_adapter_image: Any = None,
@@ -50,6 +52,9 @@ class InpaintDiffusion(BaseDiffusion):
         ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
         ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
         An inpainting ControlNet (control_v11p_sd15_inpaint) takes the image with masked pixels set to -1.
+        ``masked_content``: what the masked part of the image latent is before it is noised to the start:
+        "original", or AUTOMATIC1111's "latent noise" (fresh Gaussian noise, drawn after ``noise``) and
+        "latent nothing" (zeros).
         """
         # 1. Check inputs.
         self._begin()
@@ -58,6 +63,8 @@ class InpaintDiffusion(BaseDiffusion):
         self.validate_steps(num_inference_steps)
         guidance = Guidance(guidance_scale, guidance_rescale)
         use_unet = self._resolve_mode(mode)
+        if masked_content not in MASKED_CONTENT:
+            raise ValueError(f"unknown masked_content {masked_content!r}; expected one of {MASKED_CONTENT}")
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         num_prompts = len(prompts) // num_images_per_prompt
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
@@ -86,10 +93,11 @@ class InpaintDiffusion(BaseDiffusion):
         mask_latent = self.mask_to_latent(masks)
         eps = self.backend.latent_from_numpy(
             inputs.given_or_random(noise, self.backend.latent_shape(image_latent), rng, "noise"))
+        start_latent = self._masked_content(image_latent, mask_latent, masked_content, rng)
         if start == 0:
             latents = eps * float(self.scheduler.init_noise_sigma)  # the masked region starts from pure noise
         else:
-            latents = self.scheduler.add_noise(image_latent, eps, start)
+            latents = self.scheduler.add_noise(start_latent, eps, start)
         after_step = None
         if use_unet:
             masked = pixels * (1.0 - masks) + 0.5 * masks  # masked pixels become 0 in [-1, 1]
@@ -106,6 +114,17 @@ class InpaintDiffusion(BaseDiffusion):
         return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
 
     generate = __call__
+
+    def _masked_content(self, image_latent: Array, mask_latent: Array, content: str,
+                        rng: np.random.Generator) -> Array:
+        """The image latent with its masked part replaced as ``masked_content`` says (the kept part as it is)."""
+        if content == "original":
+            return image_latent
+        kept = image_latent * (mask_latent * -1.0 + 1.0)
+        if content == "latent nothing":
+            return kept
+        fresh = inputs.random_latent(self.backend.latent_shape(image_latent), rng)
+        return kept + self.backend.latent_from_numpy(fresh) * mask_latent
 
     def _resolve_mode(self, mode: str) -> bool:
         if mode not in MODES:
