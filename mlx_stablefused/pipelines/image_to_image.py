@@ -9,6 +9,7 @@ import numpy as np
 from ..previews import check_preview_decoder
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
 from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, denoising_end_index,
                                  denoising_start_index, given_latents, sdxl_inputs)
@@ -39,6 +40,7 @@ class ImageToImageDiffusion(BaseDiffusion):
         with ``output_type="latent"``, and ``denoising_start`` (instead of ``start_step``/``strength``)
         continues from that fraction of the schedule without adding noise; ``denoising_end`` stops early.
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -70,12 +72,13 @@ class ImageToImageDiffusion(BaseDiffusion):
             start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
+        parallel = ParallelCall.begin(self, "ImageToImageDiffusion.__call__", arguments, seed)  # under a launch
         # 2. Encode the prompt.
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
         # 3. Prepare timesteps and latents: the image's latent noised to the start (with denoising_start:
         # already noisy latents, taken as they are).
         self.scheduler.set_timesteps(num_inference_steps)
-        rng = inputs.make_rng(seed)
+        rng = inputs.make_rng(parallel.seed)
         if latent_input is None:
             image_latent = self.pixels_to_latent(pixels)
         else:
@@ -84,13 +87,18 @@ class ImageToImageDiffusion(BaseDiffusion):
             latents = self._noised(image_latent, start, noise, rng)
         else:
             start, latents = denoising_start_index(self.scheduler, denoising_start), image_latent
-        # 4. Denoise.
-        history = self.run_denoise(latents, positive, negative, guidance, rng, start,
-                                   callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history,
-                                   stop=denoising_end_index(self.scheduler, denoising_end))
-        # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
+        stop = denoising_end_index(self.scheduler, denoising_end)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            # 4. Denoise.
+            history = self.run_denoise(shard.take(latents), shard.take(positive), shard.take(negative), guidance,
+                                       rng, start, callback_on_step_end=callback_on_step_end,
+                                       return_latent_history=return_latent_history, stop=stop,
+                                       step_noise=shard.noise_source)
+            # 5. Decode.
+            return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
 
