@@ -15,13 +15,14 @@ from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidV
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS, resolve_special_id
-from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
+from .distributed import is_writer
+from .errors import DistributedError, ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
 
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
+EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, DistributedError, ValueError,
                    TypeError, NotImplementedError, OSError, MemoryError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -322,6 +323,8 @@ def save_image_atomically(image: Any, path: Path) -> None:
 
 
 def save_images(images: list, output: str) -> None:
+    if not is_writer():  # under mlx.launch / torchrun every rank has the result; rank 0 writes it
+        return
     for image, path in zip(images, output_paths(output, len(images))):
         save_image_atomically(image, path)
         print(f"wrote {path}")
@@ -330,6 +333,8 @@ def save_images(images: list, output: str) -> None:
 def save_frames(frames: list, output: str, fps: int) -> None:
     from .utils.images import pil_to_gif, pil_to_video
 
+    if not is_writer():
+        return
     path = Path(output)
     (pil_to_gif if path.suffix.lower() == ".gif" else pil_to_video)(frames, path, fps=fps)
     print(f"wrote {path} ({len(frames)} frames at {fps} fps)")

@@ -15,6 +15,7 @@ from ..previews import check_preview_decoder
 from ..progress import progress_bar
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
 from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
@@ -56,6 +57,7 @@ class InpaintDiffusion(BaseDiffusion):
         "original", or AUTOMATIC1111's "latent noise" (fresh Gaussian noise, drawn after ``noise``) and
         "latent nothing" (zeros).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -83,12 +85,13 @@ class InpaintDiffusion(BaseDiffusion):
                                        control_guidance_end, guess_mode, tuple(pixels.shape[1:3]), num_prompts,
                                        num_images_per_prompt, guidance.enabled)
         image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        parallel = ParallelCall.begin(self, "InpaintDiffusion.__call__", arguments, seed)  # under a launch
         # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
         positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps, latents and the mask conditioning.
         self.scheduler.set_timesteps(num_inference_steps)
-        rng = inputs.make_rng(seed)
+        rng = inputs.make_rng(parallel.seed)
         image_latent = self.pixels_to_latent(pixels)
         mask_latent = self.mask_to_latent(masks)
         eps = self.backend.latent_from_numpy(
@@ -98,20 +101,24 @@ class InpaintDiffusion(BaseDiffusion):
             latents = eps * float(self.scheduler.init_noise_sigma)  # the masked region starts from pure noise
         else:
             latents = self.scheduler.add_noise(start_latent, eps, start)
-        after_step = None
         if use_unet:
             masked = pixels * (1.0 - masks) + 0.5 * masks  # masked pixels become 0 in [-1, 1]
             channels = self.backend.concat_channels([mask_latent, self.pixels_to_latent(masked)])
             positive = replace(positive, image_channels=channels)
             negative = replace(negative, image_channels=channels)
-        else:
-            after_step = self._blend_known_region(image_latent, mask_latent, eps)
-        # 4. Denoise.
-        history = self.run_denoise(latents, positive, negative, guidance, rng, start, after_step=after_step,
-                                   callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history, step_conditioning=control)
-        # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            after_step = None if use_unet else self._blend_known_region(shard.take(image_latent),
+                                                                        shard.take(mask_latent), shard.take(eps))
+            # 4. Denoise.
+            history = self.run_denoise(shard.take(latents), shard.take(positive), shard.take(negative), guidance, rng,
+                                       start, after_step=after_step, callback_on_step_end=callback_on_step_end,
+                                       return_latent_history=return_latent_history, step_conditioning=shard.take(control),
+                                       step_noise=shard.noise_source)
+            # 5. Decode.
+            return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
 
