@@ -65,6 +65,41 @@ class CLIPTextConfig:
         return asdict(self)
 
 
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers' CLIPVisionConfig (an IP-Adapter's image encoder: ViT-H/14, ViT-bigG/14)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512  # visual_projection's width: the image embedding an IP-Adapter projects
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "CLIPVisionConfig":
+        if "vision_config" in cfg:  # a full CLIPModel config: its vision half
+            cfg = cfg["vision_config"]
+        _require(cfg, "hidden_act", ("quick_gelu", "gelu"), "image encoder")
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        config = cls(**known)
+        if config.image_size % config.patch_size:
+            raise UnsupportedModelError(f"image encoder config: image_size={config.image_size} is not a multiple "
+                                        f"of patch_size={config.patch_size}")
+        return config
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # the patches and the class token
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 _UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import AutoencoderTinyConfig, CLIPTextConfig, ControlNetConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import (AutoencoderTinyConfig, CLIPTextConfig, CLIPVisionConfig, ControlNetConfig, UNet3DConfig,
+                     UNetConfig, VAEConfig)
 from .weights import Rule
 
 
@@ -184,6 +185,17 @@ def description_for(model_index: Mapping[str, Any]) -> ModelDescription:
 AUTOENCODER_TINY = ModuleKind("AutoencoderTiny", AutoencoderTinyConfig.from_dict)
 TINY_AUTOENCODER = ModelDescription("Tiny autoencoder (TAESD)", (
     Component("tiny_vae", "preview_vae", (AUTOENCODER_TINY,), DIFFUSERS_STEMS, subfolder="."),
+), support_files=())
+
+# An IP-Adapter's image encoder (transformers' CLIPVisionModelWithProjection), a model of its own: the
+# ``image_encoder`` folder beside the adapter's weight file, config.json and weights at its root.
+CLIP_VISION_MODEL_WITH_PROJECTION = ModuleKind("CLIPVisionModelWithProjection", CLIPVisionConfig.from_dict, rules=(
+    Rule(r"(vision_model\.)?embeddings\.position_ids", None),
+    Rule(r"((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..*)", r"vision_model.\1"),  # unprefixed saves
+))
+IMAGE_ENCODER = ModelDescription("IP-Adapter image encoder (CLIP vision)", (
+    Component("image_encoder", "image_encoder", (CLIP_VISION_MODEL_WITH_PROJECTION,), TRANSFORMERS_STEMS,
+              subfolder="."),
 ), support_files=())
 
 # A ControlNet (diffusers' ControlNetModel), a model of its own: config.json and weights at the folder's root.

@@ -62,9 +62,14 @@ class Backend(ABC):
         """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
         return int(self.text_config.hidden_size)
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
-        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+    def token_embedding_width_of(self, component: str) -> int:
+        """The token-embedding width of text encoder ``component`` (SDXL: ``text_encoder_2`` too)."""
+        return int(self.configs[component].hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward of text encoder ``component`` become
+        ``vectors`` (n, D) (rows after them are dropped, as diffusers' ``resize_token_embeddings`` does); rows
+        before are kept."""
         raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
 
     def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
@@ -99,6 +104,8 @@ class Backend(ABC):
             raise ValueError("pooled text embeddings and time ids go together (SDXL's added conditioning)")
         if cond.pooled_text is not None:
             extra["added_cond_kwargs"] = {"text_embeds": cast(cond.pooled_text), "time_ids": cast(cond.time_ids)}
+        if cond.ip_hidden_states is not None:
+            extra["ip_hidden_states"] = cast(cond.ip_hidden_states)
         return extra
 
     @staticmethod
@@ -266,6 +273,13 @@ class Backend(ABC):
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------ IP-Adapter
+    ip_adapter: Any = None  # the loaded IP-Adapter (pipelines/ip_adapter_loader.py), shared like the weights
+
+    def ip_adapter_host(self) -> Any:
+        """How an IP-Adapter attaches to this backend's UNet and runs its image encoder (backends/*/ip_adapter.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no IP-Adapter support")
 
     # ------------------------------------------------------------------------------------ LoRA
     def lora_host(self) -> Any:

@@ -76,6 +76,20 @@ class ControlStep:
     ends: list[float]
     guess_mode: bool
     guided: bool
+    rows_per_item: int = 1  # a video's frames: its control images are one per frame, video-major
+
+    def __getitem__(self, items: slice) -> "ControlStep":
+        """The control of a part of the batch (a rank's window: ``data_parallel.Shard.take``), in each guidance
+        half when the images hold both."""
+        rows = slice(items.start * self.rows_per_item, items.stop * self.rows_per_item)
+
+        def part(image: Array) -> Array:
+            if self.guided and not self.guess_mode:
+                half = image.shape[0] // 2
+                return self.backend.concat([image[:half][rows], image[half:][rows]])
+            return image[rows]
+
+        return replace(self, images=[part(image) for image in self.images])
 
     def __call__(self, step: int, steps: int, x: Array, timestep: float, conditioning: Conditioning) -> Conditioning:
         half = x.shape[0] // 2
@@ -174,7 +188,8 @@ class ControlNetMixin:
             pixels = self._control_pixels(image, size, num_prompts, per_prompt, frames, name)
             native = self.backend.images_from_numpy(pixels)
             images.append(self.backend.concat([native, native]) if guided and not guess_mode else native)
-        return ControlStep(self.backend, list(self.controlnets), images, scales, starts, ends, guess_mode, guided)
+        return ControlStep(self.backend, list(self.controlnets), images, scales, starts, ends, guess_mode, guided,
+                           rows_per_item=frames or 1)
 
     @staticmethod
     def _images_per_controlnet(control_image: Any, n: int) -> list:

@@ -72,7 +72,8 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
             negative: Conditioning | None, guidance: Guidance, rng: np.random.Generator, start: int = 0,
             predict: Predictor | None = None,
             after_step: Callable[[int, Array], Array] | None = None, stop: int | None = None,
-            step_conditioning: StepConditioning | None = None) -> Iterator[StepState]:
+            step_conditioning: StepConditioning | None = None,
+            step_noise: Callable[..., StepNoise] | None = None) -> Iterator[StepState]:
     """Run ``scheduler`` (timesteps already set) from table index ``start`` to ``stop`` (default: the end;
     SDXL's ``denoising_end`` stops early); yield after every step.
 
@@ -80,7 +81,8 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
     ``backend.unet`` (context windows over frames); ``after_step(i, latents)`` is part of the
     algorithm (latent-blending inpainting re-imposes the known region) and runs before the yield.
     ``step_conditioning`` builds each step's conditioning before the UNet runs (a ControlNet's residuals).
-    Ancestral and SDE samplers draw their noise from ``rng`` in diffusers' layout.
+    Ancestral and SDE samplers draw their noise from ``rng`` in diffusers' layout; ``step_noise`` replaces
+    ``StepNoise`` as the source (a rank's window of a batch split across processes: ``data_parallel``).
     """
     predict = predict or backend.unet
     if guidance.enabled:
@@ -89,7 +91,7 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         batched = Conditioning.concat([negative, conditioning], backend.concat)
     else:
         batched = conditioning
-    noise = StepNoise(backend.latent_shape(latents), rng, backend.latent_from_numpy)
+    noise = (step_noise or StepNoise)(backend.latent_shape(latents), rng, backend.latent_from_numpy)
 
     end = len(scheduler.timesteps) if stop is None else stop
     for i in range(start, end):

@@ -11,6 +11,7 @@ from ..errors import UnsupportedModelError
 from ..previews import check_preview_decoder
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
 from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, default_image_side, denoising_end_index,
                                  sdxl_inputs)
@@ -23,9 +24,11 @@ class TextToImageDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", return_latent_history: bool = False, seed: int | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                 denoising_end: float | None = None, history_decoder: str = "vae", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
-                 guess_mode: bool = False, **sdxl: Any) -> Any:
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Generate images for ``prompt``.
 
         ``latent``: initial noise (B, 4, h, w) in diffusers' layout (it is scaled by the
@@ -45,6 +48,7 @@ class TextToImageDiffusion(BaseDiffusion):
         ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
         Without a size, the control image's size is the output's.
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs before any work.
         self._begin()
         self._check_output_type(output_type)
@@ -64,21 +68,30 @@ class TextToImageDiffusion(BaseDiffusion):
                                        len(prompts) // num_images_per_prompt, num_images_per_prompt, guidance.enabled)
         f = self.vae_scale_factor
         shape = (len(prompts), self.latent_channels, height // f, width // f)
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "TextToImageDiffusion.__call__", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (batch = prompts x num_images_per_prompt, "
                                                            "channels, height/8, width/8)")
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
-        # 3. Prepare timesteps and latents.
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         self.scheduler.set_timesteps(num_inference_steps)
-        latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
-        # 4. Denoise.
-        history = self.run_denoise(latents, positive, negative, guidance, rng,
-                                   callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history,
-                                   stop=denoising_end_index(self.scheduler, denoising_end), step_conditioning=control)
-        # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
+        stop = denoising_end_index(self.scheduler, denoising_end)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            # 3. Prepare the latents.
+            latents = self.backend.latent_from_numpy(shard.take(noise) * np.float32(self.scheduler.init_noise_sigma))
+            # 4. Denoise.
+            history = self.run_denoise(latents, shard.take(positive), shard.take(negative), guidance, rng,
+                                       callback_on_step_end=callback_on_step_end,
+                                       return_latent_history=return_latent_history, stop=stop,
+                                       step_conditioning=shard.take(control),
+                                       step_noise=shard.noise_source)
+            # 5. Decode.
+            return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
 

@@ -52,8 +52,8 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        embeddings = self.text_encoder.text_model.embeddings
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        embeddings = self.components[component].text_model.embeddings
         weight = embeddings.token_embedding.weight.detach()
         if first_id > weight.shape[0]:
             raise ValueError(f"token embedding rows end at {weight.shape[0]}; cannot replace from row {first_id}")
@@ -80,6 +80,8 @@ class TorchBackend(Backend):
             extra = self.frames_into_batch(extra)
             x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
             ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = extra["ip_hidden_states"].repeat_interleave(f, dim=0)
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
@@ -202,6 +204,11 @@ class TorchBackend(Backend):
         from .lora import TorchLoRAHost
 
         return TorchLoRAHost(self)
+
+    def ip_adapter_host(self):
+        from .ip_adapter import TorchIPAdapterHost
+
+        return TorchIPAdapterHost(self)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
