@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import BACKENDS, max_abs_error, rel_error, report
+from helpers import BACKENDS, NetworkRunner, max_abs_error, rel_error, report
 from test_parity_image_pipelines import make_image, make_mask, run_diffusers
 from tiny_controlnets import build_controlnet, control_image, to_original_format
 
-from mlx_stablefused import ImageToImageDiffusion, InpaintDiffusion, TextToImageDiffusion, TextToVideoDiffusion
+from mlx_stablefused import (ImageToImageDiffusion, InpaintDiffusion, LatentWalkDiffusion, TextToImageDiffusion,
+                             TextToVideoDiffusion)
+from mlx_stablefused.conditioning import Conditioning
 from mlx_stablefused.controlnets import load_controlnet
 from mlx_stablefused.errors import UnsupportedModelError
 
@@ -92,8 +94,6 @@ def _images(names):
 # ------------------------------------------------------------------------------------- the module
 def test_controlnet_module_matches_diffusers(sd1, sdxl, controlnets, pipelines, backend_name):
     """ControlNetModel residuals vs diffusers' (odd latent size, fractional t; guess mode; SDXL's text_time)."""
-    from helpers import NetworkRunner
-
     rng = np.random.default_rng(0)
     for name, root in (("sd1-a", sd1[1]), ("sdxl", sdxl[1])):
         net = controlnets[name][0]
@@ -108,8 +108,6 @@ def test_controlnet_module_matches_diffusers(sd1, sdxl, controlnets, pipelines, 
             ids = np.array([[64, 80, 4, 0, 64, 64]] * 2, np.float32)
             added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(ids)}
             ours_added = dict(pooled_text=pipe.backend.from_numpy(pooled), time_ids=pipe.backend.from_numpy(ids))
-        from mlx_stablefused.conditioning import Conditioning
-
         cond = Conditioning(text=pipe.backend.from_numpy(ctx), **ours_added)
         runner = NetworkRunner(pipe.backend)
         for guess in (False, True):
@@ -291,6 +289,8 @@ def test_bad_controlnet_inputs_are_refused(sd1, sdxl, controlnets, pipelines):
         load_controlnet(pipe.backend, _wider(controlnets, "sd1-a"))
     with pytest.raises(ValueError, match="no ControlNet is loaded"):
         pipe("a", control_image=control_image(), num_inference_steps=1)
+    with pytest.raises(ValueError, match="LatentWalkDiffusion takes no ControlNet"):
+        LatentWalkDiffusion(components=pipe.components, progress=False, controlnet=controlnets["sd1-a"][1])
     with_controlnets(pipe, controlnets, ["sd1-a", "sd1-b"])
     args = dict(num_inference_steps=1, output_type="latent")
     with pytest.raises(ValueError, match="pass control_image"):
@@ -353,3 +353,32 @@ def test_command_line_controlnet_on_the_demo_model(tmp_path, capsys):
         assert main(["txt2img", "--prompt", "x", "--output", str(tmp_path / "x.png"), *fast, *extra]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_hub_id_downloads_the_config_and_one_weight_file(controlnets, monkeypatch):
+    """A hub id goes through sources' download: only config.json and the best weight file (the variant's)."""
+    import huggingface_hub
+
+    import mlx_stablefused.hub_access as hub_access
+    from mlx_stablefused.controlnets import resolve_controlnet
+
+    folder = controlnets["sd1-a"][1]
+    asked = {}
+
+    class Api:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors", "README.md", "images/example.png"]
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        asked.update(repo=repo_id, patterns=list(allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(hub_access, "offline_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = resolve_controlnet("lllyasviel/control_v11p_sd15_canny", variant="fp16")
+    assert source.root == folder and asked["repo"] == "lllyasviel/control_v11p_sd15_canny"
+    wanted = [p for p in asked["patterns"] if p not in ("mlx_manifest.json", "*/weights.safetensors")]
+    assert "config.json" in wanted and "diffusion_pytorch_model.fp16.safetensors" in wanted
+    assert not {"diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors", "README.md"} & set(wanted)

@@ -114,7 +114,7 @@ class ControlStep:
 class ControlNetMixin:
     """``controlnet=`` on the constructor, ``set_controlnet`` and ``prepare_control`` for the pipelines."""
 
-    controlnets: list[ControlNet] = []
+    controlnets: list[ControlNet]  # set by set_controlnet (BaseDiffusion.__init__ calls it)
 
     def set_controlnet(self, controlnet: Any, *, config: str | Path | None = None, subfolder: str | None = None,
                        variant: str | None = None, revision: str | None = None,
@@ -125,6 +125,11 @@ class ControlNetMixin:
         a ``ControlNet`` another pipeline loaded (``pipe.controlnet``), a list of these (several ControlNets,
         their residuals summed), or None to drop them. Each is checked against the loaded model before its
         weights are read."""
+        import inspect
+
+        if controlnet is not None and "control_image" not in inspect.signature(type(self).__call__).parameters:
+            raise ValueError(f"{type(self).__name__} takes no ControlNet (text-to-image, image-to-image, inpainting "
+                             "and text-to-video do)")
         loaded = []
         for spec in ([] if controlnet is None else _as_list(controlnet)):
             if isinstance(spec, ControlNet):

@@ -91,6 +91,7 @@ class TorchBackend(Backend):
                    image: torch.Tensor, scale: float, guess_mode: bool = False) -> tuple[tuple[torch.Tensor, ...],
                                                                                           torch.Tensor]:
         cond = as_conditioning(conditioning)
+        module.to(self.device)  # loaded beside the model: follows pipe.to(device) here (a no-op when it is there)
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
         extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None),
                                    lambda a: a.to(self.dtype))
