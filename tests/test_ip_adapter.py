@@ -174,7 +174,7 @@ def test_bad_ip_adapter_input_is_refused_before_work(sd1, sd2, adapter_root, pip
             pipe(**run)
         with pytest.raises(ValueError, match="not both"):
             pipe(ip_adapter_image=ip_image(), ip_adapter_image_embeds=[np.zeros((2, 1, 24))], **run)
-        with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\] must be \(batch, images, 24\)"):
+        with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\] must be \(batch, images, D\) with D = 24"):
             pipe(ip_adapter_image_embeds=[np.zeros((2, 1, 16))], **run)
         with pytest.raises(ValueError, match="ip_adapter_scale must be finite"):
             pipe.set_ip_adapter_scale(float("nan"))
@@ -286,3 +286,76 @@ def test_image_to_image_ip_adapter_matches_diffusers(sd1, adapter_root, pipeline
         ours.unload_ip_adapter()
     assert report(f"image-to-image IP-Adapter vs StableDiffusionImg2ImgPipeline (max abs) [{backend_name}]",
                   float(np.abs(got - want).max())) < 5e-3
+
+
+def test_plus_resampler_matches_diffusers(sd1, backend_name):
+    """IP-Adapter Plus's resampler from the original keys (to_kv split, norm1/norm2) vs diffusers' own
+    conversion of the same tensors into IPAdapterPlusImageProjection, on random hidden states."""
+    from ip_adapter_files import ENCODER, PLUS
+
+    from mlx_stablefused.ip_adapter import parse_ip_adapter, split_state
+    from mlx_stablefused.topology import unet_plan
+    from mlx_stablefused.config import UNetConfig
+
+    unet = sd1[0].unet
+    state = ip_adapter_state(unet, ENCODER["hidden_size"], plus=True)
+    image_proj = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
+    ref = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False).eval()
+    states = np.random.default_rng(0).standard_normal((2, 17, ENCODER["hidden_size"])).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(states)).numpy()
+    config = UNetConfig.from_dict(dict(unet.config))
+    adapter = parse_ip_adapter(split_state(state, "plus"), "plus", unet_plan(config), config.cross_attention_dim)
+    assert adapter.num_tokens == PLUS["queries"] and adapter.projection.heads == PLUS["inner"] // 64
+    if backend_name == "mlx":
+        import mlx.core as mx
+
+        from mlx_stablefused.backends.mlx.ip_adapter import Resampler, assign
+
+        module = assign(Resampler(adapter.projection), adapter.image_proj, mx.float32, "plus", "Resampler")
+        got = np.array(module(mx.array(states)))
+    else:
+        from mlx_stablefused.backends.torch.ip_adapter import Resampler, assign
+
+        module = assign(Resampler(adapter.projection), adapter.image_proj, torch.device("cpu"), torch.float32,
+                        "plus", "Resampler")
+        with torch.no_grad():
+            got = module(torch.from_numpy(states)).numpy()
+    assert report(f"IP-Adapter Plus resampler vs IPAdapterPlusImageProjection (rel) [{backend_name}]",
+                  rel_error(got, want)) < 1e-5
+
+
+@pytest.mark.slow
+def test_plus_ip_adapter_matches_diffusers(sd1, pipelines, backend_name, tmp_path):
+    """IP-Adapter Plus end to end (penultimate hidden states; a zero image's for the unconditional branch) vs
+    StableDiffusionPipeline.load_ip_adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe, root = sd1
+    build_ip_adapter(tmp_path, pipe.unet, weight_name="ip-adapter-plus_tiny.safetensors", plus=True)
+    weights = dict(subfolder="models", weight_name="ip-adapter-plus_tiny.safetensors")
+    ref = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  unet=copy.deepcopy(pipe.unet), scheduler=trailing_ddim(pipe.scheduler.config),
+                                  safety_checker=None, feature_extractor=None, image_encoder=None,
+                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), **weights)
+    ref.set_ip_adapter_scale(SCALE)
+    with torch.no_grad():
+        want = ref(latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="latent",
+                   ip_adapter_image=ip_image(), **RUN).images.numpy()
+        embeds = [e.numpy() for e in ref.prepare_ip_adapter_image_embeds(ip_image(), None, "cpu", 1, True)]
+    ours = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    ours.set_scheduler("ddim", timestep_spacing="trailing")
+    try:
+        ours.load_ip_adapter(str(tmp_path), **weights)
+        ours.set_ip_adapter_scale(SCALE)
+        got = as_numpy(ours(latent=latents(), output_type="latent", ip_adapter_image=ip_image(), **RUN))
+        from_embeds = as_numpy(ours(latent=latents(), output_type="latent", ip_adapter_image_embeds=embeds, **RUN))
+        ours.set_ip_adapter_scale(0.0)
+        plain = as_numpy(ours(latent=latents(), output_type="latent", ip_adapter_image=ip_image(), **RUN))
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"IP-Adapter Plus vs StableDiffusionPipeline (rel, latents) [{backend_name}]",
+                  rel_error(got, want)) < TOL
+    assert rel_error(from_embeds, got) < 1e-5 and rel_error(got, plain) > 0.05

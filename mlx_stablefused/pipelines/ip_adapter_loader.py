@@ -30,6 +30,7 @@ class LoadedIPAdapter:
     origin: str
     num_tokens: int
     image_embed_dim: int
+    hidden_states: bool = False  # IP-Adapter Plus: it projects the encoder's penultimate hidden states
     encoder: Any = None  # the CLIPVisionModelWithProjection module (None: loaded with image_encoder_folder=None)
     encoder_folder: Path | None = None
     scale: float = 1.0
@@ -110,7 +111,7 @@ class IPAdapterMixin:
         host = backend.ip_adapter_host()
         host.attach(adapter)
         backend.ip_adapter = LoadedIPAdapter(host, origin, adapter.num_tokens, adapter.projection.image_embed_dim,
-                                             encoder, encoder_folder)
+                                             adapter.projection.hidden_states, encoder, encoder_folder)
 
     def _image_encoder_for(self, adapter: IPAdapterWeights, folder: Path | None) -> Any:
         """The image encoder in ``folder``, checked against the adapter (reused when already loaded)."""
@@ -202,8 +203,9 @@ class IPAdapterMixin:
             raise ValueError(f"ip_adapter_image_embeds must be a list with one array per loaded IP-Adapter (1), got "
                              f"{count} {type(embeds).__name__}")
         arr = as_numpy(embeds[0])
-        if arr.ndim != 3 or arr.shape[2] != loaded.image_embed_dim or arr.shape[0] < 1 or arr.shape[1] < 1:
-            raise ValueError(f"ip_adapter_image_embeds[0] must be (batch, images, {loaded.image_embed_dim}) "
+        layout = "(batch, images, tokens, D)" if loaded.hidden_states else "(batch, images, D)"  # Plus: hidden states
+        if arr.ndim != 3 + loaded.hidden_states or arr.shape[-1] != loaded.image_embed_dim or 0 in arr.shape:
+            raise ValueError(f"ip_adapter_image_embeds[0] must be {layout} with D = {loaded.image_embed_dim} "
                              f"(diffusers' layout), got {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError("ip_adapter_image_embeds must not contain NaN or infinite values")
@@ -227,9 +229,10 @@ class IPAdapterMixin:
         loaded = self._loaded_ip_adapter("ip_adapter_image")
         backend, host = self.backend, loaded.host
         if prompt.pixels is not None:
-            embeds = host.encode_images(loaded.encoder, prompt.pixels)  # (n, D)
-            pos = embeds[None]
-            neg = pos * 0.0
+            pos = host.encode_images(loaded.encoder, prompt.pixels)[None]  # (1, n, D); Plus (1, n, L, D)
+            # The unconditional image, as diffusers: zero embeddings; for Plus the hidden states of a zero image.
+            neg = host.encode_images(loaded.encoder, np.zeros_like(prompt.pixels))[None] if loaded.hidden_states \
+                else pos * 0.0
         else:
             pos, neg = backend.from_numpy(prompt.embeds), backend.from_numpy(prompt.negative_embeds)
         tokens = self._per_sample(host.project(pos), positive.batch_size, "ip_adapter_image_embeds")
