@@ -15,13 +15,14 @@ from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidV
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS, resolve_special_id
-from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
+from .distributed import is_writer
+from .errors import DistributedError, ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
 
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
+EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, DistributedError, ValueError,
                    TypeError, NotImplementedError, OSError, MemoryError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -254,8 +255,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
     p.add_argument("--outputs", default=None, metavar="FOLDER",
                    help="also write every result there, with its parameters (default: nothing written)")
+    p.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
+                   help="MotionAdapter folder, hub id or .ckpt for the web UI's AnimateDiff videos, loaded on first "
+                        f"use (default: none; the demo model uses {DEMO_MOTION_ADAPTER_ID})")
     for flag, default, what in (("--max-size", 2048, "largest width or height"), ("--max-steps", 150, "most steps"),
                                 ("--max-batch", 8, "most images per request"),
+                                ("--max-frames", 64, "most frames per video or cells per sweep grid"),
                                 ("--max-queue", 16, "requests waiting; more get 503")):
         p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=what)
 
@@ -318,6 +323,8 @@ def save_image_atomically(image: Any, path: Path) -> None:
 
 
 def save_images(images: list, output: str) -> None:
+    if not is_writer():  # under mlx.launch / torchrun every rank has the result; rank 0 writes it
+        return
     for image, path in zip(images, output_paths(output, len(images))):
         save_image_atomically(image, path)
         print(f"wrote {path}")
@@ -326,6 +333,8 @@ def save_images(images: list, output: str) -> None:
 def save_frames(frames: list, output: str, fps: int) -> None:
     from .utils.images import pil_to_gif, pil_to_video
 
+    if not is_writer():
+        return
     path = Path(output)
     (pil_to_gif if path.suffix.lower() == ".gif" else pil_to_video)(frames, path, fps=fps)
     print(f"wrote {path} ({len(frames)} frames at {fps} fps)")
@@ -446,6 +455,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
     if args.vae is not None:
         source = resolve_vae(args.vae, source)
+    description = description_for(read_model_index(source.root))  # a single file's keys said what it is
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                         description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
@@ -472,10 +482,11 @@ def run_serve(args: argparse.Namespace) -> int:
         args.backend = choice.name
     model = args.model if args.model is not None else default_model(args.variant)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_frames=args.max_frames, max_queue=args.max_queue)
     return serve(ServerSettings(model=model, backend=args.backend, dtype=args.dtype, device=args.device,
                                 variant=args.variant, host=args.host, port=args.port, api_key=args.api_key,
                                 lora_dir=None if args.lora_dir is None else Path(args.lora_dir).expanduser(),
+                                motion_adapter=args.motion_adapter,
                                 outputs=None if args.outputs is None else Path(args.outputs).expanduser(),
                                 limits=limits))
 

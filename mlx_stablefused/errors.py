@@ -24,3 +24,8 @@ class UnsupportedModelError(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """A generation produced NaN or infinite values (typically an fp16 overflow); nothing is written."""
+
+
+class DistributedError(RuntimeError):
+    """A launch across processes went wrong: ranks that differ (model, arguments), or a rank that died or
+    stopped answering; raised on every surviving rank, before anything is written."""

@@ -13,6 +13,7 @@ from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard, embedding_window
 from .denoise import Guidance, StepCallback
 from .sdxl_conditioning import refuse_sdxl
 
@@ -38,6 +39,7 @@ class LatentWalkDiffusion(BaseDiffusion):
 
         A single prompt is used for every latent; otherwise one prompt per latent.
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
         refuse_sdxl(self.backend, "LatentWalkDiffusion")
         self._check_output_type(output_type)
@@ -57,12 +59,19 @@ class LatentWalkDiffusion(BaseDiffusion):
             raise ValueError(f"{len(prompts)} prompts for {base.shape[0]} latents; pass one prompt or one per latent")
         f = self.vae_scale_factor
         self.check_memory(base.shape[2] * f, base.shape[3] * f, base.shape[0])
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.__call__", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         walked = self.modify_latent(base, strength, inputs.given_or_random(noise, base.shape, rng, "noise"))
-        latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
-                                         guidance_scale, guidance_rescale, rng, return_latent_history,
-                                         callback_on_step_end)
-        return self.resolve_output(latents, output_type, return_latent_history, history_decoder=history_decoder)
+        embedding = self.prompt_to_embedding(prompts, negatives)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            part = embedding if shard.is_whole else embedding_window(self.backend, embedding, shard.window)
+            latents = self.sample_from_noise(part, shard.take(walked), num_inference_steps, guidance_scale,
+                                             guidance_rescale, rng, return_latent_history, callback_on_step_end,
+                                             step_noise=shard.noise_source)
+            return self.resolve_output(latents, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(base.shape[0], generate, output_type)
 
     generate = __call__
 
@@ -99,11 +108,12 @@ class LatentWalkDiffusion(BaseDiffusion):
         """A video from ``prompt[0]`` to ``prompt[-1]``: text embeddings and initial latents interpolated
         between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
 
-        Frames are denoised ``batch_size`` at a time. Each prompt's frame appears once (the last frame
+        Frames are denoised ``batch_size`` at a time (under a launch, each batch split across the ranks). Each prompt's frame appears once (the last frame
         is the last prompt's own image); ``duplicate_endpoints=True`` repeats it at every pair boundary,
         as stablefused did. ``latent``: one initial noise per prompt, (P, 4, h, w); else drawn from
         ``seed`` at ``image_height`` x ``image_width`` (default 512).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
         refuse_sdxl(self.backend, "LatentWalkDiffusion.interpolate")
         self._check_output_type(output_type)
@@ -118,7 +128,8 @@ class LatentWalkDiffusion(BaseDiffusion):
         batch_size = inputs.positive_int(batch_size, "batch_size")
         embed_fn = _interpolator(embedding_interpolation_type, "embedding")
         latent_fn = _interpolator(latent_interpolation_type, "latent")
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.interpolate", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         latents = self._initial_latents(latent, len(prompts), image_height, image_width, rng)
         embedding = self.backend.to_numpy(self.prompt_to_embedding(prompts, negatives))
         uncond, cond = embedding[: len(prompts)], embedding[len(prompts):]
@@ -137,7 +148,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         lat_all = np.concatenate(frame_latents).astype(np.float32)
         return self._render_frames(uncond_all, cond_all, lat_all, num_inference_steps, guidance_scale,
                                    guidance_rescale, output_type, return_latent_history, batch_size, rng,
-                                   callback_on_step_end, history_decoder)
+                                   callback_on_step_end, history_decoder, parallel)
 
     def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
                               interpolation_type: str = "lerp") -> Any:
@@ -199,19 +210,24 @@ class LatentWalkDiffusion(BaseDiffusion):
                        guidance_scale: float, guidance_rescale: float, output_type: str,
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None,
-                       history_decoder: str = "vae") -> Any:
+                       history_decoder: str = "vae", parallel: ParallelCall | None = None) -> Any:
         outputs = []
+        parallel = parallel or ParallelCall(self, None, None, None)
         native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
             for s in range(0, len(latents), batch_size):
                 if self._interrupted:
                     break
                 e = slice(s, s + batch_size)
-                embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
-                result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
-                                                guidance_rescale, rng, return_latent_history, callback_on_step_end)
-                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history,
-                                                   history_decoder=history_decoder))
+
+                def generate(shard: Shard, output: str) -> Any:  # the batch, or this rank's window of it
+                    embedding = self.backend.from_numpy(np.concatenate([shard.take(uncond[e]), shard.take(cond[e])]))
+                    result = self.sample_from_noise(embedding, shard.take(latents[e]), num_inference_steps,
+                                                    guidance_scale, guidance_rescale, rng, return_latent_history,
+                                                    callback_on_step_end, step_noise=shard.noise_source)
+                    return self.resolve_output(result, output, return_latent_history, history_decoder=history_decoder)
+
+                outputs.append(parallel.map_batch(len(latents[e]), generate, "np" if native else output_type))
                 bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]
