@@ -359,3 +359,38 @@ def test_plus_ip_adapter_matches_diffusers(sd1, pipelines, backend_name, tmp_pat
     assert report(f"IP-Adapter Plus vs StableDiffusionPipeline (rel, latents) [{backend_name}]",
                   rel_error(got, want)) < TOL
     assert rel_error(from_embeds, got) < 1e-5 and rel_error(got, plain) > 0.05
+
+
+@pytest.mark.parametrize("backend_name", ["mlx", pytest.param("torch", marks=pytest.mark.slow)])
+def test_ip_adapter_with_controlnet_matches_diffusers(sd1, adapter_root, pipelines, backend_name, tmp_path):
+    """An image prompt and a ControlNet at once vs StableDiffusionControlNetPipeline.load_ip_adapter: the image
+    tokens go to the UNet only (diffusers' ControlNet sees the text alone)."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from tiny_controlnets import build_controlnet, control_image
+
+    pipe, root = sd1
+    net = build_controlnet(pipe.unet, 31)
+    net.save_pretrained(str(tmp_path / "controlnet"), safe_serialization=True)
+    ref = StableDiffusionControlNetPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                            unet=copy.deepcopy(pipe.unet), controlnet=net,
+                                            scheduler=trailing_ddim(pipe.scheduler.config), safety_checker=None,
+                                            feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(adapter_root), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    edges = control_image(SIZE, SIZE)
+    with torch.no_grad():
+        want = ref(latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="latent", image=edges,
+                   controlnet_conditioning_scale=0.8, ip_adapter_image=ip_image(), **RUN).images.numpy()
+    ours = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    ours.set_scheduler("ddim", timestep_spacing="trailing")
+    ours.set_controlnet(str(tmp_path / "controlnet"))
+    try:
+        ours.load_ip_adapter(str(adapter_root), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = as_numpy(ours(latent=latents(), output_type="latent", control_image=edges,
+                            controlnet_conditioning_scale=0.8, ip_adapter_image=ip_image(), **RUN))
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"IP-Adapter + ControlNet vs StableDiffusionControlNetPipeline (rel, latents) [{backend_name}]",
+                  rel_error(got, want)) < TOL

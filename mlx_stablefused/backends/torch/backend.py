@@ -92,7 +92,8 @@ class TorchBackend(Backend):
                                                                                           torch.Tensor]:
         cond = as_conditioning(conditioning)
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
-        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None),
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),
                                    lambda a: a.to(self.dtype))
         ctx, frames = cond.text.to(self.dtype), None
         if latent.ndim == 5:  # (B, C, F, h, w): frames join the batch, frame-minor, as the UNet runs them
