@@ -394,3 +394,37 @@ def test_ip_adapter_with_controlnet_matches_diffusers(sd1, adapter_root, pipelin
         ours.unload_ip_adapter()
     assert report(f"IP-Adapter + ControlNet vs StableDiffusionControlNetPipeline (rel, latents) [{backend_name}]",
                   rel_error(got, want)) < TOL
+
+
+@pytest.mark.slow
+def test_inpainting_ip_adapter_matches_diffusers(sd1_inpaint, pipelines, backend_name, tmp_path):
+    """9-channel inpainting with an image prompt vs StableDiffusionInpaintPipeline.load_ip_adapter."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from test_parity_image_pipelines import make_image, make_mask, run_diffusers
+
+    from mlx_stablefused import InpaintDiffusion
+
+    pipe, root = sd1_inpaint
+    build_ip_adapter(tmp_path, pipe.unet)
+    ref = StableDiffusionInpaintPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                         unet=copy.deepcopy(pipe.unet), scheduler=trailing_ddim(pipe.scheduler.config),
+                                         safety_checker=None, feature_extractor=None, image_encoder=None,
+                                         requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(tmp_path), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    noise, image, mask = latents(), make_image(SIZE, SIZE), make_mask(SIZE, SIZE)
+    want = run_diffusers(ref, noise, image=image, mask_image=mask, height=SIZE, width=SIZE, strength=1.0,
+                         ip_adapter_image=ip_image(), prompt=RUN["prompt"], negative_prompt=RUN["negative_prompt"],
+                         num_inference_steps=3, guidance_scale=7.5)
+    ours = pipelines.pipeline(InpaintDiffusion, root, backend_name)
+    ours.set_scheduler("ddim", timestep_spacing="trailing")
+    try:
+        ours.load_ip_adapter(str(tmp_path), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = ours(RUN["prompt"], image, mask, negative_prompt=RUN["negative_prompt"], num_inference_steps=3,
+                   guidance_scale=7.5, strength=1.0, noise=noise, output_type="np", ip_adapter_image=ip_image())
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"9-channel inpainting IP-Adapter vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
+                  float(np.abs(got - want).max())) < 5e-3
