@@ -428,3 +428,44 @@ def test_inpainting_ip_adapter_matches_diffusers(sd1_inpaint, pipelines, backend
         ours.unload_ip_adapter()
     assert report(f"9-channel inpainting IP-Adapter vs StableDiffusionInpaintPipeline (max abs) [{backend_name}]",
                   float(np.abs(got - want).max())) < 5e-3
+
+
+# The real encoders' widths (ViT-H/14: SD 1.5's; ViT-bigG/14: SDXL's) at 224 pixels, two of their layers each.
+FULL_WIDTH = {"vit-h": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, projection_dim=1024),
+              "vit-bigG": dict(hidden_size=1664, intermediate_size=8192, num_attention_heads=16, projection_dim=1280)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FULL_WIDTH))
+def test_full_width_image_encoders_match_transformers(name, backend_name, tmp_path):
+    """ViT-H/14 and ViT-bigG/14 widths (257 tokens, heads of 80 / 104, patch 14) vs transformers."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from mlx_stablefused.clip_image_processing import clip_pixels
+    from mlx_stablefused.model_description import IMAGE_ENCODER
+    from mlx_stablefused.model_loading import load_network
+
+    config = dict(FULL_WIDTH[name], num_hidden_layers=2, image_size=224, patch_size=14)
+    folder = build_image_encoder(tmp_path / name, **config)
+    pixels = clip_pixels([ip_image(5, (300, 200))], 224)
+    ref = CLIPVisionModelWithProjection.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(pixels), output_hidden_states=True)
+    if backend_name == "mlx":
+        import mlx.core as mx
+
+        from mlx_stablefused.backends.mlx.loading import NETWORKS
+
+        out = load_network(folder, "image_encoder", NETWORKS, description=IMAGE_ENCODER)(
+            mx.array(pixels.transpose(0, 2, 3, 1)), output_hidden_states=True)
+        embeds, hidden = np.array(out.image_embeds), np.array(out.hidden_states[-2])
+    else:
+        from mlx_stablefused.backends.torch.loading import TorchNetworks
+
+        with torch.no_grad():
+            out = load_network(folder, "image_encoder", TorchNetworks(), description=IMAGE_ENCODER)(
+                torch.from_numpy(pixels), output_hidden_states=True)
+        embeds, hidden = out.image_embeds.numpy(), out.hidden_states[-2].numpy()
+    assert report(f"{name} image encoder vs transformers (rel) [{backend_name}]",
+                  rel_error(embeds, want.image_embeds.numpy())) < 1e-4
+    assert rel_error(hidden, want.hidden_states[-2].numpy()) < 1e-4
