@@ -75,16 +75,16 @@ def test_ip_adapter_matches_diffusers(sd1, adapter_root, reference, pipelines, b
     def run(**call):
         return as_numpy(pipe(latent=latents(), output_type="latent", **RUN, **call))
 
-    plain = run()
+    first = run()  # MLX's first run in a process can differ from the later ones in the last bits (~1e-6 rel)
     try:
         pipe.load_ip_adapter(str(adapter_root), **WEIGHTS)
         pipe.set_ip_adapter_scale(0.0)
-        assert np.array_equal(run(ip_adapter_image=ip_image()), plain)
+        zero = run(ip_adapter_image=ip_image())
         pipe.set_ip_adapter_scale(SCALE)
         got = run(ip_adapter_image=ip_image())
         assert report(f"IP-Adapter scale 0.6 vs diffusers (rel, latents) [{backend_name}]",
                       rel_error(got, reference["image"])) < TOL
-        assert rel_error(got, plain) > 0.05  # the adapter changes the result
+        assert rel_error(got, zero) > 0.05  # the adapter changes the result
         assert rel_error(run(ip_adapter_image_embeds=reference["embeds"]), got) < 1e-5
         pipe.load_ip_adapter(str(adapter_root), subfolder="models", weight_name="ip-adapter_tiny.bin")
         assert pipe.ip_adapter.scale == 1.0  # a new adapter starts at scale 1, as diffusers
@@ -93,7 +93,8 @@ def test_ip_adapter_matches_diffusers(sd1, adapter_root, reference, pipelines, b
     finally:
         if pipe.ip_adapter is not None:
             pipe.unload_ip_adapter()
-    assert np.array_equal(run(), plain)
+    plain = run()
+    assert np.array_equal(zero, plain) and rel_error(first, plain) < 1e-5  # scale 0 and unloaded: no adapter
 
 
 def test_image_encoder_and_preprocessing_match_transformers(adapter_root, backend_name):
