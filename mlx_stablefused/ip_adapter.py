@@ -51,7 +51,8 @@ def cross_attention_slots(plan: UNetPlan) -> list[CrossAttentionSlot]:
     """The UNet's cross-attention layers in the order adapter files number them (diffusers' module
     registration order: every down block, every up block, then the mid block), ids 1, 3, 5, ...
     (attn1 and attn2 alternate in that numbering; motion modules are not counted)."""
-    blocks: list[tuple[str, Any, int]] = [(f"down_blocks.{i}", b, len(b.resnets)) for i, b in enumerate(plan.down_blocks)]
+    blocks: list[tuple[str, Any, int]] = [(f"down_blocks.{i}", b, len(b.resnets))
+                                          for i, b in enumerate(plan.down_blocks)]
     blocks += [(f"up_blocks.{i}", b, len(b.resnets)) for i, b in enumerate(plan.up_blocks)]
     if plan.mid_block is not None:
         blocks.append(("mid_block", plan.mid_block, 1))

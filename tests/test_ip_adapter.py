@@ -470,3 +470,38 @@ def test_full_width_image_encoders_match_transformers(name, backend_name, tmp_pa
     assert report(f"{name} image encoder vs transformers (rel) [{backend_name}]",
                   rel_error(embeds, want.image_embeds.numpy())) < 1e-4
     assert rel_error(hidden, want.hidden_states[-2].numpy()) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_images_for_one_adapter_match_diffusers(sd1, adapter_root, pipelines, backend_name):
+    """diffusers' nested form ``[[image_1, image_2]]``: both images' tokens side by side for the one adapter,
+    with two prompts and two images per prompt (the tokens repeated over the batch)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe, root = sd1
+    ref = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  unet=copy.deepcopy(pipe.unet), scheduler=trailing_ddim(pipe.scheduler.config),
+                                  safety_checker=None, feature_extractor=None, image_encoder=None,
+                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(adapter_root), **WEIGHTS)
+    ref.set_ip_adapter_scale(SCALE)
+    images = [[ip_image(1), ip_image(2, (40, 72))]]
+    noise = np.random.default_rng(8).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(latents=torch.from_numpy(noise), height=SIZE, width=SIZE, output_type="latent",
+                   ip_adapter_image=images, **RUN).images.numpy()
+    ours = pipelines.pipeline(TextToImageDiffusion, root, backend_name)
+    ours.set_scheduler("ddim", timestep_spacing="trailing")
+    try:
+        ours.load_ip_adapter(str(adapter_root), **WEIGHTS)
+        ours.set_ip_adapter_scale(SCALE)
+        got = as_numpy(ours(latent=noise, output_type="latent", ip_adapter_image=images, **RUN))
+        batch = as_numpy(ours(latent=np.concatenate([noise] * 4), output_type="latent", ip_adapter_image=images,
+                              **{**RUN, "prompt": [RUN["prompt"]] * 2, "negative_prompt": [RUN["negative_prompt"]] * 2},
+                              num_images_per_prompt=2))
+    finally:
+        ours.unload_ip_adapter()
+    assert report(f"IP-Adapter, two images for one adapter, vs diffusers (rel, latents) [{backend_name}]",
+                  rel_error(got, want)) < TOL
+    assert all(rel_error(batch[i:i + 1], got) < 1e-5 for i in range(4))
