@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from .checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_pickle_object
-from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
+from .errors import IPAdapterError, ModelSourceError, UnsupportedModelError, WeightLoadError
 from .topology import UNetPlan
 
 IMAGE_PROJ, IP_ADAPTER = "image_proj", "ip_adapter"
@@ -29,10 +29,6 @@ IMAGE_ENCODER_FOLDER = "image_encoder"  # diffusers' default ``image_encoder_fol
 ENCODER_FILES = ("config.json",)
 ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TOKENS_PER_IMAGE = 4  # the plain IP-Adapter's image tokens (diffusers builds every such projection with 4)
-
-
-class IPAdapterError(ValueError):
-    """An IP-Adapter that cannot be used with this model, or an input it cannot take."""
 
 
 # ------------------------------------------------------------------------------------ the UNet side

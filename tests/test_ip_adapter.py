@@ -15,7 +15,7 @@ from ip_adapter_files import build_image_encoder, build_ip_adapter, ip_adapter_s
 from mlx_stablefused import TextToImageDiffusion
 from mlx_stablefused.backends.base import as_numpy
 from mlx_stablefused.errors import ModelSourceError
-from mlx_stablefused.ip_adapter import IPAdapterError
+from mlx_stablefused import IPAdapterError
 
 SIZE = 32
 # One DDIM step from t = 999 ("trailing"): the result is the UNet's guided prediction; compared as latents.
