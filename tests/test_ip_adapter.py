@@ -179,6 +179,8 @@ def test_bad_ip_adapter_input_is_refused_before_work(sd1, sd2, adapter_root, pip
             pipe(ip_adapter_image_embeds=[np.zeros((2, 1, 16))], **run)
         with pytest.raises(ValueError, match="ip_adapter_scale must be finite"):
             pipe.set_ip_adapter_scale(float("nan"))
+        with pytest.raises(IPAdapterError, match="this call takes no image prompt"):  # not run without it
+            pipe.embedding_to_latent(pipe.prompt_to_embedding("x"), SIZE, SIZE, 1, 7.5, 0.0)
         pipe.load_ip_adapter(str(adapter_root), image_encoder_folder=None, **WEIGHTS)
         with pytest.raises(IPAdapterError, match="without its image encoder .*ip_adapter_image_embeds"):
             pipe(ip_adapter_image=ip_image(), **run)

@@ -142,10 +142,18 @@ class IPAdapterMixin:
         loaded.scale = value
 
     def unload_ip_adapter(self) -> None:
-        """Remove the IP-Adapter and its image encoder; the UNet is as loaded again."""
-        loaded = self._loaded_ip_adapter("unload_ip_adapter")
-        loaded.host.detach()
-        self.backend.ip_adapter = None
+        """Remove the IP-Adapter and its image encoder; the UNet is as loaded again (none loaded: nothing to do,
+        as diffusers)."""
+        if self.ip_adapter is not None:
+            self.ip_adapter.host.detach()
+            self.backend.ip_adapter = None
+
+    def check_image_tokens(self, positive: Conditioning) -> None:
+        """With an IP-Adapter loaded, every denoising run carries the image prompt: the calls that take none
+        (latent walks, interpolation, ``embedding_to_latent``) are refused rather than run without it."""
+        if self.ip_adapter is not None and positive.ip_hidden_states is None:
+            raise IPAdapterError(f"an IP-Adapter is loaded ({self.ip_adapter.origin}) and this call takes no image "
+                                 "prompt (ip_adapter_image=); unload_ip_adapter() first")
 
     def _loaded_ip_adapter(self, what: str) -> LoadedIPAdapter:
         if self.ip_adapter is None:
