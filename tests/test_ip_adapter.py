@@ -86,7 +86,7 @@ def test_ip_adapter_matches_diffusers(sd1, adapter_root, reference, pipelines, b
                       rel_error(got, reference["image"])) < TOL
         assert rel_error(got, zero) > 0.05  # the adapter changes the result
         assert rel_error(run(ip_adapter_image_embeds=reference["embeds"]), got) < 1e-5
-        pipe.load_ip_adapter(str(adapter_root), subfolder="models", weight_name="ip-adapter_tiny.bin")
+        pipe.load_ip_adapter([str(adapter_root)], subfolder="models", weight_name=["ip-adapter_tiny.bin"])  # lists
         assert pipe.ip_adapter.scale == 1.0  # a new adapter starts at scale 1, as diffusers
         pipe.set_ip_adapter_scale([SCALE])
         assert rel_error(run(ip_adapter_image=[ip_image()]), got) < 1e-5
@@ -166,6 +166,8 @@ def test_bad_ip_adapter_input_is_refused_before_work(sd1, sd2, adapter_root, pip
     build_image_encoder(wide / "models" / "image_encoder", projection_dim=20)
     with pytest.raises(IPAdapterError, match="gives 20-wide image embeddings.*projects 24-wide"):
         pipe.load_ip_adapter(str(wide), **WEIGHTS)
+    with pytest.raises(IPAdapterError, match="2 entries in weight_name; one IP-Adapter at a time"):
+        pipe.load_ip_adapter(str(adapter_root), subfolder="models", weight_name=["a.safetensors", "b.safetensors"])
     assert pipe.ip_adapter is None  # nothing was attached by the refused loads
     try:
         pipe.load_ip_adapter(str(adapter_root), **WEIGHTS)

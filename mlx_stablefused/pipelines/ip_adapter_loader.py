@@ -56,6 +56,16 @@ def _flatten_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _one_adapter(value: Any, name: str) -> Any:
+    """diffusers' list form (one entry per adapter) with one entry; several adapters at once are refused."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != 1:
+        raise IPAdapterError(f"load_ip_adapter: {len(value)} entries in {name}; one IP-Adapter at a time is "
+                             "supported (several at once: not yet)")
+    return value[0]
+
+
 class IPAdapterMixin:
     """Needs ``self.backend`` (BaseDiffusion has it)."""
 
@@ -75,13 +85,15 @@ class IPAdapterMixin:
         None: none, for ``ip_adapter_image_embeds`` only). Scale 1. It replaces an adapter loaded before.
         Everything is checked before the UNet changes: an adapter for another base (its cross-attention
         width), a missing image encoder, an encoder of another width are refused by name."""
+        from ..demo import resolve_special_id
+        from ..topology import unet_plan
+
         backend = self.backend
         if backend.is_video_unet and backend.motion_config is None:
             raise UnsupportedModelError("IP-Adapter: UNet3D (ModelScope / Zeroscope) models are not supported")
-        from ..topology import unet_plan
-
-        from ..demo import resolve_special_id
-
+        pretrained_model_name_or_path_or_dict, subfolder, weight_name = (
+            _one_adapter(v, name) for v, name in ((pretrained_model_name_or_path_or_dict, "the source"),
+                                                  (subfolder, "subfolder"), (weight_name, "weight_name")))
         previous = self.ip_adapter
         pretrained_model_name_or_path_or_dict = resolve_special_id(pretrained_model_name_or_path_or_dict)
         if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
