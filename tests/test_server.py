@@ -292,6 +292,32 @@ def test_queue_limit_gives_503_with_retry_after(servers):
         task.future.result(timeout=30)
 
 
+def test_a_job_named_by_force_task_id_has_its_own_progress_and_cancel(servers):
+    """A1111's force_task_id and /internal/progress; /ui/v1/cancel of a waiting job: it returns at once with no
+    image, and the running job is untouched (A1111's /interrupt would have stopped that one)."""
+    url, engine = servers["plain"].url, servers["engine"]
+    release, running, busy = threading.Event(), threading.Event(), RunControl()
+    blocker = engine.worker.submit(lambda control: (running.set(), release.wait(30)), busy)
+    try:
+        running.wait(30)
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(httpx.post, url + "/sdapi/v1/txt2img", timeout=60,
+                              json={"prompt": "x", "seed": 1, "force_task_id": "mine", **FAST})
+            while not (state := httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json())["queued"]:
+                time.sleep(0.02)
+            assert not state["active"] and state["queue_ahead"] == 0 and state["progress"] == 0
+            assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "mine"}).json() == {"cancelled": True}
+            release.set()
+            answer = job.result(timeout=60)
+    finally:
+        release.set()
+    blocker.future.result(timeout=30)
+    assert answer.status_code == 200 and answer.json()["images"] == [] and not busy.interrupted
+    done = httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json()
+    assert done["completed"] and done["progress"] == 1.0 and not done["active"]
+    assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "nobody"}).json() == {"cancelled": False}
+
+
 def test_api_key_is_enforced_and_loopback_is_the_default(servers, monkeypatch, capsys):
     url = servers["keyed"].url
     assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 401
