@@ -414,7 +414,7 @@ def test_hires_fix_resize_modes_and_latent_fills_through_webuiapi(servers):
     assert len({r.tobytes() for r in results.values()}) == 2
 
 
-def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
+def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers, tmp_path):
     """/ui/v1: a CFG sweep's cells are txt2img at each scale; an interpolation's frames are
     LatentWalkDiffusion.interpolate from one starting noise; bad values 422 (AnimateDiff and latent walks in the
     slow variant)."""
@@ -426,7 +426,8 @@ def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
     caps = httpx.get(url + "/ui/v1/capabilities").json()
     assert caps["is_demo"] and all(reason is None for reason in caps["modes"].values())
 
-    sweep = httpx.post(url + "/ui/v1/sweep", timeout=60, json={"prompt": "a boat", "seed": 3, "sampler_name": "Euler",
+    saving = Running(create_app(ServerSettings(model=DEMO_MODEL_ID, outputs=tmp_path), engine))  # --outputs
+    sweep = httpx.post(saving.url + "/ui/v1/sweep", timeout=60, json={"prompt": "a boat", "seed": 3, "sampler_name": "Euler",
                                                                "cfg_scales": [1, 4], **FAST}).json()
     for b64, scale in zip(sweep["images"], (1, 4)):
         assert np.array_equal(pixels(b64_image(b64)), direct(engine, "txt2img", "euler", prompt="a boat", seed=3,
@@ -435,7 +436,11 @@ def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
 
     body = {"kind": "interpolate", "prompts": ["a boat", "a car"], "frames": 1, "seed": 5, "sampler_name": "Euler",
             **FAST}
-    video = httpx.post(url + "/ui/v1/video", json=body, timeout=60).json()
+    video = httpx.post(saving.url + "/ui/v1/video", json=body, timeout=60).json()
+    saving.stop()
+    written = {p.name.rsplit("-", 1)[-1]: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(written) == ["0.png", "1.png", "grid.png", "video.gif"]
+    assert written["video.gif"] == base64.b64decode(video["video"])
     gif = b64_image(video["video"])
     assert video["mime"] == "image/gif" and gif.n_frames == 2 and len(video["frames"]) == 2
 
