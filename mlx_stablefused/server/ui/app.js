@@ -258,9 +258,8 @@ function useAsInput(src, tab) {
     $("width").value = Math.max(8, Math.floor(image.naturalWidth / 8) * 8);
     $("height").value = Math.max(8, Math.floor(image.naturalHeight / 8) * 8);
     $("init-preview").src = src;
-    $("init-preview").hidden = false;
     painter.load(image);
-    if (tab) selectTab(tab);
+    selectTab(tab || state.tab);  // shows the image (img2img) or the painter (inpaint) on its own tab
   };
   image.onerror = () => showError("that file is not an image the browser can read");
   image.src = src;
@@ -295,7 +294,6 @@ const painter = {
     for (const c of [canvas, this.overlay, this.mask]) { c.width = image.naturalWidth; c.height = image.naturalHeight; }
     canvas.getContext("2d").drawImage(image, 0, 0);
     canvas.style.width = `${Math.min(512, Math.max(256, image.naturalWidth))}px`;
-    $("painter").hidden = false;
     this.clear();
   },
   clear() {
@@ -348,7 +346,7 @@ function selectTab(tab) {
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
   document.querySelectorAll("[data-only]").forEach((el) => { el.hidden = !el.dataset.only.split(" ").includes(tab); });
   document.querySelectorAll("[data-not]").forEach((el) => { el.hidden = el.dataset.not.split(" ").includes(tab); });
-  if (tab === "inpaint" && !state.initImage) $("painter").hidden = true;
+  if (tab === "inpaint") $("painter").hidden = !state.initImage;
   if (tab === "img2img") $("init-preview").hidden = !state.initImage;
   const reason = unavailableReason();
   $("unavailable").hidden = !reason;
