@@ -414,6 +414,33 @@ def test_hires_fix_resize_modes_and_latent_fills_through_webuiapi(servers):
     assert len({r.tobytes() for r in results.values()}) == 2
 
 
+def test_masked_content_starts_the_masked_latent_from_noise_or_zeros(servers):
+    """InpaintDiffusion's masked_content (A1111's fill 2 and 3), read off the run's starting latent: it is
+    a x + b eps, so against "original" (x the image's latent) "latent nothing" lacks a x inside the mask and
+    "latent noise" has a z there instead (z the first draw from the seed, as eps is given); outside, all equal."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, BOX)  # on the 8-pixel grid: latent cells 1..2 of 4 in both directions
+    image = Image.new("RGB", (SIZE, SIZE), (200, 60, 30))
+    eps = np.random.default_rng(11).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+    def starts(e: Engine) -> tuple:
+        pipe = e.pipes["inpaint"]
+        pipe.set_scheduler("euler")
+        out = {c: pipe(prompt="x", image=image, mask=mask, num_inference_steps=STEPS, strength=0.75, noise=eps,
+                       seed=5, guidance_scale=1.0, output_type="latent", return_latent_history=True,
+                       masked_content=c)[:, 0] for c in ("original", "latent nothing", "latent noise")}
+        return out, np.asarray(pipe.image_to_latent(image))
+    out, x = servers["engine"].call(starts)
+    inside = np.zeros(x.shape, bool)
+    inside[..., 1:3, 1:3] = True
+    z = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    a = (out["original"] - out["latent nothing"])[inside] / x[inside]
+    assert np.abs(a - a.mean()).max() < 1e-4 and a.mean() > 0.1
+    assert np.abs(out["latent noise"] - out["latent nothing"] - a.mean() * z * inside).max() < 1e-4
+    for content in ("latent nothing", "latent noise"):
+        assert np.array_equal(out[content][~inside], out["original"][~inside])
+
+
 def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers, tmp_path):
     """/ui/v1: a CFG sweep's cells are txt2img at each scale; an interpolation's frames are
     LatentWalkDiffusion.interpolate from one starting noise; bad values 422 (AnimateDiff and latent walks in the
