@@ -53,6 +53,7 @@ class GenerationJob:
     inpainting_mask_invert: bool = False
     resize_mode: int = 0                   # img2img: A1111's 0-3 (see resize.RESIZE_MODES)
     hires: HiresFix | None = None          # txt2img: A1111's hires fix
+    task_id: str | None = None             # A1111's force_task_id: the client's name for this job
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     @property

@@ -123,6 +123,8 @@ def initial_noise(pipe: Any, job: VideoJob) -> np.ndarray:
 def run_video(engine: Any, job: VideoJob, control: RunControl) -> list[Image.Image]:
     from .engine import step_callback
 
+    if control.interrupted:  # cancelled while it waited
+        return []
     common = dict(num_inference_steps=job.steps, guidance_scale=job.cfg_scale, seed=job.seed,
                   negative_prompt=job.negative_prompt or None)
     if job.kind == "animatediff":
