@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 
 from .control_maps import canny_image  # noqa: E402
 from .controlnets import ControlNet, load_controlnet  # noqa: E402
-from .errors import (DistributedError, LoRAError, ModelSourceError, NonFiniteError, UnsupportedModelError,  # noqa: E402
-                     WeightLoadError)
+from .errors import (DistributedError, IPAdapterError, LoRAError, ModelSourceError, NonFiniteError,  # noqa: E402
+                     UnsupportedModelError, WeightLoadError)
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
 from .pipelines.data_parallel import guidance_sweep  # noqa: E402
 from .pipelines.image_to_image import ImageToImageDiffusion  # noqa: E402
@@ -38,6 +38,7 @@ __all__ = [
     "canny_image",
     "SCHEDULER_NAMES",
     "LoRAError",
+    "IPAdapterError",
     "ModelSourceError",
     "NonFiniteError",
     "UnsupportedModelError",

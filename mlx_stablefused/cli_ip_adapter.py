@@ -17,8 +17,8 @@ def add_ip_adapter_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--ip-adapter", default=None, metavar="ADAPTER",
                        help="IP-Adapter weight file (its image_encoder folder beside it), a folder holding one, a hub "
                             "file such as h94/IP-Adapter/models/ip-adapter_sd15.safetensors, or "
-                            f"{DEMO_IP_ADAPTER_ID} (a random one for the demo model)")
-    group.add_argument("--ip-adapter-image", default=None, metavar="PATH", help="the image prompt")
+                            f"{DEMO_IP_ADAPTER_ID} (a random one for the demo model; default: none)")
+    group.add_argument("--ip-adapter-image", default=None, metavar="PATH", help="the image prompt (default: none)")
     group.add_argument("--ip-adapter-scale", type=finite("--ip-adapter-scale"), default=None, metavar="SCALE",
                        help="how much the image prompt counts (default: 1.0; 0.5-0.7 to keep the text's say)")
 

@@ -243,10 +243,12 @@ def ensure_demo_ip_adapter(seed: int = 2) -> Path:
     encoder = {k: demo_tensor(k, _diffusers_shape(s, networks.layout), "diffusers", seed) for k, s in shapes.items()}
     unet = UNetConfig.from_dict(demo_configs(1)["unet"])
     cross, embed = unet.cross_attention_dim, raw["projection_dim"]
-    adapter = {"image_proj.proj.weight": (TOKENS_PER_IMAGE * cross, embed), "image_proj.proj.bias": (TOKENS_PER_IMAGE * cross,),
+    tokens = TOKENS_PER_IMAGE * cross
+    adapter = {"image_proj.proj.weight": (tokens, embed), "image_proj.proj.bias": (tokens,),
                "image_proj.norm.weight": (cross,), "image_proj.norm.bias": (cross,)}
     for slot in cross_attention_slots(unet_plan(unet)):
-        adapter.update({f"ip_adapter.{slot.key_id}.{name}.weight": (slot.inner, cross) for name in ("to_k_ip", "to_v_ip")})
+        adapter.update({f"ip_adapter.{slot.key_id}.{name}.weight": (slot.inner, cross)
+                        for name in ("to_k_ip", "to_v_ip")})
     with atomic_directory(folder, overwrite=True) as tmp:
         save_numpy_safetensors(tmp / DEMO_IP_ADAPTER_WEIGHTS,
                                {k: demo_tensor(k, s, "diffusers", seed) for k, s in adapter.items()})

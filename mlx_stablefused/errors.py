@@ -18,6 +18,11 @@ class LoRAError(WeightLoadError):
     """A LoRA file that does not fit the loaded model (unmatched keys, wrong shapes, an unsupported kind)."""
 
 
+class IPAdapterError(ValueError):
+    """An IP-Adapter that does not fit the loaded model (another base, another UNet, an encoder of another
+    width), or an image prompt it cannot take (none loaded, the wrong number of images)."""
+
+
 class UnsupportedModelError(ValueError):
     """A model config asks for an architecture feature this port does not implement."""
 

@@ -13,14 +13,15 @@ The framework parts (modules, attaching them) are ``backends/*/ip_adapter.py``. 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from .checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_pickle_object
-from .errors import ModelSourceError, UnsupportedModelError, WeightLoadError
+from .errors import IPAdapterError, ModelSourceError, UnsupportedModelError, WeightLoadError
 from .topology import UNetPlan
 
 IMAGE_PROJ, IP_ADAPTER = "image_proj", "ip_adapter"
@@ -28,10 +29,6 @@ IMAGE_ENCODER_FOLDER = "image_encoder"  # diffusers' default ``image_encoder_fol
 ENCODER_FILES = ("config.json",)
 ENCODER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TOKENS_PER_IMAGE = 4  # the plain IP-Adapter's image tokens (diffusers builds every such projection with 4)
-
-
-class IPAdapterError(ValueError):
-    """An IP-Adapter that cannot be used with this model, or an input it cannot take."""
 
 
 # ------------------------------------------------------------------------------------ the UNet side
@@ -50,7 +47,8 @@ def cross_attention_slots(plan: UNetPlan) -> list[CrossAttentionSlot]:
     """The UNet's cross-attention layers in the order adapter files number them (diffusers' module
     registration order: every down block, every up block, then the mid block), ids 1, 3, 5, ...
     (attn1 and attn2 alternate in that numbering; motion modules are not counted)."""
-    blocks: list[tuple[str, Any, int]] = [(f"down_blocks.{i}", b, len(b.resnets)) for i, b in enumerate(plan.down_blocks)]
+    blocks: list[tuple[str, Any, int]] = [(f"down_blocks.{i}", b, len(b.resnets))
+                                          for i, b in enumerate(plan.down_blocks)]
     blocks += [(f"up_blocks.{i}", b, len(b.resnets)) for i, b in enumerate(plan.up_blocks)]
     if plan.mid_block is not None:
         blocks.append(("mid_block", plan.mid_block, 1))
@@ -77,6 +75,27 @@ class ImageProjectionSpec:
     cross_attention_dim: int
     num_tokens: int
 
+    hidden_states: ClassVar[bool] = False  # it takes the encoder's image_embeds
+
+
+@dataclass(frozen=True)
+class ResamplerSpec:
+    """diffusers' IPAdapterPlusImageProjection (IP-Adapter Plus's perceiver resampler): ``num_tokens`` learned
+    queries attend ``depth`` times over the image encoder's penultimate hidden states (``proj_in`` to
+    ``hidden_dims``) and their own, each layer followed by a GELU feed-forward; ``proj_out`` and a LayerNorm
+    bring them to the cross-attention width. Heads of 64 channels, as diffusers reads them."""
+
+    image_embed_dim: int  # the encoder's hidden size (proj_in's input)
+    hidden_dims: int
+    cross_attention_dim: int
+    num_tokens: int
+    depth: int
+    heads: int
+    ff_inner: int
+    dim_head: ClassVar[int] = 64
+
+    hidden_states: ClassVar[bool] = True  # it takes the encoder's penultimate hidden states
+
 
 @dataclass(frozen=True)
 class IPAdapterWeights:
@@ -84,7 +103,7 @@ class IPAdapterWeights:
     path, the (to_k_ip, to_v_ip) weights; float32 numpy."""
 
     origin: str
-    projection: ImageProjectionSpec
+    projection: ImageProjectionSpec | ResamplerSpec
     image_proj: dict[str, np.ndarray]
     layers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -140,16 +159,64 @@ def split_state(flat: Mapping[str, Any], origin: str) -> dict[str, dict[str, np.
     return groups
 
 
-def projection_spec(image_proj: Mapping[str, np.ndarray], origin: str) -> tuple[ImageProjectionSpec, dict]:
+# The original IP-Adapter Plus resampler's keys -> diffusers' IPAdapterPlusImageProjection names (as its
+# _convert_ip_adapter_image_proj_to_diffusers maps them); to_kv is split into to_k and to_v.
+RESAMPLER_KEYS = (
+    (r"layers\.(\d+)\.0\.norm1\.(weight|bias)", r"layers.\1.ln0.\2"),
+    (r"layers\.(\d+)\.0\.norm2\.(weight|bias)", r"layers.\1.ln1.\2"),
+    (r"layers\.(\d+)\.0\.to_q\.weight", r"layers.\1.attn.to_q.weight"),
+    (r"layers\.(\d+)\.0\.to_kv\.weight", r"layers.\1.attn.to_kv.weight"),
+    (r"layers\.(\d+)\.0\.to_out\.weight", r"layers.\1.attn.to_out.0.weight"),
+    (r"layers\.(\d+)\.1\.0\.(weight|bias)", r"layers.\1.ff.0.\2"),
+    (r"layers\.(\d+)\.1\.1\.weight", r"layers.\1.ff.1.net.0.proj.weight"),
+    (r"layers\.(\d+)\.1\.3\.weight", r"layers.\1.ff.1.net.2.weight"),
+    (r"(latents|(?:proj_in|proj_out|norm_out)\.(?:weight|bias))", r"\1"),
+)
+
+
+def resampler_spec(image_proj: Mapping[str, np.ndarray], origin: str) -> tuple[ResamplerSpec, dict]:
+    """IP-Adapter Plus: the resampler's architecture from its tensors, its weights under diffusers' names."""
+    weights: dict[str, np.ndarray] = {}
+    for key, value in image_proj.items():
+        for pattern, target in RESAMPLER_KEYS:
+            m = re.fullmatch(pattern, key)
+            if m:
+                name = m.expand(target)
+                break
+        else:
+            raise UnsupportedModelError(f"{origin}: image_proj.{key} is not a key of IP-Adapter Plus's resampler "
+                                        "(FaceID Plus and other variants are not supported)")
+        if name.endswith("to_kv.weight"):
+            k, v = np.split(value, 2, axis=0)
+            weights[name.replace("to_kv", "to_k")], weights[name.replace("to_kv", "to_v")] = k, v
+        else:
+            weights[name] = value
+    try:
+        latents, q = weights["latents"], weights["layers.0.attn.to_q.weight"]
+        spec = ResamplerSpec(image_embed_dim=int(weights["proj_in.weight"].shape[1]), hidden_dims=int(latents.shape[2]),
+                             cross_attention_dim=int(weights["proj_out.weight"].shape[0]),
+                             num_tokens=int(latents.shape[1]),
+                             depth=len({k.split(".")[1] for k in weights if k.startswith("layers.")}),
+                             heads=int(q.shape[0]) // ResamplerSpec.dim_head,
+                             ff_inner=int(weights["layers.0.ff.1.net.0.proj.weight"].shape[0]))
+    except (KeyError, IndexError) as e:
+        raise WeightLoadError(f"{origin}: an IP-Adapter Plus resampler without {e}") from None
+    if spec.heads < 1 or q.shape[0] % ResamplerSpec.dim_head:
+        raise UnsupportedModelError(f"{origin}: the resampler's to_q has {q.shape[0]} rows, not heads of "
+                                    f"{ResamplerSpec.dim_head} channels (diffusers' reading)")
+    return spec, weights
+
+
+def projection_spec(image_proj: Mapping[str, np.ndarray], origin: str
+                    ) -> tuple[ImageProjectionSpec | ResamplerSpec, dict]:
     """The projection's architecture from its tensors, and its weights under diffusers' module names."""
-    if "latents" in image_proj or any(k.startswith("layers.") for k in image_proj):
-        raise UnsupportedModelError(f"{origin} is an IP-Adapter Plus (a Resampler image projection: "
-                                    "image_proj.latents); this version supports the plain IP-Adapter's projection")
+    if "latents" in image_proj:
+        return resampler_spec(image_proj, origin)
     expected = {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
     if set(image_proj) != expected:
-        raise UnsupportedModelError(f"{origin}: image_proj holds {sorted(image_proj)}; an IP-Adapter's image "
-                                    f"projection has {sorted(expected)} (Full-face and FaceID variants are "
-                                    "not supported)")
+        raise UnsupportedModelError(f"{origin}: image_proj holds {sorted(image_proj)[:6]}; an IP-Adapter's image "
+                                    f"projection has {sorted(expected)}, a Plus one latents, proj_in, layers.* "
+                                    "(Full-face and FaceID variants are not supported)")
     rows, embed_dim = image_proj["proj.weight"].shape
     width = image_proj["norm.weight"].shape[0]
     if rows % width:
@@ -168,7 +235,7 @@ def parse_ip_adapter(groups: Mapping[str, Mapping[str, np.ndarray]], origin: str
     if spec.cross_attention_dim != cross_attention_dim:
         raise IPAdapterError(
             f"{origin} was made for another base model: its image tokens are {spec.cross_attention_dim} wide "
-            f"(image_proj.norm), this UNet cross-attends to {cross_attention_dim}-wide text "
+            f"(image_proj), this UNet cross-attends to {cross_attention_dim}-wide text "
             "(768: SD 1.x, 1024: SD 2.x, 2048: SDXL)")
     slots = cross_attention_slots(plan)
     attn = groups[IP_ADAPTER]
@@ -284,10 +351,13 @@ def _checked_encoder(folder: Path | None, origin: str) -> Path | None:
     return folder
 
 
-def check_encoder_fits(encoder_config: Any, spec: ImageProjectionSpec, encoder: Path, origin: str) -> None:
-    """The image encoder's embedding width must be what the adapter's projection takes."""
-    if encoder_config.projection_dim != spec.image_embed_dim:
+def check_encoder_fits(encoder_config: Any, spec: ImageProjectionSpec | ResamplerSpec, encoder: Path,
+                       origin: str) -> None:
+    """The image encoder's output width (image_embeds; Plus: hidden states) must be what the projection takes."""
+    width = encoder_config.hidden_size if spec.hidden_states else encoder_config.projection_dim
+    what = "hidden states" if spec.hidden_states else "image embeddings"
+    if width != spec.image_embed_dim:
         raise IPAdapterError(
-            f"the image encoder {encoder} gives {encoder_config.projection_dim}-wide image embeddings, but the "
-            f"IP-Adapter {origin} projects {spec.image_embed_dim}-wide ones (ViT-H/14: 1024, ViT-bigG/14: 1280); "
+            f"the image encoder {encoder} gives {width}-wide {what}, but the IP-Adapter {origin} projects "
+            f"{spec.image_embed_dim}-wide ones (ViT-H/14: 1024 embeddings, 1280 hidden; ViT-bigG/14: 1280, 1664); "
             "use the image_encoder folder the adapter was trained with")

@@ -15,6 +15,7 @@ import torch
 ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5)
 TOKENS = 4  # diffusers builds every plain IP-Adapter projection with 4 tokens
+PLUS = dict(hidden=32, queries=8, depth=4, inner=128, ff=128)  # diffusers reads heads of 64 and builds depth 4
 
 
 def build_image_encoder(folder: Path, projection_dim: int = 24, seed: int = 21, **overrides) -> Path:
@@ -29,8 +30,28 @@ def build_image_encoder(folder: Path, projection_dim: int = 24, seed: int = 21, 
     return folder
 
 
-def ip_adapter_state(unet, image_embed_dim: int, seed: int = 22) -> dict[str, torch.Tensor]:
-    """``image_proj.*`` and ``ip_adapter.<id>.to_k_ip/to_v_ip.weight`` for ``unet`` (a diffusers UNet), random."""
+def plus_image_proj(rand, cross: int, embed: int) -> dict[str, torch.Tensor]:
+    """The original IP-Adapter Plus resampler's keys (``layers.<i>.0`` its PerceiverAttention with ``to_kv``,
+    ``layers.<i>.1`` its LayerNorm + GELU feed-forward), random."""
+    d = PLUS["hidden"]
+    state = {"latents": rand(1, PLUS["queries"], d, scale=0.5), "proj_in.weight": rand(d, embed),
+             "proj_in.bias": rand(d, scale=0.05), "proj_out.weight": rand(cross, d), "proj_out.bias": rand(cross),
+             "norm_out.weight": 1.0 + rand(cross, scale=0.1), "norm_out.bias": rand(cross, scale=0.1)}
+    for i in range(PLUS["depth"]):
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            state[f"layers.{i}.{norm}.weight"] = 1.0 + rand(d, scale=0.1)
+            state[f"layers.{i}.{norm}.bias"] = rand(d, scale=0.1)
+        state[f"layers.{i}.0.to_q.weight"] = rand(PLUS["inner"], d)
+        state[f"layers.{i}.0.to_kv.weight"] = rand(2 * PLUS["inner"], d)
+        state[f"layers.{i}.0.to_out.weight"] = rand(d, PLUS["inner"])
+        state[f"layers.{i}.1.1.weight"] = rand(PLUS["ff"], d)
+        state[f"layers.{i}.1.3.weight"] = rand(d, PLUS["ff"])
+    return state
+
+
+def ip_adapter_state(unet, image_embed_dim: int, seed: int = 22, plus: bool = False) -> dict[str, torch.Tensor]:
+    """``image_proj.*`` and ``ip_adapter.<id>.to_k_ip/to_v_ip.weight`` for ``unet`` (a diffusers UNet), random;
+    ``plus``: IP-Adapter Plus's resampler (``image_embed_dim``: the encoder's hidden size)."""
     g = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
@@ -38,9 +59,12 @@ def ip_adapter_state(unet, image_embed_dim: int, seed: int = 22) -> dict[str, to
     def rand(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
 
-    state = {"image_proj.proj.weight": rand(TOKENS * cross, image_embed_dim),
-             "image_proj.proj.bias": rand(TOKENS * cross, scale=0.05),
-             "image_proj.norm.weight": 1.0 + rand(cross, scale=0.1), "image_proj.norm.bias": rand(cross, scale=0.1)}
+    if plus:
+        state = {f"image_proj.{k}": v for k, v in plus_image_proj(rand, cross, image_embed_dim).items()}
+    else:
+        state = {"image_proj.proj.weight": rand(TOKENS * cross, image_embed_dim),
+                 "image_proj.proj.bias": rand(TOKENS * cross, scale=0.05),
+                 "image_proj.norm.weight": 1.0 + rand(cross, scale=0.1), "image_proj.norm.bias": rand(cross, scale=0.1)}
     names = [n for n in unet.attn_processors if "motion_modules" not in n]
     modules = dict(unet.named_modules())
     for index, name in enumerate(names):
@@ -52,12 +76,13 @@ def ip_adapter_state(unet, image_embed_dim: int, seed: int = 22) -> dict[str, to
 
 
 def build_ip_adapter(root: Path, unet, weight_name: str = "ip-adapter_tiny.safetensors", projection_dim: int = 24,
-                     encoder: bool = True, seed: int = 22) -> Path:
+                     encoder: bool = True, seed: int = 22, plus: bool = False) -> Path:
     """``root/models/<weight_name>`` (safetensors, or a .bin of nested dicts as the original repo saves it)
-    and, with ``encoder``, ``root/models/image_encoder``. Returns the weight file."""
+    and, with ``encoder``, ``root/models/image_encoder``. Returns the weight file. ``plus``: an IP-Adapter
+    Plus (its resampler reads the encoder's hidden states)."""
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
-    state = ip_adapter_state(unet, projection_dim, seed)
+    state = ip_adapter_state(unet, ENCODER["hidden_size"] if plus else projection_dim, seed, plus)
     path = models / weight_name
     if weight_name.endswith(".safetensors"):
         from safetensors.torch import save_file

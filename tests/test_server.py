@@ -30,6 +30,7 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+from helpers import report  # noqa: E402
 from mlx_stablefused.demo import DEMO_MODEL_ID  # noqa: E402
 from mlx_stablefused.server import Limits, ServerSettings, create_app  # noqa: E402
 from mlx_stablefused.server.engine import Engine, fill_masked  # noqa: E402
@@ -292,6 +293,32 @@ def test_queue_limit_gives_503_with_retry_after(servers):
         task.future.result(timeout=30)
 
 
+def test_a_job_named_by_force_task_id_has_its_own_progress_and_cancel(servers):
+    """A1111's force_task_id and /internal/progress; /ui/v1/cancel of a waiting job: it returns at once with no
+    image, and the running job is untouched (A1111's /interrupt would have stopped that one)."""
+    url, engine = servers["plain"].url, servers["engine"]
+    release, running, busy = threading.Event(), threading.Event(), RunControl()
+    blocker = engine.worker.submit(lambda control: (running.set(), release.wait(30)), busy)
+    try:
+        running.wait(30)
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(httpx.post, url + "/sdapi/v1/txt2img", timeout=60,
+                              json={"prompt": "x", "seed": 1, "force_task_id": "mine", **FAST})
+            while not (state := httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json())["queued"]:
+                time.sleep(0.02)
+            assert not state["active"] and state["queue_ahead"] == 0 and state["progress"] == 0
+            assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "mine"}).json() == {"cancelled": True}
+            release.set()
+            answer = job.result(timeout=60)
+    finally:
+        release.set()
+    blocker.future.result(timeout=30)
+    assert answer.status_code == 200 and answer.json()["images"] == [] and not busy.interrupted
+    done = httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json()
+    assert done["completed"] and done["progress"] == 1.0 and not done["active"]
+    assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "nobody"}).json() == {"cancelled": False}
+
+
 def test_api_key_is_enforced_and_loopback_is_the_default(servers, monkeypatch, capsys):
     url = servers["keyed"].url
     assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 401
@@ -388,7 +415,36 @@ def test_hires_fix_resize_modes_and_latent_fills_through_webuiapi(servers):
     assert len({r.tobytes() for r in results.values()}) == 2
 
 
-def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
+def test_masked_content_starts_the_masked_latent_from_noise_or_zeros(servers):
+    """InpaintDiffusion's masked_content (A1111's fill 2 and 3), read off the run's starting latent: it is
+    a x + b eps, so against "original" (x the image's latent) "latent nothing" lacks a x inside the mask and
+    "latent noise" has a z there instead (z the first draw from the seed, as eps is given); outside, all equal."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, BOX)  # on the 8-pixel grid: latent cells 1..2 of 4 in both directions
+    image = Image.new("RGB", (SIZE, SIZE), (200, 60, 30))
+    eps = np.random.default_rng(11).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+    def starts(e: Engine) -> tuple:
+        pipe = e.pipes["inpaint"]
+        pipe.set_scheduler("euler")
+        out = {c: pipe(prompt="x", image=image, mask=mask, num_inference_steps=STEPS, strength=0.75, noise=eps,
+                       seed=5, guidance_scale=1.0, output_type="latent", return_latent_history=True,
+                       masked_content=c)[:, 0] for c in ("original", "latent nothing", "latent noise")}
+        return out, np.asarray(pipe.image_to_latent(image))
+    out, x = servers["engine"].call(starts)
+    inside = np.zeros(x.shape, bool)
+    inside[..., 1:3, 1:3] = True
+    z = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    a = (out["original"] - out["latent nothing"])[inside] / x[inside]
+    assert report("masked_content latent nothing: a x inside the mask (spread of a)", np.abs(a - a.mean()).max()) < 1e-4
+    assert a.mean() > 0.1
+    noise_error = np.abs(out["latent noise"] - out["latent nothing"] - a.mean() * z * inside).max()
+    assert report("masked_content latent noise: a z inside the mask (max abs)", noise_error) < 1e-4
+    for content in ("latent nothing", "latent noise"):
+        assert np.array_equal(out[content][~inside], out["original"][~inside])
+
+
+def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers, tmp_path):
     """/ui/v1: a CFG sweep's cells are txt2img at each scale; an interpolation's frames are
     LatentWalkDiffusion.interpolate from one starting noise; bad values 422 (AnimateDiff and latent walks in the
     slow variant)."""
@@ -400,7 +456,8 @@ def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
     caps = httpx.get(url + "/ui/v1/capabilities").json()
     assert caps["is_demo"] and all(reason is None for reason in caps["modes"].values())
 
-    sweep = httpx.post(url + "/ui/v1/sweep", timeout=60, json={"prompt": "a boat", "seed": 3, "sampler_name": "Euler",
+    saving = Running(create_app(ServerSettings(model=DEMO_MODEL_ID, outputs=tmp_path), engine))  # --outputs
+    sweep = httpx.post(saving.url + "/ui/v1/sweep", timeout=60, json={"prompt": "a boat", "seed": 3, "sampler_name": "Euler",
                                                                "cfg_scales": [1, 4], **FAST}).json()
     for b64, scale in zip(sweep["images"], (1, 4)):
         assert np.array_equal(pixels(b64_image(b64)), direct(engine, "txt2img", "euler", prompt="a boat", seed=3,
@@ -409,7 +466,11 @@ def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers):
 
     body = {"kind": "interpolate", "prompts": ["a boat", "a car"], "frames": 1, "seed": 5, "sampler_name": "Euler",
             **FAST}
-    video = httpx.post(url + "/ui/v1/video", json=body, timeout=60).json()
+    video = httpx.post(saving.url + "/ui/v1/video", json=body, timeout=60).json()
+    saving.stop()
+    written = {p.name.rsplit("-", 1)[-1]: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(written) == ["0.png", "1.png", "grid.png", "video.gif"]
+    assert written["video.gif"] == base64.b64decode(video["video"])
     gif = b64_image(video["video"])
     assert video["mime"] == "image/gif" and gif.n_frames == 2 and len(video["frames"]) == 2
 

@@ -164,31 +164,45 @@ def test_generate_paint_a_mask_and_inpaint_then_cancel(served, browser, screens)
     browser.save_screenshot(str(screens / "5-cancelled.png"))
 
 
-def test_sweep_and_interpolation_from_the_page(served, browser, screens):
+def test_img2img_from_a_file_sweep_and_videos_from_the_page(served, browser, screens, tmp_path):
     running, engine = served
     open_page(browser, running.url)
+    wide = Image.new("RGB", (2 * SIZE, SIZE), (200, 40, 40))  # a 2:1 file, cropped to the square (resize_mode 1)
+    wide.paste((40, 40, 200), (SIZE // 2, 0, 3 * SIZE // 2, SIZE))
+    wide.save(tmp_path / "wide.png")
+    tab(browser, "img2img")
+    browser.find_element(By.ID, "init_file").send_keys(str(tmp_path / "wide.png"))
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "init-preview").is_displayed())
+    fill(browser, prompt="a blue door", seed=8, sampler_name="Euler", resize_mode=1, denoising_strength=0.5, **FAST)
+    generate_and_wait(browser, 1)
+    (edited,) = shown_images(browser)
+    centre = wide.crop((SIZE // 2, 0, 3 * SIZE // 2, SIZE))
+    assert np.array_equal(pixels(edited), direct(engine, "img2img", "euler", image=centre, prompt="a blue door",
+                                                 strength=0.5, seed=8))
+    browser.save_screenshot(str(screens / "6-img2img.png"))
+
     tab(browser, "sweep")
     fill(browser, prompt="a boat", seed=3, sampler_name="Euler", cfg_scales="1, 2, 4", **FAST)
-    generate_and_wait(browser, 1)
+    generate_and_wait(browser, 2)
     (grid,) = shown_images(browser)
     assert grid.width == 3 * SIZE
     cell = pixels(grid)[:SIZE, 2 * SIZE:3 * SIZE]
     assert np.array_equal(cell, direct(engine, "txt2img", "euler", prompt="a boat", seed=3, guidance_scale=4))
-    browser.save_screenshot(str(screens / "6-sweep.png"))
+    browser.save_screenshot(str(screens / "7-sweep.png"))
 
     tab(browser, "interpolate")
     fill(browser, prompts="a boat\na car\na tree", seed=5, frames_pair=2, format="gif", **FAST)
-    generate_and_wait(browser, 2)
+    generate_and_wait(browser, 3)
     (video,) = shown_images(browser)
     assert video.format == "GIF" and video.n_frames == 5
-    browser.save_screenshot(str(screens / "7-interpolation.png"))
+    browser.save_screenshot(str(screens / "8-interpolation.png"))
 
     tab(browser, "animatediff")
     fill(browser, prompt="a boat", seed=6, frames_video=4, **FAST)
-    generate_and_wait(browser, 3)
+    generate_and_wait(browser, 4)
     (clip,) = shown_images(browser)
     assert clip.n_frames == 4
-    browser.save_screenshot(str(screens / "8-animatediff.png"))
+    browser.save_screenshot(str(screens / "9-animatediff.png"))
 
 
 def test_a_model_without_motion_adapter_says_why_there_is_no_animatediff(sd1, browser, screens):
@@ -204,7 +218,7 @@ def test_a_model_without_motion_adapter_says_why_there_is_no_animatediff(sd1, br
         notice = browser.find_element(By.ID, "unavailable")
         assert notice.is_displayed() and "--motion-adapter" in notice.text
         assert not browser.find_element(By.ID, "generate").is_enabled()
-        browser.save_screenshot(str(screens / "9-no-motion-adapter.png"))
+        browser.save_screenshot(str(screens / "10-no-motion-adapter.png"))
         tab(browser, "txt2img")
         assert browser.find_element(By.ID, "generate").is_enabled()
     finally:

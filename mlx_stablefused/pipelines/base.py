@@ -455,6 +455,7 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
         """Drive ``denoise`` to the end (or an ``interrupt()``): progress bar, step callbacks, history.
 
         Returns ``[final]``, or every latent from the start when ``return_latent_history``."""
+        self.check_image_tokens(positive)  # a loaded IP-Adapter and a call without the image prompt: refused
         callbacks = StepCallbacks(self, callback_on_step_end)
         if self._parallel_call is not None:  # guidance parallel: the UNet call shared with the other rank
             core["predict"] = self._parallel_call.predictor(core.get("predict"), guidance.enabled)

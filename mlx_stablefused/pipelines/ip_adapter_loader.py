@@ -30,6 +30,7 @@ class LoadedIPAdapter:
     origin: str
     num_tokens: int
     image_embed_dim: int
+    hidden_states: bool = False  # IP-Adapter Plus: it projects the encoder's penultimate hidden states
     encoder: Any = None  # the CLIPVisionModelWithProjection module (None: loaded with image_encoder_folder=None)
     encoder_folder: Path | None = None
     scale: float = 1.0
@@ -55,6 +56,16 @@ def _flatten_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _one_adapter(value: Any, name: str) -> Any:
+    """diffusers' list form (one entry per adapter) with one entry; several adapters at once are refused."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != 1:
+        raise IPAdapterError(f"load_ip_adapter: {len(value)} entries in {name}; one IP-Adapter at a time is "
+                             "supported (several at once: not yet)")
+    return value[0]
+
+
 class IPAdapterMixin:
     """Needs ``self.backend`` (BaseDiffusion has it)."""
 
@@ -74,13 +85,15 @@ class IPAdapterMixin:
         None: none, for ``ip_adapter_image_embeds`` only). Scale 1. It replaces an adapter loaded before.
         Everything is checked before the UNet changes: an adapter for another base (its cross-attention
         width), a missing image encoder, an encoder of another width are refused by name."""
+        from ..demo import resolve_special_id
+        from ..topology import unet_plan
+
         backend = self.backend
         if backend.is_video_unet and backend.motion_config is None:
             raise UnsupportedModelError("IP-Adapter: UNet3D (ModelScope / Zeroscope) models are not supported")
-        from ..topology import unet_plan
-
-        from ..demo import resolve_special_id
-
+        pretrained_model_name_or_path_or_dict, subfolder, weight_name = (
+            _one_adapter(v, name) for v, name in ((pretrained_model_name_or_path_or_dict, "the source"),
+                                                  (subfolder, "subfolder"), (weight_name, "weight_name")))
         previous = self.ip_adapter
         pretrained_model_name_or_path_or_dict = resolve_special_id(pretrained_model_name_or_path_or_dict)
         if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
@@ -110,7 +123,7 @@ class IPAdapterMixin:
         host = backend.ip_adapter_host()
         host.attach(adapter)
         backend.ip_adapter = LoadedIPAdapter(host, origin, adapter.num_tokens, adapter.projection.image_embed_dim,
-                                             encoder, encoder_folder)
+                                             adapter.projection.hidden_states, encoder, encoder_folder)
 
     def _image_encoder_for(self, adapter: IPAdapterWeights, folder: Path | None) -> Any:
         """The image encoder in ``folder``, checked against the adapter (reused when already loaded)."""
@@ -141,10 +154,18 @@ class IPAdapterMixin:
         loaded.scale = value
 
     def unload_ip_adapter(self) -> None:
-        """Remove the IP-Adapter and its image encoder; the UNet is as loaded again."""
-        loaded = self._loaded_ip_adapter("unload_ip_adapter")
-        loaded.host.detach()
-        self.backend.ip_adapter = None
+        """Remove the IP-Adapter and its image encoder; the UNet is as loaded again (none loaded: nothing to do,
+        as diffusers)."""
+        if self.ip_adapter is not None:
+            self.ip_adapter.host.detach()
+            self.backend.ip_adapter = None
+
+    def check_image_tokens(self, positive: Conditioning) -> None:
+        """With an IP-Adapter loaded, every denoising run carries the image prompt: the calls that take none
+        (latent walks, interpolation, ``embedding_to_latent``) are refused rather than run without it."""
+        if self.ip_adapter is not None and positive.ip_hidden_states is None:
+            raise IPAdapterError(f"an IP-Adapter is loaded ({self.ip_adapter.origin}) and this call takes no image "
+                                 "prompt (ip_adapter_image=); unload_ip_adapter() first")
 
     def _loaded_ip_adapter(self, what: str) -> LoadedIPAdapter:
         if self.ip_adapter is None:
@@ -202,8 +223,9 @@ class IPAdapterMixin:
             raise ValueError(f"ip_adapter_image_embeds must be a list with one array per loaded IP-Adapter (1), got "
                              f"{count} {type(embeds).__name__}")
         arr = as_numpy(embeds[0])
-        if arr.ndim != 3 or arr.shape[2] != loaded.image_embed_dim or arr.shape[0] < 1 or arr.shape[1] < 1:
-            raise ValueError(f"ip_adapter_image_embeds[0] must be (batch, images, {loaded.image_embed_dim}) "
+        layout = "(batch, images, tokens, D)" if loaded.hidden_states else "(batch, images, D)"  # Plus: hidden states
+        if arr.ndim != 3 + loaded.hidden_states or arr.shape[-1] != loaded.image_embed_dim or 0 in arr.shape:
+            raise ValueError(f"ip_adapter_image_embeds[0] must be {layout} with D = {loaded.image_embed_dim} "
                              f"(diffusers' layout), got {arr.shape}")
         if not np.isfinite(arr).all():
             raise ValueError("ip_adapter_image_embeds must not contain NaN or infinite values")
@@ -227,9 +249,10 @@ class IPAdapterMixin:
         loaded = self._loaded_ip_adapter("ip_adapter_image")
         backend, host = self.backend, loaded.host
         if prompt.pixels is not None:
-            embeds = host.encode_images(loaded.encoder, prompt.pixels)  # (n, D)
-            pos = embeds[None]
-            neg = pos * 0.0
+            pos = host.encode_images(loaded.encoder, prompt.pixels)[None]  # (1, n, D); Plus (1, n, L, D)
+            # The unconditional image, as diffusers: zero embeddings; for Plus the hidden states of a zero image.
+            neg = host.encode_images(loaded.encoder, np.zeros_like(prompt.pixels))[None] if loaded.hidden_states \
+                else pos * 0.0
         else:
             pos, neg = backend.from_numpy(prompt.embeds), backend.from_numpy(prompt.negative_embeds)
         tokens = self._per_sample(host.project(pos), positive.batch_size, "ip_adapter_image_embeds")

@@ -26,7 +26,7 @@ IGNORED_FIELDS = (
     "s_noise", "override_settings", "override_settings_restore_afterwards", "refiner_checkpoint",
     "refiner_switch_at", "disable_extra_networks", "comments", "firstphase_width", "firstphase_height",
     "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-    "force_task_id", "script_name", "script_args", "send_images", "save_images", "alwayson_scripts", "infotext",
+    "script_name", "script_args", "send_images", "save_images", "alwayson_scripts", "infotext",
     "image_cfg_scale", "mask_round", "inpaint_full_res", "inpaint_full_res_padding",
     "initial_noise_multiplier", "latent_mask", "include_init_images", "mask_blur_x", "mask_blur_y",
 )
@@ -47,6 +47,7 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float = Field(7.0, allow_inf_nan=False)
     width: int = Field(512, ge=8)
     height: int = Field(512, ge=8)
+    force_task_id: str | None = Field(None, max_length=64)  # for /internal/progress and /ui/v1/cancel
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0)  # txt2img: the hires fix's strength
     enable_hr: bool = False
     hr_scale: float = Field(2.0, gt=0, allow_inf_nan=False)
@@ -83,7 +84,7 @@ def to_job(req: Txt2ImgRequest, img2img: bool) -> GenerationJob:
     job = GenerationJob(prompt=req.prompt, negative_prompt=req.negative_prompt,
                         seed=random_seed() if req.seed < 0 else req.seed, steps=req.steps, cfg_scale=req.cfg_scale,
                         width=req.width, height=req.height, sampler=sampler, batch_size=req.batch_size,
-                        n_iter=req.n_iter)
+                        n_iter=req.n_iter, task_id=req.force_task_id)
     if req.enable_hr and not img2img:
         job.hires = hires_fix(req)
     if img2img:

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from ..demo import DEMO_MODEL_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS
 from .images import FieldError
-from .jobs import GenerationJob, RunControl
+from .jobs import GenerationJob, RunControl, step_callback
 from .settings import ServerSettings
 from .worker import Worker
 
@@ -223,32 +223,6 @@ class Engine:
         if job.inpainting_fill == 0:
             image = fill_masked(image, mask)
         return image, mask
-
-
-def first_frame(latents: Any) -> Any:
-    """The first image's latent, (1, 4, h, w): a video's (B, 4, F, h, w) gives its first frame."""
-    return latents[:1, :, 0] if latents.ndim == 5 else latents[:1]
-
-
-def step_callback(control: RunControl, offset: int = 0, per_frame: bool = False) -> Any:
-    """The pipelines' ``callback_on_step_end``: progress and the step's linear latent-to-RGB preview into
-    ``control``, and its interrupt flag into the pipeline. ``offset``: steps already done by an earlier pass;
-    ``per_frame``: each restart of the step count is the next image (frames rendered one after another)."""
-    from ..previews import latents_to_rgb
-
-    frames = [-1]
-
-    def on_step(p: Any, step: int, timestep: Any, tensors: dict) -> None:
-        if per_frame and step == 0:
-            frames[0] += 1
-            control.image_started(frames[0])
-        latents = tensors["latents"]  # the public layout (B, 4, h, w) or (B, 4, F, h, w)
-        preview = latents_to_rgb(first_frame(latents))[0] if latents.shape[1] == 4 else None
-        control.step_done(offset + step + 1, preview)
-        if control.interrupted:
-            p.interrupt()
-
-    return on_step
 
 
 def fill_masked(image: Image.Image, mask: Image.Image, radius: int = 16) -> Image.Image:

@@ -53,6 +53,7 @@ class GenerationJob:
     inpainting_mask_invert: bool = False
     resize_mode: int = 0                   # img2img: A1111's 0-3 (see resize.RESIZE_MODES)
     hires: HiresFix | None = None          # txt2img: A1111's hires fix
+    task_id: str | None = None             # A1111's force_task_id: the client's name for this job
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     @property
@@ -128,3 +129,29 @@ class RunControl:
             return 0.0
         elapsed = time.monotonic() - self.started
         return max(elapsed / done - elapsed, 0.0)
+
+
+def first_frame(latents: Any) -> Any:
+    """The first image's latent, (1, 4, h, w): a video's (B, 4, F, h, w) gives its first frame."""
+    return latents[:1, :, 0] if latents.ndim == 5 else latents[:1]
+
+
+def step_callback(control: RunControl, offset: int = 0, per_frame: bool = False) -> Any:
+    """The pipelines' ``callback_on_step_end``: progress and the step's linear latent-to-RGB preview into
+    ``control``, and its interrupt flag into the pipeline. ``offset``: steps already done by an earlier pass;
+    ``per_frame``: each restart of the step count is the next image (frames rendered one after another)."""
+    from ..previews import latents_to_rgb
+
+    frames = [-1]
+
+    def on_step(p: Any, step: int, timestep: Any, tensors: dict) -> None:
+        if per_frame and step == 0:
+            frames[0] += 1
+            control.image_started(frames[0])
+        latents = tensors["latents"]  # the public layout (B, 4, h, w) or (B, 4, F, h, w)
+        preview = latents_to_rgb(first_frame(latents))[0] if latents.shape[1] == 4 else None
+        control.step_done(offset + step + 1, preview)
+        if control.interrupted:
+            p.interrupt()
+
+    return on_step

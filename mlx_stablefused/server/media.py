@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID
-from .jobs import GenerationJob, RunControl
+from .jobs import GenerationJob, RunControl, step_callback
 from .samplers import SamplerChoice
 
 VIDEO_KINDS = ("interpolate", "latent_walk", "animatediff")
@@ -121,8 +121,9 @@ def initial_noise(pipe: Any, job: VideoJob) -> np.ndarray:
 
 
 def run_video(engine: Any, job: VideoJob, control: RunControl) -> list[Image.Image]:
-    from .engine import step_callback
 
+    if control.interrupted:  # cancelled while it waited
+        return []
     common = dict(num_inference_steps=job.steps, guidance_scale=job.cfg_scale, seed=job.seed,
                   negative_prompt=job.negative_prompt or None)
     if job.kind == "animatediff":

@@ -60,11 +60,20 @@ class VideoRequest(BaseModel):
     same_noise: bool = True
     fps: int = Field(8, ge=1, le=60)
     format: str = "gif"
+    force_task_id: str | None = Field(None, max_length=64)  # as A1111's: for /internal/progress, /ui/v1/cancel
 
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         return Txt2ImgRequest._multiple_of_8(v)
+
+
+class TaskRequest(BaseModel):
+    """A1111's /internal/progress body (``id_live_preview`` accepted; every preview is the latest)."""
+
+    model_config = ConfigDict(extra="allow")
+    id_task: str
+    live_preview: bool = True
 
 
 def to_video_job(req: VideoRequest) -> VideoJob:
@@ -152,13 +161,23 @@ def router(service: Service) -> APIRouter:
     async def caps() -> dict:
         return capabilities(service)
 
+    @api.post("/internal/progress")
+    async def task_progress(req: TaskRequest) -> dict:
+        return service.task_progress(req.id_task, req.live_preview)
+
+    @api.post("/ui/v1/cancel")
+    async def cancel(req: TaskRequest) -> dict:
+        """Stop that job after its step (it returns what it has), or, still waiting, have it return at once
+        with nothing; other jobs are untouched (A1111's /interrupt stops whichever job is running)."""
+        return {"cancelled": service.tasks.cancel(req.id_task)}
+
     @api.post("/ui/v1/sweep")
     async def sweep(req: SweepRequest, request: Request) -> dict:
         job = SweepJob(to_job(req, img2img=bool(req.init_images)), req.cfg_scales)
         service.check_limits(job, "cfg_scales", service.settings.limits.max_frames)
         request.state.size = job.size
         control = RunControl(job.count, job.base.sampling_steps)
-        cells = await service.run(lambda c: run_sweep(service.engine, job, c), control, request)
+        cells = await service.run(lambda c: run_sweep(service.engine, job, c), control, request, req.force_task_id)
         model = service.engine.model_name
         texts = [infotext(job.base, job.base.seed, model, cfg_scale=s) for s in job.cfg_scales[:len(cells)]]
         labels = [f"CFG {s:g}" for s in job.cfg_scales[:len(cells)]]
@@ -184,7 +203,7 @@ def router(service: Service) -> APIRouter:
         request.state.size = job.size
         steps = job.steps
         control = RunControl(1 if job.kind == "animatediff" else job.count, steps)
-        frames = await service.run(lambda c: run_video(service.engine, job, c), control, request)
+        frames = await service.run(lambda c: run_video(service.engine, job, c), control, request, req.force_task_id)
         if not frames:
             return {"video": None, "frames": [], "interrupted": True, "seed": job.seed}
         text = video_infotext(job, service.engine.model_name)

@@ -218,7 +218,8 @@ class MLXBackend(Backend):
                    scale: float, guess_mode: bool = False) -> tuple[tuple[mx.array, ...], mx.array]:
         cond = as_conditioning(conditioning)
         t = mx.array(float(timestep), dtype=mx.float32)
-        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None),
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),  # as diffusers: image tokens are the UNet's
                                    lambda a: a.astype(self.dtype))
         ctx, frames = cond.text.astype(self.dtype), None
         if latent.ndim == 5:  # (B, F, h, w, C): frames join the batch, frame-minor, as the UNet runs them

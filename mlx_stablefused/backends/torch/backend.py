@@ -93,7 +93,8 @@ class TorchBackend(Backend):
         cond = as_conditioning(conditioning)
         module.to(self.device)  # loaded beside the model: follows pipe.to(device) here (a no-op when it is there)
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
-        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None),
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),
                                    lambda a: a.to(self.dtype))
         ctx, frames = cond.text.to(self.dtype), None
         if latent.ndim == 5:  # (B, C, F, h, w): frames join the batch, frame-minor, as the UNet runs them

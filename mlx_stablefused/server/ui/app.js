@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { tab: "txt2img", caps: null, busy: false, cancelled: false, initImage: null, lastSeed: null,
-                poll: null, gallery: [] };
+                poll: null, gallery: [], task: null };
 
 // ------------------------------------------------------------------------------------------------ requests
 async function api(path, body) {
@@ -109,6 +109,9 @@ async function generate(event) {
   showError(null);
   let body;
   try { body = mode.body(); } catch (e) { showError(e.message); return; }
+  // The job's own name (A1111's force_task_id): its progress and its cancel are this job's alone.
+  state.task = `ui-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+  body.force_task_id = state.task;
   setBusy(true);
   const tab = state.tab;
   try {
@@ -149,19 +152,18 @@ function setBusy(busy) {
 
 async function pollProgress() {
   let p;
-  try { p = await api("/sdapi/v1/progress"); } catch (e) { return; }
+  try { p = await api("/internal/progress", { id_task: state.task, live_preview: true }); } catch (e) { return; }
   if (!state.busy) return;
-  const s = p.state;
   $("progress").value = p.progress;
   const parts = [];
-  if (s.sampling_steps) parts.push(`step ${s.sampling_step}/${s.sampling_steps}`);
-  if (s.job_count > 1) parts.push(`image ${s.job_no + 1}/${s.job_count}`);
-  if (p.eta_relative > 0) parts.push(`${p.eta_relative.toFixed(1)} s left`);
-  if (s.queued) parts.push(`${s.queued} waiting`);
+  if (p.queued) parts.push(p.queue_ahead ? `queued, ${p.queue_ahead} ahead` : "queued");
+  if (p.active && p.sampling_steps) parts.push(`step ${p.sampling_step}/${p.sampling_steps}`);
+  if (p.active && p.job_count > 1) parts.push(`image ${p.job_no + 1}/${p.job_count}`);
+  if (p.active && p.eta > 0) parts.push(`${p.eta.toFixed(1)} s left`);
   if (state.cancelled) parts.push("cancelling...");
   $("progress-text").textContent = parts.join(" \u00b7 ") || "starting";
-  if (p.current_image) {
-    $("live-preview").src = dataUrl(p.current_image);
+  if (p.live_preview) {
+    $("live-preview").src = p.live_preview;
     $("live-preview").hidden = false;
   }
 }
@@ -170,7 +172,7 @@ async function cancel() {
   if (!state.busy) return;
   state.cancelled = true;
   $("cancel").disabled = true;
-  try { await api("/sdapi/v1/interrupt", {}); } catch (e) { showError(e.message); }
+  try { await api("/ui/v1/cancel", { id_task: state.task }); } catch (e) { showError(e.message); }
 }
 
 // ------------------------------------------------------------------------------------------------ showing
@@ -256,9 +258,8 @@ function useAsInput(src, tab) {
     $("width").value = Math.max(8, Math.floor(image.naturalWidth / 8) * 8);
     $("height").value = Math.max(8, Math.floor(image.naturalHeight / 8) * 8);
     $("init-preview").src = src;
-    $("init-preview").hidden = false;
     painter.load(image);
-    if (tab) selectTab(tab);
+    selectTab(tab || state.tab);  // shows the image (img2img) or the painter (inpaint) on its own tab
   };
   image.onerror = () => showError("that file is not an image the browser can read");
   image.src = src;
@@ -293,7 +294,6 @@ const painter = {
     for (const c of [canvas, this.overlay, this.mask]) { c.width = image.naturalWidth; c.height = image.naturalHeight; }
     canvas.getContext("2d").drawImage(image, 0, 0);
     canvas.style.width = `${Math.min(512, Math.max(256, image.naturalWidth))}px`;
-    $("painter").hidden = false;
     this.clear();
   },
   clear() {
@@ -346,7 +346,7 @@ function selectTab(tab) {
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
   document.querySelectorAll("[data-only]").forEach((el) => { el.hidden = !el.dataset.only.split(" ").includes(tab); });
   document.querySelectorAll("[data-not]").forEach((el) => { el.hidden = el.dataset.not.split(" ").includes(tab); });
-  if (tab === "inpaint" && !state.initImage) $("painter").hidden = true;
+  if (tab === "inpaint") $("painter").hidden = !state.initImage;
   if (tab === "img2img") $("init-preview").hidden = !state.initImage;
   const reason = unavailableReason();
   $("unavailable").hidden = !reason;
