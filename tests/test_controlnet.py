@@ -145,10 +145,11 @@ def test_text_to_image_matches_diffusers(sd1, controlnets, pipelines, references
                   max_abs_error(got, want)) < TOL
 
 
-@MLX_THEN_SLOW
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=SLOW) for b in BACKENDS])
 def test_image_to_image_and_inpainting_match_diffusers(sd1, sd1_inpaint, controlnets, pipelines, references,
                                                        backend):
-    """Image-to-image (strength 0.5, two ControlNets) and 9-channel inpainting with a ControlNet."""
+    """Image-to-image (strength 0.5, two ControlNets) and 9-channel inpainting with a ControlNet (-m slow: they add
+    the same ControlStep to the recipes text-to-image checks by default)."""
     noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     names = ["sd1-a", "sd1-b"]
     want = references("img2img", lambda: run_diffusers(
