@@ -136,6 +136,42 @@ def test_sdxl_image_to_image_and_inpainting_match_diffusers(case, backend, sdxl,
     assert report(f"SDXL {case} vs diffusers' SDXL pipeline [{backend}]", max_abs_error(got, want)) < IMAGE_TOL
 
 
+@MLX_DEFAULT
+def test_sdxl_inpainting_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refiner, pipelines, backend_name):
+    """Inpainting base (latent blending) with denoising_end -> latents -> refiner inpainting (aesthetic scores)
+    with denoising_start on those latents, vs StableDiffusionXLInpaintPipeline twice, our noise fed to both."""
+    import importlib
+
+    (base_ref, base_root), (refiner_ref, refiner_root) = sdxl, sdxl_refiner
+    image, mask = make_image(64, 48), make_mask(64, 48)
+    noise = _noise((1, 4, 6, 8), 5)
+    common = dict(prompt="a cat", num_inference_steps=4, guidance_scale=5.0, negative_prompt="blurry")
+    refine = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0, negative_original_size=(40, 48),
+                  negative_crops_coords_top_left=(2, 4), **MICRO)  # every negative value given: diffusers' ids
+    module = importlib.import_module(type(diffusers_pipeline(base_ref, "StableDiffusionXLInpaintPipeline")).__module__)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(module, "retrieve_latents", lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
+        mp.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noise))
+        latent_ref = diffusers_pipeline(base_ref, "StableDiffusionXLInpaintPipeline")(
+            **common, image=image, mask_image=mask, height=48, width=64, strength=1.0, denoising_end=0.6,
+            output_type="latent").images
+        ref = diffusers_pipeline(refiner_ref, "StableDiffusionXLInpaintPipeline")
+        ref.register_to_config(requires_aesthetics_score=True)  # a new object: the session's is untouched
+        want = ref(
+            **common, image=latent_ref, mask_image=mask, height=48, width=64, denoising_start=0.6,
+            output_type="np", **refine).images
+    base = pipelines.pipeline(InpaintDiffusion, base_root, backend_name)
+    latent = base(common["prompt"], image, mask, **{k: v for k, v in common.items() if k != "prompt"}, noise=noise,
+                  denoising_end=0.6, output_type="latent")
+    assert report(f"SDXL inpainting denoising_end latents vs StableDiffusionXLInpaintPipeline [{backend_name}]",
+                  max_abs_error(latent, latent_ref.numpy())) < 1e-3
+    refiner = pipelines.pipeline(InpaintDiffusion, refiner_root, backend_name)
+    got = refiner(common["prompt"], latent, mask, **{k: v for k, v in common.items() if k != "prompt"}, noise=noise,
+                  denoising_start=0.6, output_type="np", **refine)
+    assert report(f"SDXL refiner inpainting denoising_start vs StableDiffusionXLInpaintPipeline [{backend_name}]",
+                  max_abs_error(got, want)) < IMAGE_TOL
+
+
 def test_negative_micro_conditioning_defaults_to_the_positive_values():
     from mlx_stablefused.pipelines.sdxl_conditioning import MicroConditioning
 

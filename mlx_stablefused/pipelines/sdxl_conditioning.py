@@ -272,6 +272,19 @@ def check_denoising_fraction(value: Any, name: str) -> float | None:
     return v
 
 
+def check_denoising_range(denoising_start: Any, denoising_end: Any, start_step: Any,
+                          strength: Any) -> tuple[float | None, float | None]:
+    """Both fractions checked, and together: start below end, and ``denoising_start`` instead of
+    ``start_step``/``strength`` (it sets where the schedule begins)."""
+    start = check_denoising_fraction(denoising_start, "denoising_start")
+    end = check_denoising_fraction(denoising_end, "denoising_end")
+    if start is not None and (start_step is not None or strength is not None):
+        raise ValueError("pass denoising_start or start_step/strength, not both")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    return start, end
+
+
 def _cutoff(scheduler: Any, fraction: float) -> int:
     """diffusers' discrete timestep cutoff of a denoising fraction."""
     train = int(scheduler.config.get("num_train_timesteps", 1000))
