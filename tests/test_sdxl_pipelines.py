@@ -207,6 +207,59 @@ def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sd1, pipeline
         i2i(make_image(), "a cat", num_inference_steps=2, aesthetic_score="high")
     with pytest.raises(ValueError, match="denoising_start or start_step/strength, not both"):
         i2i(make_image(), "a cat", num_inference_steps=2, strength=0.5, denoising_start=0.5)
-    walk = pipelines.pipeline(LatentWalkDiffusion, root)
-    with pytest.raises(UnsupportedModelError, match="LatentWalkDiffusion.interpolate does not take SDXL models yet"):
+    walk = pipelines.pipeline(LatentWalkDiffusion, sdxl_refiner[1])
+    with pytest.raises(UnsupportedModelError, match="refiner .*use ImageToImageDiffusion"):
         walk.interpolate(["a", "b"], interpolation_steps=2, num_inference_steps=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'aesthetic_score'"):
+        pipelines.pipeline(LatentWalkDiffusion, root)("a", _noise((1, 4, 4, 4)), aesthetic_score=6.0)
+
+
+def test_sdxl_latent_walk_and_interpolation(sdxl, pipelines):
+    """On SDXL: a walk at strength 0 is text-to-image on the re-standardised latent (same micro-conditioning
+    and prompt_2); interpolation frames are StableDiffusionXLPipeline fed the lerped states, pooled
+    embeddings and latents (MLX)."""
+    ref, root = sdxl
+    t2i = pipelines.pipeline(TextToImageDiffusion, root)
+    walk = LatentWalkDiffusion.from_pipeline(t2i)
+    base = _noise((1, 4, 4, 6), 7)
+    extra = dict(prompt_2="oil painting", original_size=(40, 56), negative_prompt="blurry", num_inference_steps=2,
+                 guidance_scale=5.0, output_type="np")
+    walked = walk("a lighthouse", base, strength=0.0, noise=_noise(base.shape, 8), **extra)
+    plain = t2i("a lighthouse", latent=walk.modify_latent(base, 0.0, _noise(base.shape, 8)), **extra)
+    assert max_abs_error(walked, plain) < 1e-5
+
+    prompts, latents = ["a red lighthouse", "a cat at night"], _noise((2, 4, 4, 6), 9)
+    frames = walk.interpolate(prompts, latent=latents, negative_prompt="blurry", interpolation_steps=3,
+                              latent_interpolation_type="lerp", num_inference_steps=2, guidance_scale=5.0,
+                              output_type="np", batch_size=4)
+    w = np.array([0.0, 1 / 3, 2 / 3, 1.0], np.float32)
+
+    def lerped(pair):
+        a, b = pair.numpy()
+        return torch.from_numpy(((1 - w).reshape(-1, *[1] * a.ndim) * a + w.reshape(-1, *[1] * a.ndim) * b)
+                                .astype(np.float32))
+
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = ref.encode_prompt(prompts, None, "cpu", 1, True, "blurry")
+        want = ref(prompt_embeds=lerped(embeds), negative_prompt_embeds=lerped(negative),
+                   pooled_prompt_embeds=lerped(pooled), negative_pooled_prompt_embeds=lerped(negative_pooled),
+                   latents=lerped(torch.from_numpy(latents)), height=32, width=48, num_inference_steps=2,
+                   guidance_scale=5.0, output_type="np").images
+    assert report("SDXL interpolation frames vs StableDiffusionXLPipeline (lerped embeddings)",
+                  max_abs_error(frames, want)) < IMAGE_TOL
+
+
+@pytest.mark.slow
+def test_sdxl_inpainting_walk_ends_on_the_painted_image(sdxl, pipelines):
+    """An inpainting walk on SDXL (latent blending): its last frame is the inpainting call it makes."""
+    from mlx_stablefused.pipelines import inputs
+    from mlx_stablefused.pipelines.walk_geometry import WalkType, shift_and_mask
+
+    inpaint = pipelines.pipeline(InpaintDiffusion, sdxl[1])
+    image = make_image(64, 64)
+    frames = inpaint.walk("a cat", image, "right", image_height=64, image_width=64, width_translation_per_step=16,
+                          num_inpainting_steps=1, interpolation_steps=3, num_inference_steps=2, seed=4)
+    source, mask = shift_and_mask(image.convert("RGB"), WalkType.RIGHT, 16)
+    seed = int(inputs.make_rng(4).integers(0, 2**31 - 1, size=1)[0])
+    painted = inpaint("a cat", source, mask, num_inference_steps=2, seed=seed, output_type="pil")[0]
+    assert len(frames) == 3 and np.array_equal(np.asarray(frames[-1]), np.asarray(painted))

@@ -38,14 +38,6 @@ def is_sdxl(backend: Any) -> bool:
     return getattr(backend.unet_config, "addition_embed_type", None) == "text_time"
 
 
-def refuse_sdxl(backend: Any, what: str) -> None:
-    """Refuse, before any work, a pipeline that does not take SDXL models yet (latent walks, interpolation)."""
-    if is_sdxl(backend):
-        raise UnsupportedModelError(f"{what} does not take SDXL models yet (their prompt embeddings need pooled "
-                                    "embeddings and time ids); use TextToImageDiffusion, ImageToImageDiffusion "
-                                    "or InpaintDiffusion")
-
-
 def _pair(value: Any, name: str, check: Any) -> Pair | None:
     if value is None:
         return None
