@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -105,6 +105,13 @@ class Backend(ABC):
         if cond.pooled_text is not None:
             extra["added_cond_kwargs"] = {"text_embeds": cast(cond.pooled_text), "time_ids": cast(cond.time_ids)}
         return extra
+
+    @classmethod
+    def video_unet_keywords(cls, cond: Conditioning, repeat: Any, cast: Any) -> dict[str, Any]:
+        """``unet_keywords`` for a video whose frames joined the batch: SDXL's pooled text and time ids are per
+        video, so each row goes to every frame (``repeat``, frame-minor, as the text states)."""
+        per_video = {k: repeat(getattr(cond, k)) for k in ("pooled_text", "time_ids") if getattr(cond, k) is not None}
+        return cls.unet_keywords(replace(cond, **per_video), cast)
 
     @abstractmethod
     def vae_decode(self, latent: Array) -> Array:

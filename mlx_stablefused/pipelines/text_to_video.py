@@ -21,6 +21,7 @@ from . import inputs
 from .base import Array, BaseDiffusion, ModelComponents, PromptType, with_run_settings
 from .context_windows import ContextWindows
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .stablefused_compat import folder_from_components, resolve_dtype
 
 # AnimateDiff's sampler: DDIM on *linear* betas (not SD's scaled_linear), no clipping, linspace spacing.
@@ -102,8 +103,11 @@ class TextToVideoDiffusion(BaseDiffusion):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,
-                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
-        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w)."""
+                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
+                 **sdxl: Any) -> Any:
+        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w).
+        An SDXL model with an SDXL motion adapter (AnimateDiff-SDXL) takes text-to-image's SDXL keywords
+        (``prompt_2``, ``negative_prompt_2``, the micro-conditioning, one set for every frame)."""
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -127,8 +131,10 @@ class TextToVideoDiffusion(BaseDiffusion):
         shape = (len(prompts), self.latent_channels, video_frames, video_height // f, video_width // f)
         rng = inputs.make_rng(seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
+        sdxl_call = sdxl_inputs(self, negative_prompt, video_height, video_width, text_to_image=True,
+                                **check_sdxl_keywords(sdxl))
         # 2. Encode the prompt.
-        positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_videos_per_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))

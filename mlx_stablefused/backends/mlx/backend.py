@@ -201,6 +201,7 @@ class MLXBackend(Backend):
             b, f = latent.shape[:2]
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
+            extra = self.video_unet_keywords(cond, lambda a: mx.repeat(a, f, axis=0), lambda a: a.astype(self.dtype))
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)

@@ -78,6 +78,7 @@ class TorchBackend(Backend):
             b, c, f, h, w = latent.shape
             x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
             ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
+            extra = self.video_unet_keywords(cond, lambda a: a.repeat_interleave(f, dim=0), lambda a: a.to(self.dtype))
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
