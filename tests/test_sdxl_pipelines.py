@@ -182,7 +182,7 @@ def test_negative_micro_conditioning_defaults_to_the_positive_values():
     assert given.time_ids(64, 48, aesthetic=False) == ([64, 48, 0, 0, 64, 48], [64, 48, 0, 4, 8, 8])
 
 
-def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sd1, pipelines):
+def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sdxl_inpaint, sd1, pipelines):
     _, root = sdxl
     pipe = pipelines.pipeline(TextToImageDiffusion, root)
     bad = [(dict(original_size=(64,)), "original_size must be a pair"),
@@ -207,6 +207,11 @@ def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sd1, pipeline
         i2i(make_image(), "a cat", num_inference_steps=2, aesthetic_score="high")
     with pytest.raises(ValueError, match="denoising_start or start_step/strength, not both"):
         i2i(make_image(), "a cat", num_inference_steps=2, strength=0.5, denoising_start=0.5)
+    nine = pipelines.pipeline(InpaintDiffusion, sdxl_inpaint[1])
+    with pytest.raises(UnsupportedModelError, match="9-channel inpainting UNet takes the masked image itself"):
+        nine("a cat", _noise((1, 4, 6, 8)), make_mask(64, 48), denoising_start=0.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match="denoising_start or start_step/strength, not both"):
+        nine("a cat", make_image(64, 48), make_mask(64, 48), denoising_start=0.5, strength=0.5)
     walk = pipelines.pipeline(LatentWalkDiffusion, sdxl_refiner[1])
     with pytest.raises(UnsupportedModelError, match="refiner .*use ImageToImageDiffusion"):
         walk.interpolate(["a", "b"], interpolation_steps=2, num_inference_steps=1)
