@@ -143,8 +143,8 @@ def test_sdxl_inpainting_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refine
     import importlib
 
     (base_ref, base_root), (refiner_ref, refiner_root) = sdxl, sdxl_refiner
-    image, mask = make_image(64, 48), make_mask(64, 48)
-    noise = _noise((1, 4, 6, 8), 5)
+    image, mask = make_image(32, 32), make_mask(32, 32)
+    noise = _noise((1, 4, 4, 4), 5)
     common = dict(prompt="a cat", num_inference_steps=4, guidance_scale=5.0, negative_prompt="blurry")
     refine = dict(aesthetic_score=7.0, negative_aesthetic_score=2.0, negative_original_size=(40, 48),
                   negative_crops_coords_top_left=(2, 4), **MICRO)  # every negative value given: diffusers' ids
@@ -153,12 +153,12 @@ def test_sdxl_inpainting_ensemble_of_experts_matches_diffusers(sdxl, sdxl_refine
         mp.setattr(module, "retrieve_latents", lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mode())
         mp.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noise))
         latent_ref = diffusers_pipeline(base_ref, "StableDiffusionXLInpaintPipeline")(
-            **common, image=image, mask_image=mask, height=48, width=64, strength=1.0, denoising_end=0.6,
+            **common, image=image, mask_image=mask, height=32, width=32, strength=1.0, denoising_end=0.6,
             output_type="latent").images
         ref = diffusers_pipeline(refiner_ref, "StableDiffusionXLInpaintPipeline")
         ref.register_to_config(requires_aesthetics_score=True)  # a new object: the session's is untouched
         want = ref(
-            **common, image=latent_ref, mask_image=mask, height=48, width=64, denoising_start=0.6,
+            **common, image=latent_ref, mask_image=mask, height=32, width=32, denoising_start=0.6,
             output_type="np", **refine).images
     base = pipelines.pipeline(InpaintDiffusion, base_root, backend_name)
     latent = base(common["prompt"], image, mask, **{k: v for k, v in common.items() if k != "prompt"}, noise=noise,
@@ -219,12 +219,11 @@ def test_sdxl_bad_input_is_refused_before_work(sdxl, sdxl_refiner, sdxl_inpaint,
         pipelines.pipeline(LatentWalkDiffusion, root)("a", _noise((1, 4, 4, 4)), aesthetic_score=6.0)
 
 
-def test_sdxl_latent_walk_and_interpolation(sdxl, pipelines):
-    """On SDXL: a walk at strength 0 is text-to-image on the re-standardised latent (same micro-conditioning
-    and prompt_2); interpolation frames are StableDiffusionXLPipeline fed the lerped states, pooled
-    embeddings and latents (MLX)."""
-    ref, root = sdxl
-    t2i = pipelines.pipeline(TextToImageDiffusion, root)
+@pytest.mark.slow
+def test_sdxl_latent_walk_at_strength_zero_is_text_to_image(sdxl, pipelines):
+    """On SDXL a walk at strength 0 is text-to-image on the re-standardised latent (same micro-conditioning
+    and prompt_2)."""
+    t2i = pipelines.pipeline(TextToImageDiffusion, sdxl[1])
     walk = LatentWalkDiffusion.from_pipeline(t2i)
     base = _noise((1, 4, 4, 6), 7)
     extra = dict(prompt_2="oil painting", original_size=(40, 56), negative_prompt="blurry", num_inference_steps=2,
@@ -233,11 +232,17 @@ def test_sdxl_latent_walk_and_interpolation(sdxl, pipelines):
     plain = t2i("a lighthouse", latent=walk.modify_latent(base, 0.0, _noise(base.shape, 8)), **extra)
     assert max_abs_error(walked, plain) < 1e-5
 
+
+def test_sdxl_interpolation_matches_diffusers_on_interpolated_embeddings(sdxl, pipelines):
+    """SDXL interpolation frames are StableDiffusionXLPipeline fed the lerped states, pooled embeddings and
+    latents (MLX)."""
+    ref, root = sdxl
+    walk = pipelines.pipeline(LatentWalkDiffusion, root)
     prompts, latents = ["a red lighthouse", "a cat at night"], _noise((2, 4, 4, 6), 9)
-    frames = walk.interpolate(prompts, latent=latents, negative_prompt="blurry", interpolation_steps=3,
+    frames = walk.interpolate(prompts, latent=latents, negative_prompt="blurry", interpolation_steps=2,
                               latent_interpolation_type="lerp", num_inference_steps=2, guidance_scale=5.0,
-                              output_type="np", batch_size=4)
-    w = np.array([0.0, 1 / 3, 2 / 3, 1.0], np.float32)
+                              output_type="np", batch_size=3)
+    w = np.array([0.0, 0.5, 1.0], np.float32)
 
     def lerped(pair):
         a, b = pair.numpy()
@@ -305,7 +310,8 @@ def sdxl_motion(sdxl, tmp_path_factory):
     return folder, noise, np.asarray(video)
 
 
-@MLX_DEFAULT
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_name", ["mlx", "torch"])
 def test_animatediff_sdxl_matches_diffusers(sdxl, sdxl_motion, backend_name):
     """AnimateDiff on SDXL: the motion modules merged into the text_time UNet (its pooled text and time ids
     per frame) vs AnimateDiffSDXLPipeline."""
