@@ -203,8 +203,10 @@ def _resnet_name(rest: str, where: str) -> str:
     raise WeightLoadError(f"unrecognised UNet resnet key {where}.{rest}")
 
 
-def unet_key_map(keys: Iterable[str], text_time: bool = False) -> tuple[dict[str, str], list[int], list[int]]:
+def unet_key_map(keys: Iterable[str], encoder_only: bool = False,
+                 text_time: bool = False) -> tuple[dict[str, str], list[int], list[int]]:
     """LDM UNet keys (prefix removed) -> {diffusers name: LDM key}, layers per down block, per up block.
+    ``encoder_only``: a ControlNet's copy of the encoder (no ``output_blocks``, no ``out``).
 
     The block structure is read from the keys: in ``input_blocks`` a downsampler (``.0.op``) closes a
     level; in ``output_blocks`` an upsampler (``.1.conv`` or ``.2.conv``) does. ``text_time``: SDXL's
@@ -284,6 +286,8 @@ def unet_key_map(keys: Iterable[str], text_time: bool = False) -> tuple[dict[str
                       else f"mid_block.resnets.{sub // 2}.{_resnet_name(r, f'middle_block.{sub}')}")
             add(target, f"middle_block.{sub}.{r}")
     n = len(down)
+    if encoder_only and not up and 0 not in down:
+        return out, down, up
     if 0 in down or len(up) != n or any(up[u] != down[n - 1 - u] + 1 for u in range(n)):
         raise UnsupportedModelError(f"the UNet's blocks do not pair up (resnets per down block {down}, per up "
                                     f"block {up}); is the file complete?")
@@ -322,7 +326,8 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str],
         per_head = original.num_head_channels or (64 if family != "sd1" else None)  # SD 2, SDXL: 64-channel heads
         heads = [max(1, c // per_head) for c in channels] if per_head else 8  # LDM SD 1.x: num_heads 8
     config = {
-        "in_channels": shape("conv_in.weight")[1], "out_channels": shape("conv_out.weight")[0],
+        "in_channels": shape("conv_in.weight")[1],
+        "out_channels": shape("conv_out.weight")[0] if "conv_out.weight" in names else None,  # None: a ControlNet
         "block_out_channels": channels, "layers_per_block": _one_or_list(down),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
@@ -491,7 +496,7 @@ def key_maps(shapes: Mapping[str, tuple[int, ...]], origin: str, use_ema: bool =
             "and 'cond_stage_model.transformer' (SD 1.x CLIP), 'cond_stage_model.model' (SD 2.x OpenCLIP), "
             "'conditioner.embedders.0.transformer' with 'conditioner.embedders.1.model' (SDXL: CLIP-L and OpenCLIP "
             "bigG) or 'conditioner.embedders.0.model' (SDXL refiner: OpenCLIP bigG)")
-    names, down, _ = unet_key_map((k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)), family.text_time)
+    names, down, _ = unet_key_map((k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)), text_time=family.text_time)
     if use_ema:
         ema = {t: EMA_PREFIX + "diffusion_model" + s.replace(".", "") for t, s in names.items()}
         missing = [e for e in ema.values() if e not in shapes]

@@ -13,6 +13,7 @@ from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard, embedding_window
 from .denoise import Guidance, StepCallback
 from .sdxl_conditioning import SDXL_PROMPT_KEYWORDS, check_sdxl_keywords, is_sdxl, sdxl_inputs
 
@@ -39,6 +40,7 @@ class LatentWalkDiffusion(BaseDiffusion):
         A single prompt is used for every latent; otherwise one prompt per latent. SDXL models take
         text-to-image's keywords (``prompt_2``, ``negative_prompt_2``, the micro-conditioning).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
         self._check_output_type(output_type)
         check_preview_decoder(self, history_decoder)
@@ -58,12 +60,19 @@ class LatentWalkDiffusion(BaseDiffusion):
         f = self.vae_scale_factor
         self.check_memory(base.shape[2] * f, base.shape[3] * f, base.shape[0])
         sdxl_call = self._sdxl_call(negative_prompt, base.shape[2] * f, base.shape[3] * f, sdxl)
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.__call__", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         walked = self.modify_latent(base, strength, inputs.given_or_random(noise, base.shape, rng, "noise"))
         embedding = self._embedding(prompts, negatives, negative_prompt, sdxl)
-        latents = self.sample_from_noise(embedding, walked, num_inference_steps, guidance_scale, guidance_rescale,
-                                         rng, return_latent_history, callback_on_step_end, sdxl=sdxl_call)
-        return self.resolve_output(latents, output_type, return_latent_history, history_decoder=history_decoder)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            part = embedding if shard.is_whole else embedding_window(self.backend, embedding, shard.window)
+            latents = self.sample_from_noise(part, shard.take(walked), num_inference_steps, guidance_scale,
+                                             guidance_rescale, rng, return_latent_history, callback_on_step_end,
+                                             sdxl=sdxl_call, step_noise=shard.noise_source)
+            return self.resolve_output(latents, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(base.shape[0], generate, output_type)
 
     generate = __call__
 
@@ -119,11 +128,12 @@ class LatentWalkDiffusion(BaseDiffusion):
         between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
         SDXL: the pooled embeddings are interpolated as the states are; the time ids are the frames' own.
 
-        Frames are denoised ``batch_size`` at a time. Each prompt's frame appears once (the last frame
+        Frames are denoised ``batch_size`` at a time (under a launch, each batch split across the ranks). Each prompt's frame appears once (the last frame
         is the last prompt's own image); ``duplicate_endpoints=True`` repeats it at every pair boundary,
         as stablefused did. ``latent``: one initial noise per prompt, (P, 4, h, w); else drawn from
         ``seed`` at ``image_height`` x ``image_width`` (default 512).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
         self._check_output_type(output_type)
         check_preview_decoder(self, history_decoder)
@@ -137,7 +147,8 @@ class LatentWalkDiffusion(BaseDiffusion):
         batch_size = inputs.positive_int(batch_size, "batch_size")
         embed_fn = _interpolator(embedding_interpolation_type, "embedding")
         latent_fn = _interpolator(latent_interpolation_type, "latent")
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.interpolate", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         latents = self._initial_latents(latent, len(prompts), image_height, image_width, rng)
         f = self.vae_scale_factor
         sdxl_call = self._sdxl_call(negative_prompt, latents.shape[2] * f, latents.shape[3] * f, sdxl)
@@ -156,11 +167,12 @@ class LatentWalkDiffusion(BaseDiffusion):
             frame_latents.append(latent_fn(latents[i], latents[i + 1], w))
             if last_pair and not duplicate_endpoints:
                 frame_latents.append(latents[-1:])
-        frames = [(np.concatenate([u for u, _ in f]), np.concatenate([c for _, c in f])) for f in frame_parts]
+        frames = [(np.concatenate([u for u, _ in part]), np.concatenate([c for _, c in part]))
+                  for part in frame_parts]
         lat_all = np.concatenate(frame_latents).astype(np.float32)
         return self._render_frames(frames, lat_all, num_inference_steps, guidance_scale, guidance_rescale,
                                    output_type, return_latent_history, batch_size, rng, callback_on_step_end,
-                                   history_decoder, sdxl_call)
+                                   history_decoder, parallel, sdxl_call)
 
     def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
                               interpolation_type: str = "lerp") -> Any:
@@ -222,23 +234,29 @@ class LatentWalkDiffusion(BaseDiffusion):
                        num_inference_steps: int, guidance_scale: float, guidance_rescale: float, output_type: str,
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None,
-                       history_decoder: str = "vae", sdxl: Any = None) -> Any:
+                       history_decoder: str = "vae", parallel: ParallelCall | None = None,
+                       sdxl: Any = None) -> Any:
         """Denoise the frames ``batch_size`` at a time; ``frames``: (uncond, cond) per embedding part (the
         text states; SDXL: and the pooled embeddings)."""
         outputs = []
+        parallel = parallel or ParallelCall(self, None, None, None)
         native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
             for s in range(0, len(latents), batch_size):
                 if self._interrupted:
                     break
                 e = slice(s, s + batch_size)
-                parts = tuple(self.backend.from_numpy(np.concatenate([u[e], c[e]])) for u, c in frames)
-                embedding = parts if len(parts) > 1 else parts[0]
-                result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
-                                                guidance_rescale, rng, return_latent_history, callback_on_step_end,
-                                                sdxl=sdxl)
-                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history,
-                                                   history_decoder=history_decoder))
+
+                def generate(shard: Shard, output: str) -> Any:  # the batch, or this rank's window of it
+                    parts = tuple(self.backend.from_numpy(np.concatenate([shard.take(u[e]), shard.take(c[e])]))
+                                  for u, c in frames)
+                    result = self.sample_from_noise(parts if len(parts) > 1 else parts[0], shard.take(latents[e]),
+                                                    num_inference_steps, guidance_scale, guidance_rescale, rng,
+                                                    return_latent_history, callback_on_step_end, sdxl=sdxl,
+                                                    step_noise=shard.noise_source)
+                    return self.resolve_output(result, output, return_latent_history, history_decoder=history_decoder)
+
+                outputs.append(parallel.map_batch(len(latents[e]), generate, "np" if native else output_type))
                 bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import mlx.core as mx
@@ -175,6 +176,11 @@ class MLXBackend(Backend):
 
         return MLXLoRAHost(self)
 
+    def ip_adapter_host(self):
+        from .ip_adapter import MLXIPAdapterHost
+
+        return MLXIPAdapterHost(self)
+
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         cond = as_conditioning(conditioning)
         streams = self.stream_set.streams[:latent.shape[0]] if self.stream_set is not None else []
@@ -199,12 +205,35 @@ class MLXBackend(Backend):
         extra = self.unet_keywords(cond, lambda a: a.astype(self.dtype))
         if latent.ndim == 5:  # videos (B, F, h, w, C): frames join the batch, frame-minor
             b, f = latent.shape[:2]
+            extra = self.frames_into_batch(extra)
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
-            extra = self.video_unet_keywords(cond, lambda a: mx.repeat(a, f, axis=0), lambda a: a.astype(self.dtype))
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = mx.repeat(extra["ip_hidden_states"], f, axis=0)
+            if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
+                extra["added_cond_kwargs"] = {n: mx.repeat(v, f, axis=0) for n, v in extra["added_cond_kwargs"].items()}
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)
+
+    def controlnet(self, module, latent: mx.array, timestep: float, conditioning: Conditioning, image: mx.array,
+                   scale: float, guess_mode: bool = False) -> tuple[tuple[mx.array, ...], mx.array]:
+        cond = as_conditioning(conditioning)
+        t = mx.array(float(timestep), dtype=mx.float32)
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),  # as diffusers: image tokens are the UNet's
+                                   lambda a: a.astype(self.dtype))
+        ctx, frames = cond.text.astype(self.dtype), None
+        if latent.ndim == 5:  # (B, F, h, w, C): frames join the batch, frame-minor, as the UNet runs them
+            b, frames = latent.shape[:2]
+            latent = latent.reshape(b * frames, *latent.shape[2:])
+            ctx = mx.repeat(ctx, frames, axis=0)
+            extra = {k: {n: mx.repeat(v, frames, axis=0) for n, v in d.items()} for k, d in extra.items()}
+        down, mid = module(latent.astype(self.dtype), t, ctx, image.astype(self.dtype), scale, guess_mode, **extra)
+        if frames is not None:
+            down = [r.reshape(-1, frames, *r.shape[1:]) for r in down]
+            mid = mid.reshape(-1, frames, *mid.shape[1:])
+        return tuple(down), mid
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
@@ -231,11 +260,12 @@ class MLXBackend(Backend):
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
-    def load_network(self, root, name: str, description: ModelDescription) -> object:
+    def load_network(self, root, name: str, description: ModelDescription, files=None) -> object:
         from ...model_loading import load_network
         from .loading import NETWORKS
 
-        module = load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description)
+        module = load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description,
+                              files=files)
         if hasattr(module, "set_stream_set"):
             module.set_stream_set(self.stream_set)
         return module
