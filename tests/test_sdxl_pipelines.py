@@ -335,3 +335,16 @@ def test_animatediff_sdxl_original_checkpoint_equals_its_folder(sdxl, sdxl_motio
     got = pipe("a cat walking", negative_prompt="blurry", latent=noise, num_inference_steps=2, guidance_scale=5.0,
                output_type="np", original_size=(40, 48))
     assert max_abs_error(got, want) < IMAGE_TOL
+
+
+@pytest.mark.slow
+def test_sdxl_guidance_sweep_is_text_to_image_per_value(sdxl, pipelines):
+    """guidance_sweep on an SDXL pipeline passes its SDXL keywords through: each value equals the direct call."""
+    from mlx_stablefused import guidance_sweep
+
+    t2i = pipelines.pipeline(TextToImageDiffusion, sdxl[1])
+    call = dict(prompt="a lighthouse", prompt_2="oil painting", original_size=(40, 40), image_height=32,
+                image_width=32, num_inference_steps=2, output_type="np")
+    swept = guidance_sweep(t2i, [0.0, 5.0], seed=3, **call)
+    for scale, image in zip((0.0, 5.0), swept):
+        assert np.array_equal(image, t2i(guidance_scale=scale, seed=3, **call))
