@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from helpers import max_abs_error, report
-from test_single_file import assert_same_tensors
 
 from mlx_stablefused import ImageToImageDiffusion, TextToImageDiffusion
 from mlx_stablefused.errors import ModelSourceError
@@ -146,21 +145,21 @@ def test_full_size_sdxl_architectures_are_inferred_from_the_tensors():
 
 
 # ------------------------------------------------------------------------- two-encoder textual inversion
-def test_two_encoder_textual_inversion_matches_diffusers(sdxl, tmp_path):
-    """An AUTOMATIC1111 / civitai SDXL embedding (one safetensors file, clip_l and clip_g, two vectors) vs
-    diffusers' documented recipe (load_textual_inversion twice, with text_encoder/tokenizer and
-    text_encoder_2/tokenizer_2, on copies): both tokenizers' ids, states and pooled embeddings, the image
-    (MLX); a one-encoder embedding on SDXL and the SDXL one on SD 1 are refused by name."""
+TI_PROMPTS, TI_NEGATIVE = ["a sdxl-emb lighthouse", "sdxl-emb"], "blurry, sdxl-emb"
+
+
+@pytest.fixture(scope="module")
+def sdxl_embedding(sdxl, tmp_path_factory):
+    """An AUTOMATIC1111 / civitai SDXL embedding (one safetensors file, clip_l and clip_g, two vectors), and
+    diffusers with it loaded as diffusers documents (load_textual_inversion twice, with text_encoder/tokenizer
+    and text_encoder_2/tokenizer_2), on copies of the session's encoders and tokenizers."""
     import copy
 
-    from helpers import diffusers_pipeline, rel_error
+    from helpers import diffusers_pipeline
     from safetensors.torch import load_file, save_file
 
-    from mlx_stablefused.errors import WeightLoadError
-    from mlx_stablefused.textual_inversion import embedding_from_state
-
     rng = np.random.default_rng(12)
-    path = tmp_path / "sdxl-emb.safetensors"
+    path = tmp_path_factory.mktemp("sdxl-embedding") / "sdxl-emb.safetensors"
     save_file({key: torch.from_numpy(rng.standard_normal((2, width)).astype(np.float32) * 0.5)
                for key, width in (("clip_l", 32), ("clip_g", 48))}, str(path))
     session = sdxl[0]
@@ -171,37 +170,43 @@ def test_two_encoder_textual_inversion_matches_diffusers(sdxl, tmp_path):
     ref.load_textual_inversion(state["clip_l"], token="sdxl-emb", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
     ref.load_textual_inversion(state["clip_g"], token="sdxl-emb", text_encoder=ref.text_encoder_2,
                                tokenizer=ref.tokenizer_2)
-    prompts, negative = ["a sdxl-emb lighthouse", "sdxl-emb"], "blurry, sdxl-emb"
-    noise = np.random.default_rng(6).standard_normal((2, 4, 4, 4)).astype(np.float32)
-    with torch.no_grad():
-        want = ref.encode_prompt(prompts, None, "cpu", 1, True, negative)
-        image = ref(prompts, negative_prompt=negative, latents=torch.from_numpy(noise), num_inference_steps=2,
-                    height=32, width=32, guidance_scale=5.0, output_type="np").images
-
     pipe = TextToImageDiffusion(sdxl[1], progress=False)  # private: embeddings change the model
-    assert pipe.load_textual_inversion(path) == ["sdxl-emb", "sdxl-emb_1"]  # the token: the file's name, as A1111
+    added = pipe.load_textual_inversion(path)
+    return path, ref, pipe, added
+
+
+def test_two_encoder_textual_inversion_matches_diffusers(sdxl_embedding, tmp_path):
+    """Both tokenizers' ids, the states and pooled embeddings equal diffusers' (MLX); the rows survive a
+    low-memory release; a one-encoder embedding on SDXL and the SDXL one on SD 1 are refused by name."""
+    from helpers import rel_error
+    from safetensors.torch import load_file, save_file
+
+    from mlx_stablefused.errors import WeightLoadError
+    from mlx_stablefused.textual_inversion import embedding_from_state
+
+    path, ref, pipe, added = sdxl_embedding
+    assert added == ["sdxl-emb", "sdxl-emb_1"]  # the token: the file's name, as AUTOMATIC1111 names it
     for name, tokenizer in (("text_encoder", ref.tokenizer), ("text_encoder_2", ref.tokenizer_2)):
-        for prompt in [*prompts, negative]:
+        for prompt in [*TI_PROMPTS, TI_NEGATIVE]:
             expected = tokenizer(ref.maybe_convert_prompt(prompt, tokenizer), padding="max_length", max_length=77,
                                  truncation=True).input_ids
             assert pipe.components.tokenizers[name]([prompt])[0].tolist() == expected, (name, prompt)
-    embeds, pooled = pipe.prompt_to_embedding(prompts, negative)
+    with torch.no_grad():
+        want = ref.encode_prompt(TI_PROMPTS, None, "cpu", 1, True, TI_NEGATIVE)
+    embeds, pooled = pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVE)
     to_np = pipe.backend.to_numpy
     assert report("SDXL two-encoder textual inversion: states vs diffusers (rel.)", rel_error(
         to_np(embeds), np.concatenate([want[1].numpy(), want[0].numpy()]))) < 1e-4
     assert report("SDXL two-encoder textual inversion: pooled vs diffusers (rel.)", rel_error(
         to_np(pooled), np.concatenate([want[3].numpy(), want[2].numpy()]))) < 1e-4
-    got = pipe(prompts, negative_prompt=negative, latent=noise, num_inference_steps=2, guidance_scale=5.0,
-               output_type="np")
-    assert report("SDXL two-encoder textual inversion: image vs diffusers", max_abs_error(got, image)) < 5e-3
     assert pipe.backend.release_text_encoder()  # low memory re-reads both encoders' weights: the rows stay
-    assert all(np.array_equal(to_np(a), to_np(b)) for a, b in zip(pipe.prompt_to_embedding(prompts, negative),
+    assert all(np.array_equal(to_np(a), to_np(b)) for a, b in zip(pipe.prompt_to_embedding(TI_PROMPTS, TI_NEGATIVE),
                                                                  (embeds, pooled)))
 
     size = {name: len(t) for name, t in pipe.components.tokenizers.items()}
+    save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "one-emb.safetensors"))
     with pytest.raises(WeightLoadError, match=r"one-emb.safetensors is not an SDXL embedding: SDXL models need "
                                               r"'clip_l' and 'clip_g' vectors .*found \['emb_params'\]"):
-        save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "one-emb.safetensors"))
         pipe.load_textual_inversion(tmp_path / "one-emb.safetensors")
     with pytest.raises(ValueError, match=r"\[clip_g\]: the embedding for 'wide' is 32 wide, .* takes 48-wide"):
         pipe.load_textual_inversion({"clip_l": np.zeros((1, 32), np.float32), "clip_g": np.zeros((1, 32), np.float32)},
@@ -209,3 +214,15 @@ def test_two_encoder_textual_inversion_matches_diffusers(sdxl, tmp_path):
     assert {name: len(t) for name, t in pipe.components.tokenizers.items()} == size
     with pytest.raises(WeightLoadError, match="is an SDXL embedding .* this model has one text encoder"):
         embedding_from_state(load_file(str(path)), None, str(path))  # what a one-encoder model reads it with
+
+
+@pytest.mark.slow
+def test_two_encoder_textual_inversion_image_matches_diffusers(sdxl_embedding):
+    _, ref, pipe, _ = sdxl_embedding
+    noise = np.random.default_rng(6).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(TI_PROMPTS, negative_prompt=TI_NEGATIVE, latents=torch.from_numpy(noise), num_inference_steps=2,
+                   height=32, width=32, guidance_scale=5.0, output_type="np").images
+    got = pipe(TI_PROMPTS, negative_prompt=TI_NEGATIVE, latent=noise, num_inference_steps=2, guidance_scale=5.0,
+               output_type="np")
+    assert report("SDXL two-encoder textual inversion: image vs diffusers", max_abs_error(got, want)) < 5e-3

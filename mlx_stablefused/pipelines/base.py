@@ -426,12 +426,16 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
             self.backend.release_text_encoder()
         return out
 
-    @staticmethod
-    def split_embedding(embedding: Array) -> tuple[Conditioning, Conditioning]:
-        """``[uncond; cond]`` -> (positive, negative) conditioning."""
+    def split_embedding(self, embedding: Array, sdxl: Any = None) -> tuple[Conditioning, Conditioning]:
+        """``[uncond; cond]`` -> (positive, negative) conditioning. SDXL's ``(states, pooled)`` take the time
+        ids of ``sdxl`` (``sdxl_conditioning.SDXLInputs``), one row per image."""
         if isinstance(embedding, tuple):
-            raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: latent walks, "
-                                        "interpolation and embedding_to_latent do not take SDXL models yet")
+            if sdxl is None:
+                raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: this call does "
+                                            "not take SDXL models (latent walks and interpolation do)")
+            (text, pooled), b = embedding, embedding[0].shape[0] // 2
+            ids = [self.backend.from_numpy(np.tile(np.asarray(row, np.float32), (b, 1))) for row in sdxl.time_ids]
+            return Conditioning(text[b:], pooled[b:], ids[0]), Conditioning(text[:b], pooled[:b], ids[1])
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 
@@ -482,13 +486,13 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
     def sample_from_noise(self, embedding: Array, noise: np.ndarray, num_inference_steps: int, guidance_scale: float,
                           guidance_rescale: float, rng: np.random.Generator,
                           return_latent_history: bool = False, callback_on_step_end: Any = None,
-                          **core: Any) -> list[Array]:
+                          sdxl: Any = None, **core: Any) -> list[Array]:
         """The full schedule from initial noise (B, C, h, w) numpy, scaled by the sampler's initial sigma;
-        ``embedding`` is ``[uncond; cond]`` as ``prompt_to_embedding`` returns it. ``core``: ``denoise``'s
-        keywords (``step_noise``)."""
+        ``embedding`` is ``[uncond; cond]`` as ``prompt_to_embedding`` returns it (SDXL: with ``sdxl``'s time
+        ids). ``core``: ``denoise``'s keywords (``step_noise``)."""
         self.scheduler.set_timesteps(num_inference_steps)
         x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
-        positive, negative = self.split_embedding(embedding)
+        positive, negative = self.split_embedding(embedding, sdxl)
         return self.run_denoise(x, positive, negative, Guidance(guidance_scale, guidance_rescale), rng,
                                 callback_on_step_end=callback_on_step_end,
                                 return_latent_history=return_latent_history, **core)

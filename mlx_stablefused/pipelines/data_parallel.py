@@ -178,7 +178,9 @@ class ParallelCall:
 
 
 def embedding_window(backend: Any, embedding: Array, window: slice) -> Array:
-    """The ``[uncond; cond]`` embedding of a window of the batch."""
+    """The ``[uncond; cond]`` embedding of a window of the batch (SDXL's ``(states, pooled)``: each)."""
+    if isinstance(embedding, tuple):
+        return tuple(embedding_window(backend, part, window) for part in embedding)
     b = embedding.shape[0] // 2
     return backend.concat([embedding[:b][window], embedding[b:][window]])
 

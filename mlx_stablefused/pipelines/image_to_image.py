@@ -11,7 +11,7 @@ from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
 from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
-from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, denoising_end_index,
+from .sdxl_conditioning import (check_denoising_range, check_sdxl_keywords, denoising_end_index,
                                  denoising_start_index, given_latents, sdxl_inputs)
 
 
@@ -71,12 +71,7 @@ class ImageToImageDiffusion(BaseDiffusion):
                                               num_images_per_prompt, "image latent")
         if (height, width) != size:  # not yet checked at this size
             self.check_memory(height, width, len(prompts))
-        denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
-        denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
-        if denoising_start is not None and (start_step is not None or strength is not None):
-            raise ValueError("pass denoising_start or start_step/strength, not both")
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        denoising_start, denoising_end = check_denoising_range(denoising_start, denoising_end, start_step, strength)
         if denoising_start is None:
             start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,

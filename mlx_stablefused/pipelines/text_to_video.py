@@ -22,6 +22,7 @@ from .base import Array, BaseDiffusion, ModelComponents, PromptType, with_run_se
 from .context_windows import ContextWindows
 from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .stablefused_compat import folder_from_components, resolve_dtype
 
 # AnimateDiff's sampler: DDIM on *linear* betas (not SD's scaled_linear), no clipping, linspace spacing.
@@ -110,13 +111,15 @@ class TextToVideoDiffusion(BaseDiffusion):
                  control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
                  control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
                  guess_mode: bool = False, ip_adapter_image: Any = None,
-                 ip_adapter_image_embeds: Any = None) -> Any:
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w).
 
         With a ControlNet (AnimateDiff, as diffusers' AnimateDiffControlNetPipeline): ``control_image`` one image
         per frame (a list, or (F, H, W, 3)), with several ControlNets a list of such lists; the other keywords
         as the image pipelines take them (``pipelines/controlnet.py``). ``ip_adapter_image``: an image prompt for a
-        loaded IP-Adapter, the same for every frame."""
+        loaded IP-Adapter, the same for every frame. An SDXL model with an SDXL motion adapter (AnimateDiff-SDXL)
+        takes text-to-image's SDXL keywords (``prompt_2``, ``negative_prompt_2``, the micro-conditioning, one
+        set for every frame)."""
         arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
@@ -150,8 +153,10 @@ class TextToVideoDiffusion(BaseDiffusion):
         rng = inputs.make_rng(parallel.seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
         image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        sdxl_call = sdxl_inputs(self, negative_prompt, video_height, video_width, text_to_image=True,
+                                **check_sdxl_keywords(sdxl))
         # 2. Encode the prompt (and the image prompt).
-        positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_videos_per_prompt)
         positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)

@@ -210,6 +210,8 @@ class MLXBackend(Backend):
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
             if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
                 extra["ip_hidden_states"] = mx.repeat(extra["ip_hidden_states"], f, axis=0)
+            if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
+                extra["added_cond_kwargs"] = {n: mx.repeat(v, f, axis=0) for n, v in extra["added_cond_kwargs"].items()}
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)

@@ -82,6 +82,9 @@ class TorchBackend(Backend):
             ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
             if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
                 extra["ip_hidden_states"] = extra["ip_hidden_states"].repeat_interleave(f, dim=0)
+            if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
+                extra["added_cond_kwargs"] = {n: v.repeat_interleave(f, dim=0)
+                                              for n, v in extra["added_cond_kwargs"].items()}
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
