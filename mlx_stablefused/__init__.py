@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 
+from .control_maps import canny_image  # noqa: E402
+from .controlnets import ControlNet, load_controlnet  # noqa: E402
 from .errors import (DistributedError, LoRAError, ModelSourceError, NonFiniteError, UnsupportedModelError,  # noqa: E402
                      WeightLoadError)
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
@@ -31,6 +33,9 @@ __all__ = [
     "InpaintDiffusion",
     "LatentWalkDiffusion",
     "WalkType",
+    "ControlNet",
+    "load_controlnet",
+    "canny_image",
     "SCHEDULER_NAMES",
     "LoRAError",
     "ModelSourceError",

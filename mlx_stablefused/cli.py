@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_ip_adapter import add_ip_adapter_flags, check_ip_adapter_flags, ip_adapter_keywords, load_flagged_ip_adapter
 from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=False)
+    add_ip_adapter_flags(p)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_ip_adapter_flags(p)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_ip_adapter_flags(p)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--frames", 16, "frames in the video (at most the adapter's window, 32, without context windows)")
     _count_flag(p, "--context-length", None, "sliding windows of this many frames", unset="off")
     _count_flag(p, "--context-stride", 4, "frames between window starts")
+    add_ip_adapter_flags(p)
 
     p = command("convert", "convert a diffusers model to an MLX folder")
     p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
@@ -250,8 +255,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
     p.add_argument("--outputs", default=None, metavar="FOLDER",
                    help="also write every result there, with its parameters (default: nothing written)")
+    p.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
+                   help="MotionAdapter folder, hub id or .ckpt for the web UI's AnimateDiff videos, loaded on first "
+                        f"use (default: none; the demo model uses {DEMO_MOTION_ADAPTER_ID})")
     for flag, default, what in (("--max-size", 2048, "largest width or height"), ("--max-steps", 150, "most steps"),
                                 ("--max-batch", 8, "most images per request"),
+                                ("--max-frames", 64, "most frames per video or cells per sweep grid"),
                                 ("--max-queue", 16, "requests waiting; more get 503")):
         p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=what)
 
@@ -302,6 +311,7 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         pipe.load_textual_inversion(source)
     if not args.plain_prompts:
         pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
+    load_flagged_ip_adapter(pipe, args)
     return pipe
 
 
@@ -340,7 +350,8 @@ def run_txt2img(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(TextToImageDiffusion, args)
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -351,7 +362,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args), **sdxl_keywords(args))
+                  **_common(args), **sdxl_keywords(args), **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -362,7 +373,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -424,7 +436,7 @@ def run_video(args: argparse.Namespace) -> int:
     if args.context_length:
         pipe.enable_context_windows(args.context_length, args.context_stride)
     videos = pipe(prompt=args.prompt, video_height=args.height, video_width=args.width, video_frames=args.frames,
-                  **_common(args))
+                  **_common(args), **ip_adapter_keywords(args))
     save_frames(videos[0], args.output, args.fps)
     return 0
 
@@ -443,6 +455,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
     if args.vae is not None:
         source = resolve_vae(args.vae, source)
+    description = description_for(read_model_index(source.root))  # a single file's keys said what it is
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                         description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
@@ -469,10 +482,11 @@ def run_serve(args: argparse.Namespace) -> int:
         args.backend = choice.name
     model = args.model if args.model is not None else default_model(args.variant)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_frames=args.max_frames, max_queue=args.max_queue)
     return serve(ServerSettings(model=model, backend=args.backend, dtype=args.dtype, device=args.device,
                                 variant=args.variant, host=args.host, port=args.port, api_key=args.api_key,
                                 lora_dir=None if args.lora_dir is None else Path(args.lora_dir).expanduser(),
+                                motion_adapter=args.motion_adapter,
                                 outputs=None if args.outputs is None else Path(args.outputs).expanduser(),
                                 limits=limits))
 
@@ -501,8 +515,9 @@ def check_before_work(args: argparse.Namespace) -> None:
     if args.command in ("convert", "serve"):
         return
     check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
-    for flag in ("--image", "--mask"):
-        path = getattr(args, flag[2:], None)
+    check_ip_adapter_flags(args)
+    for flag in ("--image", "--mask", "--ip-adapter-image"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
         if path is not None:
             check_input_image(path, flag)
     check_start(args)

@@ -25,6 +25,8 @@ from .sources import SPECIAL_ID_PREFIX, cache_root
 
 DEMO_MODEL_ID = SPECIAL_ID_PREFIX + "tiny-random"
 DEMO_MOTION_ADAPTER_ID = SPECIAL_ID_PREFIX + "motion"
+DEMO_IP_ADAPTER_ID = SPECIAL_ID_PREFIX + "ip-adapter"
+DEMO_IP_ADAPTER_WEIGHTS = "ip-adapter_demo.safetensors"
 
 DEMO_NOTICE = ("[mlx-stablefused] Using the built-in offline demo model: tiny, random weights. Its images are "
                "noise by design (a smoke test of the install). For real images pass a model, e.g. "
@@ -186,7 +188,45 @@ def ensure_demo_motion_adapter(seed: int = 1) -> Path:
     return folder
 
 
-SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter}
+def demo_image_encoder_config() -> dict[str, Any]:
+    """A toy CLIPVisionModelWithProjection (transformers' config.json) for the demo IP-Adapter."""
+    return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "num_channels": 3, "projection_dim": 32, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5}
+
+
+def ensure_demo_ip_adapter(seed: int = 2) -> Path:
+    """A random IP-Adapter for the demo model in h94/IP-Adapter's layout (``ip-adapter_demo.safetensors`` with
+    ``image_proj.*`` and ``ip_adapter.<id>.to_k_ip/to_v_ip.weight``, and ``image_encoder/``), built on first use."""
+    from .config import CLIPVisionConfig
+    from .ip_adapter import TOKENS_PER_IMAGE, cross_attention_slots
+    from .model_description import IMAGE_ENCODER
+    from .topology import unet_plan
+
+    folder = cache_root() / f"demo-ip-adapter-v{DEMO_VERSION}"
+    if (folder / DEMO_IP_ADAPTER_WEIGHTS).is_file():
+        return folder
+    networks, raw = installed_networks(), demo_image_encoder_config()
+    kind = IMAGE_ENCODER.component("image_encoder").kinds[0]
+    shapes = networks.parameter_shapes(networks.build(kind, CLIPVisionConfig.from_dict(raw)))
+    encoder = {k: demo_tensor(k, _diffusers_shape(s, networks.layout), "diffusers", seed) for k, s in shapes.items()}
+    unet = UNetConfig.from_dict(demo_configs(1)["unet"])
+    cross, embed = unet.cross_attention_dim, raw["projection_dim"]
+    adapter = {"image_proj.proj.weight": (TOKENS_PER_IMAGE * cross, embed), "image_proj.proj.bias": (TOKENS_PER_IMAGE * cross,),
+               "image_proj.norm.weight": (cross,), "image_proj.norm.bias": (cross,)}
+    for slot in cross_attention_slots(unet_plan(unet)):
+        adapter.update({f"ip_adapter.{slot.key_id}.{name}.weight": (slot.inner, cross) for name in ("to_k_ip", "to_v_ip")})
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_numpy_safetensors(tmp / DEMO_IP_ADAPTER_WEIGHTS,
+                               {k: demo_tensor(k, s, "diffusers", seed) for k, s in adapter.items()})
+        write_json(tmp / "image_encoder" / "config.json", raw)
+        save_numpy_safetensors(tmp / "image_encoder" / "model.safetensors", encoder)
+    return folder
+
+
+SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter,
+               DEMO_IP_ADAPTER_ID: ensure_demo_ip_adapter}
 
 
 def resolve_special_id(spec: Any) -> Any:

@@ -31,6 +31,8 @@ from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
 from ..previews import check_preview_decoder, history_frames
+from .controlnet import ControlNetMixin
+from .ip_adapter_loader import IPAdapterMixin
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
@@ -137,7 +139,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
+class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, ControlNetMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
@@ -147,6 +149,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
     ``vae=`` given a path (a VAE file or folder) replaces the VAE of ``model_id``; ``config=``,
     ``use_ema=``, ``prediction_type=`` are for single-file checkpoints (see ``ModelComponents.load``).
+    ``controlnet=``: a ControlNet (folder, hub id, single file) or a list of them (``set_controlnet``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
@@ -156,7 +159,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
                  unet: Any = None, config: str | Path | None = None, use_ema: bool = False,
                  prediction_type: str | None = None, distributed: bool = True,
-                 guidance_parallel: bool = False) -> None:
+                 guidance_parallel: bool = False, controlnet: Any = None) -> None:
         from ..distributed import bind_local_device
 
         dtype = resolve_dtype(dtype, torch_dtype)
@@ -193,6 +196,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         name, overrides = scheduler_choice(scheduler)
         self.scheduler: Scheduler = self.set_scheduler(name or default_scheduler_name(self.scheduler_config),
                                                        **overrides)
+        self.set_controlnet(controlnet)  # one or a list (see pipelines/controlnet.py); None: none
 
     def _use_components(self, components: ModelComponents) -> None:
         self.components = components

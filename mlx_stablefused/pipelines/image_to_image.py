@@ -24,7 +24,11 @@ class ImageToImageDiffusion(BaseDiffusion):
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  image_height: int | None = None, image_width: int | None = None,
                  callback_on_step_end: StepCallback | list | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 0.8,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Re-imagine ``image`` (path, PIL, list, or NHWC numpy) following ``prompt``.
 
         How much of the schedule runs: ``start_step`` (stablefused: skip that many of the
@@ -39,6 +43,11 @@ class ImageToImageDiffusion(BaseDiffusion):
         experts: ``image`` may be the scaled latents (B, 4, h, w) numpy that a ``denoising_end`` run returned
         with ``output_type="latent"``, and ``denoising_start`` (instead of ``start_step``/``strength``)
         continues from that fraction of the schedule without adding noise; ``denoising_end`` stops early.
+        ControlNet (``controlnet=`` / ``set_controlnet``; see ``pipelines/controlnet.py``): ``control_image`` (one
+        image, a batch list, or with several ControlNets a list with one per ControlNet; of the output's size),
+        ``controlnet_conditioning_scale`` (one, or one per ControlNet; diffusers' default 0.8),
+        ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
+        ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
         """
         arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
@@ -72,9 +81,14 @@ class ImageToImageDiffusion(BaseDiffusion):
             start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, (height, width),
+                                       len(prompts) // num_images_per_prompt, num_images_per_prompt, guidance.enabled)
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
         parallel = ParallelCall.begin(self, "ImageToImageDiffusion.__call__", arguments, seed)  # under a launch
-        # 2. Encode the prompt.
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents: the image's latent noised to the start (with denoising_start:
         # already noisy latents, taken as they are).
         self.scheduler.set_timesteps(num_inference_steps)
@@ -94,6 +108,7 @@ class ImageToImageDiffusion(BaseDiffusion):
             history = self.run_denoise(shard.take(latents), shard.take(positive), shard.take(negative), guidance,
                                        rng, start, callback_on_step_end=callback_on_step_end,
                                        return_latent_history=return_latent_history, stop=stop,
+                                       step_conditioning=shard.take(control),
                                        step_noise=shard.noise_source)
             # 5. Decode.
             return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)

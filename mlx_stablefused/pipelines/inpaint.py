@@ -21,6 +21,8 @@ from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .walk_geometry import WalkType, pan_frames, parse_walk_type, shift_and_mask, shrink_and_mask, zoom_out_frames
 
 MODES = ("auto", "unet", "blend")
+# What the masked part of the image latent starts from (AUTOMATIC1111's "masked content" 1, 2, 3).
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
 
 
 class InpaintDiffusion(BaseDiffusion):
@@ -32,7 +34,11 @@ class InpaintDiffusion(BaseDiffusion):
                  return_latent_history: bool = False, strength: float | None = None,
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  mode: str = "auto", callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 history_decoder: str = "vae", masked_content: str = "original", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 0.5,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Repaint where ``mask`` is white (>= 0.5 after scaling to [0, 1]); keep where it is black.
 
         ``image``/``mask``: paths, PIL images (any mode; the mask is read as grayscale), lists, or
@@ -41,6 +47,15 @@ class InpaintDiffusion(BaseDiffusion):
         (start_step 0) the masked region starts from pure noise. ``mode``: "unet" (9-channel
         inpainting UNet), "blend" (latent blending, any model), or "auto" (by the UNet's channels).
         SDXL models take the keywords image-to-image takes (``prompt_2``, micro-conditioning, aesthetic scores).
+        ControlNet (``controlnet=`` / ``set_controlnet``; see ``pipelines/controlnet.py``): ``control_image`` (one
+        image, a batch list, or with several ControlNets a list with one per ControlNet; of the output's size),
+        ``controlnet_conditioning_scale`` (one, or one per ControlNet; diffusers' default 0.5),
+        ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
+        ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
+        An inpainting ControlNet (control_v11p_sd15_inpaint) takes the image with masked pixels set to -1.
+        ``masked_content``: what the masked part of the image latent is before it is noised to the start:
+        "original", or AUTOMATIC1111's "latent noise" (fresh Gaussian noise, drawn after ``noise``) and
+        "latent nothing" (zeros).
         """
         arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
@@ -50,6 +65,8 @@ class InpaintDiffusion(BaseDiffusion):
         self.validate_steps(num_inference_steps)
         guidance = Guidance(guidance_scale, guidance_rescale)
         use_unet = self._resolve_mode(mode)
+        if masked_content not in MASKED_CONTENT:
+            raise ValueError(f"unknown masked_content {masked_content!r}; expected one of {MASKED_CONTENT}")
         prompts, negatives = inputs.expand_prompts(prompt, negative_prompt, num_images_per_prompt)
         num_prompts = len(prompts) // num_images_per_prompt
         size = inputs.requested_size(image_height, image_width, self.vae_scale_factor)
@@ -64,9 +81,14 @@ class InpaintDiffusion(BaseDiffusion):
         start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, *pixels.shape[1:3], text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, tuple(pixels.shape[1:3]), num_prompts,
+                                       num_images_per_prompt, guidance.enabled)
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
         parallel = ParallelCall.begin(self, "InpaintDiffusion.__call__", arguments, seed)  # under a launch
-        # 2. Encode the prompt.
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps, latents and the mask conditioning.
         self.scheduler.set_timesteps(num_inference_steps)
         rng = inputs.make_rng(parallel.seed)
@@ -74,10 +96,11 @@ class InpaintDiffusion(BaseDiffusion):
         mask_latent = self.mask_to_latent(masks)
         eps = self.backend.latent_from_numpy(
             inputs.given_or_random(noise, self.backend.latent_shape(image_latent), rng, "noise"))
+        start_latent = self._masked_content(image_latent, mask_latent, masked_content, rng)
         if start == 0:
             latents = eps * float(self.scheduler.init_noise_sigma)  # the masked region starts from pure noise
         else:
-            latents = self.scheduler.add_noise(image_latent, eps, start)
+            latents = self.scheduler.add_noise(start_latent, eps, start)
         if use_unet:
             masked = pixels * (1.0 - masks) + 0.5 * masks  # masked pixels become 0 in [-1, 1]
             channels = self.backend.concat_channels([mask_latent, self.pixels_to_latent(masked)])
@@ -90,13 +113,25 @@ class InpaintDiffusion(BaseDiffusion):
             # 4. Denoise.
             history = self.run_denoise(shard.take(latents), shard.take(positive), shard.take(negative), guidance, rng,
                                        start, after_step=after_step, callback_on_step_end=callback_on_step_end,
-                                       return_latent_history=return_latent_history, step_noise=shard.noise_source)
+                                       return_latent_history=return_latent_history, step_conditioning=shard.take(control),
+                                       step_noise=shard.noise_source)
             # 5. Decode.
             return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)
 
         return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
+
+    def _masked_content(self, image_latent: Array, mask_latent: Array, content: str,
+                        rng: np.random.Generator) -> Array:
+        """The image latent with its masked part replaced as ``masked_content`` says (the kept part as it is)."""
+        if content == "original":
+            return image_latent
+        kept = image_latent * (mask_latent * -1.0 + 1.0)
+        if content == "latent nothing":
+            return kept
+        fresh = inputs.random_latent(self.backend.latent_shape(image_latent), rng)
+        return kept + self.backend.latent_from_numpy(fresh) * mask_latent
 
     def _resolve_mode(self, mode: str) -> bool:
         if mode not in MODES:

@@ -38,7 +38,8 @@ class TextToVideoDiffusion(BaseDiffusion):
                  progress: bool = True, adapter_variant: str | None = None,
                  motion_adapter_config: dict | None = None, torch_dtype: Any = None, tokenizer: Any = None,
                  text_encoder: Any = None, vae: Any = None, unet: Any = None, distributed: bool = True,
-                 guidance_parallel: bool = False, **model_files: Any) -> None:
+                 guidance_parallel: bool = False, controlnet: Any = None,
+                 **model_files: Any) -> None:
         """``model_id``: an SD 1.x model; ``motion_adapter``: a MotionAdapter folder or hub id, or an original
         AnimateDiff checkpoint (.ckpt / .safetensors; ``motion_adapter_config`` may give MotionAdapter
         config entries such a file cannot store, e.g. ``motion_num_attention_heads``). The default
@@ -65,7 +66,7 @@ class TextToVideoDiffusion(BaseDiffusion):
         elif model_id is not None:
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
         super().__init__(components=components, scheduler=scheduler, progress=progress, distributed=distributed,
-                         guidance_parallel=guidance_parallel)
+                         guidance_parallel=guidance_parallel, controlnet=controlnet)
         if not self.backend.is_video_unet:
             raise ValueError("text-to-video needs a video model: pass motion_adapter= (e.g. "
                              "'guoyww/animatediff-motion-adapter-v1-5-2' or an mm_sd_v15*.ckpt file) for an SD "
@@ -105,8 +106,17 @@ class TextToVideoDiffusion(BaseDiffusion):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,
-                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
-        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w)."""
+                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
+                 control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None) -> Any:
+        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w).
+
+        With a ControlNet (AnimateDiff, as diffusers' AnimateDiffControlNetPipeline): ``control_image`` one image
+        per frame (a list, or (F, H, W, 3)), with several ControlNets a list of such lists; the other keywords
+        as the image pipelines take them (``pipelines/controlnet.py``). ``ip_adapter_image``: an image prompt for a
+        loaded IP-Adapter, the same for every frame."""
         arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
@@ -128,12 +138,21 @@ class TextToVideoDiffusion(BaseDiffusion):
         if self.max_frames is not None and video_frames > self.max_frames and self.context_windows is None:
             raise ValueError(f"{video_frames} frames exceed the motion module's maximum of {self.max_frames}; "
                              "generate fewer, or call enable_context_windows() for longer videos")
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, (video_height, video_width),
+                                       len(prompts) // num_videos_per_prompt, num_videos_per_prompt, guidance.enabled,
+                                       frames=video_frames)
+        if control is not None and self._predictor(video_frames) is not None:
+            raise ValueError("ControlNets do not run over context windows yet: generate at most one window of "
+                             "frames, or call disable_context_windows()")
         shape = (len(prompts), self.latent_channels, video_frames, video_height // f, video_width // f)
         parallel = ParallelCall.begin(self, "TextToVideoDiffusion.__call__", arguments, seed)  # under a launch
         rng = inputs.make_rng(parallel.seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
-        # 2. Encode the prompt.
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
         predict = self._predictor(video_frames, parallel)  # context windows: under a launch, spread over the ranks
@@ -143,6 +162,7 @@ class TextToVideoDiffusion(BaseDiffusion):
             # 4. Denoise (over context windows when enabled).
             final = self.run_denoise(latents, shard.take(positive), shard.take(negative), guidance, rng,
                                      predict=predict, callback_on_step_end=callback_on_step_end,
+                                     step_conditioning=shard.take(control),
                                      step_noise=shard.noise_source)[-1]
             # 5. Decode.
             return self.video_output(final, output, decode_batch_size)

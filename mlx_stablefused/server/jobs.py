@@ -13,7 +13,22 @@ from .samplers import SamplerChoice
 
 # A1111's inpainting_fill values: what the masked part starts from.
 INPAINTING_FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-SUPPORTED_FILLS = (0, 1)
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's ``enable_hr``: the first image upscaled to ``width x height`` and denoised again."""
+
+    width: int
+    height: int
+    upscaler: str          # A1111's name ("Latent", "Lanczos", ...)
+    steps: int             # the second pass's schedule length
+    denoising_strength: float
+    scale: float
+
+    @property
+    def sampling_steps(self) -> int:
+        return max(min(int(self.steps * self.denoising_strength), self.steps), 1)
 
 
 @dataclass
@@ -36,6 +51,8 @@ class GenerationJob:
     mask_blur: int = 4
     inpainting_fill: int = 1
     inpainting_mask_invert: bool = False
+    resize_mode: int = 0                   # img2img: A1111's 0-3 (see resize.RESIZE_MODES)
+    hires: HiresFix | None = None          # txt2img: A1111's hires fix
     timestamp: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
 
     @property
@@ -43,18 +60,30 @@ class GenerationJob:
         return "txt2img" if self.init_image is None else "img2img" if self.mask is None else "inpaint"
 
     @property
+    def masked_content(self) -> str:
+        """The inpainting pipeline's ``masked_content`` for this fill (0 "fill" is prepared in pixels)."""
+        return INPAINTING_FILLS[self.inpainting_fill] if self.inpainting_fill >= 2 else "original"
+
+    @property
     def count(self) -> int:
         return self.batch_size * self.n_iter
 
     @property
     def sampling_steps(self) -> int:
-        """Steps that actually run: image-to-image skips the first (1 - strength) of the schedule."""
-        return self.steps if self.init_image is None else max(min(int(self.steps * self.denoising_strength),
-                                                                  self.steps), 1)
+        """Steps that actually run: image-to-image skips the first (1 - strength) of the schedule; the hires
+        fix's second pass adds its own."""
+        if self.init_image is None:
+            return self.steps + (0 if self.hires is None else self.hires.sampling_steps)
+        return max(min(int(self.steps * self.denoising_strength), self.steps), 1)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return (self.width, self.height) if self.hires is None else (self.hires.width, self.hires.height)
 
     @property
     def size(self) -> str:
-        return f"{self.width}x{self.height}x{self.count}"
+        width, height = self.output_size
+        return f"{width}x{height}x{self.count}"
 
 
 class RunControl:

@@ -34,14 +34,20 @@ class Service:
         self.worker = engine.worker
 
     # --------------------------------------------------------------------------------- limits
-    def check_limits(self, job: GenerationJob, count_field: str = "batch_size") -> None:
-        """The configured ceilings (422 naming the field), before the job is queued."""
+    def check_limits(self, job: Any, count_field: str = "batch_size", count_limit: int | None = None) -> None:
+        """The configured ceilings (422 naming the field), before the job is queued; ``count_limit``: the
+        ceiling of ``job.count`` when it is not the batch limit (frames of a video)."""
         lim = self.settings.limits
         count = "batch_size x n_iter" if count_field == "batch_size" else count_field
-        for name, what, value, ceiling in (("width", "width", job.width, lim.max_width),
-                                           ("height", "height", job.height, lim.max_height),
-                                           ("steps", "steps", job.steps, lim.max_steps),
-                                           (count_field, count, job.count, lim.max_batch)):
+        checks = [("width", "width", job.width, lim.max_width), ("height", "height", job.height, lim.max_height),
+                  ("steps", "steps", job.steps, lim.max_steps),
+                  (count_field, count, job.count, lim.max_batch if count_limit is None else count_limit)]
+        hires = getattr(job, "hires", None)
+        if hires is not None:
+            checks += [("hr_scale", "the hires width", hires.width, lim.max_width),
+                       ("hr_scale", "the hires height", hires.height, lim.max_height),
+                       ("hr_second_pass_steps", "hr_second_pass_steps", hires.steps, lim.max_steps)]
+        for name, what, value, ceiling in checks:
             if value > ceiling:
                 raise FieldError(name, f"{what} = {value} is over this server's limit of {ceiling}")
 

@@ -174,7 +174,8 @@ class ConditionalUNet(nn.Module):
     def __call__(self, sample: mx.array, timestep: mx.array, encoder_hidden_states: mx.array,
                  num_frames: int | None = None, down_block_additional_residuals: Sequence[mx.array] | None = None,
                  mid_block_additional_residual: mx.array | None = None,
-                 added_cond_kwargs: dict[str, mx.array] | None = None) -> mx.array:
+                 added_cond_kwargs: dict[str, mx.array] | None = None,
+                 ip_hidden_states: mx.array | None = None) -> mx.array:
         """``sample`` NHWC; ``timestep`` a scalar or (B,) training-time value; context (B, L, D).
 
         With ``num_frames`` (motion UNets, UNet3D), the batch holds B/F videos of F frames each,
@@ -196,14 +197,16 @@ class ConditionalUNet(nn.Module):
         x = self.conv_in(sample)
         if "transformer_in" in self:
             x = self.transformer_in(x, f)
+        # IP-Adapter image tokens ride beside the text to every attn2 (decoupled cross-attention).
+        context = encoder_hidden_states if ip_hidden_states is None else (encoder_hidden_states, ip_hidden_states)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, f)
+            x, states = block(x, temb, context, f)
             skips.extend(states)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
         if "mid_block" in self:
-            x = self.mid_block(x, temb, encoder_hidden_states, f)
+            x = self.mid_block(x, temb, context, f)
         if mid_res is not None:
             x = x + mid_res
         for block in self.up_blocks:
@@ -211,7 +214,7 @@ class ConditionalUNet(nn.Module):
             own, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: exactly 2x normally, the odd size when the input was odd.
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, f)
+            x = block(x, own, temb, context, size, f)
         return self.conv_out(silu(self.conv_norm_out(x)))
 
     def text_time_embedding(self, added: dict[str, mx.array] | None, batch: int, dtype: mx.Dtype) -> mx.array:

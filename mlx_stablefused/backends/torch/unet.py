@@ -175,7 +175,8 @@ class ConditionalUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 num_frames: int | None = None, down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                ip_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """As diffusers' forward (NCHW); the additional residuals (a ControlNet's) are added to the skip
         states in order and to the mid block's output; ``added_cond_kwargs`` (SDXL, ``text_time`` UNets):
         ``text_embeds`` (B, D) and ``time_ids`` (B, n)."""
@@ -193,21 +194,23 @@ class ConditionalUNet(nn.Module):
         x = self.conv_in(sample)
         if self.transformer_in is not None:
             x = self.transformer_in(x, f)
+        # IP-Adapter image tokens ride beside the text to every attn2 (decoupled cross-attention).
+        context = encoder_hidden_states if ip_hidden_states is None else (encoder_hidden_states, ip_hidden_states)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, f)
+            x, states = block(x, temb, context, f)
             skips.extend(states)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
         if self.mid_block is not None:
-            x = self.mid_block(x, temb, encoder_hidden_states, f)
+            x = self.mid_block(x, temb, context, f)
         if mid_res is not None:
             x = x + mid_res
         for block in self.up_blocks:
             n = len(block.resnets)
             own, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, f)
+            x = block(x, own, temb, context, size, f)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def text_time_embedding(self, added: dict[str, torch.Tensor] | None, batch: int,
