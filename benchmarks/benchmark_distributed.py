@@ -1,4 +1,4 @@
-"""1 rank vs 2 ranks (mlx.launch, ring backend on localhost), the same threads per rank, on the full SD 1.5
+"""1 rank vs 2 ranks (MLX's ring backend on localhost), the same threads per rank, on the full SD 1.5
 architecture (random weights) at 256x256: a 16-frame interpolation's throughput, and guidance parallel's
 time per step against one process.
 
@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
                                     guidance_parallel=args.work == "guidance_parallel")
 
         def work() -> None:
-            pipe("a lighthouse", num_inference_steps=args.steps, seed=0, output_type="latent",
+            pipe("a lighthouse", num_inference_steps=max(args.steps, 3), seed=0, output_type="latent",
                  callback_on_step_end=lambda p, i, t, tensors: stamps.append(time.perf_counter()), **size)
 
     stamps: list[float] = []
@@ -63,18 +63,44 @@ def worker(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(out), flush=True)
 
 
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def launch(args: argparse.Namespace, work: str, ranks: int) -> dict:
+    """One process, or ``ranks`` ring processes on localhost: through ``mlx.launch`` with ``--launcher``,
+    else started here with the hostfile mlx.launch would write (its output-forwarding loop costs CPU
+    that the ranks need on a machine with few cores)."""
     command = [sys.executable, __file__, "--worker", "--work", work, "--model", str(args.model),
                "--size", str(args.size), "--steps", str(args.steps), "--frames", str(args.frames),
                "--batch-size", str(args.batch_size)]
-    if ranks > 1:
-        command = ["mlx.launch", "-n", str(ranks), "--backend", "ring", *command]
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
     load = os.getloadavg()[0]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if ranks > 1 and args.launcher:
+        command = ["mlx.launch", "-n", str(ranks), "--backend", "ring", "--", *command]
+    if ranks > 1 and not args.launcher:
+        import tempfile
+
+        hostfile = Path(tempfile.mkdtemp()) / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
+        procs = [subprocess.Popen(command, env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+        outs = [p.communicate(timeout=args.timeout) for p in procs]
+        stdout, stderr = "".join(o[0] for o in outs), "".join(o[1] for o in outs)
+    else:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        stdout, stderr = done.stdout, done.stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
-        raise SystemExit(f"{work} on {ranks} rank(s) gave no result:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise SystemExit(f"{work} on {ranks} rank(s) gave no result:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     result.update(load_before=load, load_after=os.getloadavg()[0])
     print(json.dumps(result), file=sys.stderr, flush=True)
@@ -85,12 +111,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers SD folder (default: benchmark_sd's random SD 1.5)")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2, help="denoising steps per frame")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps per frame (one image: at least 3)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4, help="interpolate's batch_size (split across the ranks)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--only", choices=["interpolate", "guidance"], default=None)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--launcher", action="store_true", help="start the ranks with mlx.launch (default: directly)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--work", default="interpolate", help=argparse.SUPPRESS)

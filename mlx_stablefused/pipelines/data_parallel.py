@@ -107,12 +107,10 @@ class ParallelCall:
     @classmethod
     def begin(cls, pipe: Any, call: str, arguments: dict[str, Any], seed: Any = None) -> "ParallelCall":
         """Find the group (unless ``pipe.distributed`` is False), check that every rank runs the same model
-        and call, and agree on the seed. ``mode``: "data", "guidance" (``pipe.guidance_parallel``) or None."""
+        and call, and agree on the seed. ``mode``: "data", "guidance" (``pipe.guidance_parallel``, which
+        needs exactly two ranks) or None (one process)."""
         group = current_group() if getattr(pipe, "distributed", True) and launcher() else None
-        if group is None:
-            if getattr(pipe, "guidance_parallel", False) and getattr(pipe, "distributed", True):
-                raise ValueError("guidance_parallel=True needs two ranks: launch with `mlx.launch -n 2` or "
-                                 "`torchrun --nproc_per_node 2`")
+        if group is None:  # one process: everything runs here, guidance_parallel included
             pipe._parallel_call = cls(pipe, None, None, seed)
             return pipe._parallel_call
         mode = "guidance" if getattr(pipe, "guidance_parallel", False) else "data"
