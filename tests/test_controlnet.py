@@ -191,8 +191,8 @@ def test_sdxl_text_to_image_matches_diffusers(sdxl, controlnets, pipelines, refe
 
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=SLOW) for b in BACKENDS])
 def test_animatediff_matches_diffusers(sd1, motion_adapters, controlnets, pipelines, references, backend):
-    """One control image per frame, as AnimateDiffControlNetPipeline's conditioning_frames (-m slow: the default
-    run's budget; the video's residual layout is the Backend's, checked by the module test's frames-free path)."""
+    """One control image per frame, as AnimateDiffControlNetPipeline's conditioning_frames (-m slow, for the
+    default run's time budget)."""
     import diffusers
 
     from mlx_stablefused import ANIMATEDIFF_DDIM
