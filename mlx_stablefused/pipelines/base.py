@@ -34,6 +34,7 @@ from ..previews import check_preview_decoder, history_frames
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
+from .unet_speedups import UNetSpeedupsMixin, counted_evaluations
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -137,7 +138,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
+class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin, UNetSpeedupsMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
@@ -258,6 +259,9 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     def enable_compile(self, enabled: bool = True) -> None:
         """Compile the UNet step into fused kernels (MLX: ``mx.compile``); pays most on Metal."""
         self._require(COMPILE, "compiled path")
+        if enabled and (self.settings.deep_cache or self.settings.token_merging):
+            raise ValueError("enable_compile: DeepCache and token merging run the UNet uncompiled; call "
+                             "disable_deepcache() / disable_token_merging() first")
         self.settings = replace(self.settings, compile=bool(enabled))
 
     def set_cpu_streams(self, count: int | None = None) -> int:
@@ -444,6 +448,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         callbacks = StepCallbacks(self, callback_on_step_end)
         history = [latents]
         steps = (core.get("stop") or len(self.scheduler.timesteps)) - start
+        core["predict"] = counted_evaluations(self.backend, self.settings, core.get("predict"), steps)
         with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):

@@ -200,8 +200,10 @@ class MLXBackend(Backend):
             b, f = latent.shape[:2]
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
+            extra.update(self.unet_call_keywords(tuple(x.shape), tuple(x.shape[1:3])))
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
+        extra.update(self.unet_call_keywords(tuple(latent.shape), tuple(latent.shape[1:3])))
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)
 
     def vae_decode(self, latent: mx.array) -> mx.array:
@@ -306,6 +308,14 @@ class MLXBackend(Backend):
         for _, module in self.unet_model.named_modules():
             if hasattr(module, "per_frame_norm"):
                 module.per_frame_norm = bool(per_frame)
+
+    def set_token_merging(self, config):
+        from ...token_merging import attach_token_merging
+        from .token_merge import bipartite_soft_matching
+        from .unet import BasicTransformerBlock
+
+        return attach_token_merging(self.unet_model.named_modules(), BasicTransformerBlock, config,
+                                    bipartite_soft_matching)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
