@@ -75,5 +75,4 @@ def counted_evaluations(backend: Backend, settings: RunSettings, predict: Predic
         with backend.evaluation(next(counter), run):
             return inner(latent, timestep, conditioning)
 
-    evaluate.deep_cache = run  # what the run saved (full and cached module calls)
     return evaluate
