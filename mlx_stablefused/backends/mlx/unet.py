@@ -186,6 +186,7 @@ class ConditionalUNet(nn.Module):
                  num_frames: int | None = None, down_block_additional_residuals: Sequence[mx.array] | None = None,
                  mid_block_additional_residual: mx.array | None = None,
                  added_cond_kwargs: dict[str, mx.array] | None = None,
+                 ip_hidden_states: mx.array | None = None,
                  deep_cache: FeatureSlot | None = None) -> mx.array:
         """``sample`` NHWC; ``timestep`` a scalar or (B,) training-time value; context (B, L, D).
 
@@ -210,8 +211,10 @@ class ConditionalUNet(nn.Module):
         x = self.conv_in(sample)
         if "transformer_in" in self:
             x = self.transformer_in(x, f)
+        # IP-Adapter image tokens ride beside the text to every attn2 (decoupled cross-attention).
+        context = encoder_hidden_states if ip_hidden_states is None else (encoder_hidden_states, ip_hidden_states)
         shallow = deep_cache is not None and deep_cache.reuses
-        x, skips = self.down_path(x, temb, encoder_hidden_states, f, deep_cache.branch + 1 if shallow else None)
+        x, skips = self.down_path(x, temb, context, f, deep_cache.branch + 1 if shallow else None)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
         layers = len(self.plan.skip_channels)
@@ -220,13 +223,13 @@ class ConditionalUNet(nn.Module):
             x = deep_cache.feature
         else:
             if "mid_block" in self:
-                x = self.mid_block(x, temb, encoder_hidden_states, f)
+                x = self.mid_block(x, temb, context, f)
             if mid_res is not None:
                 x = x + mid_res
-            x = self.up_layers(x, skips, temb, encoder_hidden_states, f, 0, branch_layer)
+            x = self.up_layers(x, skips, temb, context, f, 0, branch_layer)
             if deep_cache is not None:
                 deep_cache.keep(x)
-        x = self.up_layers(x, skips, temb, encoder_hidden_states, f, branch_layer, layers)
+        x = self.up_layers(x, skips, temb, context, f, branch_layer, layers)
         return self.conv_out(silu(self.conv_norm_out(x)))
 
     def down_path(self, x: mx.array, temb: mx.array, context: mx.array, f: int | None,
