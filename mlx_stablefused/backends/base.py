@@ -15,6 +15,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..conditioning import Conditioning
+from ..deep_cache import DeepCacheConfig, DeepCacheRun
+from ..token_merging import TokenMergeState, TokenMergingConfig
 
 Array = Any  # a backend-native array
 
@@ -41,6 +43,8 @@ class RunSettings:
     motion_norm_per_frame: bool = False  # AnimateDiff motion GroupNorm per frame (original repo) or across
     compile: bool = False  # run the UNet as a compiled graph (needs COMPILE)
     cpu_streams: int | None = None  # CPU streams (None: the backend's default; needs CPU_STREAMS)
+    deep_cache: DeepCacheConfig | None = None  # reuse deep UNet features across evaluations (deep_cache.py)
+    token_merging: TokenMergingConfig | None = None  # ToMe in the transformer blocks (token_merging.py)
 
 
 class Backend(ABC):
@@ -227,7 +231,41 @@ class Backend(ABC):
             self.set_attention_chunk(settings.attention_chunk)
         if settings.motion_norm_per_frame != old.motion_norm_per_frame and self.motion_config is not None:
             self.set_motion_norm_per_frame(settings.motion_norm_per_frame)
+        if settings.token_merging != old.token_merging:
+            self._token_merge = self.set_token_merging(settings.token_merging)
         self._settings = settings
+
+    # ------------------------------------------------------------- UNet evaluations (DeepCache, ToMe)
+    _token_merge: TokenMergeState | None = None  # while token merging is on
+    _evaluation: tuple[int, DeepCacheRun | None] | None = None  # the UNet evaluation in progress
+
+    def set_token_merging(self, config: TokenMergingConfig | None) -> TokenMergeState | None:
+        """Give the UNet's transformer blocks ToMe with ``config`` (None: take it away); returns their shared state."""
+        raise NotImplementedError(f"the {self.name} backend has no token merging")
+
+    @contextmanager
+    def evaluation(self, index: int, deep_cache: DeepCacheRun | None = None) -> Iterator[None]:
+        """Every UNet module call in the block belongs to evaluation ``index`` of the generation: DeepCache's
+        schedule (``deep_cache``) and ToMe's random picks follow it."""
+        previous = self._evaluation
+        self._evaluation = (index, deep_cache)
+        if deep_cache is not None:
+            deep_cache.begin_evaluation(index)
+        if self._token_merge is not None:
+            self._token_merge.evaluation = index
+        try:
+            yield
+        finally:
+            self._evaluation = previous
+
+    def unet_call_keywords(self, input_shape: tuple[int, ...], latent_size: tuple[int, int]) -> dict[str, Any]:
+        """What one UNet module call on an input of ``input_shape`` (spatial ``latent_size``) takes beyond the
+        plain inputs: DeepCache's slot during an evaluation; ToMe learns the latent size."""
+        if self._token_merge is not None:
+            self._token_merge.latent_size = tuple(latent_size)
+        if self._evaluation is None or self._evaluation[1] is None:
+            return {}
+        return {"deep_cache": self._evaluation[1].slot(input_shape)}
 
     @contextmanager
     def using(self, settings: RunSettings) -> Iterator[None]:

@@ -36,6 +36,7 @@ from .ip_adapter_loader import IPAdapterMixin
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
+from .unet_speedups import UNetSpeedupsMixin, counted_evaluations
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -139,7 +140,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, ControlNetMixin):
+class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, ControlNetMixin, UNetSpeedupsMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
@@ -272,6 +273,9 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
     def enable_compile(self, enabled: bool = True) -> None:
         """Compile the UNet step into fused kernels (MLX: ``mx.compile``); pays most on Metal."""
         self._require(COMPILE, "compiled path")
+        if enabled and (self.settings.deep_cache or self.settings.token_merging):
+            raise ValueError("enable_compile: DeepCache and token merging run the UNet uncompiled; call "
+                             "disable_deepcache() / disable_token_merging() first")
         self.settings = replace(self.settings, compile=bool(enabled))
 
     def set_cpu_streams(self, count: int | None = None) -> int:
@@ -465,6 +469,7 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
             core["predict"] = self._parallel_call.predictor(core.get("predict"), guidance.enabled)
         history = [latents]
         steps = (core.get("stop") or len(self.scheduler.timesteps)) - start
+        core["predict"] = counted_evaluations(self.backend, self.settings, core.get("predict"), steps)
         with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):

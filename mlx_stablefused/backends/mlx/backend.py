@@ -212,8 +212,10 @@ class MLXBackend(Backend):
                 extra["ip_hidden_states"] = mx.repeat(extra["ip_hidden_states"], f, axis=0)
             if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
                 extra["added_cond_kwargs"] = {n: mx.repeat(v, f, axis=0) for n, v in extra["added_cond_kwargs"].items()}
+            extra.update(self.unet_call_keywords(tuple(x.shape), tuple(x.shape[1:3])))
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
+        extra.update(self.unet_call_keywords(tuple(latent.shape), tuple(latent.shape[1:3])))
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)
 
     def controlnet(self, module, latent: mx.array, timestep: float, conditioning: Conditioning, image: mx.array,
@@ -338,6 +340,14 @@ class MLXBackend(Backend):
         for _, module in self.unet_model.named_modules():
             if hasattr(module, "per_frame_norm"):
                 module.per_frame_norm = bool(per_frame)
+
+    def set_token_merging(self, config):
+        from ...token_merging import attach_token_merging
+        from .token_merge import bipartite_soft_matching
+        from .unet import BasicTransformerBlock
+
+        return attach_token_merging(self.unet_model.named_modules(), BasicTransformerBlock, config,
+                                    bipartite_soft_matching)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):

@@ -85,8 +85,10 @@ class TorchBackend(Backend):
             if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
                 extra["added_cond_kwargs"] = {n: v.repeat_interleave(f, dim=0)
                                               for n, v in extra["added_cond_kwargs"].items()}
+            extra.update(self.unet_call_keywords(tuple(x.shape), (h, w)))
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
+        extra.update(self.unet_call_keywords(tuple(latent.shape), tuple(latent.shape[2:])))
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
 
     @torch.inference_mode()
@@ -214,6 +216,14 @@ class TorchBackend(Backend):
         from .ip_adapter import TorchIPAdapterHost
 
         return TorchIPAdapterHost(self)
+
+    def set_token_merging(self, config):
+        from ...token_merging import attach_token_merging
+        from .token_merge import bipartite_soft_matching
+        from .unet import BasicTransformerBlock
+
+        return attach_token_merging(self.unet_model.named_modules(), BasicTransformerBlock, config,
+                                    bipartite_soft_matching)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):
