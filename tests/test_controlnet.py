@@ -308,6 +308,9 @@ def test_bad_controlnet_inputs_are_refused(sd1, sdxl, controlnets, pipelines):
         pipe("a", control_image=[control_image(), control_image()], **args)
     sizes = pipe("a", control_image=control_image(48, 32), **args).shape  # the control image's size by default
     assert tuple(sizes) == (1, 4, 4, 6)
+    embedding = pipe.prompt_to_embedding("a")
+    with pytest.raises(ValueError, match="takes no control_image"):  # not run without the ControlNet
+        pipe.sample_from_noise(embedding, np.zeros((1, 4, 8, 8), np.float32), 1, 7.5, 0.0, np.random.default_rng(0))
 
 
 def _wider(controlnets, name):

@@ -464,6 +464,9 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
 
         Returns ``[final]``, or every latent from the start when ``return_latent_history``."""
         self.check_image_tokens(positive)  # a loaded IP-Adapter and a call without the image prompt: refused
+        if self.controlnets and core.get("step_conditioning") is None:  # nor a ControlNet left out silently
+            raise ValueError(f"{len(self.controlnets)} ControlNet(s) are set and this call takes no control_image "
+                             "(embedding_to_latent, sample_from_noise); set_controlnet(None) first")
         callbacks = StepCallbacks(self, callback_on_step_end)
         if self._parallel_call is not None:  # guidance parallel: the UNet call shared with the other rank
             core["predict"] = self._parallel_call.predictor(core.get("predict"), guidance.enabled)
