@@ -8,6 +8,7 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py --size 512 --steps 20 --dtype float16 --device cuda --json out.json
     python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
     python benchmarks/benchmark_sd.py --frames 16 --size 128 --steps 2  # AnimateDiff: 16 frames, random adapter
+    python benchmarks/benchmark_sd.py --controlnet default   # + a random SD 1.5 ControlNet (StableDiffusionControlNetPipeline)
 
 Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
 ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
@@ -90,6 +91,41 @@ def build_random_motion_adapter(folder: Path) -> None:
         adapter.save_pretrained(str(tmp), safe_serialization=True)
 
 
+def default_controlnet_dir() -> Path:
+    return default_model_dir().parent / "bench-controlnet-sd15-random"
+
+
+def build_random_controlnet(folder: Path, model: Path) -> None:
+    """An SD 1.5 ControlNet (diffusers' ControlNetModel.from_unet on the benchmark UNet) with random weights; the
+    zero convolutions get small random weights, so the residuals change the result, as trained ones do."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused.checkpoint_io import atomic_directory
+
+    torch.manual_seed(2)
+    net = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(str(model), subfolder="unet"))
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.normal_(0.0, 0.02)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        net.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def bench_control_image(size: int):
+    """A fixed edge-map-like control image (white strokes on black)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[size // 4: size // 4 + 2, :] = 255
+    pixels[:, size // 3: size // 3 + 2] = 255
+    pixels[size // 2:, size // 2: size // 2 + 2] = 255
+    return Image.fromarray(pixels)
+
+
 # ----------------------------------------------------------------------------------- worker side
 def worker(impl: str, args: argparse.Namespace) -> dict:
     """One measured run in this (fresh) process: load, warm up, time, report."""
@@ -122,6 +158,15 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                                                        safety_checker=None, feature_extractor=None).to(args.device)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **ANIMATEDIFF_DDIM)
             extra = {"num_frames": frames}
+        elif args.controlnet:
+            from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+            net = ControlNetModel.from_pretrained(args.controlnet, torch_dtype=dtype)
+            pipe = StableDiffusionControlNetPipeline.from_pretrained(
+                args.model, controlnet=net, torch_dtype=dtype, safety_checker=None,
+                requires_safety_checker=False).to(args.device)
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            extra = {"image": bench_control_image(size)}
         else:
             pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False).to(args.device)
@@ -150,8 +195,11 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             pipe = TextToVideoDiffusion(args.model, motion_adapter=args.motion_adapter, backend=impl,
                                         dtype=args.dtype, progress=False, **kwargs)
         else:
+            if args.controlnet:
+                kwargs["controlnet"] = args.controlnet
             pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False,
                                         scheduler="ddim", **kwargs)
+        extra = {"control_image": bench_control_image(size)} if args.controlnet else {}
         if args.low_memory:
             pipe.enable_low_memory()
         if args.compile and impl == "mlx":
@@ -160,7 +208,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
         def run(n):
-            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np")
+            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np", **extra)
 
     load_s = time.perf_counter() - t0
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
@@ -197,7 +245,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
         (["--compile"] if args.compile else []) + \
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
         (["--fair-malloc"] if args.fair_malloc else []) + \
-        (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else [])
+        (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else []) + \
+        (["--controlnet", str(args.controlnet)] if args.controlnet else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -243,6 +292,8 @@ def main() -> None:
                    help="AnimateDiff text-to-video with this many frames (e.g. 16) instead of text-to-image")
     p.add_argument("--motion-adapter", default=None,
                    help="with --frames: a diffusers MotionAdapter folder (default: random v1-5-2 shape, built once)")
+    p.add_argument("--controlnet", default=None,
+                   help="text-to-image with this ControlNet folder ('default': a random SD 1.5 ControlNet, built once)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -261,13 +312,18 @@ def main() -> None:
         if not (Path(args.motion_adapter) / "config.json").is_file():
             print(f"building the random motion adapter in {args.motion_adapter} (once) ...", file=sys.stderr)
             build_random_motion_adapter(Path(args.motion_adapter))
+    if args.controlnet == "default":
+        args.controlnet = default_controlnet_dir()
+        if not (Path(args.controlnet) / "config.json").is_file():
+            print(f"building the random SD 1.5 ControlNet in {args.controlnet} (once) ...", file=sys.stderr)
+            build_random_controlnet(Path(args.controlnet), Path(args.model))
     results: dict[str, list[dict]] = {impl: [] for impl in args.impl}
     for r in range(args.rounds):
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
             print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
     summary = summarise(results)
-    what = f"AnimateDiff {args.frames} frames" if args.frames else "SD1.5"
+    what = f"AnimateDiff {args.frames} frames" if args.frames else "SD1.5 + ControlNet" if args.controlnet else "SD1.5"
     work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
            f"device {args.device}"
     print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")

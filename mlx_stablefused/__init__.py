@@ -3,8 +3,12 @@
 __version__ = "0.1.0"
 
 
-from .errors import LoRAError, ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError  # noqa: E402
+from .control_maps import canny_image  # noqa: E402
+from .controlnets import ControlNet, load_controlnet  # noqa: E402
+from .errors import (DistributedError, IPAdapterError, LoRAError, ModelSourceError, NonFiniteError,  # noqa: E402
+                     UnsupportedModelError, WeightLoadError)
 from .pipelines.base import BaseDiffusion, ModelComponents  # noqa: E402
+from .pipelines.data_parallel import guidance_sweep  # noqa: E402
 from .pipelines.image_to_image import ImageToImageDiffusion  # noqa: E402
 from .pipelines.inpaint import InpaintDiffusion  # noqa: E402
 from .pipelines.latent_walk import LatentWalkDiffusion  # noqa: E402
@@ -29,12 +33,18 @@ __all__ = [
     "InpaintDiffusion",
     "LatentWalkDiffusion",
     "WalkType",
+    "ControlNet",
+    "load_controlnet",
+    "canny_image",
     "SCHEDULER_NAMES",
     "LoRAError",
+    "IPAdapterError",
     "ModelSourceError",
     "NonFiniteError",
     "UnsupportedModelError",
     "WeightLoadError",
+    "DistributedError",
+    "guidance_sweep",
     "PromptTruncatedWarning",
     "image_grid",
     "numpy_to_pil",

@@ -9,18 +9,21 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__
+from .cli_controlnet import add_controlnet_flags, check_controlnet_flags, controlnet_keywords, controlnet_source
+from .cli_ip_adapter import add_ip_adapter_flags, check_ip_adapter_flags, ip_adapter_keywords, load_flagged_ip_adapter
 from .cli_sdxl import add_sdxl_flags, sdxl_keywords
 from .cli_values import (IMAGE_FORMATS, IMAGE_SUFFIXES, VIDEO_SUFFIXES, InvalidValue, check_backend,
                          check_input_image, check_output, finite, fraction, non_negative, one_line, one_of,
                          output_paths, positive)
 from .demo import DEMO_MODEL_ID, DEMO_MOTION_ADAPTER_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS, resolve_special_id
-from .errors import ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
+from .distributed import is_writer
+from .errors import DistributedError, ModelSourceError, NonFiniteError, UnsupportedModelError, WeightLoadError
 from .pipelines.walk_geometry import WalkType
 from .schedulers import SCHEDULER_NAMES
 
 # Failures of the input or the machine (files, permissions, disk): one line, exit 1. Anything else is a bug
 # and keeps its traceback.
-EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, ValueError,
+EXPECTED_ERRORS = (ModelSourceError, UnsupportedModelError, WeightLoadError, NonFiniteError, DistributedError, ValueError,
                    TypeError, NotImplementedError, OSError, MemoryError)
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p, "output.png")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=False)
+    add_controlnet_flags(p)
+    add_ip_adapter_flags(p)
 
     p = command("img2img", "re-imagine an image following a prompt")
     _model_flags(p)
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start from")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_controlnet_flags(p)
+    add_ip_adapter_flags(p)
 
     p = command("inpaint", "repaint the white part of a mask")
     _model_flags(p)
@@ -187,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: a 9-channel inpainting model; blend: any model, keeping the black part; auto: by model")
     _count_flag(p, "--num-images", 1, "images per prompt")
     add_sdxl_flags(p, image=True)
+    add_controlnet_flags(p)
+    add_ip_adapter_flags(p)
 
     p = command("walk", "outpainting animation: pan or zoom out, painting what comes into view")
     _model_flags(p)
@@ -225,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _count_flag(p, "--frames", 16, "frames in the video (at most the adapter's window, 32, without context windows)")
     _count_flag(p, "--context-length", None, "sliding windows of this many frames", unset="off")
     _count_flag(p, "--context-stride", 4, "frames between window starts")
+    add_controlnet_flags(p, video=True)
+    add_ip_adapter_flags(p)
 
     p = command("convert", "convert a diffusers model to an MLX folder")
     p.add_argument("source", help="hub repo id, diffusers folder, or a single-file checkpoint (.safetensors, .ckpt)")
@@ -254,8 +265,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="folder of the LoRA files that <lora:name:weight> tags name (default: none)")
     p.add_argument("--outputs", default=None, metavar="FOLDER",
                    help="also write every result there, with its parameters (default: nothing written)")
+    p.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
+                   help="MotionAdapter folder, hub id or .ckpt for the web UI's AnimateDiff videos, loaded on first "
+                        f"use (default: none; the demo model uses {DEMO_MOTION_ADAPTER_ID})")
     for flag, default, what in (("--max-size", 2048, "largest width or height"), ("--max-steps", 150, "most steps"),
                                 ("--max-batch", 8, "most images per request"),
+                                ("--max-frames", 64, "most frames per video or cells per sweep grid"),
                                 ("--max-queue", 16, "requests waiting; more get 503")):
         p.add_argument(flag, type=positive(flag), default=default, metavar="N", help=what)
 
@@ -290,6 +305,7 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
     if getattr(args, "backend_choice", None) is not None:
         print(args.backend_choice)  # which backend "auto" picked, and why
     model_files = {k: v for k, v in (("vae", args.vae), ("prediction_type", args.prediction_type)) if v is not None}
+    model_files.update(controlnet_source(args))
     pipe = cls(model_id=args.model, backend=args.backend, dtype=args.dtype, variant=args.variant,
                device=args.device, scheduler=args.scheduler, progress=not args.no_progress, **model_files)
     if size_defaults:  # only absent sizes get defaults: the parser has refused 0 and negatives
@@ -308,6 +324,7 @@ def load_pipeline(cls: type, args: argparse.Namespace, size_defaults: bool = Tru
         pipe.load_textual_inversion(source)
     if not args.plain_prompts:
         pipe.enable_prompt_weighting(lora_dir=args.lora_dir)
+    load_flagged_ip_adapter(pipe, args)
     return pipe
 
 
@@ -319,6 +336,8 @@ def save_image_atomically(image: Any, path: Path) -> None:
 
 
 def save_images(images: list, output: str) -> None:
+    if not is_writer():  # under mlx.launch / torchrun every rank has the result; rank 0 writes it
+        return
     for image, path in zip(images, output_paths(output, len(images))):
         save_image_atomically(image, path)
         print(f"wrote {path}")
@@ -327,6 +346,8 @@ def save_images(images: list, output: str) -> None:
 def save_frames(frames: list, output: str, fps: int) -> None:
     from .utils.images import pil_to_gif, pil_to_video
 
+    if not is_writer():
+        return
     path = Path(output)
     (pil_to_gif if path.suffix.lower() == ".gif" else pil_to_video)(frames, path, fps=fps)
     print(f"wrote {path} ({len(frames)} frames at {fps} fps)")
@@ -340,9 +361,10 @@ def _common(args: argparse.Namespace) -> dict:
 def run_txt2img(args: argparse.Namespace) -> int:
     from .pipelines.text_to_image import TextToImageDiffusion
 
-    pipe = load_pipeline(TextToImageDiffusion, args)
+    pipe = load_pipeline(TextToImageDiffusion, args, size_defaults=not args.control_image)  # else: the control's size
     images = pipe(prompt=args.prompt, image_height=args.height, image_width=args.width,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **controlnet_keywords(args), **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -353,7 +375,8 @@ def run_img2img(args: argparse.Namespace) -> int:
     pipe = load_pipeline(ImageToImageDiffusion, args, size_defaults=False)
     images = pipe(image=args.image, prompt=args.prompt, strength=args.strength, start_step=args.start_step,
                   image_height=args.height, image_width=args.width, num_images_per_prompt=args.num_images,
-                  **_common(args), **sdxl_keywords(args))
+                  **_common(args), **sdxl_keywords(args), **controlnet_keywords(args),
+                  **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -364,7 +387,8 @@ def run_inpaint(args: argparse.Namespace) -> int:
     pipe = load_pipeline(InpaintDiffusion, args, size_defaults=False)
     images = pipe(prompt=args.prompt, image=args.image, mask=args.mask, strength=args.strength,
                   start_step=args.start_step, image_height=args.height, image_width=args.width, mode=args.mode,
-                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args))
+                  num_images_per_prompt=args.num_images, **_common(args), **sdxl_keywords(args),
+                  **controlnet_keywords(args), **ip_adapter_keywords(args))
     save_images(images, args.output)
     return 0
 
@@ -426,7 +450,7 @@ def run_video(args: argparse.Namespace) -> int:
     if args.context_length:
         pipe.enable_context_windows(args.context_length, args.context_stride)
     videos = pipe(prompt=args.prompt, video_height=args.height, video_width=args.width, video_frames=args.frames,
-                  **_common(args))
+                  **_common(args), **controlnet_keywords(args, video=True), **ip_adapter_keywords(args))
     save_frames(videos[0], args.output, args.fps)
     return 0
 
@@ -445,6 +469,7 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("--prediction-type: a diffusers or converted model's scheduler config says it already")
     if args.vae is not None:
         source = resolve_vae(args.vae, source)
+    description = description_for(read_model_index(source.root))  # a single file's keys said what it is
     out = convert_model(source, args.destination, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite,
                         description=description)
     print(f"converted {args.source} -> {out} ({args.dtype})")
@@ -471,10 +496,11 @@ def run_serve(args: argparse.Namespace) -> int:
         args.backend = choice.name
     model = args.model if args.model is not None else default_model(args.variant)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_frames=args.max_frames, max_queue=args.max_queue)
     return serve(ServerSettings(model=model, backend=args.backend, dtype=args.dtype, device=args.device,
                                 variant=args.variant, host=args.host, port=args.port, api_key=args.api_key,
                                 lora_dir=None if args.lora_dir is None else Path(args.lora_dir).expanduser(),
+                                motion_adapter=args.motion_adapter,
                                 outputs=None if args.outputs is None else Path(args.outputs).expanduser(),
                                 limits=limits))
 
@@ -503,12 +529,14 @@ def check_before_work(args: argparse.Namespace) -> None:
     if args.command in ("convert", "serve"):
         return
     check_output(args.output, video=args.command in VIDEO_COMMANDS, count=getattr(args, "num_images", 1))
-    for flag in ("--image", "--mask"):
-        path = getattr(args, flag[2:], None)
+    check_ip_adapter_flags(args)
+    for flag in ("--image", "--mask", "--ip-adapter-image"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
         if path is not None:
             check_input_image(path, flag)
     check_start(args)
     check_size_flags(args)
+    check_controlnet_flags(args)
     if args.backend == "auto":
         from .backends.auto import resolve_backend
 

@@ -1,8 +1,8 @@
 """What the UNet takes beyond (latent, timestep), as one object: ``Conditioning``.
 
 Text embeddings today; pooled embeddings and time ids (SDXL), extra input channels
-(inpainting's mask and masked image) and residuals from extra networks (ControlNet) have
-their fields already, so a new kind of conditioning is a field and a few lines in the
+(inpainting's mask and masked image), residuals from extra networks (ControlNet) and image
+tokens (IP-Adapter) have their fields, so a new kind of conditioning is a field and a few lines in the
 backends, not a new argument threaded through every pipeline. Every field holds
 backend-native arrays whose first axis is the batch; ``None`` means absent.
 """
@@ -23,6 +23,7 @@ class Conditioning:
     image_channels: Array | None = None  # latents concatenated to the UNet input (9-channel inpainting)
     down_block_residuals: tuple[Array, ...] | None = None  # added to the skip states (ControlNet)
     mid_block_residual: Array | None = None  # added to the mid block output (ControlNet)
+    ip_hidden_states: Array | None = None  # (B, T, D) IP-Adapter image tokens for the decoupled cross-attention
 
     @property
     def batch_size(self) -> int:

@@ -65,6 +65,41 @@ class CLIPTextConfig:
         return asdict(self)
 
 
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers' CLIPVisionConfig (an IP-Adapter's image encoder: ViT-H/14, ViT-bigG/14)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512  # visual_projection's width: the image embedding an IP-Adapter projects
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "CLIPVisionConfig":
+        if "vision_config" in cfg:  # a full CLIPModel config: its vision half
+            cfg = cfg["vision_config"]
+        _require(cfg, "hidden_act", ("quick_gelu", "gelu"), "image encoder")
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        config = cls(**known)
+        if config.image_size % config.patch_size:
+            raise UnsupportedModelError(f"image encoder config: image_size={config.image_size} is not a multiple "
+                                        f"of patch_size={config.patch_size}")
+        return config
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # the patches and the class token
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 _UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -393,3 +428,63 @@ class UNet3DConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+
+_UP_FOR_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+# ControlNetModel's own fields; the rest of its config describes the UNet encoder it copies.
+_CONTROLNET_FIELDS = ("conditioning_channels", "conditioning_embedding_out_channels", "global_pool_conditions",
+                      "controlnet_conditioning_channel_order", "addition_embed_type_num_heads")
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers' ControlNetModel: a copy of the UNet's encoder (``encoder``, parsed as a UNet config whose
+    up path mirrors the down path and is never built), the conditioning image embedding (``conv_in``, blocks
+    of ``conditioning_embedding_out_channels``, ``conv_out`` to the UNet's first width) and the zero convs."""
+
+    encoder: UNetConfig
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+    global_pool_conditions: bool = False
+    channel_order: str = "rgb"  # "bgr": the control image's channels are flipped before the embedding
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.encoder.cross_attention_dim
+
+    @property
+    def in_channels(self) -> int:
+        return self.encoder.in_channels
+
+    @property
+    def downscale_factor(self) -> int:
+        """How much smaller than the control image the latent is (the embedding's stride-2 convolutions)."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ControlNetConfig":
+        c = "ControlNet"
+        _require(cfg, "controlnet_conditioning_channel_order", ("rgb", "bgr"), c)
+        _require(cfg, "mid_block_type", ("UNetMidBlock2DCrossAttn",), c)
+        embedding = cfg.get("conditioning_embedding_out_channels", cls.conditioning_embedding_out_channels)
+        if not isinstance(embedding, (list, tuple)) or not embedding or any(
+                not isinstance(v, int) or v < 1 for v in embedding):
+            raise UnsupportedModelError(f"{c} config: conditioning_embedding_out_channels={embedding!r} must be a "
+                                        "list of positive channel counts")
+        channels = cfg.get("conditioning_channels", 3)
+        if not isinstance(channels, int) or channels < 1:
+            raise UnsupportedModelError(f"{c} config: conditioning_channels={channels!r} must be a positive integer")
+        down = list(cfg.get("down_block_types", UNetConfig.down_block_types))
+        for t in down:
+            if t not in _UP_FOR_DOWN:
+                raise UnsupportedModelError(f"{c} config: down block type {t!r} is not supported ({_UNET_DOWN})")
+        unet = {k: v for k, v in cfg.items() if k not in _CONTROLNET_FIELDS}
+        unet.update(up_block_types=[_UP_FOR_DOWN[t] for t in reversed(down)],
+                    out_channels=cfg.get("in_channels", 4))
+        unet.setdefault("cross_attention_dim", 1280)  # ControlNetModel's default (the UNet's is 768)
+        return cls(UNetConfig.from_dict(unet), channels, tuple(embedding),
+                   bool(cfg.get("global_pool_conditions", False)),
+                   cfg.get("controlnet_conditioning_channel_order", "rgb"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

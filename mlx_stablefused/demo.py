@@ -25,6 +25,8 @@ from .sources import SPECIAL_ID_PREFIX, cache_root
 
 DEMO_MODEL_ID = SPECIAL_ID_PREFIX + "tiny-random"
 DEMO_MOTION_ADAPTER_ID = SPECIAL_ID_PREFIX + "motion"
+DEMO_IP_ADAPTER_ID = SPECIAL_ID_PREFIX + "ip-adapter"
+DEMO_IP_ADAPTER_WEIGHTS = "ip-adapter_demo.safetensors"
 
 DEMO_NOTICE = ("[mlx-stablefused] Using the built-in offline demo model: tiny, random weights. Its images are "
                "noise by design (a smoke test of the install). For real images pass a model, e.g. "
@@ -186,7 +188,78 @@ def ensure_demo_motion_adapter(seed: int = 1) -> Path:
     return folder
 
 
-SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter}
+def demo_controlnet_config() -> dict[str, Any]:
+    """A ControlNet fitting the demo UNet (its widths, blocks, cross-attention); control images at 8x its latents."""
+    unet = demo_configs(1)["unet"]
+    keep = ("block_out_channels", "down_block_types", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+            "norm_num_groups", "in_channels")
+    return {"_class_name": "ControlNetModel", **{k: unet[k] for k in keep}, "use_linear_projection": True,
+            "conditioning_embedding_out_channels": [8, 16, 16, 32]}
+
+
+def ensure_demo_controlnet(seed: int = 2) -> Path:
+    """A random ControlNet for the demo model (a diffusers ControlNetModel folder), built on first use."""
+    from .model_description import CONTROLNET_MODEL
+
+    folder = cache_root() / f"demo-controlnet-v{DEMO_VERSION}"
+    if (folder / "config.json").is_file():
+        return folder
+    networks, config = installed_networks(), demo_controlnet_config()
+    shapes = networks.parameter_shapes(networks.build(CONTROLNET_MODEL, CONTROLNET_MODEL.parse_config(config)))
+    def diffusers_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if networks.layout == fmt.LAYOUT and name.endswith("conv_shortcut.weight") and len(shape) == 2:
+            return (*shape, 1, 1)  # a 1x1 convolution, which the MLX modules hold as Linear
+        return _diffusers_shape(shape, networks.layout)
+
+    weights = {k: demo_tensor(k, diffusers_shape(k, s), "diffusers", seed) for k, s in shapes.items()}
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_numpy_safetensors(tmp / "diffusion_pytorch_model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+    return folder
+
+
+def demo_image_encoder_config() -> dict[str, Any]:
+    """A toy CLIPVisionModelWithProjection (transformers' config.json) for the demo IP-Adapter."""
+    return {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8, "num_channels": 3, "projection_dim": 32, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5}
+
+
+def ensure_demo_ip_adapter(seed: int = 2) -> Path:
+    """A random IP-Adapter for the demo model in h94/IP-Adapter's layout (``ip-adapter_demo.safetensors`` with
+    ``image_proj.*`` and ``ip_adapter.<id>.to_k_ip/to_v_ip.weight``, and ``image_encoder/``), built on first use."""
+    from .config import CLIPVisionConfig
+    from .ip_adapter import TOKENS_PER_IMAGE, cross_attention_slots
+    from .model_description import IMAGE_ENCODER
+    from .topology import unet_plan
+
+    folder = cache_root() / f"demo-ip-adapter-v{DEMO_VERSION}"
+    if (folder / DEMO_IP_ADAPTER_WEIGHTS).is_file():
+        return folder
+    networks, raw = installed_networks(), demo_image_encoder_config()
+    kind = IMAGE_ENCODER.component("image_encoder").kinds[0]
+    shapes = networks.parameter_shapes(networks.build(kind, CLIPVisionConfig.from_dict(raw)))
+    encoder = {k: demo_tensor(k, _diffusers_shape(s, networks.layout), "diffusers", seed) for k, s in shapes.items()}
+    unet = UNetConfig.from_dict(demo_configs(1)["unet"])
+    cross, embed = unet.cross_attention_dim, raw["projection_dim"]
+    tokens = TOKENS_PER_IMAGE * cross
+    adapter = {"image_proj.proj.weight": (tokens, embed), "image_proj.proj.bias": (tokens,),
+               "image_proj.norm.weight": (cross,), "image_proj.norm.bias": (cross,)}
+    for slot in cross_attention_slots(unet_plan(unet)):
+        adapter.update({f"ip_adapter.{slot.key_id}.{name}.weight": (slot.inner, cross)
+                        for name in ("to_k_ip", "to_v_ip")})
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_numpy_safetensors(tmp / DEMO_IP_ADAPTER_WEIGHTS,
+                               {k: demo_tensor(k, s, "diffusers", seed) for k, s in adapter.items()})
+        write_json(tmp / "image_encoder" / "config.json", raw)
+        save_numpy_safetensors(tmp / "image_encoder" / "model.safetensors", encoder)
+    return folder
+
+
+DEMO_CONTROLNET_ID = SPECIAL_ID_PREFIX + "controlnet"
+SPECIAL_IDS = {DEMO_MODEL_ID: ensure_demo_model, DEMO_MOTION_ADAPTER_ID: ensure_demo_motion_adapter,
+               DEMO_IP_ADAPTER_ID: ensure_demo_ip_adapter, DEMO_CONTROLNET_ID: ensure_demo_controlnet}
 
 
 def resolve_special_id(spec: Any) -> Any:

@@ -41,6 +41,9 @@ EMA_PREFIX = "model_ema."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel names inside
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names, fused attention projections
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP-L, transformers' names
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP bigG, with text_projection
+REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP bigG is its only encoder
 # Key groups named in errors (longest first); any other key is grouped by its first name.
 KNOWN_GROUPS = ("model.diffusion_model", "model_ema", "first_stage_model", "cond_stage_model.transformer",
                 "cond_stage_model.model", "conditioner.embedders", "control_model", "lora_unet", "lora_te")
@@ -82,6 +85,47 @@ OPEN_CLIP_FIXED = {"token_embedding.weight": "text_model.embeddings.token_embedd
 OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                    "attn.out_proj": "self_attn.out_proj"}
 OPEN_CLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")  # SD 2 uses the token states, not the projection
+# SDXL's add_embedding (pooled text + micro-conditioning ids) is LDM's label_emb.
+UNET_TEXT_TIME = {"label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
+
+
+@dataclass(frozen=True)
+class TextEncoderKeys:
+    """Where one text encoder sits in a checkpoint and how it is named: ``"clip"`` (transformers' names
+    under a prefix), ``"open_clip"`` (OpenCLIP's, every block and the projection: SDXL) or
+    ``"open_clip_penultimate"`` (SD 2: the last block and the projection are unused)."""
+
+    component: str
+    prefix: str
+    naming: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """A checkpoint family: its text encoders (in the order their states are concatenated), whether the
+    UNet has SDXL's text_time embedding, and its configs template (``data/single_file/<name>.json``)."""
+
+    name: str
+    text_encoders: tuple[TextEncoderKeys, ...]
+    text_time: bool = False
+
+
+# First match wins: an SDXL base file holds embedders.0 (CLIP-L) and embedders.1 (OpenCLIP), a refiner's
+# embedders.0 is OpenCLIP.
+FAMILIES = (
+    Family("sdxl", (TextEncoderKeys("text_encoder", SDXL_CLIP_PREFIX, "clip"),
+                    TextEncoderKeys("text_encoder_2", SDXL_OPEN_CLIP_PREFIX, "open_clip")), text_time=True),
+    Family("sdxl_refiner", (TextEncoderKeys("text_encoder_2", REFINER_OPEN_CLIP_PREFIX, "open_clip"),), text_time=True),
+    Family("sd1", (TextEncoderKeys("text_encoder", CLIP_PREFIX, "clip"),)),
+    Family("sd2", (TextEncoderKeys("text_encoder", OPEN_CLIP_PREFIX, "open_clip_penultimate"),)),
+)
+
+
+def checkpoint_family(keys: Iterable[str]) -> Family | None:
+    """The family whose every text-encoder prefix occurs among ``keys``."""
+    keys = list(keys)
+    return next((f for f in FAMILIES if all(any(k.startswith(t.prefix) for k in keys) for t in f.text_encoders)),
+                None)
 
 
 @dataclass(frozen=True)
@@ -159,19 +203,23 @@ def _resnet_name(rest: str, where: str) -> str:
     raise WeightLoadError(f"unrecognised UNet resnet key {where}.{rest}")
 
 
-def unet_key_map(keys: Iterable[str]) -> tuple[dict[str, str], list[int], list[int]]:
+def unet_key_map(keys: Iterable[str], encoder_only: bool = False,
+                 text_time: bool = False) -> tuple[dict[str, str], list[int], list[int]]:
     """LDM UNet keys (prefix removed) -> {diffusers name: LDM key}, layers per down block, per up block.
+    ``encoder_only``: a ControlNet's copy of the encoder (no ``output_blocks``, no ``out``).
 
     The block structure is read from the keys: in ``input_blocks`` a downsampler (``.0.op``) closes a
-    level; in ``output_blocks`` an upsampler (``.1.conv`` or ``.2.conv``) does."""
+    level; in ``output_blocks`` an upsampler (``.1.conv`` or ``.2.conv``) does. ``text_time``: SDXL's
+    ``label_emb`` is the add_embedding."""
+    fixed_names = {**UNET_FIXED, **UNET_TEXT_TIME} if text_time else UNET_FIXED
     out: dict[str, str] = {}
     blocks: dict[tuple[str, int], dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     mid: dict[int, list[str]] = defaultdict(list)
     unknown = []
     for k in keys:
-        fixed = next((old for old in UNET_FIXED if k.startswith(old)), None)
+        fixed = next((old for old in fixed_names if k.startswith(old)), None)
         if fixed is not None:
-            out[UNET_FIXED[fixed] + k[len(fixed):]] = k
+            out[fixed_names[fixed] + k[len(fixed):]] = k
         elif m := re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)", k):
             blocks[(m[1], int(m[2]))][int(m[3])].append(m[4])
         elif m := re.fullmatch(r"middle_block\.(\d+)\.(.+)", k):
@@ -179,8 +227,8 @@ def unet_key_map(keys: Iterable[str]) -> tuple[dict[str, str], list[int], list[i
         else:
             unknown.append(k)
     if unknown:
-        raise UnsupportedModelError(f"the UNet has keys this port does not know (SDXL, class-conditioned or "
-                                    f"ControlNet UNets are not supported): {', '.join(sorted(unknown)[:8])}")
+        raise UnsupportedModelError(f"the UNet has keys this port does not know (class-conditioned or ControlNet "
+                                    f"UNets are not supported): {', '.join(sorted(unknown)[:8])}")
 
     def add(target: str, source: str) -> None:
         out[target] = source
@@ -238,6 +286,8 @@ def unet_key_map(keys: Iterable[str]) -> tuple[dict[str, str], list[int], list[i
                       else f"mid_block.resnets.{sub // 2}.{_resnet_name(r, f'middle_block.{sub}')}")
             add(target, f"middle_block.{sub}.{r}")
     n = len(down)
+    if encoder_only and not up and 0 not in down:
+        return out, down, up
     if 0 in down or len(up) != n or any(up[u] != down[n - 1 - u] + 1 for u in range(n)):
         raise UnsupportedModelError(f"the UNet's blocks do not pair up (resnets per down block {down}, per up "
                                     f"block {up}); is the file complete?")
@@ -258,21 +308,31 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], names: Mapping[str, str],
     channels = [shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in range(n)]
     down_attn = [any(k.startswith(f"down_blocks.{b}.attentions.") for k in names) for b in range(n)]
     up_attn = [any(k.startswith(f"up_blocks.{u}.attentions.") for k in names) for u in range(n)]
-    depth = [len({m[1] for k in names for m in [re.match(rf"down_blocks\.{b}\.attentions\.0\.transformer_blocks\.(\d+)\.", k)]
-                  if m}) or 1 for b in range(n)]
+
+    def blocks_in(path: str) -> int:
+        return len({m[1] for k in names for m in [re.match(rf"{path}\.transformer_blocks\.(\d+)\.", k)] if m})
+
+    # Blocks without attention have no depth; diffusers' mid block takes the last entry, so it is the mid's.
+    depth = [blocks_in(rf"down_blocks\.{b}\.attentions\.0") or 1 for b in range(n)]
+    mid_depth = blocks_in(r"mid_block\.attentions\.0")
+    if mid_depth:
+        attended = {d for d, a in zip(depth, down_attn) if a}
+        depth = mid_depth if attended <= {mid_depth} else depth[:-1] + [mid_depth if not down_attn[-1] else depth[-1]]
     cross = [shape(k)[1] for k in names if k.endswith("attn2.to_k.weight")]
     proj = [len(shape(k)) for k in names if k.endswith("proj_in.weight")]
     if original.num_heads:
         heads: Any = original.num_heads
     else:
-        per_head = original.num_head_channels or (64 if family == "sd2" else None)
+        per_head = original.num_head_channels or (64 if family != "sd1" else None)  # SD 2, SDXL: 64-channel heads
         heads = [max(1, c // per_head) for c in channels] if per_head else 8  # LDM SD 1.x: num_heads 8
     config = {
-        "in_channels": shape("conv_in.weight")[1], "out_channels": shape("conv_out.weight")[0],
+        "in_channels": shape("conv_in.weight")[1],
+        "out_channels": shape("conv_out.weight")[0] if "conv_out.weight" in names else None,  # None: a ControlNet
         "block_out_channels": channels, "layers_per_block": _one_or_list(down),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
-        "transformer_layers_per_block": _one_or_list(depth), "attention_head_dim": heads,
+        "transformer_layers_per_block": depth if isinstance(depth, int) else _one_or_list(depth),
+        "attention_head_dim": heads,
         "use_linear_projection": bool(proj) and proj[0] == 2,
         "mid_block_type": "UNetMidBlock2DCrossAttn" if any(k.startswith("mid_block.") for k in names) else None,
     }
@@ -338,24 +398,35 @@ def vae_names(keys: Iterable[str]) -> tuple[KeyMap, str]:
 
 # ---------------------------------------------------------------------------------- text encoders
 def clip_key_map(keys: Iterable[str], family: str) -> KeyMap:
-    """The text encoder's tensors under transformers' CLIPTextModel names (``text_model.*``)."""
-    if family == "sd1":
+    """The SD 1.x / 2.x text encoder's tensors under transformers' CLIPTextModel names (``text_model.*``)."""
+    encoder = next(f for f in FAMILIES if f.name == family).text_encoders[0]
+    return text_encoder_key_map(keys, encoder)
+
+
+def text_encoder_key_map(keys: Iterable[str], encoder: TextEncoderKeys) -> KeyMap:
+    """One text encoder's tensors under transformers' names (``text_model.*``, and SDXL's
+    ``text_projection.weight``: OpenCLIP's (width, projection) matrix transposed)."""
+    prefix = encoder.prefix
+    if encoder.naming == "clip":
         out = {}
         for k in keys:
-            if k.startswith(CLIP_PREFIX):
-                name = k[len(CLIP_PREFIX):]
+            if k.startswith(prefix):
+                name = k[len(prefix):]
                 name = name if name.startswith("text_model.") else "text_model." + name
                 if not name.endswith("position_ids"):
                     out[name] = (k, ())
         return out
-    inner = [k[len(OPEN_CLIP_PREFIX):] for k in keys if k.startswith(OPEN_CLIP_PREFIX)]
+    penultimate = encoder.naming == "open_clip_penultimate"
+    inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
     blocks = {int(m[1]) for k in inner for m in [re.match(r"transformer\.resblocks\.(\d+)\.", k)] if m}
-    last = max(blocks, default=-1)  # SD 2 conditions on the penultimate layer: the last block is unused
+    last = max(blocks, default=-1) if penultimate else None  # SD 2 conditions on the penultimate layer
     out, unknown = {}, []
     for k in inner:
-        source = OPEN_CLIP_PREFIX + k
+        source = prefix + k
         if k in OPEN_CLIP_FIXED:
             out[OPEN_CLIP_FIXED[k]] = (source, ())
+        elif k == "text_projection" and not penultimate:
+            out["text_projection.weight"] = (source, ("transpose",))
         elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", k):
             if int(m[1]) == last:
                 continue
@@ -372,7 +443,7 @@ def clip_key_map(keys: Iterable[str], family: str) -> KeyMap:
             unknown.append(k)
     if unknown:
         raise UnsupportedModelError(f"the OpenCLIP text encoder has keys this port does not know: "
-                                    f"{', '.join(sorted(OPEN_CLIP_PREFIX + k for k in unknown)[:8])}")
+                                    f"{', '.join(sorted(prefix + k for k in unknown)[:8])}")
     return out
 
 
@@ -395,34 +466,37 @@ class SingleFilePlan:
     """What one checkpoint file is: its family, each component's key map and (unless ``config=`` gives
     them) the inferred configs."""
 
-    family: str  # "sd1" (CLIP) or "sd2" (OpenCLIP)
+    family: str  # "sd1" (CLIP), "sd2" (OpenCLIP), "sdxl" (CLIP-L + OpenCLIP bigG), "sdxl_refiner" (OpenCLIP bigG)
     key_maps: dict[str, KeyMap]
     unet_blocks: list[int]  # resnets per down block, as read from the keys
-    configs: dict[str, dict[str, Any]] | None = None  # diffusers configs + "scheduler", "tokenizer", "model_index"
+    configs: dict[str, dict[str, Any]] | None = None  # diffusers configs + "scheduler", "tokenizer*", "model_index"
+
+    @property
+    def text_encoders(self) -> tuple[TextEncoderKeys, ...]:
+        return next(f for f in FAMILIES if f.name == self.family).text_encoders
 
 
 def plan_checkpoint(shapes: Mapping[str, tuple[int, ...]], origin: str, *, use_ema: bool = False,
                     prediction_type: str | None = None, original: OriginalConfig = OriginalConfig(),
                     infer: bool = True) -> SingleFilePlan:
-    """A Stable Diffusion 1.x / 2.x checkpoint's key maps and (``infer``) architecture, from its tensor shapes."""
+    """A Stable Diffusion 1.x / 2.x / XL checkpoint's key maps and (``infer``) architecture, from its tensor shapes."""
     maps = key_maps(shapes, origin, use_ema)
     return replace(maps, configs=infer_configs(shapes, maps, origin, prediction_type, original)) if infer else maps
 
 
 def key_maps(shapes: Mapping[str, tuple[int, ...]], origin: str, use_ema: bool = False) -> SingleFilePlan:
-    """Which tensor of the file makes each parameter of the UNet, the VAE and the text encoder."""
+    """Which tensor of the file makes each parameter of the UNet, the VAE and the text encoder(s)."""
     keys = list(shapes)
-    family = ("sd1" if any(k.startswith(CLIP_PREFIX) for k in keys)
-              else "sd2" if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys) else None)
+    family = checkpoint_family(keys)
     has_vae = any(k.startswith(VAE_PREFIXES) for k in keys)
     if family is None or not has_vae or not any(k.startswith(UNET_PREFIX) for k in keys):
-        sdxl = " (SDXL checkpoints, 'conditioner.embedders.*', are not supported yet)" \
-            if any(k.startswith("conditioner.") for k in keys) else ""
         raise UnsupportedModelError(
-            f"{origin} is not a Stable Diffusion 1.x/2.x checkpoint in the original (CompVis/LDM) naming{sdxl}: "
-            f"it holds {key_groups(keys)}; expected 'model.diffusion_model' (UNet), 'first_stage_model' (VAE) and "
-            "'cond_stage_model.transformer' (SD 1.x CLIP) or 'cond_stage_model.model' (SD 2.x OpenCLIP)")
-    names, down, _ = unet_key_map(k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX))
+            f"{origin} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint in the original (CompVis/LDM, Stability) "
+            f"naming: it holds {key_groups(keys)}; expected 'model.diffusion_model' (UNet), 'first_stage_model' (VAE) "
+            "and 'cond_stage_model.transformer' (SD 1.x CLIP), 'cond_stage_model.model' (SD 2.x OpenCLIP), "
+            "'conditioner.embedders.0.transformer' with 'conditioner.embedders.1.model' (SDXL: CLIP-L and OpenCLIP "
+            "bigG) or 'conditioner.embedders.0.model' (SDXL refiner: OpenCLIP bigG)")
+    names, down, _ = unet_key_map((k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)), text_time=family.text_time)
     if use_ema:
         ema = {t: EMA_PREFIX + "diffusion_model" + s.replace(".", "") for t, s in names.items()}
         missing = [e for e in ema.values() if e not in shapes]
@@ -434,9 +508,10 @@ def key_maps(shapes: Mapping[str, tuple[int, ...]], origin: str, use_ema: bool =
     else:
         unet_map = {t: (UNET_PREFIX + s, ()) for t, s in names.items()}
     vae_map, _ = vae_names(k for k in keys if k.startswith(VAE_PREFIXES))
-    used = (UNET_PREFIX, EMA_PREFIX, *VAE_PREFIXES, CLIP_PREFIX if family == "sd1" else OPEN_CLIP_PREFIX)
+    used = (UNET_PREFIX, EMA_PREFIX, *VAE_PREFIXES, *(t.prefix for t in family.text_encoders))
     _warn_unused(origin, [k for k in keys if not k.startswith(used)])
-    return SingleFilePlan(family, {"unet": unet_map, "vae": vae_map, "text_encoder": clip_key_map(keys, family)}, down)
+    maps = {"unet": unet_map, "vae": vae_map, **{t.component: text_encoder_key_map(keys, t) for t in family.text_encoders}}
+    return SingleFilePlan(family.name, maps, down)
 
 
 def _warn_unused(origin: str, keys: list[str]) -> None:
@@ -447,15 +522,13 @@ def _warn_unused(origin: str, keys: list[str]) -> None:
                       f"{key_groups(extra)}", stacklevel=5)
 
 
-def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, origin: str,
-                  prediction_type: str | None, original: OriginalConfig) -> dict[str, dict[str, Any]]:
-    """Every config a diffusers folder would hold, from the family's template and the tensor shapes."""
-    family, template = plan.family, read_json(TEMPLATES / f"{plan.family}.json")
-    text_map, vae_map = plan.key_maps["text_encoder"], plan.key_maps["vae"]
-    unet_shapes = {t: shapes[s] for t, (s, _) in plan.key_maps["unet"].items()}
-    names = {t: t for t in unet_shapes}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # diffusers' folder names
 
-    text = {**template["text_encoder"], **clip_config(mapped_shapes(shapes, text_map))}
+
+def _text_encoder_config(template: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], key_map: KeyMap,
+                         origin: str) -> dict[str, Any]:
+    mapped = mapped_shapes(shapes, key_map)
+    text = {**template, **clip_config(mapped)}
     hidden = text["hidden_size"]
     if hidden % 64:
         raise UnsupportedModelError(f"{origin}: the text encoder is {hidden} wide, not a multiple of CLIP's 64-channel "
@@ -466,24 +539,54 @@ def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, o
         raise UnsupportedModelError(f"{origin}: the text encoder has {text['vocab_size']} token embeddings, not CLIP's "
                                     f"{CLIP_VOCAB_SIZE}, so the bundled tokenizer does not fit; pass config= (a diffusers "
                                     "folder or hub id with its tokenizer)")
-    vae = {**template["vae"], **vae_config(mapped_shapes(shapes, vae_map))}
+    if "text_projection.weight" in mapped:
+        text["projection_dim"] = mapped["text_projection.weight"][0]
+    return text
+
+
+def _text_time(unet: dict[str, Any], unet_shapes: Mapping[str, tuple[int, ...]], pooled: int, origin: str) -> bool:
+    """SDXL's add_embedding input width -> the config entry; True when its ids are the refiner's five
+    (aesthetic score instead of the target size)."""
+    width = unet_shapes["add_embedding.linear_1.weight"][1]
+    unet["projection_class_embeddings_input_dim"] = width
+    per_id = unet["addition_time_embed_dim"]
+    ids, rest = divmod(width - pooled, per_id)
+    if rest or ids not in (5, 6):
+        raise UnsupportedModelError(f"{origin}: the UNet's add_embedding takes {width} inputs, which is not the "
+                                    f"{pooled}-wide pooled text plus 5 or 6 micro-conditioning ids of {per_id}; pass "
+                                    "config= for this model")
+    return ids == 5
+
+
+def infer_configs(shapes: Mapping[str, tuple[int, ...]], plan: SingleFilePlan, origin: str,
+                  prediction_type: str | None, original: OriginalConfig) -> dict[str, dict[str, Any]]:
+    """Every config a diffusers folder would hold, from the family's template and the tensor shapes."""
+    family, template = plan.family, read_json(TEMPLATES / f"{plan.family}.json")
+    unet_shapes = {t: shapes[s] for t, (s, _) in plan.key_maps["unet"].items()}
+    names = {t: t for t in unet_shapes}
+    texts = {t.component: _text_encoder_config(template[t.component], shapes, plan.key_maps[t.component], origin)
+             for t in plan.text_encoders}
+    width = sum(t["hidden_size"] for t in texts.values())
+    vae = {**template["vae"], **vae_config(mapped_shapes(shapes, plan.key_maps["vae"]))}
     if original.scale_factor is not None:
         vae["scaling_factor"] = original.scale_factor
     unet = {**template["unet"], **unet_config(unet_shapes, names, plan.unet_blocks, family, original)}
-    if unet.get("cross_attention_dim") != hidden:
+    if unet.get("cross_attention_dim") != width:
         raise UnsupportedModelError(f"{origin}: the UNet attends to {unet.get('cross_attention_dim')}-wide text states "
-                                    f"but the text encoder is {hidden} wide; pass config= for this model")
+                                    f"but the text encoder states are {width} wide; pass config= for this model")
+    index = dict(template["model_index"])
+    if "add_embedding.linear_1.weight" in unet_shapes and _text_time(
+            unet, unet_shapes, texts["text_encoder_2"]["projection_dim"], origin):
+        index["requires_aesthetics_score"] = True
     prediction = prediction_type or original.prediction_type or "epsilon"
     if family == "sd2" and prediction_type is None and original.prediction_type is None:
         warnings.warn(f"{origin} is an SD 2.x checkpoint without a .yaml beside it: assuming epsilon prediction "
                       "(2.x-base); 768-v models need prediction_type='v_prediction'", stacklevel=4)
-    image = 768 if family == "sd2" and prediction == "v_prediction" else 512
+    image = 768 if family == "sd2" and prediction == "v_prediction" else template.get("image_size", 512)
     unet["sample_size"] = image // 2 ** (len(vae["block_out_channels"]) - 1)
     vae["sample_size"] = image
-    index = dict(template["model_index"])
     if unet["in_channels"] == 9:
-        index["_class_name"] = "StableDiffusionInpaintPipeline"
-    return {"unet": unet, "vae": vae, "text_encoder": text, "model_index": index, "tokenizer": template["tokenizer"],
+        index["_class_name"] = template.get("inpainting_pipeline", "StableDiffusionInpaintPipeline")
+    tokenizers = {TOKENIZER_OF[name]: template[TOKENIZER_OF[name]] for name in texts}
+    return {"unet": unet, "vae": vae, **texts, "model_index": index, **tokenizers,
             "scheduler": {**template["scheduler"], "prediction_type": prediction}}
-
-

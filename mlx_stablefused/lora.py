@@ -393,10 +393,34 @@ def _kohya_names(component: str, paths: Iterable[str]) -> dict[str, str]:
     return names
 
 
+# The text-state width a UNet's cross-attention takes, per family (what a LoRA's attn2.to_k down matrix reads).
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+_CROSS_KEY = re.compile(r"attn2[._]to_[kv]$")
+
+
+def _refuse_other_family(entries: Sequence[_Entry], targets: Mapping[str, Mapping[str, TargetLayer]],
+                         origin: str, model: str) -> None:
+    """A LoRA trained for another family (SD 1.5 on SDXL, SDXL on SD 1.5) is refused naming why: its
+    cross-attention reads text states of another width."""
+    widths = {t.in_features for p, t in targets.get("unet", {}).items()
+              if _CROSS_KEY.search(p) and "motion_modules" not in p}
+    theirs = {e.parts["down"][1].shape[1] for e in entries if e.component == "unet" and _CROSS_KEY.search(e.name)
+              and "motion" not in e.name and "temporal" not in e.name}
+    if len(widths) == 1 and theirs and theirs != widths:
+        (ours,), found = widths, sorted(theirs)
+
+        def family(w: int) -> str:
+            return f"{w}-wide ({TEXT_WIDTHS[w]})" if w in TEXT_WIDTHS else f"{w}-wide"
+
+        raise LoRAError(f"{origin} is a LoRA for another model family: its UNet's cross-attention reads "
+                        f"{', '.join(map(family, found))} text states, {model}'s reads {family(ours)} ones")
+
+
 def resolve_adapter(entries: Sequence[_Entry], metadata: Mapping[str, str],
                     targets: Mapping[str, Mapping[str, TargetLayer]], name: str, origin: str,
                     model: str) -> LoRAAdapter:
     """Place every parsed layer on the model's layers; any key that fits none is an error naming it."""
+    _refuse_other_family(entries, targets, origin, model)
     kohya_names = {c: _kohya_names(c, layers) for c, layers in targets.items()}
     layers: dict[str, dict[str, LoRALayer]] = {}
     unmatched: list[str] = []

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import AutoencoderTinyConfig, CLIPTextConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import (AutoencoderTinyConfig, CLIPTextConfig, CLIPVisionConfig, ControlNetConfig, UNet3DConfig,
+                     UNetConfig, VAEConfig)
 from .weights import Rule
 
 
@@ -56,6 +57,10 @@ class Component:
     @property
     def folder(self) -> str:
         return self.name if self.subfolder is None else self.subfolder
+
+    def path(self, name: str) -> str:
+        """``name`` inside this component's folder, relative to the model root (as a hub repo lists it)."""
+        return name if self.folder == "." else f"{self.folder}/{name}"
 
     def kind_for(self, raw_config: Mapping[str, Any]) -> ModuleKind:
         architectures = raw_config.get("architectures")  # transformers configs name their class here
@@ -109,7 +114,7 @@ class ModelDescription:
         """What to download besides the weight files: configs, tokenizers, scheduler, model index."""
         tokenizer_globs = [f"{t}/{g}" for t in dict.fromkeys(self.tokenizers.values()) for g in self.tokenizer_files]
         return [*self.support_files, *tokenizer_globs,
-                *(f"{c.folder}/config.json" for c in self.components)]
+                *(c.path("config.json") for c in self.components)]
 
     def adding(self, *components: Component) -> "ModelDescription":
         """This description with more components (e.g. an SDXL second text encoder)."""
@@ -180,4 +185,21 @@ def description_for(model_index: Mapping[str, Any]) -> ModelDescription:
 AUTOENCODER_TINY = ModuleKind("AutoencoderTiny", AutoencoderTinyConfig.from_dict)
 TINY_AUTOENCODER = ModelDescription("Tiny autoencoder (TAESD)", (
     Component("tiny_vae", "preview_vae", (AUTOENCODER_TINY,), DIFFUSERS_STEMS, subfolder="."),
+), support_files=())
+
+# An IP-Adapter's image encoder (transformers' CLIPVisionModelWithProjection), a model of its own: the
+# ``image_encoder`` folder beside the adapter's weight file, config.json and weights at its root.
+CLIP_VISION_MODEL_WITH_PROJECTION = ModuleKind("CLIPVisionModelWithProjection", CLIPVisionConfig.from_dict, rules=(
+    Rule(r"(vision_model\.)?embeddings\.position_ids", None),
+    Rule(r"((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..*)", r"vision_model.\1"),  # unprefixed saves
+))
+IMAGE_ENCODER = ModelDescription("IP-Adapter image encoder (CLIP vision)", (
+    Component("image_encoder", "image_encoder", (CLIP_VISION_MODEL_WITH_PROJECTION,), TRANSFORMERS_STEMS,
+              subfolder="."),
+), support_files=())
+
+# A ControlNet (diffusers' ControlNetModel), a model of its own: config.json and weights at the folder's root.
+CONTROLNET_MODEL = ModuleKind("ControlNetModel", ControlNetConfig.from_dict)
+CONTROLNET = ModelDescription("ControlNet", (
+    Component("controlnet", "controlnet", (CONTROLNET_MODEL,), DIFFUSERS_STEMS, subfolder="."),
 ), support_files=())

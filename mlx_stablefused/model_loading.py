@@ -353,11 +353,17 @@ def load_model(source: ModelSource, networks: Networks, dtype: str = "float32", 
 
 
 def load_network(root: str | Path, name: str, networks: Networks, *, variant: str | None = None,
-                 dtype: str = "float32", description: ModelDescription = STABLE_DIFFUSION) -> Any:
-    """One component of a diffusers folder as a module with strict weights (``root`` may hold only it)."""
-    p = parse_component(Path(root), description.component(name))
+                 dtype: str = "float32", description: ModelDescription = STABLE_DIFFUSION,
+                 files: ComponentFiles | None = None) -> Any:
+    """One component of a diffusers folder as a module with strict weights (``root`` may hold only it);
+    ``files``: its config and weights stored elsewhere (a single file through its key map)."""
+    p = parse_component(Path(root), description.component(name), None if files is None else files.config)
     module = networks.build(p.kind, p.config)
-    state = read_diffusers_state(networks, weight_files(Path(root), p.component, variant), p.kind)
+    if files is None:
+        state = read_diffusers_state(networks, weight_files(Path(root), p.component, variant), p.kind)
+        label = str(Path(root) / p.component.folder)
+    else:
+        state, label = read_component_files(networks, files, p.kind), ", ".join(map(str, files.files))
     weights = native_weights(networks, networks.parameter_shapes(module), [(state, DIFFUSERS_LAYOUT)],
-                             str(Path(root) / p.component.folder), p.kind.class_name)
+                             label, p.kind.class_name)
     return networks.assign(module, weights, dtype)

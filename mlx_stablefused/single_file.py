@@ -22,9 +22,9 @@ from . import __version__
 from .checkpoint_io import atomic_directory, write_json
 from .config import read_json
 from .errors import ModelSourceError
-from .ldm_checkpoint import (CLIP_VOCABULARY, YAML_SUFFIXES, OriginalConfig, SingleFilePlan, checkpoint_shapes,
-                             mapped_shapes, plan_checkpoint, vae_config, vae_names)
-from .model_description import STABLE_DIFFUSION, ModelDescription
+from .ldm_checkpoint import (CLIP_VOCABULARY, TEMPLATES, TOKENIZER_OF, YAML_SUFFIXES, OriginalConfig, SingleFilePlan,
+                             checkpoint_shapes, mapped_shapes, plan_checkpoint, vae_config, vae_names)
+from .model_description import STABLE_DIFFUSION, ModelDescription, description_for
 from .sources import (ComponentFiles, ModelSource, cache_root, classify_folder, download_configs, download_file,
                       is_hub_file, resolve_model, select_weight_file)
 
@@ -39,18 +39,19 @@ def file_identity(path: Path) -> dict[str, Any]:
 
 
 def write_config_folder(target: Path, plan: SingleFilePlan) -> None:
-    """A diffusers folder without weights: model index, component configs, scheduler, tokenizer."""
+    """A diffusers folder without weights: model index, component configs, scheduler, tokenizer(s)."""
     with atomic_directory(target, overwrite=True) as tmp:
         write_json(tmp / "model_index.json", plan.configs["model_index"])
         write_json(tmp / "scheduler" / "scheduler_config.json", plan.configs["scheduler"])
-        for name in ("unet", "vae", "text_encoder"):
+        for name in plan.key_maps:  # unet, vae, the text encoder(s)
             write_json(tmp / name / "config.json", plan.configs[name])
-        tokenizer = tmp / "tokenizer"
-        tokenizer.mkdir()
-        for name in ("vocab.json", "merges.txt"):
-            with gzip.open(CLIP_VOCABULARY / f"{name}.gz", "rb") as src:
-                (tokenizer / name).write_bytes(src.read())
-        write_json(tokenizer / "tokenizer_config.json", plan.configs["tokenizer"])
+        for folder in (TOKENIZER_OF[t.component] for t in plan.text_encoders):
+            tokenizer = tmp / folder
+            tokenizer.mkdir()
+            for name in ("vocab.json", "merges.txt"):
+                with gzip.open(CLIP_VOCABULARY / f"{name}.gz", "rb") as src:
+                    (tokenizer / name).write_bytes(src.read())
+            write_json(tokenizer / "tokenizer_config.json", plan.configs[folder])
 
 
 def _generated_folder(kind: str, identity: Any, write: Any) -> Path:
@@ -108,9 +109,10 @@ def resolve_model_or_file(model_id: str | Path, *, config: str | Path | None = N
 def resolve_single_file(spec: str | Path, *, config: str | Path | None = None, use_ema: bool = False,
                         prediction_type: str | None = None, revision: str | None = None,
                         local_files_only: bool = False,
-                        description: ModelDescription = STABLE_DIFFUSION) -> ModelSource:
+                        description: ModelDescription | None = None) -> ModelSource:
     """A single-file checkpoint as a ModelSource: configs in a small generated folder (or ``config``'s),
-    each component's weights read from the file through its key map."""
+    each component's weights read from the file through its key map. The file's keys say what it is
+    (SD 1.x / 2.x, SDXL base, SDXL refiner), so ``description`` is not needed (kept for callers)."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if not isinstance(use_ema, bool):
@@ -120,18 +122,27 @@ def resolve_single_file(spec: str | Path, *, config: str | Path | None = None, u
     original = _sidecar(spec, path, revision, local_files_only)
     plan = plan_checkpoint(shapes, str(spec), use_ema=use_ema, prediction_type=prediction_type, original=original,
                            infer=config is None)
+    family = family_description(plan)
     if config is not None:
-        root = _config_root(config, revision, local_files_only, description)
+        root = _config_root(config, revision, local_files_only, family)
     else:
         root = _generated_folder("model", {"file": file_identity(path), "configs": plan.configs,
                                            "version": __version__}, lambda t: write_config_folder(t, plan))
+    index = root / "model_index.json"
+    described = description_for(read_json(index)) if index.is_file() else STABLE_DIFFUSION
+    if set(described.names) != set(family.names):
+        raise ModelSourceError(f"config={str(config)!r} describes {described.name} ({', '.join(described.names)}) but "
+                               f"{spec} is {family.name} ({', '.join(family.names)}), as its keys say")
     overrides = {}
-    for c in description.components:
-        if c.name not in plan.key_maps:
-            raise ModelSourceError(f"single-file checkpoints hold no {c.name!r} component")
+    for c in family.components:
         overrides[c.name] = ComponentFiles(root / c.folder / "config.json", (path,), plan.key_maps[c.name],
                                            _fingerprint({"key_map": plan.key_maps[c.name], "use_ema": use_ema}))
     return ModelSource(root, "single_file", str(spec), overrides)
+
+
+def family_description(plan: SingleFilePlan) -> ModelDescription:
+    """The components a checkpoint family has, as its template's model index names them."""
+    return description_for(read_json(TEMPLATES / f"{plan.family}.json")["model_index"])
 
 
 def _config_root(config: str | Path, revision: str | None, local_files_only: bool,

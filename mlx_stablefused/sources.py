@@ -58,7 +58,7 @@ def select_weight_file(available: Iterable[str], component: Component, variant: 
     """Pick the best weight file (path relative to the model root) among ``available`` names."""
     available = set(available)
     for name in component.weight_candidates(variant):
-        rel = f"{component.folder}/{name}"
+        rel = component.path(name)
         if rel in available:
             if variant and f".{variant}." not in name:
                 warnings.warn(f"{component.name} has no {variant!r} variant; using {name}", stacklevel=3)
@@ -212,7 +212,7 @@ def local_weight_file(root: Path, component: Component, variant: str | None) -> 
     folder = root / component.folder
     if not folder.is_dir():
         raise ModelSourceError(f"{root} has no {component.folder}/ folder")
-    names = [f"{component.folder}/{p.name}" for p in folder.iterdir()]
+    names = [component.path(p.name) for p in folder.iterdir()]
     rel = select_weight_file(names, component, variant)
     if rel is None:
         wanted = ", ".join(component.weight_candidates(variant))

@@ -12,6 +12,10 @@
 Pickles are read with the weights-only reader (nothing in the file is executed). An embedding of
 n vectors becomes tokens ``tok``, ``tok_1`` ... ``tok_{n-1}`` and ``tok`` in a prompt stands for all
 of them, as in diffusers. Everything is checked before anything is added: a load adds all or nothing.
+
+SDXL (AUTOMATIC1111 / civitai SDXL embeddings): one file holds ``clip_l`` (n, 768) and ``clip_g`` (n, 1280),
+one tensor per text encoder; the same tokens go into both tokenizers and each encoder gets its own vectors,
+as diffusers' documented recipe does with two ``load_textual_inversion`` calls (a refiner takes ``clip_g``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .checkpoint_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_pickle_obje
 from .errors import ModelSourceError, WeightLoadError
 
 DIFFUSERS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")  # diffusers' TEXT_INVERSION_NAME(_SAFE)
+SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # text encoder -> its tensor in an SDXL embedding
 
 Source = Any  # a path, a hub repo id, a {token: vector} mapping, or an array
 
@@ -129,14 +134,40 @@ def locate(source: str | Path, weight_name: str | None = None, subfolder: str | 
                            "pass weight_name= for another file name, or a local path")
 
 
-def load_embedding(source: Source, token: str | None, **locate_options: Any) -> Embedding:
-    """One source -> its ``Embedding`` (the file read, its format recognised, its token chosen)."""
+def read_source(source: Source, **locate_options: Any) -> tuple[Any, str, str | None]:
+    """A source's contents, where it came from, and its default token (a file's name)."""
     if isinstance(source, Mapping) or _is_array(source):
-        return embedding_from_state(source, token, origin="the embedding passed")
+        return source, "the embedding passed", None
     if not isinstance(source, (str, Path)):
         raise TypeError(f"a textual-inversion source is a path, hub repo id, dict or tensor, got {type(source).__name__}")
     path = locate(source, **locate_options)
-    return embedding_from_state(read_embedding_file(path), token, origin=str(path), default_name=path.stem)
+    return read_embedding_file(path), str(path), path.stem
+
+
+def load_embedding(source: Source, token: str | None, **locate_options: Any) -> Embedding:
+    """One source -> its ``Embedding`` (the file read, its format recognised, its token chosen)."""
+    state, origin, default_name = read_source(source, **locate_options)
+    return embedding_from_state(state, token, origin=origin, default_name=default_name)
+
+
+def sdxl_embeddings(source: Source, token: str | None, encoders: Sequence[str],
+                    **locate_options: Any) -> dict[str, Embedding]:
+    """One SDXL embedding -> {text encoder: its Embedding}, the same token and vector count for each."""
+    state, origin, default_name = read_source(source, **locate_options)
+    wanted = {name: SDXL_KEYS[name] for name in encoders}
+    if not isinstance(state, Mapping) or not set(wanted.values()) <= set(state):
+        found = sorted(map(str, state))[:8] if isinstance(state, Mapping) else f"a {type(state).__name__}"
+        raise WeightLoadError(f"{origin} is not an SDXL embedding: SDXL models need "
+                              f"{' and '.join(repr(k) for k in wanted.values())} vectors (one tensor per text encoder, "
+                              f"as AUTOMATIC1111 / civitai SDXL embeddings hold them); found {found} (an embedding "
+                              "for a one-encoder SD 1.x/2.x model?)")
+    out = {name: embedding_from_state(state[key], token or default_name, f"{origin} [{key}]")
+           for name, key in wanted.items()}
+    counts = {SDXL_KEYS[name]: len(e.vectors) for name, e in out.items()}
+    if len(set(counts.values())) > 1:
+        raise WeightLoadError(f"{origin}: the encoders' vector counts differ ({counts}); each token needs one "
+                              "vector per text encoder")
+    return out
 
 
 def expand_vectors(embeddings: Sequence[Embedding]) -> tuple[list[str], np.ndarray]:
@@ -164,8 +195,10 @@ def check_embeddings(embeddings: Sequence[Embedding], tokenizer: Any, width: int
 
 
 def load_textual_inversion(tokenizer: Any, backend: Any, pretrained_model_name_or_path: Source | list,
-                           token: str | list | None = None, **locate_options: Any) -> list[str]:
-    """Load embeddings into ``tokenizer`` and ``backend``'s text encoder; returns the tokens added."""
+                           token: str | list | None = None, tokenizers: Mapping[str, Any] | None = None,
+                           **locate_options: Any) -> list[str]:
+    """Load embeddings into ``tokenizer`` and ``backend``'s text encoder; returns the tokens added.
+    ``tokenizers`` (text encoder -> its tokenizer): an SDXL model's, whose embeddings hold one tensor per encoder."""
     sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
         else [pretrained_model_name_or_path]
     tokens = token if isinstance(token, list) else [token]
@@ -176,6 +209,8 @@ def load_textual_inversion(tokenizer: Any, backend: Any, pretrained_model_name_o
     if len(sources) != len(tokens):
         raise ValueError(f"You have passed a list of models of length {len(sources)}, and list of tokens of length "
                          f"{len(tokens)} Make sure both lists have the same length.")
+    if tokenizers is not None and "text_encoder_2" in tokenizers:
+        return _load_per_encoder(backend, tokenizers, sources, tokens, locate_options)
     embeddings = [load_embedding(s, t, **locate_options) for s, t in zip(sources, tokens)]
     check_embeddings(embeddings, tokenizer, backend.token_embedding_width)
     names, vectors = expand_vectors(embeddings)
@@ -185,5 +220,29 @@ def load_textual_inversion(tokenizer: Any, backend: Any, pretrained_model_name_o
         tokenizer.add_tokens(names)
     except Exception:
         backend.set_token_embeddings_from(first, vectors[:0])
+        raise
+    return names
+
+
+def _load_per_encoder(backend: Any, tokenizers: Mapping[str, Any], sources: list, tokens: list,
+                      locate_options: Mapping[str, Any]) -> list[str]:
+    """SDXL: every embedding's vectors into each text encoder and its tokenizer, all checked before any is added;
+    a failure while adding takes back what was added."""
+    per_source = [sdxl_embeddings(s, t, list(tokenizers), **locate_options) for s, t in zip(sources, tokens)]
+    by_encoder = {name: [e[name] for e in per_source] for name in tokenizers}
+    for name, embeddings in by_encoder.items():
+        check_embeddings(embeddings, tokenizers[name], backend.token_embedding_width_of(name))
+    done: list[tuple[str, int]] = []
+    try:
+        for name, embeddings in by_encoder.items():
+            names, vectors = expand_vectors(embeddings)
+            first = len(tokenizers[name])
+            backend.set_token_embeddings_from(first, vectors, name)
+            done.append((name, first))
+            tokenizers[name].add_tokens(names)
+    except Exception:
+        for name, first in done:
+            backend.set_token_embeddings_from(first, np.zeros((0, backend.token_embedding_width_of(name)), np.float32),
+                                              name)
         raise
     return names

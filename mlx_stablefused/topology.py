@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from .config import AutoencoderTinyConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
+from .config import AutoencoderTinyConfig, ControlNetConfig, MotionConfig, UNet3DConfig, UNetConfig, VAEConfig
 from .errors import UnsupportedModelError
 
 VAE_EPS = 1e-6  # diffusers' AutoencoderKL norms, fixed whatever the config says
@@ -416,3 +416,87 @@ def tiny_autoencoder_plan(config: AutoencoderTinyConfig) -> TinyAutoencoderPlan:
             decoder.append(TinyLayer("upsample", scale=config.upsampling_scaling_factor))
         decoder.append(TinyLayer("conv", width, config.out_channels if i == last else width, bias=i == last))
     return TinyAutoencoderPlan(tuple(encoder), tuple(decoder))
+
+
+@dataclass(frozen=True)
+class ConditioningEmbeddingPlan:
+    """ControlNetConditioningEmbedding: ``conv_in`` (image channels -> widths[0]), then per step a 3x3 conv at
+    the same width and a stride-2 3x3 conv to the next width (SiLU after each), ``conv_out`` to the UNet width."""
+
+    in_channels: int
+    widths: tuple[int, ...]
+    out_channels: int
+
+    @property
+    def blocks(self) -> tuple[tuple[int, int, int], ...]:
+        """(in, out, stride) of each entry of diffusers' ``blocks`` list, in order."""
+        out = []
+        for a, b in zip(self.widths, self.widths[1:]):
+            out += [(a, a, 1), (a, b, 2)]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ControlNetPlan:
+    """A ControlNetModel: the UNet encoder's plan (``encoder``; its up blocks are not built), the conditioning
+    embedding, and one zero conv per skip state (``skip_channels``) plus one on the mid block."""
+
+    encoder: UNetPlan
+    embedding: ConditioningEmbeddingPlan
+    global_pool: bool
+    bgr: bool
+
+    @property
+    def skip_channels(self) -> tuple[int, ...]:
+        return self.encoder.skip_channels
+
+    @property
+    def mid_channels(self) -> int:
+        return self.encoder.mid_block.channels
+
+    def residual_scales(self, scale: float, guess_mode: bool) -> list[float]:
+        """The factor on each residual (the mid block's last): ``scale``, or in guess mode (unless the
+        ControlNet pools its outputs) diffusers' ``logspace(-1, 0)`` ramp times ``scale``."""
+        n = len(self.skip_channels) + 1
+        if not guess_mode or self.global_pool:
+            return [float(scale)] * n
+        return [float(scale) * 10.0 ** (-1.0 + i / (n - 1)) for i in range(n)]
+
+    def check_fits(self, unet: UNetPlan, cross_attention_dim: int, unet_cross_attention_dim: int,
+                   latent_channels: int, vae_factor: int, factor: int, name: str) -> None:
+        """Refuse a ControlNet made for another base model, before any work, naming what differs."""
+        if cross_attention_dim != unet_cross_attention_dim:
+            raise UnsupportedModelError(
+                f"ControlNet {name} attends to {cross_attention_dim}-wide text states but this model's UNet to "
+                f"{unet_cross_attention_dim} (cross_attention_dim): it was made for another base model "
+                "(SD 1.x: 768, SD 2.x: 1024, SDXL: 2048)")
+        if list(self.skip_channels) != list(unet.skip_channels) or unet.mid_block is None \
+                or self.mid_channels != unet.mid_block.channels:
+            raise UnsupportedModelError(
+                f"ControlNet {name} gives residuals of channels {list(self.skip_channels)} (mid {self.mid_channels}) "
+                f"but this model's UNet takes {list(unet.skip_channels)} (mid "
+                f"{None if unet.mid_block is None else unet.mid_block.channels}): it was made for another base model")
+        if self.encoder.in_channels != latent_channels:
+            raise UnsupportedModelError(f"ControlNet {name} takes {self.encoder.in_channels}-channel latents (in_channels) "
+                                        f"but this model's VAE makes {latent_channels}")
+        mine, theirs = self.encoder.text_time, unet.text_time
+        if (mine is None) != (theirs is None) or (mine is not None and (mine.in_dim, mine.time_proj_dim)
+                                                  != (theirs.in_dim, theirs.time_proj_dim)):
+            raise UnsupportedModelError(
+                f"ControlNet {name} has addition_embed_type={'text_time' if mine else None!r} "
+                f"({mine.in_dim if mine else 0} features) but this model's UNet "
+                f"{'text_time' if theirs else None!r} ({theirs.in_dim if theirs else 0}): an SDXL ControlNet "
+                "needs an SDXL model and an SD 1.x / 2.x one an SD 1.x / 2.x model")
+        if factor != vae_factor:
+            raise UnsupportedModelError(f"ControlNet {name} embeds control images at 1/{factor} scale "
+                                        f"(conditioning_embedding_out_channels) but this model's latents are 1/{vae_factor}")
+
+
+def controlnet_plan(config: ControlNetConfig) -> ControlNetPlan:
+    """The plan of diffusers' ControlNetModel, from the UNet plan of its encoder."""
+    encoder = unet_plan(config.encoder)
+    if encoder.mid_block is None:
+        raise UnsupportedModelError("ControlNet config: a ControlNet needs its mid block (mid_block_type)")
+    embedding = ConditioningEmbeddingPlan(config.conditioning_channels, tuple(config.conditioning_embedding_out_channels),
+                                          encoder.base_channels)
+    return ControlNetPlan(encoder, embedding, config.global_pool_conditions, config.channel_order == "bgr")

@@ -95,7 +95,8 @@ def check_shapes(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, .
 # ------------------------------------------------------------------------- tensors taken from other files
 # A key map names, for each parameter, the tensor of a foreign checkpoint it is made of and how:
 # ``{our_name: (their_key, op)}`` with op ``()`` (as is), ``("matrix",)`` (a 1x1 convolution kernel held
-# as a Linear weight) or ``("rows", i, n)`` (the i-th of n equal row blocks: a fused q/k/v projection).
+# as a Linear weight), ``("rows", i, n)`` (the i-th of n equal row blocks: a fused q/k/v projection) or
+# ``("transpose",)`` (a matrix stored as x @ W, OpenCLIP's text_projection, held as a Linear's W.T).
 KeyMap = Mapping[str, tuple[str, tuple]]
 
 
@@ -107,11 +108,13 @@ def transformed_shape(shape: tuple[int, ...], op: tuple) -> tuple[int, ...]:
         return tuple(shape[:2])
     if op[0] == "rows":
         return (shape[0] // op[2], *shape[1:])
+    if op[0] == "transpose":
+        return tuple(shape[::-1])
     raise ValueError(f"unknown tensor op {op!r}")
 
 
 def transform(value: Any, op: tuple) -> Any:
-    """``op`` applied to a framework array (MLX or torch: only slicing and reshape are used)."""
+    """``op`` applied to a framework array (MLX or torch: only slicing, reshape and ``.T`` are used)."""
     if not op:
         return value
     if op[0] == "matrix":
@@ -119,6 +122,8 @@ def transform(value: Any, op: tuple) -> Any:
     if op[0] == "rows":
         size = value.shape[0] // op[2]
         return value[op[1] * size:(op[1] + 1) * size]
+    if op[0] == "transpose":
+        return value.T
     raise ValueError(f"unknown tensor op {op!r}")
 
 

@@ -30,7 +30,8 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
     up_layers = [x + 1 for x in reversed(layers)]
     up_start = [sum(up_layers[:u]) for u in range(n)]
     fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL text_time
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -89,21 +90,25 @@ def vae_to_ldm(state: dict, config: dict, prefix: str = "first_stage_model.") ->
     return out
 
 
-def clip_to_ldm(state: dict) -> dict:
-    """transformers CLIPTextModel keys -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x), with the
-    ``position_ids`` buffer real files carry."""
-    out = {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+def clip_to_ldm(state: dict, prefix: str = "cond_stage_model.transformer.") -> dict:
+    """transformers CLIPTextModel keys -> ``cond_stage_model.transformer.text_model.*`` (SD 1.x; SDXL's CLIP-L:
+    ``conditioner.embedders.0.transformer.``), with the ``position_ids`` buffer real files carry."""
+    out = {prefix + (k if k.startswith("text_model.") else "text_model." + k): v
            for k, v in state.items() if not k.endswith("position_ids")}
     positions = next(v for k, v in state.items() if k.endswith("position_embedding.weight")).shape[0]
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     return out
 
 
-def clip_to_open_clip(state: dict, seed: int = 5) -> dict:
-    """transformers CLIPTextModel keys -> OpenCLIP's ``cond_stage_model.model.*`` (fused in_proj, resblocks),
-    plus what SD 2 files hold and do not use: one more (last) resblock, text_projection, logit_scale."""
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    p = "cond_stage_model.model."
+def clip_to_open_clip(state: dict, seed: int = 5, prefix: str = "cond_stage_model.model.") -> dict:
+    """transformers CLIPTextModel keys -> OpenCLIP's ``cond_stage_model.model.*`` (fused in_proj, resblocks).
+    SD 2 (a state without ``text_projection.weight``): plus what its files hold and do not use, one more (last)
+    resblock, a text_projection, logit_scale. SDXL (CLIPTextModelWithProjection's state, prefix
+    ``conditioner.embedders.N.model.``): every layer, ``text_projection`` as OpenCLIP's (width, projection)."""
+    projection = state.get("text_projection.weight")
+    state = {k.removeprefix("text_model."): v for k, v in state.items()
+             if not k.endswith("position_ids") and k != "text_projection.weight"}
+    p = prefix
     out = {p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
            p + "positional_embedding": state["embeddings.position_embedding.weight"],
            p + "ln_final.weight": state["final_layer_norm.weight"], p + "ln_final.bias": state["final_layer_norm.bias"]}
@@ -117,6 +122,10 @@ def clip_to_open_clip(state: dict, seed: int = 5) -> dict:
                 out[f"{dst}{theirs}.{t}"] = state[f"{src}{ours}.{t}"]
         for t in ("weight", "bias"):
             out[f"{dst}attn.in_proj_{t}"] = torch.cat([state[f"{src}self_attn.{q}_proj.{t}"] for q in "qkv"])
+    if projection is not None:
+        out[p + "text_projection"] = projection.T.contiguous()
+        out[p + "logit_scale"] = torch.tensor(4.6)
+        return out
     g = torch.Generator().manual_seed(seed)
     last = f"{p}transformer.resblocks.{len(layers)}."
     for k in [k for k in out if k.startswith(f"{p}transformer.resblocks.0.")]:
@@ -148,6 +157,20 @@ def ldm_state(pipe: Any, open_clip: bool = False) -> dict:
     state.update(clip_to_open_clip(text) if open_clip else clip_to_ldm(text))
     state["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)  # a scheduler buffer, as real files have
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def sdxl_state(pipe: Any, clone: bool = True) -> dict:
+    """A diffusers SDXL pipeline (base, or a refiner without ``text_encoder``) as one Stability checkpoint:
+    ``conditioner.embedders.0.transformer.*`` (CLIP-L) and ``.1.model.*`` (OpenCLIP bigG), or the refiner's
+    ``embedders.0.model.*``."""
+    state = unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config))
+    state.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
+    second = "conditioner.embedders.1.model." if pipe.text_encoder is not None else "conditioner.embedders.0.model."
+    if pipe.text_encoder is not None:
+        state.update(clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+    state.update(clip_to_open_clip(pipe.text_encoder_2.state_dict(), prefix=second))
+    state["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()} if clone else state
 
 
 def save_single_file(state: dict, path: Path, dtype: torch.dtype | None = None) -> Path:

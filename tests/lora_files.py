@@ -112,19 +112,21 @@ def ldm_path(path: str, layers_per_block: int = 2) -> str:
     return f"{'input_blocks' if side == 'down' else 'output_blocks'}.{index}.{inner}"
 
 
-def to_kohya(peft_file: Path, alpha: float, target: Path, ldm: bool = False) -> Path:
+def to_kohya(peft_file: Path, alpha: float, target: Path, ldm: bool = False, sdxl: bool = False,
+             layers_per_block: int = 2) -> Path:
     """The same matrices in kohya-ss sd-scripts' naming: module paths of the diffusers UNet (or, ``ldm``, of
-    the original LDM UNet) and of the CLIP text model (``text_model.`` included, as kohya writes it),
-    ``_``-joined, with an ``.alpha``."""
+    the original LDM UNet, as kohya names SDXL's) and of the CLIP text model (``text_model.`` included, as kohya
+    writes it), ``_``-joined, with an ``.alpha``; ``sdxl``: the encoders as ``lora_te1_`` / ``lora_te2_``."""
     from safetensors.torch import save_file
 
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
     out = {}
     for component, module, down, up in _peft_layers(peft_file):
-        if component == "text_encoder" and not module.startswith("text_model."):
+        if component.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 dropped the prefix from CLIPTextModel
         if component == "unet" and ldm:
-            module = ldm_path(module)
+            module = ldm_path(module, layers_per_block)
         name = prefixes[component] + module.replace(".", "_")
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
         out[f"{name}.alpha"] = torch.tensor(alpha)

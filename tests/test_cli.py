@@ -159,3 +159,24 @@ def test_subcommand_errors_exit_1(tmp_path, capsys, argv, message):
     assert main([*argv, "--output", str(output), *FAST]) == 1
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_ip_adapter_flags(tmp_path, capsys):
+    """--ip-adapter (the demo adapter) with an image prompt: scale 0 gives the plain image (tested in
+    test_ip_adapter.py), scale 1 another; a lone flag or a missing image is refused before a model loads."""
+    img = _image_file(tmp_path / "prompt.png", (40, 56))
+    zero, steered = tmp_path / "zero.png", tmp_path / "steered.png"
+    adapter = ["--ip-adapter", "demo:ip-adapter", "--ip-adapter-image", img]
+    assert main(["txt2img", "--prompt", "a boat", "--output", str(zero), *FAST, *adapter,
+                 "--ip-adapter-scale", "0"]) == 0
+    assert main(["txt2img", "--prompt", "a boat", "--output", str(steered), *FAST, *adapter]) == 0
+    zero, steered = (np.asarray(Image.open(p), dtype=np.int16) for p in (zero, steered))
+    assert np.abs(steered - zero).max() > 10
+    for argv, message in ((["--ip-adapter", "demo:ip-adapter"], "--ip-adapter: needs --ip-adapter-image"),
+                          (["--ip-adapter-image", img], "--ip-adapter-image: needs --ip-adapter"),
+                          (["--ip-adapter", "demo:ip-adapter", "--ip-adapter-image", "/no/such.png"],
+                           "--ip-adapter-image: No such file")):
+        capsys.readouterr()
+        assert main(["txt2img", "--prompt", "x", "--output", str(tmp_path / "x.png"), *FAST, *argv]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -26,13 +26,21 @@ CASES = {
                                                              "latent_walk_story.mp4": 7}),
     "text_to_video.py": (["--frames", "5"], {"text_to_video.gif": 5, "text_to_video.mp4": 5,
                                              "text_to_video_batch_1.mp4": 5}),
+    "controlnet.py": ([], {"controlnet_input.png": None, "controlnet_canny.png": None, "controlnet.png": (4 * 64, 64),
+                       "controlnet_img2img.png": None}),
+    "ip_adapter.py": (["--scales", "0", "1"], {"ip_adapter_reference.png": None, "ip_adapter_scales.png": (2 * 64, 64)}),
     "guidance_scale.py": (["--step-counts", "1", "2", "--scales", "-1.5", "0", "7.5"],  # grids: scales x rows
                           {"guidance_scale_prompts.png": (3 * 64, 2 * 64), "guidance_scale_steps.png": (3 * 64, 2 * 64)}),
 }
 # expected: file name -> None (an image), a frame count (gif, video), or an image size (w, h)
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
+# the CLI tests run the demo IP-Adapter and ControlNet in-process; the scripts themselves under -m slow
+SLOW_CASES = {"ip_adapter.py", "controlnet.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_CASES else s
+                                    for s in sorted(CASES)])
 def test_example_runs_on_the_demo_model(script, tmp_path):
     extra, expected = CASES[script]
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *FAST, *extra, "--output-dir", str(tmp_path)],

@@ -239,6 +239,7 @@ def test_hub_id_offline_says_how_to_pass_a_path(monkeypatch):
         raise ConnectionError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)  # model_index.json: no real request, no retries
     monkeypatch.setattr("mlx_stablefused.hub_access.offline_reason", lambda *a, **k: None)  # the probe says online
     with pytest.raises(ModelSourceError, match="pass its folder"):
         TextToImageDiffusion("someone/not-cached-model-xyz", progress=False)

@@ -388,9 +388,10 @@ def test_lora_tags_in_prompts_load_and_weight_real_lora_files(sd1, pipelines, lo
         pipe.unload_lora_weights()
 
 
-def test_sdxl_lora_on_the_unet_and_both_text_encoders(sdxl, tmp_path):
+def test_sdxl_lora_on_the_unet_and_both_text_encoders(sdxl, lora_files, tmp_path):
     """A PEFT LoRA on the SDXL UNet and both text encoders, saved with StableDiffusionXLPipeline's
-    save_lora_weights, gives diffusers' image (MLX)."""
+    save_lora_weights, and the same in kohya's SDXL naming, give diffusers' images (MLX); the tiny SD 1
+    model's LoRA is refused naming the text-state widths."""
     import diffusers
     from lora_files import _randomize_lora
     from peft import LoraConfig, inject_adapter_in_model
@@ -417,9 +418,29 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(sdxl, tmp_path):
         ref.load_lora_weights(str(tmp_path), adapter_name="x")
     with torch.no_grad():
         want = ref(latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np", **RUN).images
+    # The same matrices as kohya names SDXL's (LDM UNet blocks, lora_te1_ / lora_te2_): diffusers reads them
+    # as the PEFT file first, then ours must give diffusers' image of the kohya file.
+    kohya = to_kohya(tmp_path / "pytorch_lora_weights.safetensors", 8.0, tmp_path / "kohya_sdxl.safetensors",
+                     ldm=True, sdxl=True, layers_per_block=session.unet.config.layers_per_block)
+    with peft_for_transformers():
+        ref.delete_adapters("x")
+        ref.load_lora_weights(str(kohya), adapter_name="k")
+    with torch.no_grad():
+        want_kohya = ref(latents=torch.from_numpy(latents()), height=SIZE, width=SIZE, output_type="np", **RUN).images
+    assert max_abs_error(want_kohya, want) < 1e-5
     pipe = with_sampler(TextToImageDiffusion(root, backend="mlx", progress=False))
     plain = pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", **RUN)
     pipe.load_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", adapter_name="x")
     got = pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", **RUN)
     assert report("SDXL LoRA (UNet + both encoders) vs diffusers (max abs)", max_abs_error(got, want)) < TOL
     assert max_abs_error(got, plain) > 0.05
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(kohya, adapter_name="k")
+    got = pipe(latent=latents(), image_height=SIZE, image_width=SIZE, output_type="np", **RUN)
+    assert report("SDXL kohya LoRA (LDM blocks, lora_te1_/lora_te2_) vs diffusers (max abs)",
+                  max_abs_error(got, want_kohya)) < TOL
+    pipe.unload_lora_weights()
+    with pytest.raises(LoRAError, match=r"a_kohya.* LoRA for another model family: its UNet's cross-attention reads "
+                                        r"32-wide text states, .*'s reads 80-wide ones"):
+        pipe.load_lora_weights(lora_files["a_kohya"])  # the tiny SD 1 model's LoRA
+    assert pipe.get_list_adapters() == {}

@@ -30,6 +30,7 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+from helpers import report  # noqa: E402
 from mlx_stablefused.demo import DEMO_MODEL_ID  # noqa: E402
 from mlx_stablefused.server import Limits, ServerSettings, create_app  # noqa: E402
 from mlx_stablefused.server.engine import Engine, fill_masked  # noqa: E402
@@ -106,8 +107,8 @@ def direct(engine: Engine, mode: str, sampler: str = "euler_ancestral", override
     def run(e: Engine) -> Image.Image:
         pipe = e.pipes[mode]
         pipe.set_scheduler(sampler, **(overrides or {}))
-        return pipe(image_height=SIZE, image_width=SIZE, num_inference_steps=STEPS, guidance_scale=1.0,
-                    **kwargs)[0]
+        sizes = {} if isinstance(kwargs.get("image"), np.ndarray) else dict(image_height=SIZE, image_width=SIZE)
+        return pipe(**{**sizes, "num_inference_steps": STEPS, "guidance_scale": 1.0, **kwargs})[0]
     out = pixels(engine.call(run))
     if key is not None:
         _REFERENCES[key] = out
@@ -292,12 +293,41 @@ def test_queue_limit_gives_503_with_retry_after(servers):
         task.future.result(timeout=30)
 
 
+def test_a_job_named_by_force_task_id_has_its_own_progress_and_cancel(servers):
+    """A1111's force_task_id and /internal/progress; /ui/v1/cancel of a waiting job: it returns at once with no
+    image, and the running job is untouched (A1111's /interrupt would have stopped that one)."""
+    url, engine = servers["plain"].url, servers["engine"]
+    release, running, busy = threading.Event(), threading.Event(), RunControl()
+    blocker = engine.worker.submit(lambda control: (running.set(), release.wait(30)), busy)
+    try:
+        running.wait(30)
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(httpx.post, url + "/sdapi/v1/txt2img", timeout=60,
+                              json={"prompt": "x", "seed": 1, "force_task_id": "mine", **FAST})
+            while not (state := httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json())["queued"]:
+                time.sleep(0.02)
+            assert not state["active"] and state["queue_ahead"] == 0 and state["progress"] == 0
+            assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "mine"}).json() == {"cancelled": True}
+            release.set()
+            answer = job.result(timeout=60)
+    finally:
+        release.set()
+    blocker.future.result(timeout=30)
+    assert answer.status_code == 200 and answer.json()["images"] == [] and not busy.interrupted
+    done = httpx.post(url + "/internal/progress", json={"id_task": "mine"}).json()
+    assert done["completed"] and done["progress"] == 1.0 and not done["active"]
+    assert httpx.post(url + "/ui/v1/cancel", json={"id_task": "nobody"}).json() == {"cancelled": False}
+
+
 def test_api_key_is_enforced_and_loopback_is_the_default(servers, monkeypatch, capsys):
     url = servers["keyed"].url
     assert httpx.get(url + "/sdapi/v1/sd-models").status_code == 401
     assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(url + "/sdapi/v1/sd-models", auth=("user", "wrong")).status_code == 401
+    page = httpx.get(url + "/")  # the web UI's page asks the browser for the key (any user, the key as password)
+    assert page.status_code == 401 and page.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(url + "/", auth=("me", KEY)).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
     assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list().data][0] == DEMO_MODEL_ID
@@ -336,6 +366,176 @@ def test_a_client_that_disconnects_frees_the_worker(servers):
     while worker.current is not None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert worker.current is None
+
+
+def b64_image(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_hires_fix_resize_modes_and_latent_fills_through_webuiapi(servers):
+    """A1111's hires fix ("Latent": torch's bilinear interpolate of the first pass's latent, then image-to-image),
+    img2img's resize_mode 1 on a 2:1 image, inpainting_fill 3, each vs the pipelines called directly (resize_mode
+    2 and inpainting_fill 2 in the slow variant)."""
+    import torch
+
+    from mlx_stablefused.server.resize import interpolate_latent
+
+    api = webuiapi.WebUIApi(port=servers["plain"].port, sampler="Euler a", steps=STEPS)
+    engine = servers["engine"]
+    hr = api.txt2img(prompt="a tower", seed=9, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                     denoising_strength=0.6, **FAST).image
+    assert hr.size == (2 * SIZE, 2 * SIZE)
+    assert "Denoising strength: 0.6, Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Latent" in hr.info["parameters"]
+    first = engine.call(lambda e: (e.pipes["txt2img"].set_scheduler("euler_ancestral"), e.pipes["txt2img"](
+        prompt="a tower", seed=9, image_height=SIZE, image_width=SIZE, num_inference_steps=STEPS, guidance_scale=1.0,
+        output_type="latent"))[1])
+    up = torch.nn.functional.interpolate(torch.from_numpy(first), scale_factor=2, mode="bilinear").numpy()
+    ref = direct(engine, "img2img", image=up, prompt="a tower", strength=0.6, seed=9)
+    assert np.abs(pixels(hr) - ref).max() <= 1  # the latents agree with torch's to float rounding (below)
+    odd = np.random.default_rng(0).standard_normal((1, 4, 5, 7)).astype(np.float32)
+    for mode in ("bilinear", "nearest", "nearest-exact"):  # A1111's latent upscalers are these torch calls
+        ref = torch.nn.functional.interpolate(torch.from_numpy(odd), size=(12, 9), mode=mode).numpy()
+        assert np.abs(interpolate_latent(odd, 12, 9, mode) - ref).max() < 1e-6, mode
+
+    wide = Image.new("RGB", (2 * SIZE, SIZE))  # four colour bands, left to right
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        wide.paste(colour, (k * SIZE // 2, 0, (k + 1) * SIZE // 2, SIZE))
+    cropped = api.img2img(images=[wide], resize_mode=1, prompt="x", seed=2, denoising_strength=0.5, **FAST).image
+    centre = wide.crop((SIZE // 2, 0, 3 * SIZE // 2, SIZE))  # crop and resize: the middle square
+    assert np.array_equal(pixels(cropped), direct(engine, "img2img", image=centre, prompt="x", strength=0.5, seed=2))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, BOX)
+    results = {1: direct(engine, "inpaint", image=centre, mask=mask, prompt="a window", strength=0.75, seed=4)}
+    for fill, content in ((3, "latent nothing"),):
+        out = api.img2img(images=[centre], mask_image=mask, prompt="a window", seed=4, denoising_strength=0.75,
+                          mask_blur=0, inpainting_fill=fill, **FAST).image
+        results[fill] = pixels(out)
+        assert np.array_equal(results[fill], direct(engine, "inpaint", image=centre, mask=mask, prompt="a window",
+                                                    strength=0.75, seed=4, masked_content=content)), fill
+    assert len({r.tobytes() for r in results.values()}) == 2
+
+
+def test_masked_content_starts_the_masked_latent_from_noise_or_zeros(servers):
+    """InpaintDiffusion's masked_content (A1111's fill 2 and 3), read off the run's starting latent: it is
+    a x + b eps, so against "original" (x the image's latent) "latent nothing" lacks a x inside the mask and
+    "latent noise" has a z there instead (z the first draw from the seed, as eps is given); outside, all equal."""
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, BOX)  # on the 8-pixel grid: latent cells 1..2 of 4 in both directions
+    image = Image.new("RGB", (SIZE, SIZE), (200, 60, 30))
+    eps = np.random.default_rng(11).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+    def starts(e: Engine) -> tuple:
+        pipe = e.pipes["inpaint"]
+        pipe.set_scheduler("euler")
+        out = {c: pipe(prompt="x", image=image, mask=mask, num_inference_steps=STEPS, strength=0.75, noise=eps,
+                       seed=5, guidance_scale=1.0, output_type="latent", return_latent_history=True,
+                       masked_content=c)[:, 0] for c in ("original", "latent nothing", "latent noise")}
+        return out, np.asarray(pipe.image_to_latent(image))
+    out, x = servers["engine"].call(starts)
+    inside = np.zeros(x.shape, bool)
+    inside[..., 1:3, 1:3] = True
+    z = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    a = (out["original"] - out["latent nothing"])[inside] / x[inside]
+    assert report("masked_content latent nothing: a x inside the mask (spread of a)", np.abs(a - a.mean()).max()) < 1e-4
+    assert a.mean() > 0.1
+    noise_error = np.abs(out["latent noise"] - out["latent nothing"] - a.mean() * z * inside).max()
+    assert report("masked_content latent noise: a z inside the mask (max abs)", noise_error) < 1e-4
+    for content in ("latent nothing", "latent noise"):
+        assert np.array_equal(out[content][~inside], out["original"][~inside])
+
+
+def test_web_ui_jobs_sweep_and_videos_equal_the_pipelines(servers, tmp_path):
+    """/ui/v1: a CFG sweep's cells are txt2img at each scale; an interpolation's frames are
+    LatentWalkDiffusion.interpolate from one starting noise; bad values 422 (AnimateDiff and latent walks in the
+    slow variant)."""
+    url, engine = servers["plain"].url, servers["engine"]
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "/ui/static/app.js" in page.text
+    assert httpx.get(url + "/ui/static/app.js").status_code == 200
+    assert httpx.get(url + "/ui/static/secret.py").status_code == 404
+    caps = httpx.get(url + "/ui/v1/capabilities").json()
+    assert caps["is_demo"] and all(reason is None for reason in caps["modes"].values())
+
+    saving = Running(create_app(ServerSettings(model=DEMO_MODEL_ID, outputs=tmp_path), engine))  # --outputs
+    sweep = httpx.post(saving.url + "/ui/v1/sweep", timeout=60, json={"prompt": "a boat", "seed": 3, "sampler_name": "Euler",
+                                                               "cfg_scales": [1, 4], **FAST}).json()
+    for b64, scale in zip(sweep["images"], (1, 4)):
+        assert np.array_equal(pixels(b64_image(b64)), direct(engine, "txt2img", "euler", prompt="a boat", seed=3,
+                                                             guidance_scale=scale))
+    assert b64_image(sweep["grid"]).width == 2 * SIZE and "CFG scale: 4" in sweep["infotexts"][1]
+
+    body = {"kind": "interpolate", "prompts": ["a boat", "a car"], "frames": 1, "seed": 5, "sampler_name": "Euler",
+            **FAST}
+    video = httpx.post(saving.url + "/ui/v1/video", json=body, timeout=60).json()
+    saving.stop()
+    written = {p.name.rsplit("-", 1)[-1]: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(written) == ["0.png", "1.png", "grid.png", "video.gif"]
+    assert written["video.gif"] == base64.b64decode(video["video"])
+    gif = b64_image(video["video"])
+    assert video["mime"] == "image/gif" and gif.n_frames == 2 and len(video["frames"]) == 2
+
+    def interpolate(e: Engine) -> list:
+        pipe = e.walk_pipeline()
+        pipe.set_scheduler("euler")
+        noise = np.random.default_rng(5).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+        return pipe.interpolate(prompt=["a boat", "a car"], latent=np.repeat(noise, 2, axis=0), interpolation_steps=1,
+                                num_inference_steps=STEPS, guidance_scale=1.0, seed=5, batch_size=1)
+    for got, ref in zip(video["frames"], engine.call(interpolate), strict=True):
+        assert np.array_equal(pixels(b64_image(got)), pixels(ref))
+
+    body = {"kind": "animatediff", "prompts": ["a boat"], "frames": 4, "seed": 6, **FAST}
+    for change, field in (({"kind": "nope"}, "kind"), ({"frames": 100}, "frames"), ({"format": "avi"}, "format"),
+                          ({"kind": "interpolate"}, "prompts")):
+        r = httpx.post(url + "/ui/v1/video", json={**body, **change})
+        assert r.status_code == 422 and r.json()["error"].startswith(field), (change, r.text)
+    r = httpx.post(url + "/ui/v1/sweep", json={"prompt": "x", "cfg_scales": [1] * 65, **FAST})
+    assert r.status_code == 422 and r.json()["error"].startswith("cfg_scales")
+
+
+@pytest.mark.slow
+def test_resize_and_fill_latent_noise_animatediff_and_latent_walk(servers):
+    """The slow variants: img2img's resize_mode 2, inpainting_fill 2, AnimateDiff and latent-walk videos vs the
+    pipelines called directly."""
+    from mlx_stablefused.server.resize import resize_and_fill
+
+    api = webuiapi.WebUIApi(port=servers["plain"].port, sampler="Euler a", steps=STEPS)
+    url, engine = servers["plain"].url, servers["engine"]
+    wide = Image.new("RGB", (2 * SIZE, SIZE))
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        wide.paste(colour, (k * SIZE // 2, 0, (k + 1) * SIZE // 2, SIZE))
+    fitted = resize_and_fill(wide, SIZE, SIZE)
+    band = SIZE // 4  # resize and fill: the whole image scaled into the middle, the edge rows stretched
+    assert np.array_equal(pixels(fitted)[band:SIZE - band], pixels(wide.resize((SIZE, SIZE // 2), Image.LANCZOS)))
+    assert (pixels(fitted)[:band] == pixels(fitted)[:1]).all() and (pixels(fitted)[-band:] == pixels(fitted)[-1:]).all()
+    filled = api.img2img(images=[wide], resize_mode=2, prompt="x", seed=2, denoising_strength=0.5, **FAST).image
+    assert np.array_equal(pixels(filled), direct(engine, "img2img", image=fitted, prompt="x", strength=0.5, seed=2))
+
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, BOX)
+    out = api.img2img(images=[fitted], mask_image=mask, prompt="a window", seed=4, denoising_strength=0.75,
+                      mask_blur=0, inpainting_fill=2, **FAST).image
+    assert np.array_equal(pixels(out), direct(engine, "inpaint", image=fitted, mask=mask, prompt="a window",
+                                              strength=0.75, seed=4, masked_content="latent noise"))
+
+    body = {"kind": "animatediff", "prompts": ["a boat"], "frames": 4, "seed": 6, **FAST}
+    video = httpx.post(url + "/ui/v1/video", json=body, timeout=60).json()
+    ref = engine.call(lambda e: e.video_pipeline()(prompt="a boat", video_height=SIZE, video_width=SIZE, video_frames=4,
+                                                   num_inference_steps=STEPS, guidance_scale=1.0, seed=6)[0])
+    assert all(np.array_equal(pixels(b64_image(g)), pixels(r)) for g, r in zip(video["frames"], ref, strict=True))
+
+    body = {"kind": "latent_walk", "prompts": ["a boat"], "frames": 2, "points": 2, "loop": True, "seed": 7,
+            "sampler_name": "Euler", **FAST}
+    video = httpx.post(url + "/ui/v1/video", json=body, timeout=60).json()
+
+    def walk(e: Engine) -> list:
+        pipe = e.walk_pipeline()
+        pipe.set_scheduler("euler")
+        noise = np.random.default_rng(7).standard_normal((2, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+        return pipe.interpolate(prompt=["a boat"] * 3, latent=np.concatenate([noise, noise[:1]]), interpolation_steps=2,
+                                num_inference_steps=STEPS, guidance_scale=1.0, seed=7, batch_size=1)
+    frames = [pixels(b64_image(f)) for f in video["frames"]]
+    assert len(frames) == 5 and np.array_equal(frames[0], frames[-1])  # the loop closes on its first frame
+    assert all(np.array_equal(g, pixels(r)) for g, r in zip(frames, engine.call(walk), strict=True))
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..conditioning import Conditioning
+from ..deep_cache import DeepCacheConfig, DeepCacheRun
+from ..token_merging import TokenMergeState, TokenMergingConfig
 
 Array = Any  # a backend-native array
 
@@ -42,6 +44,8 @@ class RunSettings:
     compile: bool = False  # run the UNet as a compiled graph (needs COMPILE)
     cpu_streams: int | None = None  # CPU streams (None: the backend's default; needs CPU_STREAMS)
     bounded_unet_run_ahead: bool = True  # MLX's CPU build: UNet passes allocate ahead at most its VAE headroom
+    deep_cache: DeepCacheConfig | None = None  # reuse deep UNet features across evaluations (deep_cache.py)
+    token_merging: TokenMergingConfig | None = None  # ToMe in the transformer blocks (token_merging.py)
 
 
 class Backend(ABC):
@@ -63,9 +67,14 @@ class Backend(ABC):
         """The width of the text encoder's token embeddings (what a textual-inversion vector must have)."""
         return int(self.text_config.hidden_size)
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        """Textual inversion: token embedding rows ``first_id`` onward become ``vectors`` (n, D) (rows after
-        them are dropped, as diffusers' ``resize_token_embeddings`` does); rows before are kept."""
+    def token_embedding_width_of(self, component: str) -> int:
+        """The token-embedding width of text encoder ``component`` (SDXL: ``text_encoder_2`` too)."""
+        return int(self.configs[component].hidden_size)
+
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        """Textual inversion: token embedding rows ``first_id`` onward of text encoder ``component`` become
+        ``vectors`` (n, D) (rows after them are dropped, as diffusers' ``resize_token_embeddings`` does); rows
+        before are kept."""
         raise NotImplementedError(f"the {self.name} backend cannot add token embeddings")
 
     def encode_text_states(self, token_ids: np.ndarray, component: str = "text_encoder",
@@ -100,7 +109,28 @@ class Backend(ABC):
             raise ValueError("pooled text embeddings and time ids go together (SDXL's added conditioning)")
         if cond.pooled_text is not None:
             extra["added_cond_kwargs"] = {"text_embeds": cast(cond.pooled_text), "time_ids": cast(cond.time_ids)}
+        if cond.ip_hidden_states is not None:
+            extra["ip_hidden_states"] = cast(cond.ip_hidden_states)
         return extra
+
+    @staticmethod
+    def frames_into_batch(extra: dict[str, Any]) -> dict[str, Any]:
+        """``unet_keywords`` of a video: its ControlNet residuals (B, F, ...) as the UNet's frame-minor batch."""
+        out = dict(extra)
+        if "down_block_additional_residuals" in out:
+            out["down_block_additional_residuals"] = [r.reshape(-1, *r.shape[2:])
+                                                      for r in out["down_block_additional_residuals"]]
+            mid = out["mid_block_additional_residual"]
+            out["mid_block_additional_residual"] = mid.reshape(-1, *mid.shape[2:])
+        return out
+
+    def controlnet(self, module: Any, latent: Array, timestep: float, conditioning: Conditioning, image: Array,
+                   scale: float, guess_mode: bool = False) -> tuple[tuple[Array, ...], Array]:
+        """A ControlNet's residuals (down tuple, mid) for native ``latent`` and ``conditioning`` (text, SDXL's
+        pooled text and time ids) and the native control ``image`` (one per latent row; per frame for video).
+        For a video latent the residuals keep the video's layout, one per video in the batch (as the
+        ``Conditioning`` holds them), frames inside; ``unet`` puts the frames into its batch."""
+        raise NotImplementedError(f"the {self.name} backend has no ControlNet support")
 
     @abstractmethod
     def vae_decode(self, latent: Array) -> Array:
@@ -180,9 +210,10 @@ class Backend(ABC):
         shape[self.frame_axis] = len(weights)
         return self.from_numpy(np.asarray(weights, np.float32).reshape(shape))
 
-    def load_network(self, root: Any, name: str, description: Any) -> Any:
+    def load_network(self, root: Any, name: str, description: Any, files: Any = None) -> Any:
         """Component ``name`` of ``description`` from the diffusers folder ``root`` as this backend's module,
-        in the model's dtype on its device, strictly checked (a network beside the model: a preview decoder)."""
+        in the model's dtype on its device, strictly checked (a network beside the model: a preview decoder,
+        a ControlNet); ``files`` (``sources.ComponentFiles``): its config and weights stored elsewhere."""
         raise NotImplementedError(f"the {self.name} backend cannot load extra networks")
 
     # ---------------------------------------------------------------------------- run settings
@@ -201,7 +232,41 @@ class Backend(ABC):
             self.set_attention_chunk(settings.attention_chunk)
         if settings.motion_norm_per_frame != old.motion_norm_per_frame and self.motion_config is not None:
             self.set_motion_norm_per_frame(settings.motion_norm_per_frame)
+        if settings.token_merging != old.token_merging:
+            self._token_merge = self.set_token_merging(settings.token_merging)
         self._settings = settings
+
+    # ------------------------------------------------------------- UNet evaluations (DeepCache, ToMe)
+    _token_merge: TokenMergeState | None = None  # while token merging is on
+    _evaluation: tuple[int, DeepCacheRun | None] | None = None  # the UNet evaluation in progress
+
+    def set_token_merging(self, config: TokenMergingConfig | None) -> TokenMergeState | None:
+        """Give the UNet's transformer blocks ToMe with ``config`` (None: take it away); returns their shared state."""
+        raise NotImplementedError(f"the {self.name} backend has no token merging")
+
+    @contextmanager
+    def evaluation(self, index: int, deep_cache: DeepCacheRun | None = None) -> Iterator[None]:
+        """Every UNet module call in the block belongs to evaluation ``index`` of the generation: DeepCache's
+        schedule (``deep_cache``) and ToMe's random picks follow it."""
+        previous = self._evaluation
+        self._evaluation = (index, deep_cache)
+        if deep_cache is not None:
+            deep_cache.begin_evaluation(index)
+        if self._token_merge is not None:
+            self._token_merge.evaluation = index
+        try:
+            yield
+        finally:
+            self._evaluation = previous
+
+    def unet_call_keywords(self, input_shape: tuple[int, ...], latent_size: tuple[int, int]) -> dict[str, Any]:
+        """What one UNet module call on an input of ``input_shape`` (spatial ``latent_size``) takes beyond the
+        plain inputs: DeepCache's slot during an evaluation; ToMe learns the latent size."""
+        if self._token_merge is not None:
+            self._token_merge.latent_size = tuple(latent_size)
+        if self._evaluation is None or self._evaluation[1] is None:
+            return {}
+        return {"deep_cache": self._evaluation[1].slot(input_shape)}
 
     @contextmanager
     def using(self, settings: RunSettings) -> Iterator[None]:
@@ -251,6 +316,13 @@ class Backend(ABC):
     def set_motion_norm_per_frame(self, per_frame: bool) -> None:
         """Motion-module GroupNorm statistics per frame (original AnimateDiff) or across frames (diffusers)."""
         raise NotImplementedError(f"the {self.name} backend has no motion modules")
+
+    # ------------------------------------------------------------------------------ IP-Adapter
+    ip_adapter: Any = None  # the loaded IP-Adapter (pipelines/ip_adapter_loader.py), shared like the weights
+
+    def ip_adapter_host(self) -> Any:
+        """How an IP-Adapter attaches to this backend's UNet and runs its image encoder (backends/*/ip_adapter.py)."""
+        raise NotImplementedError(f"the {self.name} backend has no IP-Adapter support")
 
     # ------------------------------------------------------------------------------------ LoRA
     def lora_host(self) -> Any:

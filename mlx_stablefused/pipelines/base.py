@@ -31,9 +31,12 @@ from . import inputs
 from .denoise import Guidance, StepCallbacks, denoise
 from .inputs import PromptType
 from ..previews import check_preview_decoder, history_frames
+from .controlnet import ControlNetMixin
+from .ip_adapter_loader import IPAdapterMixin
 from .lora_loader import LoRALoaderMixin
 from .prompt_features import PromptFeaturesMixin
 from .stablefused_compat import folder_from_components, resolve_dtype, scheduler_choice
+from .unet_speedups import UNetSpeedupsMixin, counted_evaluations
 from .vae_io import VAEIO
 from .vae_tiling import TileSpec
 
@@ -137,7 +140,7 @@ def with_run_settings(method: Callable) -> Callable:
     return wrapper
 
 
-class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
+class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, ControlNetMixin, UNetSpeedupsMixin):
     """Shared machinery of every pipeline.
 
     ``model_id``: hub repo id, diffusers folder, converted folder or single-file checkpoint. Or pass ``components`` from
@@ -147,6 +150,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     objects) instead of ``model_id``, read into this port's networks (see ``stablefused_compat``).
     ``vae=`` given a path (a VAE file or folder) replaces the VAE of ``model_id``; ``config=``,
     ``use_ema=``, ``prediction_type=`` are for single-file checkpoints (see ``ModelComponents.load``).
+    ``controlnet=``: a ControlNet (folder, hub id, single file) or a list of them (``set_controlnet``).
     """
 
     def __init__(self, model_id: str | Path | None = None, *, components: ModelComponents | None = None,
@@ -155,8 +159,12 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
                  local_files_only: bool = False, scheduler: Any = None, progress: bool = True,
                  torch_dtype: Any = None, tokenizer: Any = None, text_encoder: Any = None, vae: Any = None,
                  unet: Any = None, config: str | Path | None = None, use_ema: bool = False,
-                 prediction_type: str | None = None) -> None:
+                 prediction_type: str | None = None, distributed: bool = True,
+                 guidance_parallel: bool = False, controlnet: Any = None) -> None:
+        from ..distributed import bind_local_device
+
         dtype = resolve_dtype(dtype, torch_dtype)
+        bind_local_device()  # under torchrun on CUDA: this rank's GPU, before any weights load
         # vae=: a path (a VAE file or folder replacing the model's, see ModelComponents.load) or, with the
         # other component objects, a diffusers AutoencoderKL (stablefused's component injection)
         vae_file, vae = (vae, None) if isinstance(vae, (str, Path)) else (None, vae)
@@ -177,6 +185,10 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
             raise ValueError(f"{', '.join(sorted(model_files))}= apply when loading a model_id, not to shared components")
         self.model_id = model_id if model_id is not None else components.source.origin
         self.progress = progress
+        # Under mlx.launch / torchrun: split batches across the ranks (False: every rank runs alone), or the
+        # guidance halves of each step over two ranks (see pipelines/data_parallel.py).
+        self.distributed, self.guidance_parallel = bool(distributed), bool(guidance_parallel)
+        self._parallel_call: Any = None
         self.decode_batch_size: int | None = None
         self.tiling: TileSpec | None = None
         self.release_text_encoder = False
@@ -186,6 +198,7 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         name, overrides = scheduler_choice(scheduler)
         self.scheduler: Scheduler = self.set_scheduler(name or default_scheduler_name(self.scheduler_config),
                                                        **overrides)
+        self.set_controlnet(controlnet)  # one or a list (see pipelines/controlnet.py); None: none
 
     def _use_components(self, components: ModelComponents) -> None:
         self.components = components
@@ -220,6 +233,8 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         own default stays (a video pipeline keeps its attention slicing). Later changes affect one only."""
         kwargs.setdefault("progress", other.progress)
         pipe = cls(components=other.components, **kwargs)
+        pipe.distributed = kwargs.get("distributed", other.distributed)
+        pipe.guidance_parallel = kwargs.get("guidance_parallel", other.guidance_parallel)
         if "scheduler" not in kwargs:
             pipe.set_scheduler(other.scheduler_name, **other.scheduler_overrides)
         defaults = RunSettings(cpu_streams=other.backend.settings.cpu_streams)
@@ -263,6 +278,9 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     def enable_compile(self, enabled: bool = True) -> None:
         """Compile the UNet step into fused kernels (MLX: ``mx.compile``); pays most on Metal."""
         self._require(COMPILE, "compiled path")
+        if enabled and (self.settings.deep_cache or self.settings.token_merging):
+            raise ValueError("enable_compile: DeepCache and token merging run the UNet uncompiled; call "
+                             "disable_deepcache() / disable_token_merging() first")
         self.settings = replace(self.settings, compile=bool(enabled))
 
     def set_cpu_streams(self, count: int | None = None) -> int:
@@ -417,12 +435,16 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
             self.backend.release_text_encoder()
         return out
 
-    @staticmethod
-    def split_embedding(embedding: Array) -> tuple[Conditioning, Conditioning]:
-        """``[uncond; cond]`` -> (positive, negative) conditioning."""
+    def split_embedding(self, embedding: Array, sdxl: Any = None) -> tuple[Conditioning, Conditioning]:
+        """``[uncond; cond]`` -> (positive, negative) conditioning. SDXL's ``(states, pooled)`` take the time
+        ids of ``sdxl`` (``sdxl_conditioning.SDXLInputs``), one row per image."""
         if isinstance(embedding, tuple):
-            raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: latent walks, "
-                                        "interpolation and embedding_to_latent do not take SDXL models yet")
+            if sdxl is None:
+                raise UnsupportedModelError("SDXL embeddings (states, pooled) need their time ids: this call does "
+                                            "not take SDXL models (latent walks and interpolation do)")
+            (text, pooled), b = embedding, embedding[0].shape[0] // 2
+            ids = [self.backend.from_numpy(np.tile(np.asarray(row, np.float32), (b, 1))) for row in sdxl.time_ids]
+            return Conditioning(text[b:], pooled[b:], ids[0]), Conditioning(text[:b], pooled[:b], ids[1])
         b = embedding.shape[0] // 2
         return Conditioning(text=embedding[b:]), Conditioning(text=embedding[:b])
 
@@ -446,9 +468,16 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
         """Drive ``denoise`` to the end (or an ``interrupt()``): progress bar, step callbacks, history.
 
         Returns ``[final]``, or every latent from the start when ``return_latent_history``."""
+        self.check_image_tokens(positive)  # a loaded IP-Adapter and a call without the image prompt: refused
+        if self.controlnets and core.get("step_conditioning") is None:  # nor a ControlNet left out silently
+            raise ValueError(f"{len(self.controlnets)} ControlNet(s) are set and this call takes no control_image "
+                             "(embedding_to_latent, sample_from_noise); set_controlnet(None) first")
         callbacks = StepCallbacks(self, callback_on_step_end)
+        if self._parallel_call is not None:  # guidance parallel: the UNet call shared with the other rank
+            core["predict"] = self._parallel_call.predictor(core.get("predict"), guidance.enabled)
         history = [latents]
         steps = (core.get("stop") or len(self.scheduler.timesteps)) - start
+        core["predict"] = counted_evaluations(self.backend, self.settings, core.get("predict"), steps)
         with progress_bar(steps, progress_desc, self.progress, unit="step") as bar:
             for state in denoise(self.backend, self.scheduler, latents, positive, negative, guidance, rng, start,
                                  **core):
@@ -467,19 +496,22 @@ class BaseDiffusion(LoRALoaderMixin, PromptFeaturesMixin):
     def _begin(self) -> None:
         """Start of a public generation call."""
         self._interrupted = False
+        self._parallel_call = None
 
     @with_run_settings
     def sample_from_noise(self, embedding: Array, noise: np.ndarray, num_inference_steps: int, guidance_scale: float,
                           guidance_rescale: float, rng: np.random.Generator,
-                          return_latent_history: bool = False, callback_on_step_end: Any = None) -> list[Array]:
+                          return_latent_history: bool = False, callback_on_step_end: Any = None,
+                          sdxl: Any = None, **core: Any) -> list[Array]:
         """The full schedule from initial noise (B, C, h, w) numpy, scaled by the sampler's initial sigma;
-        ``embedding`` is ``[uncond; cond]`` as ``prompt_to_embedding`` returns it."""
+        ``embedding`` is ``[uncond; cond]`` as ``prompt_to_embedding`` returns it (SDXL: with ``sdxl``'s time
+        ids). ``core``: ``denoise``'s keywords (``step_noise``)."""
         self.scheduler.set_timesteps(num_inference_steps)
         x = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
-        positive, negative = self.split_embedding(embedding)
+        positive, negative = self.split_embedding(embedding, sdxl)
         return self.run_denoise(x, positive, negative, Guidance(guidance_scale, guidance_rescale), rng,
                                 callback_on_step_end=callback_on_step_end,
-                                return_latent_history=return_latent_history)
+                                return_latent_history=return_latent_history, **core)
 
     # ------------------------------------------------------------------------------------- VAE
     @with_run_settings

@@ -22,6 +22,9 @@ from ..schedulers.brownian import StepNoise
 from .inputs import finite_float
 
 Predictor = Callable[[Array, float, Conditioning], Array]
+# (step from the start, steps from the start to the schedule's end, UNet input, timestep, its conditioning) ->
+# the conditioning for this step (a ControlNet adds its residuals; see pipelines/controlnet.py).
+StepConditioning = Callable[[int, int, Array, float, Conditioning], Conditioning]
 StepCallback = Callable[[Any, int, float, dict], "dict | None"]
 
 
@@ -68,14 +71,18 @@ class StepState:
 def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning: Conditioning,
             negative: Conditioning | None, guidance: Guidance, rng: np.random.Generator, start: int = 0,
             predict: Predictor | None = None,
-            after_step: Callable[[int, Array], Array] | None = None, stop: int | None = None) -> Iterator[StepState]:
+            after_step: Callable[[int, Array], Array] | None = None, stop: int | None = None,
+            step_conditioning: StepConditioning | None = None,
+            step_noise: Callable[..., StepNoise] | None = None) -> Iterator[StepState]:
     """Run ``scheduler`` (timesteps already set) from table index ``start`` to ``stop`` (default: the end;
     SDXL's ``denoising_end`` stops early); yield after every step.
 
     ``negative`` is the unconditional branch (needed unless guidance is off). ``predict`` replaces
     ``backend.unet`` (context windows over frames); ``after_step(i, latents)`` is part of the
     algorithm (latent-blending inpainting re-imposes the known region) and runs before the yield.
-    Ancestral and SDE samplers draw their noise from ``rng`` in diffusers' layout.
+    ``step_conditioning`` builds each step's conditioning before the UNet runs (a ControlNet's residuals).
+    Ancestral and SDE samplers draw their noise from ``rng`` in diffusers' layout; ``step_noise`` replaces
+    ``StepNoise`` as the source (a rank's window of a batch split across processes: ``data_parallel``).
     """
     predict = predict or backend.unet
     if guidance.enabled:
@@ -84,13 +91,16 @@ def denoise(backend: Backend, scheduler: Scheduler, latents: Array, conditioning
         batched = Conditioning.concat([negative, conditioning], backend.concat)
     else:
         batched = conditioning
-    noise = StepNoise(backend.latent_shape(latents), rng, backend.latent_from_numpy)
+    noise = (step_noise or StepNoise)(backend.latent_shape(latents), rng, backend.latent_from_numpy)
 
     end = len(scheduler.timesteps) if stop is None else stop
     for i in range(start, end):
         t = float(scheduler.timesteps[i])
         x = scheduler.scale_model_input(latents, i)
-        prediction = predict(backend.concat([x, x]) if guidance.enabled else x, t, batched)
+        x = backend.concat([x, x]) if guidance.enabled else x
+        step = batched if step_conditioning is None else step_conditioning(
+            i - start, len(scheduler.timesteps) - start, x, t, batched)
+        prediction = predict(x, t, step)
         if guidance.enabled:
             prediction = guidance.combine(backend, prediction)
         latents = scheduler.step(prediction, i, latents, noise)

@@ -9,8 +9,9 @@ import numpy as np
 from ..previews import check_preview_decoder
 from . import inputs
 from .base import Array, BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
-from .sdxl_conditioning import (check_denoising_fraction, check_sdxl_keywords, denoising_end_index,
+from .sdxl_conditioning import (check_denoising_range, check_sdxl_keywords, denoising_end_index,
                                  denoising_start_index, given_latents, sdxl_inputs)
 
 
@@ -23,7 +24,11 @@ class ImageToImageDiffusion(BaseDiffusion):
                  noise: np.ndarray | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                  image_height: int | None = None, image_width: int | None = None,
                  callback_on_step_end: StepCallback | list | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, history_decoder: str = "vae", **sdxl: Any) -> Any:
+                 denoising_end: float | None = None, history_decoder: str = "vae", control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] = 0.8,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
         """Re-imagine ``image`` (path, PIL, list, or NHWC numpy) following ``prompt``.
 
         How much of the schedule runs: ``start_step`` (stablefused: skip that many of the
@@ -38,7 +43,13 @@ class ImageToImageDiffusion(BaseDiffusion):
         experts: ``image`` may be the scaled latents (B, 4, h, w) numpy that a ``denoising_end`` run returned
         with ``output_type="latent"``, and ``denoising_start`` (instead of ``start_step``/``strength``)
         continues from that fraction of the schedule without adding noise; ``denoising_end`` stops early.
+        ControlNet (``controlnet=`` / ``set_controlnet``; see ``pipelines/controlnet.py``): ``control_image`` (one
+        image, a batch list, or with several ControlNets a list with one per ControlNet; of the output's size),
+        ``controlnet_conditioning_scale`` (one, or one per ControlNet; diffusers' default 0.8),
+        ``control_guidance_start`` / ``control_guidance_end`` (the fraction of the steps each ControlNet acts in) and
+        ``guess_mode`` (the ControlNet sees the conditional half only, its residuals ramped), as diffusers.
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -60,22 +71,23 @@ class ImageToImageDiffusion(BaseDiffusion):
                                               num_images_per_prompt, "image latent")
         if (height, width) != size:  # not yet checked at this size
             self.check_memory(height, width, len(prompts))
-        denoising_start = check_denoising_fraction(denoising_start, "denoising_start")
-        denoising_end = check_denoising_fraction(denoising_end, "denoising_end")
-        if denoising_start is not None and (start_step is not None or strength is not None):
-            raise ValueError("pass denoising_start or start_step/strength, not both")
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        denoising_start, denoising_end = check_denoising_range(denoising_start, denoising_end, start_step, strength)
         if denoising_start is None:
             start = inputs.start_index(num_inference_steps, start_step, strength, self.scheduler.order)
         sdxl_call = sdxl_inputs(self, negative_prompt, height, width, text_to_image=False,
                                 **check_sdxl_keywords(sdxl, aesthetic=True))
-        # 2. Encode the prompt.
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, (height, width),
+                                       len(prompts) // num_images_per_prompt, num_images_per_prompt, guidance.enabled)
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        parallel = ParallelCall.begin(self, "ImageToImageDiffusion.__call__", arguments, seed)  # under a launch
+        # 2. Encode the prompt (and the image prompt).
         positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_images_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents: the image's latent noised to the start (with denoising_start:
         # already noisy latents, taken as they are).
         self.scheduler.set_timesteps(num_inference_steps)
-        rng = inputs.make_rng(seed)
+        rng = inputs.make_rng(parallel.seed)
         if latent_input is None:
             image_latent = self.pixels_to_latent(pixels)
         else:
@@ -84,13 +96,19 @@ class ImageToImageDiffusion(BaseDiffusion):
             latents = self._noised(image_latent, start, noise, rng)
         else:
             start, latents = denoising_start_index(self.scheduler, denoising_start), image_latent
-        # 4. Denoise.
-        history = self.run_denoise(latents, positive, negative, guidance, rng, start,
-                                   callback_on_step_end=callback_on_step_end,
-                                   return_latent_history=return_latent_history,
-                                   stop=denoising_end_index(self.scheduler, denoising_end))
-        # 5. Decode.
-        return self.resolve_output(history, output_type, return_latent_history, history_decoder=history_decoder)
+        stop = denoising_end_index(self.scheduler, denoising_end)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            # 4. Denoise.
+            history = self.run_denoise(shard.take(latents), shard.take(positive), shard.take(negative), guidance,
+                                       rng, start, callback_on_step_end=callback_on_step_end,
+                                       return_latent_history=return_latent_history, stop=stop,
+                                       step_conditioning=shard.take(control),
+                                       step_noise=shard.noise_source)
+            # 5. Decode.
+            return self.resolve_output(history, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
 

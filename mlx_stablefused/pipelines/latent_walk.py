@@ -13,8 +13,9 @@ from ..utils.array_types import like
 from ..utils.interpolation import interpolation_weights, lerp, slerp
 from . import inputs
 from .base import BaseDiffusion, PromptType, with_run_settings
+from .data_parallel import ParallelCall, Shard, embedding_window
 from .denoise import Guidance, StepCallback
-from .sdxl_conditioning import refuse_sdxl
+from .sdxl_conditioning import SDXL_PROMPT_KEYWORDS, check_sdxl_keywords, is_sdxl, sdxl_inputs
 
 INTERPOLATIONS = {"lerp": lerp, "slerp": slerp}
 
@@ -32,14 +33,15 @@ class LatentWalkDiffusion(BaseDiffusion):
                  negative_prompt: PromptType | None = None, output_type: str = "pil",
                  return_latent_history: bool = False, seed: int | None = None,
                  noise: np.ndarray | None = None, callback_on_step_end: StepCallback | list | None = None,
-                 history_decoder: str = "vae") -> Any:
+                 history_decoder: str = "vae", **sdxl: Any) -> Any:
         """Images similar to the one ``latent`` (initial noise, (B, 4, h, w)) makes: the noise is moved
         ``strength`` of the way toward fresh noise, re-standardised, then fully denoised.
 
-        A single prompt is used for every latent; otherwise one prompt per latent.
+        A single prompt is used for every latent; otherwise one prompt per latent. SDXL models take
+        text-to-image's keywords (``prompt_2``, ``negative_prompt_2``, the micro-conditioning).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
-        refuse_sdxl(self.backend, "LatentWalkDiffusion")
         self._check_output_type(output_type)
         check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
@@ -57,12 +59,20 @@ class LatentWalkDiffusion(BaseDiffusion):
             raise ValueError(f"{len(prompts)} prompts for {base.shape[0]} latents; pass one prompt or one per latent")
         f = self.vae_scale_factor
         self.check_memory(base.shape[2] * f, base.shape[3] * f, base.shape[0])
-        rng = inputs.make_rng(seed)
+        sdxl_call = self._sdxl_call(negative_prompt, base.shape[2] * f, base.shape[3] * f, sdxl)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.__call__", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         walked = self.modify_latent(base, strength, inputs.given_or_random(noise, base.shape, rng, "noise"))
-        latents = self.sample_from_noise(self.prompt_to_embedding(prompts, negatives), walked, num_inference_steps,
-                                         guidance_scale, guidance_rescale, rng, return_latent_history,
-                                         callback_on_step_end)
-        return self.resolve_output(latents, output_type, return_latent_history, history_decoder=history_decoder)
+        embedding = self._embedding(prompts, negatives, negative_prompt, sdxl)
+
+        def generate(shard: Shard, output: str) -> Any:  # the whole batch, or this rank's window of it
+            part = embedding if shard.is_whole else embedding_window(self.backend, embedding, shard.window)
+            latents = self.sample_from_noise(part, shard.take(walked), num_inference_steps, guidance_scale,
+                                             guidance_rescale, rng, return_latent_history, callback_on_step_end,
+                                             sdxl=sdxl_call, step_noise=shard.noise_source)
+            return self.resolve_output(latents, output, return_latent_history, history_decoder=history_decoder)
+
+        return parallel.map_batch(base.shape[0], generate, output_type)
 
     generate = __call__
 
@@ -70,10 +80,28 @@ class LatentWalkDiffusion(BaseDiffusion):
                             guidance_rescale: float, latent: Any, return_latent_history: bool = False,
                             seed: int | None = None) -> list:
         """stablefused's step: denoise the full schedule from ``latent`` (initial noise, (B, C, h, w)) for
-        ``embedding`` (``[uncond; cond]``); the list ``resolve_output`` takes."""
+        ``embedding`` (``[uncond; cond]``; SDXL: ``(states, pooled)``, with the default micro-conditioning of
+        the latent's image size); the list ``resolve_output`` takes."""
         self.validate_steps(num_inference_steps)
-        return self.sample_from_noise(embedding, as_numpy(latent), num_inference_steps, guidance_scale,
-                                      guidance_rescale, inputs.make_rng(seed), return_latent_history)
+        latent = as_numpy(latent)
+        f = self.vae_scale_factor
+        sdxl_call = self._sdxl_call("", latent.shape[2] * f, latent.shape[3] * f, {})
+        return self.sample_from_noise(embedding, latent, num_inference_steps, guidance_scale,
+                                      guidance_rescale, inputs.make_rng(seed), return_latent_history, sdxl=sdxl_call)
+
+    def _sdxl_call(self, negative_prompt: PromptType | None, height: int, width: int, keywords: dict) -> Any:
+        """An SDXL model's checked inputs for frames of ``height`` x ``width`` (its time ids), else None (which
+        refuses SDXL keywords by name)."""
+        return sdxl_inputs(self, negative_prompt, height, width, text_to_image=True, **check_sdxl_keywords(keywords))
+
+    def _embedding(self, prompts: list[str], negatives: list[str], negative_prompt: PromptType | None,
+                   keywords: dict) -> Any:
+        """``[uncond; cond]``; SDXL: (states, pooled), zeros for the unconditional branch when no
+        ``negative_prompt`` is given and the model forces zeros (as text-to-image)."""
+        if not is_sdxl(self.backend):
+            return self.prompt_to_embedding(prompts, negatives)
+        second = {k: keywords.get(k) for k in SDXL_PROMPT_KEYWORDS}
+        return self.prompt_to_embedding(prompts, None if negative_prompt is None else negatives, **second)
 
     @staticmethod
     def modify_latent(latent: Any, strength: float, noise: np.ndarray | None = None,
@@ -95,17 +123,18 @@ class LatentWalkDiffusion(BaseDiffusion):
                     embedding_interpolation_type: str = "lerp", latent_interpolation_type: str = "slerp",
                     seed: int | None = None, batch_size: int = 4, duplicate_endpoints: bool = False,
                     callback_on_step_end: StepCallback | list | None = None,
-                    history_decoder: str = "vae") -> Any:
+                    history_decoder: str = "vae", **sdxl: Any) -> Any:
         """A video from ``prompt[0]`` to ``prompt[-1]``: text embeddings and initial latents interpolated
         between consecutive prompts, ``interpolation_steps`` frames per pair (an int, or one per pair).
+        SDXL: the pooled embeddings are interpolated as the states are; the time ids are the frames' own.
 
-        Frames are denoised ``batch_size`` at a time. Each prompt's frame appears once (the last frame
+        Frames are denoised ``batch_size`` at a time (under a launch, each batch split across the ranks). Each prompt's frame appears once (the last frame
         is the last prompt's own image); ``duplicate_endpoints=True`` repeats it at every pair boundary,
         as stablefused did. ``latent``: one initial noise per prompt, (P, 4, h, w); else drawn from
         ``seed`` at ``image_height`` x ``image_width`` (default 512).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         self._begin()
-        refuse_sdxl(self.backend, "LatentWalkDiffusion.interpolate")
         self._check_output_type(output_type)
         check_preview_decoder(self, history_decoder)
         self.validate_steps(num_inference_steps)
@@ -118,26 +147,32 @@ class LatentWalkDiffusion(BaseDiffusion):
         batch_size = inputs.positive_int(batch_size, "batch_size")
         embed_fn = _interpolator(embedding_interpolation_type, "embedding")
         latent_fn = _interpolator(latent_interpolation_type, "latent")
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "LatentWalkDiffusion.interpolate", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         latents = self._initial_latents(latent, len(prompts), image_height, image_width, rng)
-        embedding = self.backend.to_numpy(self.prompt_to_embedding(prompts, negatives))
-        uncond, cond = embedding[: len(prompts)], embedding[len(prompts):]
-        frame_cond, frame_uncond, frame_latents = [], [], []
+        f = self.vae_scale_factor
+        sdxl_call = self._sdxl_call(negative_prompt, latents.shape[2] * f, latents.shape[3] * f, sdxl)
+        embedding = self._embedding(prompts, negatives, negative_prompt, sdxl)
+        parts = [self.backend.to_numpy(e) for e in (embedding if isinstance(embedding, tuple) else (embedding,))]
+        frame_parts: list[list[np.ndarray]] = [[] for _ in parts]  # per part: [uncond frames, cond frames] pairs
+        frame_latents = []
         for i, k in enumerate(steps):
             last_pair = i == len(steps) - 1
             w = interpolation_weights(k, include_end=duplicate_endpoints)
-            frame_cond.append(embed_fn(cond[i], cond[i + 1], w))
-            frame_uncond.append(embed_fn(uncond[i], uncond[i + 1], w))
+            for part, frames in zip(parts, frame_parts):
+                uncond, cond = part[: len(prompts)], part[len(prompts):]
+                frames.append((embed_fn(uncond[i], uncond[i + 1], w), embed_fn(cond[i], cond[i + 1], w)))
+                if last_pair and not duplicate_endpoints:
+                    frames.append((uncond[-1:], cond[-1:]))
             frame_latents.append(latent_fn(latents[i], latents[i + 1], w))
             if last_pair and not duplicate_endpoints:
-                frame_cond.append(cond[-1:])
-                frame_uncond.append(uncond[-1:])
                 frame_latents.append(latents[-1:])
-        cond_all, uncond_all = np.concatenate(frame_cond), np.concatenate(frame_uncond)
+        frames = [(np.concatenate([u for u, _ in part]), np.concatenate([c for _, c in part]))
+                  for part in frame_parts]
         lat_all = np.concatenate(frame_latents).astype(np.float32)
-        return self._render_frames(uncond_all, cond_all, lat_all, num_inference_steps, guidance_scale,
-                                   guidance_rescale, output_type, return_latent_history, batch_size, rng,
-                                   callback_on_step_end, history_decoder)
+        return self._render_frames(frames, lat_all, num_inference_steps, guidance_scale, guidance_rescale,
+                                   output_type, return_latent_history, batch_size, rng, callback_on_step_end,
+                                   history_decoder, parallel, sdxl_call)
 
     def interpolate_embedding(self, embedding: Any, interpolation_steps: int | Sequence[int],
                               interpolation_type: str = "lerp") -> Any:
@@ -195,23 +230,33 @@ class LatentWalkDiffusion(BaseDiffusion):
         f = self.vae_scale_factor
         return inputs.random_latent((count, self.latent_channels, height // f, width // f), rng)
 
-    def _render_frames(self, uncond: np.ndarray, cond: np.ndarray, latents: np.ndarray, num_inference_steps: int,
-                       guidance_scale: float, guidance_rescale: float, output_type: str,
+    def _render_frames(self, frames: list[tuple[np.ndarray, np.ndarray]], latents: np.ndarray,
+                       num_inference_steps: int, guidance_scale: float, guidance_rescale: float, output_type: str,
                        return_latent_history: bool, batch_size: int, rng: np.random.Generator,
                        callback_on_step_end: StepCallback | list | None = None,
-                       history_decoder: str = "vae") -> Any:
+                       history_decoder: str = "vae", parallel: ParallelCall | None = None,
+                       sdxl: Any = None) -> Any:
+        """Denoise the frames ``batch_size`` at a time; ``frames``: (uncond, cond) per embedding part (the
+        text states; SDXL: and the pooled embeddings)."""
         outputs = []
+        parallel = parallel or ParallelCall(self, None, None, None)
         native = output_type in (self.backend.native_output_type, "pt")  # arrays: merged as numpy first
         with progress_bar(len(latents), "frames", self.progress, unit="frame") as bar:
             for s in range(0, len(latents), batch_size):
                 if self._interrupted:
                     break
                 e = slice(s, s + batch_size)
-                embedding = self.backend.from_numpy(np.concatenate([uncond[e], cond[e]]))
-                result = self.sample_from_noise(embedding, latents[e], num_inference_steps, guidance_scale,
-                                                guidance_rescale, rng, return_latent_history, callback_on_step_end)
-                outputs.append(self.resolve_output(result, "np" if native else output_type, return_latent_history,
-                                                   history_decoder=history_decoder))
+
+                def generate(shard: Shard, output: str) -> Any:  # the batch, or this rank's window of it
+                    parts = tuple(self.backend.from_numpy(np.concatenate([shard.take(u[e]), shard.take(c[e])]))
+                                  for u, c in frames)
+                    result = self.sample_from_noise(parts if len(parts) > 1 else parts[0], shard.take(latents[e]),
+                                                    num_inference_steps, guidance_scale, guidance_rescale, rng,
+                                                    return_latent_history, callback_on_step_end, sdxl=sdxl,
+                                                    step_noise=shard.noise_source)
+                    return self.resolve_output(result, output, return_latent_history, history_decoder=history_decoder)
+
+                outputs.append(parallel.map_batch(len(latents[e]), generate, "np" if native else output_type))
                 bar.update(len(latents[e]))
         if output_type == "pil":
             return [frame for batch in outputs for frame in batch]

@@ -33,9 +33,10 @@ class PromptFeaturesMixin:
         .bin), a folder or hub repo id holding ``learned_embeds.safetensors`` / ``.bin`` (or ``weight_name``),
         a ``{token: vector}`` dict, or a list of these with a list of tokens. ``token`` overrides the file's
         own. Returns the tokens added (``tok, tok_1, ...`` for a multi-vector embedding; ``tok`` in a prompt
-        stands for all of them)."""
+        stands for all of them). On SDXL an embedding holds ``clip_l`` and ``clip_g`` tensors (AUTOMATIC1111 /
+        civitai SDXL files, or such a dict): each text encoder and its tokenizer get theirs."""
         return load_textual_inversion(self.tokenizer, self.backend, pretrained_model_name_or_path, token,
-                                      weight_name=weight_name, subfolder=subfolder,
+                                      tokenizers=self.components.tokenizers, weight_name=weight_name, subfolder=subfolder,
                                       local_files_only=local_files_only, revision=revision)
 
     def maybe_convert_prompt(self, prompt: str | list[str]) -> str | list[str]:

@@ -38,14 +38,6 @@ def is_sdxl(backend: Any) -> bool:
     return getattr(backend.unet_config, "addition_embed_type", None) == "text_time"
 
 
-def refuse_sdxl(backend: Any, what: str) -> None:
-    """Refuse, before any work, a pipeline that does not take SDXL models yet (latent walks, interpolation)."""
-    if is_sdxl(backend):
-        raise UnsupportedModelError(f"{what} does not take SDXL models yet (their prompt embeddings need pooled "
-                                    "embeddings and time ids); use TextToImageDiffusion, ImageToImageDiffusion "
-                                    "or InpaintDiffusion")
-
-
 def _pair(value: Any, name: str, check: Any) -> Pair | None:
     if value is None:
         return None
@@ -270,6 +262,19 @@ def check_denoising_fraction(value: Any, name: str) -> float | None:
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must be a fraction strictly between 0 and 1, got {value!r}")
     return v
+
+
+def check_denoising_range(denoising_start: Any, denoising_end: Any, start_step: Any,
+                          strength: Any) -> tuple[float | None, float | None]:
+    """Both fractions checked, and together: start below end, and ``denoising_start`` instead of
+    ``start_step``/``strength`` (it sets where the schedule begins)."""
+    start = check_denoising_fraction(denoising_start, "denoising_start")
+    end = check_denoising_fraction(denoising_end, "denoising_end")
+    if start is not None and (start_step is not None or strength is not None):
+        raise ValueError("pass denoising_start or start_step/strength, not both")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    return start, end
 
 
 def _cutoff(scheduler: Any, fraction: float) -> int:

@@ -20,7 +20,9 @@ from ..motion_adapters import resolve_motion_adapter
 from . import inputs
 from .base import Array, BaseDiffusion, ModelComponents, PromptType, with_run_settings
 from .context_windows import ContextWindows
+from .data_parallel import ParallelCall, Shard
 from .denoise import Guidance, StepCallback
+from .sdxl_conditioning import check_sdxl_keywords, sdxl_inputs
 from .stablefused_compat import folder_from_components, resolve_dtype
 
 # AnimateDiff's sampler: DDIM on *linear* betas (not SD's scaled_linear), no clipping, linspace spacing.
@@ -36,7 +38,9 @@ class TextToVideoDiffusion(BaseDiffusion):
                  use_cache: bool = True, local_files_only: bool = False, scheduler: Any = None,
                  progress: bool = True, adapter_variant: str | None = None,
                  motion_adapter_config: dict | None = None, torch_dtype: Any = None, tokenizer: Any = None,
-                 text_encoder: Any = None, vae: Any = None, unet: Any = None, **model_files: Any) -> None:
+                 text_encoder: Any = None, vae: Any = None, unet: Any = None, distributed: bool = True,
+                 guidance_parallel: bool = False, controlnet: Any = None,
+                 **model_files: Any) -> None:
         """``model_id``: an SD 1.x model; ``motion_adapter``: a MotionAdapter folder or hub id, or an original
         AnimateDiff checkpoint (.ckpt / .safetensors; ``motion_adapter_config`` may give MotionAdapter
         config entries such a file cannot store, e.g. ``motion_num_attention_heads``). The default
@@ -62,7 +66,8 @@ class TextToVideoDiffusion(BaseDiffusion):
                                               motion_adapter=adapter, **model_files)  # vae=, config=, use_ema=, ...
         elif model_id is not None:
             raise ValueError("pass exactly one of model_id (to load a model) or components (to share one)")
-        super().__init__(components=components, scheduler=scheduler, progress=progress)
+        super().__init__(components=components, scheduler=scheduler, progress=progress, distributed=distributed,
+                         guidance_parallel=guidance_parallel, controlnet=controlnet)
         if not self.backend.is_video_unet:
             raise ValueError("text-to-video needs a video model: pass motion_adapter= (e.g. "
                              "'guoyww/animatediff-motion-adapter-v1-5-2' or an mm_sd_v15*.ckpt file) for an SD "
@@ -102,8 +107,20 @@ class TextToVideoDiffusion(BaseDiffusion):
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  negative_prompt: PromptType | None = None, latent: np.ndarray | None = None,
                  output_type: str = "pil", decode_batch_size: int = 4, seed: int | None = None,
-                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None) -> Any:
-        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w)."""
+                 num_videos_per_prompt: int = 1, callback_on_step_end: StepCallback | list | None = None,
+                 control_image: Any = None, controlnet_conditioning_scale: float | list[float] = 1.0,
+                 control_guidance_start: float | list[float] = 0.0, control_guidance_end: float | list[float] = 1.0,
+                 guess_mode: bool = False, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: Any = None, **sdxl: Any) -> Any:
+        """Videos for ``prompt``: "pil" a list of frame lists, "np" (B, F, H, W, 3), "latent" (B, 4, F, h, w).
+
+        With a ControlNet (AnimateDiff, as diffusers' AnimateDiffControlNetPipeline): ``control_image`` one image
+        per frame (a list, or (F, H, W, 3)), with several ControlNets a list of such lists; the other keywords
+        as the image pipelines take them (``pipelines/controlnet.py``). ``ip_adapter_image``: an image prompt for a
+        loaded IP-Adapter, the same for every frame. An SDXL model with an SDXL motion adapter (AnimateDiff-SDXL)
+        takes text-to-image's SDXL keywords (``prompt_2``, ``negative_prompt_2``, the micro-conditioning, one
+        set for every frame)."""
+        arguments = {k: v for k, v in locals().items() if k != "self"}
         # 1. Check inputs.
         self._begin()
         self._check_output_type(output_type)
@@ -124,24 +141,47 @@ class TextToVideoDiffusion(BaseDiffusion):
         if self.max_frames is not None and video_frames > self.max_frames and self.context_windows is None:
             raise ValueError(f"{video_frames} frames exceed the motion module's maximum of {self.max_frames}; "
                              "generate fewer, or call enable_context_windows() for longer videos")
+        control = self.prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, guess_mode, (video_height, video_width),
+                                       len(prompts) // num_videos_per_prompt, num_videos_per_prompt, guidance.enabled,
+                                       frames=video_frames)
+        if control is not None and self._predictor(video_frames) is not None:
+            raise ValueError("ControlNets do not run over context windows yet: generate at most one window of "
+                             "frames, or call disable_context_windows()")
         shape = (len(prompts), self.latent_channels, video_frames, video_height // f, video_width // f)
-        rng = inputs.make_rng(seed)
+        parallel = ParallelCall.begin(self, "TextToVideoDiffusion.__call__", arguments, seed)  # under a launch
+        rng = inputs.make_rng(parallel.seed)
         noise = inputs.given_or_random(latent, shape, rng, "latent (B, C, F, h, w)")
-        # 2. Encode the prompt.
-        positive, negative = self.encode_prompt(prompts, negatives)
+        image_prompt = self.check_image_prompt(ip_adapter_image, ip_adapter_image_embeds, len(prompts), guidance.enabled)
+        sdxl_call = sdxl_inputs(self, negative_prompt, video_height, video_width, text_to_image=True,
+                                **check_sdxl_keywords(sdxl))
+        # 2. Encode the prompt (and the image prompt).
+        positive, negative = self.encode_prompt(prompts, negatives, sdxl_call, num_videos_per_prompt)
+        positive, negative = self.add_image_prompt(positive, negative, image_prompt)
         # 3. Prepare timesteps and latents.
         self.scheduler.set_timesteps(num_inference_steps)
-        latents = self.backend.latent_from_numpy(noise * np.float32(self.scheduler.init_noise_sigma))
-        # 4. Denoise (over context windows when enabled).
-        final = self.run_denoise(latents, positive, negative, guidance, rng, predict=self._predictor(video_frames),
-                                 callback_on_step_end=callback_on_step_end)[-1]
-        # 5. Decode.
-        return self.video_output(final, output_type, decode_batch_size)
+        predict = self._predictor(video_frames, parallel)  # context windows: under a launch, spread over the ranks
+
+        def generate(shard: Shard, output: str) -> Any:  # all videos, or (no context windows) this rank's window
+            latents = self.backend.latent_from_numpy(shard.take(noise) * np.float32(self.scheduler.init_noise_sigma))
+            # 4. Denoise (over context windows when enabled).
+            final = self.run_denoise(latents, shard.take(positive), shard.take(negative), guidance, rng,
+                                     predict=predict, callback_on_step_end=callback_on_step_end,
+                                     step_conditioning=shard.take(control),
+                                     step_noise=shard.noise_source)[-1]
+            # 5. Decode.
+            return self.video_output(final, output, decode_batch_size)
+
+        if predict is not None and parallel.splits_data:  # the ranks share each step's windows instead
+            return generate(Shard(len(prompts)), output_type)
+        return parallel.map_batch(len(prompts), generate, output_type)
 
     generate = __call__
 
-    def _predictor(self, frames: int):
-        """The UNet over the whole video, or over overlapping context windows blended per frame."""
+    def _predictor(self, frames: int, parallel: ParallelCall | None = None):
+        """The UNet over the whole video, or over overlapping context windows blended per frame. Under a
+        launch each rank runs its share of a step's windows; all predictions are exchanged and every rank
+        blends them in the same order as one process."""
         windows = self.context_windows.windows(frames) if self.context_windows else None
         if not windows or len(windows) == 1:
             return None
@@ -151,9 +191,12 @@ class TextToVideoDiffusion(BaseDiffusion):
             weight_sum[start:stop] += spans.weights(stop - start)
 
         def predict(x: Array, timestep: float, conditioning: Conditioning) -> Array:
+            def window(k: int) -> Array:
+                return backend.unet(backend.take_frames(x, *windows[k]), timestep, conditioning)
+
             total = None
-            for start, stop in windows:
-                part = backend.unet(backend.take_frames(x, start, stop), timestep, conditioning)
+            parts = (window(k) for k in range(len(windows))) if parallel is None else parallel.each(len(windows), window)
+            for (start, stop), part in zip(windows, parts):
                 part = part * backend.frame_weights(spans.weights(stop - start), part.ndim)
                 part = backend.pad_frames(part, start, frames - stop)
                 total = part if total is None else total + part

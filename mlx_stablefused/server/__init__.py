@@ -44,7 +44,7 @@ def serve(settings: ServerSettings) -> int:
     try:
         engine.call(lambda e: e.load(settings.model))
         print(f"[mlx-stablefused] serving {settings.model} on http://{settings.host}:{settings.port} "
-              "(AUTOMATIC1111 API at /sdapi/v1, OpenAI Images API at /v1)", file=sys.stderr)
+              "(the web UI at /, AUTOMATIC1111 API at /sdapi/v1, OpenAI Images API at /v1)", file=sys.stderr)
         uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, access_log=False,
                     log_level="warning")
     finally:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import __version__
-from . import a1111, openai_api
+from . import a1111, openai_api, ui_api
 from .engine import Engine
 from .images import FieldError
 from .service import ClientGone, Service
@@ -66,9 +66,11 @@ class Gate:
         if key is not None:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not _authorized(given, key):
+                # The web UI's page asks the browser for the key (HTTP Basic: any user name, the key as password).
+                challenge = b'Basic realm="mlx-stablefused"' if _is_page(scope["path"]) else b"Bearer"
                 return await _send_json(send, 401, _error(scope["path"], "authorization",
                                                           "missing or wrong API key: send 'Authorization: Bearer KEY'"),
-                                        [(b"www-authenticate", b"Bearer")])
+                                        [(b"www-authenticate", challenge)])
         cap = self.settings.limits.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
@@ -93,6 +95,10 @@ class Gate:
             if not started[0]:
                 await _drain(receive, 4 * cap)
                 await _send_json(send, 413, _too_large(scope["path"], seen[0], cap))
+
+
+def _is_page(path: str) -> bool:
+    return path == "/" or path.startswith("/ui/static/")
 
 
 def _authorized(header: str, key: str) -> bool:
@@ -151,6 +157,7 @@ def create_app(settings: ServerSettings, engine: Engine) -> Any:
     app.state.service = service
     app.include_router(a1111.router(service))
     app.include_router(openai_api.router(service))
+    app.include_router(ui_api.router(service))
 
     def reply(request: Request, status: int, field: str, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(_error(request.url.path, field, message), status_code=status, headers=headers)

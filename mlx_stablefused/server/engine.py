@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from ..demo import DEMO_MODEL_ID, DEMO_NOTICE, DEMO_SIZE, DEMO_STEPS
-from .jobs import GenerationJob, RunControl
+from .images import FieldError
+from .jobs import GenerationJob, RunControl, step_callback
 from .settings import ServerSettings
 from .worker import Worker
 
@@ -99,46 +100,119 @@ class Engine:
                       "inpaint": InpaintDiffusion.from_pipeline(base)}
         self.model_id = model_id
 
+    def walk_pipeline(self) -> Any:
+        """Prompt interpolation and latent walks, on the loaded model's weights (SD 1.x / 2.x only)."""
+        from ..pipelines.latent_walk import LatentWalkDiffusion
+
+        if "walk" not in self.pipes:
+            self.pipes["walk"] = LatentWalkDiffusion.from_pipeline(self.pipes["txt2img"])
+        return self.pipes["walk"]
+
+    def video_pipeline(self) -> Any:
+        """AnimateDiff on the loaded model with the served motion adapter, loaded on first use (a UNet with
+        motion modules is a second copy of the model's weights in memory); refused when there is none."""
+        from ..pipelines.text_to_video import TextToVideoDiffusion
+        from .media import motion_adapter_for
+
+        reason = self.video_unavailable()
+        if reason is not None:
+            raise FieldError("kind", reason)
+        if "video" not in self.pipes:
+            s = self.settings
+            pipe = TextToVideoDiffusion(model_id=self.model_id, motion_adapter=motion_adapter_for(
+                self.model_id, s.motion_adapter), backend=s.backend, dtype=s.dtype, device=s.device,
+                variant=s.variant, progress=False)
+            pipe.enable_prompt_weighting(lora_dir=s.lora_dir)
+            self.pipes["video"] = pipe
+        return self.pipes["video"]
+
+    def video_unavailable(self) -> str | None:
+        """Why this model cannot make AnimateDiff videos here, or None."""
+        from ..pipelines.sdxl_conditioning import is_sdxl
+        from .media import motion_adapter_for
+
+        if is_sdxl(self.pipes["txt2img"].backend):
+            return "AnimateDiff needs an SD 1.x model; the served model is SDXL"
+        if motion_adapter_for(self.model_id, self.settings.motion_adapter) is None:
+            return ("no motion adapter is served: start the server with --motion-adapter "
+                    "(e.g. guoyww/animatediff-motion-adapter-v1-5-2) for AnimateDiff videos")
+        return None
+
+    def walk_unavailable(self) -> str | None:
+        from ..pipelines.sdxl_conditioning import is_sdxl
+
+        if is_sdxl(self.pipes["txt2img"].backend):
+            return "prompt interpolation and latent walks do not take SDXL models yet"
+        return None
+
     def generate(self, job: GenerationJob, control: RunControl) -> GenerationResult:
+        """Image k of the job from seed ``seed + k`` (A1111's numbering), one image at a time."""
         pipe = self.pipes[job.mode]
         pipe.set_scheduler(job.sampler.ours, **job.sampler.overrides)
-        image, mask = self._inputs(job)
-
-        from ..previews import latents_to_rgb
-
+        if job.hires is not None:
+            self.pipes["img2img"].set_scheduler(job.sampler.ours, **job.sampler.overrides)
+        image, mask = self.prepare_inputs(job, pipe)
         control.preview_scale = pipe.vae_scale_factor
-
-        def on_step(p: Any, step: int, timestep: Any, tensors: dict) -> None:
-            latents = tensors["latents"]  # the public layout (B, 4, h, w); the first image is previewed
-            control.step_done(step + 1, latents_to_rgb(latents[:1])[0] if latents.shape[1] == 4 else None)
-            if control.interrupted:
-                p.interrupt()
-
         images, seeds = [], []
         for k in range(job.count):
             if control.interrupted:
                 break
             control.image_started(k)
             seed = (job.seed + k) % SEED_RANGE
-            common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
-                          guidance_scale=job.cfg_scale, seed=seed, image_height=job.height, image_width=job.width,
-                          callback_on_step_end=on_step)
-            if job.mode == "txt2img":
-                out = pipe(**common)
-            elif job.mode == "img2img":
-                out = pipe(image=image, strength=job.denoising_strength, **common)
-            else:
-                out = pipe(image=image, mask=mask, strength=job.denoising_strength, **common)
-            images.append(out[0])
+            images.append(self.render(job, control, seed, image, mask))
             seeds.append(seed)
         return GenerationResult(images, seeds, control.interrupted)
 
-    @staticmethod
-    def _inputs(job: GenerationJob) -> tuple[Image.Image | None, Image.Image | None]:
-        """A1111's preparation: the mask inverted and blurred as asked; masked content filled (fill = 0)."""
+    def render(self, job: GenerationJob, control: RunControl, seed: int, image: Any = None, mask: Any = None,
+               cfg_scale: float | None = None) -> Image.Image:
+        """One image of ``job`` (its sampler already set) from ``seed``; ``cfg_scale`` overrides the job's."""
+        pipe = self.pipes[job.mode]
+        common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
+                      guidance_scale=job.cfg_scale if cfg_scale is None else cfg_scale, seed=seed,
+                      callback_on_step_end=step_callback(control))
+        if job.mode == "txt2img":
+            if job.hires is None:
+                return pipe(image_height=job.height, image_width=job.width, **common)[0]
+            return self._hires(job, control, common)
+        size = {} if isinstance(image, np.ndarray) else dict(image_height=job.height, image_width=job.width)
+        if job.mode == "img2img":
+            return pipe(image=image, strength=job.denoising_strength, **size, **common)[0]
+        return pipe(image=image, mask=mask, strength=job.denoising_strength, masked_content=job.masked_content,
+                    **size, **common)[0]
+
+    def _hires(self, job: GenerationJob, control: RunControl, common: dict) -> Image.Image:
+        """A1111's hires fix: the first pass at width x height, upscaled (its latent, or its image with PIL),
+        then image-to-image at the target size with the hires denoising strength."""
+        from .resize import hr_upscaler, interpolate_latent
+
+        hr = job.hires
+        kind, method = hr_upscaler(hr.upscaler)
+        first = self.pipes["txt2img"](image_height=job.height, image_width=job.width,
+                                      output_type="latent" if kind == "latent" else "pil", **common)
+        if control.interrupted:
+            return self.pipes["txt2img"].latent_to_image(first)[0] if kind == "latent" else first[0]
+        f = self.pipes["txt2img"].vae_scale_factor
+        if kind == "latent":
+            source: Any = interpolate_latent(first, hr.height // f, hr.width // f, str(method))
+        else:
+            source = first[0].resize((hr.width, hr.height), method)
+        second = {**common, "num_inference_steps": hr.steps, "callback_on_step_end": step_callback(control, job.steps)}
+        return self.pipes["img2img"](image=source, strength=hr.denoising_strength, **second)[0]
+
+    def prepare_inputs(self, job: GenerationJob, pipe: Any) -> tuple[Any, Image.Image | None]:
+        """A1111's preparation: the image brought to the job's size by ``resize_mode`` (3: its latent, upscaled);
+        the mask inverted and blurred as asked; masked content filled (fill = 0)."""
+        from .resize import IMAGE_RESIZERS, interpolate_latent, latent_source_size
+
         if job.init_image is None:
             return None, None
         image = job.init_image.convert("RGB")
+        if job.resize_mode == 3 and job.mask is None:
+            f = pipe.vae_scale_factor
+            latent = np.asarray(pipe.backend.latent_to_numpy(pipe.pixels_to_latent(
+                pipe.preprocess_image(latent_source_size(image)))))
+            return interpolate_latent(latent, job.height // f, job.width // f), None
+        image = IMAGE_RESIZERS.get(job.resize_mode, IMAGE_RESIZERS[0])(image, job.width, job.height)
         if job.mask is None:
             return image, None
         mask = job.mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)

@@ -16,6 +16,7 @@ class Limits:
     max_height: int = 2048
     max_steps: int = 150
     max_batch: int = 8  # images in one request: batch_size x n_iter, or OpenAI's n
+    max_frames: int = 64  # frames in one video, cells in one sweep grid (the web UI's jobs)
     max_queue: int = 16  # requests waiting behind the running one
     max_body_bytes: int = 32 * 1024 * 1024  # a 2048x2048 PNG in base64 is ~16 MB
 
@@ -31,6 +32,7 @@ class ServerSettings:
     port: int = 7860
     api_key: str | None = None
     lora_dir: Path | None = None
+    motion_adapter: str | None = None  # AnimateDiff videos (the demo model has its own)
     outputs: Path | None = None
     limits: Limits = field(default_factory=Limits)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import mlx.core as mx
@@ -99,30 +100,32 @@ class MLXBackend(Backend):
 
     TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
         import mlx.nn as nn
 
-        embeddings = self.text_encoder.text_model.embeddings
+        embeddings = self.components[component].text_model.embeddings
         weight = embeddings.token_embedding.weight
-        if not hasattr(self, "_added_token_rows"):  # rows [:base] come from the weight file (re-read on release)
-            self._token_rows_kept, self._added_token_rows = int(first_id), np.zeros((0, weight.shape[1]), np.float32)
-        keep = int(first_id) - self._token_rows_kept
-        if keep < 0 or keep > len(self._added_token_rows) or first_id > weight.shape[0]:
-            raise ValueError(f"token embedding rows can only be replaced from row {self._token_rows_kept} to "
+        # Per text encoder: rows [:kept] come from the weight file (re-read on release), the added rows from here.
+        kept, added = getattr(self, "_added_token_rows", {}).get(
+            component, (int(first_id), np.zeros((0, weight.shape[1]), np.float32)))
+        keep = int(first_id) - kept
+        if keep < 0 or keep > len(added) or first_id > weight.shape[0]:
+            raise ValueError(f"token embedding rows can only be replaced from row {kept} to "
                              f"{weight.shape[0]}, not from {first_id}")
-        self._added_token_rows = np.concatenate([self._added_token_rows[:keep], np.asarray(vectors, np.float32)])
+        self._added_token_rows = {**getattr(self, "_added_token_rows", {}),
+                                  component: (kept, np.concatenate([added[:keep], np.asarray(vectors, np.float32)]))}
         table = nn.Embedding(1, weight.shape[1])
         table.weight = mx.concatenate([weight[:first_id], mx.array(vectors).astype(weight.dtype)])
         mx.eval(table.weight)
         embeddings.token_embedding = table
 
-    def _with_added_token_rows(self, weights: dict) -> dict:
+    def _with_added_token_rows(self, weights: dict, component: str) -> dict:
         """File weights with the textual-inversion rows appended, as the loaded text encoder has them."""
-        if getattr(self, "_added_token_rows", None) is None or not len(self._added_token_rows):
+        kept, added = getattr(self, "_added_token_rows", {}).get(component, (0, ()))
+        if not len(added):
             return weights
-        base = weights[self.TOKEN_EMBEDDING][: self._token_rows_kept]
-        added = mx.array(self._added_token_rows).astype(base.dtype)
-        return {**weights, self.TOKEN_EMBEDDING: mx.concatenate([base, added])}
+        base = weights[self.TOKEN_EMBEDDING][:kept]
+        return {**weights, self.TOKEN_EMBEDDING: mx.concatenate([base, mx.array(added).astype(base.dtype)])}
 
     def release_text_encoder(self) -> bool:
         """Free the text encoders' materialised weights (SDXL: both): they are re-read lazily (mx.load maps the
@@ -144,8 +147,7 @@ class MLXBackend(Backend):
 
         dtype = module.text_model.final_layer_norm.weight.dtype
         weights = load_weights(path)
-        if module is self.text_encoder:  # textual-inversion rows live on the first text encoder
-            weights = self._with_added_token_rows(weights)
+        weights = self._with_added_token_rows(weights, name)
         apply_weights(module, weights, str(path), dtype)
         return True
 
@@ -194,6 +196,11 @@ class MLXBackend(Backend):
 
         return MLXLoRAHost(self)
 
+    def ip_adapter_host(self):
+        from .ip_adapter import MLXIPAdapterHost
+
+        return MLXIPAdapterHost(self)
+
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         if not self.settings.bounded_unet_run_ahead or mx.default_device() != mx.cpu:
             return self._unet_parts(latent, timestep, conditioning)
@@ -229,11 +236,37 @@ class MLXBackend(Backend):
         extra = self.unet_keywords(cond, lambda a: a.astype(self.dtype))
         if latent.ndim == 5:  # videos (B, F, h, w, C): frames join the batch, frame-minor
             b, f = latent.shape[:2]
+            extra = self.frames_into_batch(extra)
             x = latent.reshape(b * f, *latent.shape[2:]).astype(self.dtype)
             ctx = mx.repeat(cond.text.astype(self.dtype), f, axis=0)
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = mx.repeat(extra["ip_hidden_states"], f, axis=0)
+            if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
+                extra["added_cond_kwargs"] = {n: mx.repeat(v, f, axis=0) for n, v in extra["added_cond_kwargs"].items()}
+            extra.update(self.unet_call_keywords(tuple(x.shape), tuple(x.shape[1:3])))
             out = run(x, t, ctx, num_frames=f, **extra).astype(mx.float32)
             return out.reshape(b, f, *out.shape[1:])
+        extra.update(self.unet_call_keywords(tuple(latent.shape), tuple(latent.shape[1:3])))
         return run(latent.astype(self.dtype), t, cond.text.astype(self.dtype), **extra).astype(mx.float32)
+
+    def controlnet(self, module, latent: mx.array, timestep: float, conditioning: Conditioning, image: mx.array,
+                   scale: float, guess_mode: bool = False) -> tuple[tuple[mx.array, ...], mx.array]:
+        cond = as_conditioning(conditioning)
+        t = mx.array(float(timestep), dtype=mx.float32)
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),  # as diffusers: image tokens are the UNet's
+                                   lambda a: a.astype(self.dtype))
+        ctx, frames = cond.text.astype(self.dtype), None
+        if latent.ndim == 5:  # (B, F, h, w, C): frames join the batch, frame-minor, as the UNet runs them
+            b, frames = latent.shape[:2]
+            latent = latent.reshape(b * frames, *latent.shape[2:])
+            ctx = mx.repeat(ctx, frames, axis=0)
+            extra = {k: {n: mx.repeat(v, frames, axis=0) for n, v in d.items()} for k, d in extra.items()}
+        down, mid = module(latent.astype(self.dtype), t, ctx, image.astype(self.dtype), scale, guess_mode, **extra)
+        if frames is not None:
+            down = [r.reshape(-1, frames, *r.shape[1:]) for r in down]
+            mid = mid.reshape(-1, frames, *mid.shape[1:])
+        return tuple(down), mid
 
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
@@ -260,11 +293,12 @@ class MLXBackend(Backend):
         arr = np.asarray(latent.astype(mx.float32))
         return arr.transpose((0, 4, 1, 2, 3) if arr.ndim == 5 else (0, 3, 1, 2)).copy()
 
-    def load_network(self, root, name: str, description: ModelDescription) -> object:
+    def load_network(self, root, name: str, description: ModelDescription, files=None) -> object:
         from ...model_loading import load_network
         from .loading import NETWORKS
 
-        module = load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description)
+        module = load_network(root, name, NETWORKS, dtype=MLXNetworks.dtype_name(self.dtype), description=description,
+                              files=files)
         if hasattr(module, "set_stream_set"):
             module.set_stream_set(self.stream_set)
         return module
@@ -337,6 +371,14 @@ class MLXBackend(Backend):
         for _, module in self.unet_model.named_modules():
             if hasattr(module, "per_frame_norm"):
                 module.per_frame_norm = bool(per_frame)
+
+    def set_token_merging(self, config):
+        from ...token_merging import attach_token_merging
+        from .token_merge import bipartite_soft_matching
+        from .unet import BasicTransformerBlock
+
+        return attach_token_merging(self.unet_model.named_modules(), BasicTransformerBlock, config,
+                                    bipartite_soft_matching)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):

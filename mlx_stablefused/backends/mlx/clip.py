@@ -24,19 +24,20 @@ def quick_gelu(x: mx.array) -> mx.array:
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         self._heads = heads
+        self._mask = "causal" if causal else None  # text: causal; images: every patch sees every patch
 
     def __call__(self, x: mx.array) -> mx.array:
         b, n, d = x.shape
         h = self._heads
         q, k, v = (p(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5, mask="causal")
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=(d // h) ** -0.5, mask=self._mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -52,10 +53,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
@@ -75,9 +76,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig) -> None:
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True) -> None:
         super().__init__()
-        self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [CLIPEncoderLayer(cfg, causal) for _ in range(cfg.num_hidden_layers)]
 
 
 class CLIPTextTransformer(nn.Module):

@@ -138,7 +138,10 @@ class Attention(nn.Module):
         """Attend in slices of ``chunk`` queries so the score matrix never exists whole."""
         self._query_chunk = chunk
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, context: mx.array | tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """``context`` may be (text, IP-Adapter image tokens): then the ``ip_adapter`` layers attached here
+        (backends/mlx/ip_adapter.py) add their scaled attention over the image tokens."""
+        context, image = context if isinstance(context, tuple) else (context, None)
         context = x if context is None else context
         b, lq, _ = x.shape
         lk = context.shape[1]
@@ -151,6 +154,8 @@ class Attention(nn.Module):
             q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
         scale = d**-0.5
         o = attention(q, k, v, scale, self._query_chunk)
+        if image is not None and self.ip_adapter.scale != 0:  # scale 0: exactly the text attention, as diffusers
+            o = o + self.ip_adapter.attend(q, image, scale, self._query_chunk)
         o = o.astype(dtype).transpose(0, 2, 1, 3).reshape(b, lq, h * d)
         return self.to_out[0](o)
 

@@ -19,6 +19,8 @@ from ...converted_format import LAYOUT
 from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...sources import ModelSource
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
+from .clip_vision import CLIPVisionModelWithProjection
+from .controlnet import ControlNetModel
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .tiny_vae import AutoencoderTiny
@@ -31,7 +33,8 @@ class MLXNetworks(model_loading.Networks):
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL,
-               "AutoencoderTiny": AutoencoderTiny}
+               "AutoencoderTiny": AutoencoderTiny, "CLIPVisionModelWithProjection": CLIPVisionModelWithProjection,
+               "ControlNetModel": ControlNetModel}
     dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
     def parameter_shapes(self, module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...config import MotionConfig, UNetConfig
+from ...deep_cache import FeatureSlot
+from ...token_merging import NO_TOKEN_MERGE
 from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UNetPlan, UpBlockPlan, unet_plan
 from .cpu_math import silu
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
@@ -17,6 +19,8 @@ from .motion import TemporalConvLayer, TemporalTransformer
 
 
 class BasicTransformerBlock(nn.Module):
+    token_merge = NO_TOKEN_MERGE  # ToMe (token_merging.py) sets one per block: merge/unmerge around the sub-layers
+
     def __init__(self, plan: AttentionPlan) -> None:
         super().__init__()
         dim, heads, dim_head, bias, upcast = plan.channels, plan.heads, plan.head_dim, plan.bias, plan.upcast
@@ -29,9 +33,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        attn, cross, mlp = self.token_merge(x)  # identities unless token merging is on
+        x = x + attn.unmerge(self.attn1(attn.merge(self.norm1(x))))
+        x = x + cross.unmerge(self.attn2(cross.merge(self.norm2(x)), context))
+        return x + mlp.unmerge(self.ff(mlp.merge(self.norm3(x))))
 
 
 class Transformer2DModel(nn.Module):
@@ -95,13 +100,16 @@ class DownBlock(LayeredBlock):
         if plan.downsample:
             self.downsamplers = [Downsample2D(plan.out_channels, plan.downsample_padding)]
 
-    def __call__(self, x: mx.array, temb: mx.array, context: mx.array,
-                 num_frames: int | None = None) -> tuple[mx.array, list[mx.array]]:
+    def __call__(self, x: mx.array, temb: mx.array, context: mx.array, num_frames: int | None = None,
+                 states_wanted: int | None = None) -> tuple[mx.array, list[mx.array]]:
+        """``states_wanted``: stop after making that many skip states (DeepCache's shallow calls; None: all)."""
         states = []
         for j in range(len(self.resnets)):
+            if states_wanted is not None and len(states) == states_wanted:
+                return x, states
             x = self.layer(j, x, temb, context, num_frames)
             states.append(x)
-        if "downsamplers" in self:
+        if "downsamplers" in self and states_wanted != len(states):
             x = self.downsamplers[0](x)
             states.append(x)
         return x, states
@@ -116,10 +124,13 @@ class UpBlock(LayeredBlock):
             self.upsamplers = [Upsample2D(plan.out_channels)]
 
     def __call__(self, x: mx.array, skips: list[mx.array], temb: mx.array, context: mx.array,
-                 upsample_size: tuple[int, int] | None, num_frames: int | None = None) -> mx.array:
-        for j in range(len(self.resnets)):
+                 upsample_size: tuple[int, int] | None, num_frames: int | None = None, start: int = 0,
+                 stop: int | None = None) -> mx.array:
+        """Layers ``start`` to ``stop`` (default: all), then the upsampler if the last one ran."""
+        stop = len(self.resnets) if stop is None else stop
+        for j in range(start, stop):
             x = self.layer(j, mx.concatenate([x, skips.pop()], axis=-1), temb, context, num_frames)
-        if "upsamplers" in self:
+        if "upsamplers" in self and stop == len(self.resnets):
             x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -174,13 +185,17 @@ class ConditionalUNet(nn.Module):
     def __call__(self, sample: mx.array, timestep: mx.array, encoder_hidden_states: mx.array,
                  num_frames: int | None = None, down_block_additional_residuals: Sequence[mx.array] | None = None,
                  mid_block_additional_residual: mx.array | None = None,
-                 added_cond_kwargs: dict[str, mx.array] | None = None) -> mx.array:
+                 added_cond_kwargs: dict[str, mx.array] | None = None,
+                 ip_hidden_states: mx.array | None = None,
+                 deep_cache: FeatureSlot | None = None) -> mx.array:
         """``sample`` NHWC; ``timestep`` a scalar or (B,) training-time value; context (B, L, D).
 
         With ``num_frames`` (motion UNets, UNet3D), the batch holds B/F videos of F frames each,
         frame-minor, and the temporal layers mix information across each video's frames. The additional
         residuals (a ControlNet's, NHWC) are added to the skip states in order and to the mid block's output.
         ``added_cond_kwargs`` (SDXL, ``text_time`` UNets): ``text_embeds`` (B, D) and ``time_ids`` (B, n).
+        ``deep_cache`` (mlx_stablefused.deep_cache): keep the deep features of this call, or run only the layers
+        shallower than its branch from the features kept before.
         """
         f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
@@ -196,23 +211,56 @@ class ConditionalUNet(nn.Module):
         x = self.conv_in(sample)
         if "transformer_in" in self:
             x = self.transformer_in(x, f)
-        skips = [x]
-        for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, f)
-            skips.extend(states)
+        # IP-Adapter image tokens ride beside the text to every attn2 (decoupled cross-attention).
+        context = encoder_hidden_states if ip_hidden_states is None else (encoder_hidden_states, ip_hidden_states)
+        shallow = deep_cache is not None and deep_cache.reuses
+        x, skips = self.down_path(x, temb, context, f, deep_cache.branch + 1 if shallow else None)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
-        if "mid_block" in self:
-            x = self.mid_block(x, temb, encoder_hidden_states, f)
-        if mid_res is not None:
-            x = x + mid_res
+        layers = len(self.plan.skip_channels)
+        branch_layer = layers - 1 - deep_cache.branch if deep_cache is not None else 0  # the up layer taking it
+        if shallow:  # DeepCache: the features kept by a full call replace the mid block and the deeper up layers
+            x = deep_cache.feature
+        else:
+            if "mid_block" in self:
+                x = self.mid_block(x, temb, context, f)
+            if mid_res is not None:
+                x = x + mid_res
+            x = self.up_layers(x, skips, temb, context, f, 0, branch_layer)
+            if deep_cache is not None:
+                deep_cache.keep(x)
+        x = self.up_layers(x, skips, temb, context, f, branch_layer, layers)
+        return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def down_path(self, x: mx.array, temb: mx.array, context: mx.array, f: int | None,
+                  states_wanted: int | None = None) -> tuple[mx.array, list[mx.array]]:
+        """The down blocks from conv_in's output ``x``: the last output and the skip states, conv_in's first
+        (only the first ``states_wanted`` of them: DeepCache's shallow calls)."""
+        skips = [x]
+        for block in self.down_blocks:
+            if states_wanted is not None and len(skips) == states_wanted:
+                break
+            x, states = block(x, temb, context, f, None if states_wanted is None else states_wanted - len(skips))
+            skips.extend(states)
+        return x, skips
+
+    def up_layers(self, x: mx.array, skips: list[mx.array], temb: mx.array, context: mx.array, f: int | None,
+                  start: int, stop: int) -> mx.array:
+        """Up layers ``start`` to ``stop``, counted over all up blocks, each taking (popping) the last of
+        ``skips``; a block's upsampler runs after its last layer."""
+        first = 0  # the index of the block's first layer
         for block in self.up_blocks:
             n = len(block.resnets)
-            own, skips = skips[-n:], skips[:-n]
+            lo, hi = max(start - first, 0), min(stop - first, n)
+            first += n
+            if lo >= hi:
+                continue
+            own = skips[len(skips) - (hi - lo):]
+            del skips[len(skips) - (hi - lo):]
             # Upsample to the next skip's size: exactly 2x normally, the odd size when the input was odd.
             size = (skips[-1].shape[1], skips[-1].shape[2]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, f)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+            x = block(x, own, temb, context, size, f, lo, hi)
+        return x
 
     def text_time_embedding(self, added: dict[str, mx.array] | None, batch: int, dtype: mx.Dtype) -> mx.array:
         """``[text_embeds, sinusoidal(time_ids)]``, diffusers' ``text_time`` input to ``add_embedding``."""

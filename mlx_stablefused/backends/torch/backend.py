@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -51,8 +52,8 @@ class TorchBackend(Backend):
         ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64)).to(self.device)
         return self.text_encoder(ids).last_hidden_state
 
-    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray) -> None:
-        embeddings = self.text_encoder.text_model.embeddings
+    def set_token_embeddings_from(self, first_id: int, vectors: np.ndarray, component: str = "text_encoder") -> None:
+        embeddings = self.components[component].text_model.embeddings
         weight = embeddings.token_embedding.weight.detach()
         if first_id > weight.shape[0]:
             raise ValueError(f"token embedding rows end at {weight.shape[0]}; cannot replace from row {first_id}")
@@ -76,11 +77,41 @@ class TorchBackend(Backend):
         extra = self.unet_keywords(cond, lambda a: a.to(self.dtype))
         if latent.ndim == 5:  # videos (B, C, F, h, w): frames join the batch, frame-minor
             b, c, f, h, w = latent.shape
+            extra = self.frames_into_batch(extra)
             x = latent.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(self.dtype)
             ctx = cond.text.to(self.dtype).repeat_interleave(f, dim=0)
+            if "ip_hidden_states" in extra:  # one image's tokens for every frame, as the text
+                extra["ip_hidden_states"] = extra["ip_hidden_states"].repeat_interleave(f, dim=0)
+            if "added_cond_kwargs" in extra:  # SDXL: a video's pooled text and time ids for every frame
+                extra["added_cond_kwargs"] = {n: v.repeat_interleave(f, dim=0)
+                                              for n, v in extra["added_cond_kwargs"].items()}
+            extra.update(self.unet_call_keywords(tuple(x.shape), (h, w)))
             out = self.unet_model(x, t, ctx, num_frames=f, **extra).float()
             return out.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
+        extra.update(self.unet_call_keywords(tuple(latent.shape), tuple(latent.shape[2:])))
         return self.unet_model(latent.to(self.dtype), t, cond.text.to(self.dtype), **extra).float()
+
+    @torch.inference_mode()
+    def controlnet(self, module, latent: torch.Tensor, timestep: float, conditioning: Conditioning,
+                   image: torch.Tensor, scale: float, guess_mode: bool = False) -> tuple[tuple[torch.Tensor, ...],
+                                                                                          torch.Tensor]:
+        cond = as_conditioning(conditioning)
+        module.to(self.device)  # loaded beside the model: follows pipe.to(device) here (a no-op when it is there)
+        t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
+        extra = self.unet_keywords(replace(cond, down_block_residuals=None, mid_block_residual=None,
+                                           ip_hidden_states=None),
+                                   lambda a: a.to(self.dtype))
+        ctx, frames = cond.text.to(self.dtype), None
+        if latent.ndim == 5:  # (B, C, F, h, w): frames join the batch, frame-minor, as the UNet runs them
+            b, c, frames, h, w = latent.shape
+            latent = latent.permute(0, 2, 1, 3, 4).reshape(b * frames, c, h, w)
+            ctx = ctx.repeat_interleave(frames, dim=0)
+            extra = {k: {n: v.repeat_interleave(frames, dim=0) for n, v in d.items()} for k, d in extra.items()}
+        down, mid = module(latent.to(self.dtype), t, ctx, image.to(self.dtype), scale, guess_mode, **extra)
+        if frames is not None:  # (B, F, C, h, w): one entry per video, as the Conditioning's batch
+            down = [r.reshape(-1, frames, *r.shape[1:]) for r in down]
+            mid = mid.reshape(-1, frames, *mid.shape[1:])
+        return tuple(down), mid
 
     @torch.inference_mode()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -97,11 +128,11 @@ class TorchBackend(Backend):
     def latent_to_numpy(self, latent: torch.Tensor) -> np.ndarray:
         return latent.detach().float().cpu().numpy()
 
-    def load_network(self, root, name: str, description: ModelDescription) -> torch.nn.Module:
+    def load_network(self, root, name: str, description: ModelDescription, files=None) -> torch.nn.Module:
         from ...model_loading import load_network
 
         return load_network(root, name, TorchNetworks(self.device), dtype=TorchNetworks.dtype_name(self.dtype),
-                            description=description)
+                            description=description, files=files)
 
     def to_device(self, device: str) -> None:
         self.device = torch.device(device)
@@ -180,6 +211,19 @@ class TorchBackend(Backend):
         from .lora import TorchLoRAHost
 
         return TorchLoRAHost(self)
+
+    def ip_adapter_host(self):
+        from .ip_adapter import TorchIPAdapterHost
+
+        return TorchIPAdapterHost(self)
+
+    def set_token_merging(self, config):
+        from ...token_merging import attach_token_merging
+        from .token_merge import bipartite_soft_matching
+        from .unet import BasicTransformerBlock
+
+        return attach_token_merging(self.unet_model.named_modules(), BasicTransformerBlock, config,
+                                    bipartite_soft_matching)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
         for model in (self.unet_model, self.vae):

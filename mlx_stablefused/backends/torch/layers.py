@@ -45,11 +45,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
         self.heads, self.dim_head, self.upcast = heads, dim_head, upcast
         self.query_chunk: int | None = None
+        self.ip_adapter: nn.Module | None = None  # an IP-Adapter's to_k_ip / to_v_ip (backends/torch/ip_adapter.py)
 
     def set_query_chunk(self, chunk: int | None) -> None:
         self.query_chunk = chunk
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """``context`` may be (text, IP-Adapter image tokens): the attached ``ip_adapter`` adds its scaled
+        attention over the image tokens."""
+        context, image = context if isinstance(context, tuple) else (context, None)
         context = x if context is None else context
         b, lq, _ = x.shape
         h, d = self.heads, self.dim_head
@@ -59,7 +64,10 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        o = attend(q, k, v, self.query_chunk).to(dtype)
+        o = attend(q, k, v, self.query_chunk)
+        if image is not None and self.ip_adapter.scale != 0:  # scale 0: exactly the text attention, as diffusers
+            o = o + self.ip_adapter.attend(q, image, self.query_chunk)
+        o = o.to(dtype)
         return self.to_out[0](o.transpose(1, 2).reshape(b, lq, h * d))
 
 

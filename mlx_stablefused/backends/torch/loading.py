@@ -18,6 +18,8 @@ from ...checkpoint_io import load_torch_tensors, load_torch_weights
 from ...model_description import ModuleKind
 from ...sources import ModelSource
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
+from .clip_vision import CLIPVisionModelWithProjection
+from .controlnet import ControlNetModel
 from .unet import UNet2DConditionModel
 from .unet3d import UNet3DConditionModel
 from .tiny_vae import AutoencoderTiny
@@ -40,7 +42,8 @@ class TorchNetworks(model_loading.Networks):
     classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
                "UNet2DConditionModel": UNet2DConditionModel,
                "UNet3DConditionModel": UNet3DConditionModel, "AutoencoderKL": AutoencoderKL,
-               "AutoencoderTiny": AutoencoderTiny}
+               "AutoencoderTiny": AutoencoderTiny, "CLIPVisionModelWithProjection": CLIPVisionModelWithProjection,
+               "ControlNetModel": ControlNetModel}
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def __init__(self, device: str | torch.device = "cpu") -> None:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import MotionConfig, UNetConfig
+from ...deep_cache import FeatureSlot
+from ...token_merging import NO_TOKEN_MERGE
 from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UNetPlan, UpBlockPlan, unet_plan
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
@@ -17,6 +19,8 @@ from .motion import TemporalConvLayer, TemporalTransformer
 
 
 class BasicTransformerBlock(nn.Module):
+    token_merge = NO_TOKEN_MERGE  # ToMe (token_merging.py) sets one per block: merge/unmerge around the sub-layers
+
     def __init__(self, plan: AttentionPlan) -> None:
         super().__init__()
         dim, heads, dim_head, bias, upcast = plan.channels, plan.heads, plan.head_dim, plan.bias, plan.upcast
@@ -29,9 +33,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        attn, cross, mlp = self.token_merge(x)  # identities unless token merging is on
+        x = x + attn.unmerge(self.attn1(attn.merge(self.norm1(x))))
+        x = x + cross.unmerge(self.attn2(cross.merge(self.norm2(x)), context))
+        return x + mlp.unmerge(self.ff(mlp.merge(self.norm3(x))))
 
 
 class Transformer2DModel(nn.Module):
@@ -105,12 +110,15 @@ class DownBlock(LayeredBlock):
         self.downsamplers = nn.ModuleList([Downsample2D(plan.out_channels, plan.downsample_padding)]) \
             if plan.downsample else None
 
-    def forward(self, x, temb, context, num_frames=None):
+    def forward(self, x, temb, context, num_frames=None, states_wanted: int | None = None):
+        """``states_wanted``: stop after making that many skip states (DeepCache's shallow calls; None: all)."""
         states = []
         for j in range(len(self.resnets)):
+            if states_wanted is not None and len(states) == states_wanted:
+                return x, states
             x = self.layer(j, x, temb, context, num_frames)
             states.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and states_wanted != len(states):
             x = self.downsamplers[0](x)
             states.append(x)
         return x, states
@@ -121,10 +129,13 @@ class UpBlock(LayeredBlock):
         super().__init__(plan, len(plan.resnets))
         self.upsamplers = nn.ModuleList([Upsample2D(plan.out_channels)]) if plan.upsample else None
 
-    def forward(self, x, skips, temb, context, upsample_size, num_frames=None):
-        for j in range(len(self.resnets)):
+    def forward(self, x, skips, temb, context, upsample_size, num_frames=None, start: int = 0,
+                stop: int | None = None):
+        """Layers ``start`` to ``stop`` (default: all), then the upsampler if the last one ran."""
+        stop = len(self.resnets) if stop is None else stop
+        for j in range(start, stop):
             x = self.layer(j, torch.cat([x, skips.pop()], dim=1), temb, context, num_frames)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -175,10 +186,14 @@ class ConditionalUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 num_frames: int | None = None, down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
                 mid_block_additional_residual: torch.Tensor | None = None,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                ip_hidden_states: torch.Tensor | None = None,
+                deep_cache: FeatureSlot | None = None) -> torch.Tensor:
         """As diffusers' forward (NCHW); the additional residuals (a ControlNet's) are added to the skip
         states in order and to the mid block's output; ``added_cond_kwargs`` (SDXL, ``text_time`` UNets):
-        ``text_embeds`` (B, D) and ``time_ids`` (B, n)."""
+        ``text_embeds`` (B, D) and ``time_ids`` (B, n). ``deep_cache`` (mlx_stablefused.deep_cache): keep the
+        deep features of this call, or run only the layers shallower than its branch from the features kept
+        before."""
         f = self.frames(num_frames)
         down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
         self.plan.check_residuals(None if down_res is None else [r.shape[1] for r in down_res],
@@ -193,22 +208,55 @@ class ConditionalUNet(nn.Module):
         x = self.conv_in(sample)
         if self.transformer_in is not None:
             x = self.transformer_in(x, f)
-        skips = [x]
-        for block in self.down_blocks:
-            x, states = block(x, temb, encoder_hidden_states, f)
-            skips.extend(states)
+        # IP-Adapter image tokens ride beside the text to every attn2 (decoupled cross-attention).
+        context = encoder_hidden_states if ip_hidden_states is None else (encoder_hidden_states, ip_hidden_states)
+        shallow = deep_cache is not None and deep_cache.reuses
+        x, skips = self.down_path(x, temb, context, f, deep_cache.branch + 1 if shallow else None)
         if down_res is not None:
             skips = [s + r for s, r in zip(skips, down_res)]
-        if self.mid_block is not None:
-            x = self.mid_block(x, temb, encoder_hidden_states, f)
-        if mid_res is not None:
-            x = x + mid_res
+        layers = len(self.plan.skip_channels)
+        branch_layer = layers - 1 - deep_cache.branch if deep_cache is not None else 0  # the up layer taking it
+        if shallow:  # DeepCache: the features kept by a full call replace the mid block and the deeper up layers
+            x = deep_cache.feature
+        else:
+            if self.mid_block is not None:
+                x = self.mid_block(x, temb, context, f)
+            if mid_res is not None:
+                x = x + mid_res
+            x = self.up_layers(x, skips, temb, context, f, 0, branch_layer)
+            if deep_cache is not None:
+                deep_cache.keep(x)
+        x = self.up_layers(x, skips, temb, context, f, branch_layer, layers)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def down_path(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, f: int | None,
+                  states_wanted: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down blocks from conv_in's output ``x``: the last output and the skip states, conv_in's first
+        (only the first ``states_wanted`` of them: DeepCache's shallow calls)."""
+        skips = [x]
+        for block in self.down_blocks:
+            if states_wanted is not None and len(skips) == states_wanted:
+                break
+            x, states = block(x, temb, context, f, None if states_wanted is None else states_wanted - len(skips))
+            skips.extend(states)
+        return x, skips
+
+    def up_layers(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+                  f: int | None, start: int, stop: int) -> torch.Tensor:
+        """Up layers ``start`` to ``stop``, counted over all up blocks, each taking (popping) the last of
+        ``skips``; a block's upsampler runs after its last layer."""
+        first = 0  # the index of the block's first layer
         for block in self.up_blocks:
             n = len(block.resnets)
-            own, skips = skips[-n:], skips[:-n]
+            lo, hi = max(start - first, 0), min(stop - first, n)
+            first += n
+            if lo >= hi:
+                continue
+            own = skips[len(skips) - (hi - lo):]
+            del skips[len(skips) - (hi - lo):]
             size = tuple(skips[-1].shape[2:]) if skips else None
-            x = block(x, own, temb, encoder_hidden_states, size, f)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+            x = block(x, own, temb, context, size, f, lo, hi)
+        return x
 
     def text_time_embedding(self, added: dict[str, torch.Tensor] | None, batch: int,
                             dtype: torch.dtype) -> torch.Tensor:
