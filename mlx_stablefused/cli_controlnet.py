@@ -18,7 +18,7 @@ def add_controlnet_flags(p: argparse.ArgumentParser, video: bool = False) -> Non
                             ".pth / .safetensors file; repeat for several (default: none)")
     group.add_argument("--control-image", action="append", nargs="+", default=None, metavar="PATH",
                        help=("the control frames, one image per frame" if video else "the control image, of the "
-                             "output's size") + "; repeat once per --controlnet, in the same order")
+                             "output's size") + "; repeat once per --controlnet, in the same order (default: none)")
     group.add_argument("--controlnet-scale", type=finite("--controlnet-scale"), nargs="+", default=None,
                        metavar="SCALE", help="residual scale: one, or one per --controlnet (default: diffusers' "
                                              "pipeline default, 1.0; img2img 0.8; inpaint 0.5)")
