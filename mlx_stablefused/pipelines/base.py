@@ -269,7 +269,7 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
         before it."""
         from .low_memory import enable_low_memory
 
-        enable_low_memory(self, enabled, unet_bits)
+        enable_low_memory(self, enabled, unet_bits, attention_chunk=AUTO_ATTENTION_CHUNK)
 
     def _require(self, capability: str, what: str) -> None:
         if not self.backend.supports(capability):

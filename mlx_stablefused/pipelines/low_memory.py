@@ -8,7 +8,7 @@
 * the UNet's weights freed after each denoising loop (MLX: re-read lazily at its next use, a read of
   the converted file: 1.6 GB for SD 1.5, 4.9 GB for SDXL in fp16), so the VAE decodes beside only itself;
   kept where the file does not hold them (a motion UNet, LoRA adapters, a quantized UNet) and on torch;
-* attention in slices of at most ``AUTO_ATTENTION_CHUNK`` query tokens (exact);
+* attention in slices of at most ``base.AUTO_ATTENTION_CHUNK`` query tokens (exact);
 * MLX's CPU build: each UNet pass allocates at most 512 MB ahead of the threads computing it
   (``cpu_memory.bounded_run_ahead``, as VAE passes do; on by default since it measured no slower, and
   kept on here even where a pipeline turned it off): unbounded, an SD 1.5 step at 512x512 held 2.2 GB
@@ -27,10 +27,9 @@ memory section has the peaks and time costs, measured.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .base import BaseDiffusion
+Pipeline = Any  # a BaseDiffusion (not imported: base.py imports this module)
 
 
 @dataclass(frozen=True)
@@ -45,23 +44,23 @@ class MemoryOptions:
     tiling: Any
 
     @classmethod
-    def of(cls, pipe: "BaseDiffusion") -> "MemoryOptions":
+    def of(cls, pipe: Pipeline) -> "MemoryOptions":
         return cls(pipe.release_text_encoder, pipe.release_unet, pipe.settings.attention_chunk,
                    pipe.settings.bounded_unet_run_ahead, pipe.decode_batch_size, pipe.tiling)
 
-    def apply_to(self, pipe: "BaseDiffusion") -> None:
+    def apply_to(self, pipe: Pipeline) -> None:
         pipe.release_text_encoder, pipe.release_unet = self.release_text_encoder, self.release_unet
         pipe.settings = replace(pipe.settings, attention_chunk=self.attention_chunk,
                                 bounded_unet_run_ahead=self.bounded_unet_run_ahead)
         pipe.decode_batch_size, pipe.tiling = self.decode_batch_size, self.tiling
 
 
-def enable_low_memory(pipe: "BaseDiffusion", enabled: bool = True, unet_bits: int | None = None) -> None:
+def enable_low_memory(pipe: Pipeline, enabled: bool = True, unet_bits: int | None = None,
+                      attention_chunk: int = 1024) -> None:
     """Switch the preset on (or, ``enabled=False``, back to the options chosen before it; a quantized UNet
     stays quantized). Refused before anything changes: ``unet_bits`` other than None or 8, or 8 bits on a
-    backend without quantization."""
+    backend without quantization. ``attention_chunk``: the slice size (the pipeline's automatic one)."""
     from ..backends.base import QUANTIZE
-    from .base import AUTO_ATTENTION_CHUNK
 
     if unet_bits not in (None, 8):
         raise ValueError(f"enable_low_memory: unet_bits is None or 8, got {unet_bits!r}")
@@ -78,7 +77,7 @@ def enable_low_memory(pipe: "BaseDiffusion", enabled: bool = True, unet_bits: in
         pipe._options_before_low_memory = MemoryOptions.of(pipe)
     chunk = pipe.settings.attention_chunk
     MemoryOptions(release_text_encoder=True, release_unet=True,
-                  attention_chunk=min(chunk, AUTO_ATTENTION_CHUNK) if chunk else AUTO_ATTENTION_CHUNK,
+                  attention_chunk=min(chunk, attention_chunk) if chunk else attention_chunk,
                   bounded_unet_run_ahead=True,
                   decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
     if unet_bits is not None and not _quantized(pipe.backend.unet_model):
