@@ -3,8 +3,8 @@
 MLX's Linux CPU wheel links a reference BLAS (about 3 GFLOP/s for a large matmul on a
 2-core x86 machine); OpenBLAS loaded globally before ``mlx.core`` is imported makes MLX
 resolve its BLAS calls there instead (about 125 GFLOP/s on the same machine). Debian and
-Ubuntu: ``apt-get install libopenblas0-pthread``. Set MLX_STABLEFUSED_NO_OPENBLAS=1 to
-opt out. On macOS MLX uses Accelerate and Metal, and nothing is done here.
+Ubuntu: ``apt-get install libopenblas0-pthread``; MLX_STABLEFUSED_OPENBLAS=/path/libopenblas.so.0
+names one elsewhere (conda, a build of your own). Set MLX_STABLEFUSED_NO_OPENBLAS=1 to opt out. On macOS MLX uses Accelerate and Metal, and nothing is done here.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ def preload_openblas() -> str:
         status = "disabled by MLX_STABLEFUSED_NO_OPENBLAS"
     elif "mlx.core" in sys.modules:
         status = "skipped: mlx.core was imported before mlx_stablefused"
+    elif os.environ.get("MLX_STABLEFUSED_OPENBLAS"):
+        path = os.environ["MLX_STABLEFUSED_OPENBLAS"]
+        try:  # named explicitly: a failure is an error, not a silent fall-back to the slow BLAS
+            _library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+        except OSError as error:
+            raise RuntimeError(f"MLX_STABLEFUSED_OPENBLAS={path} could not be loaded: {error}") from None
+        status = f"loaded {path}"
     else:
         found = ctypes.util.find_library("openblas")
         paths = ([found] if found else []) + [p for p in CANDIDATES if os.path.exists(p)]

@@ -1,0 +1,28 @@
+"""The OpenBLAS preload: a library named by MLX_STABLEFUSED_OPENBLAS is loaded or refused, never skipped."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def preload(env: dict) -> subprocess.CompletedProcess:
+    code = "from mlx_stablefused import _blas; print(_blas.preload_openblas())"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLX_STABLEFUSED_")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": str(ROOT), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_named_library_that_cannot_load_is_an_error(tmp_path):
+    missing = tmp_path / "libopenblas.so.0"
+    done = preload({"MLX_STABLEFUSED_OPENBLAS": str(missing)})
+    assert done.returncode != 0
+    assert f"MLX_STABLEFUSED_OPENBLAS={missing} could not be loaded" in done.stderr
+
+
+def test_opt_out_wins_over_a_named_library(tmp_path):
+    done = preload({"MLX_STABLEFUSED_OPENBLAS": str(tmp_path / "x.so"), "MLX_STABLEFUSED_NO_OPENBLAS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "disabled by MLX_STABLEFUSED_NO_OPENBLAS"
