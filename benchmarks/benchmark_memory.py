@@ -141,11 +141,13 @@ def run_row(name: str, timeout_s: float) -> dict:
     spec = ROWS[name]
     prepare(spec)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    load_before = os.getloadavg()
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=timeout_s)  # the worker is killed past it
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1]),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}  # 1, 5, 15 min
 
 
 def markdown_table(data: dict) -> str:
@@ -158,6 +160,19 @@ def markdown_table(data: dict) -> str:
         out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {ph['encode+step']:.0f} | "
                    f"{ph['decode']:.0f} | {r['run_s']:.0f} |")
     return "\n".join(out)
+
+
+def cpu_description() -> str:
+    """The CPU's model name, core count and vector extensions (from /proc/cpuinfo where there is one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = [f.upper() for f in ("avx", "avx2", "fma", "f16c", "avx512f", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores ({', '.join(vector) or 'no AVX'})"
 
 
 def main() -> None:
@@ -179,8 +194,7 @@ def main() -> None:
         print("\n".join(f"{k:22s} {v}" for k, v in ROWS.items()))
         return
     path = Path(args.json) if args.json else None
-    data = json.loads(path.read_text()) if path and path.is_file() else {"cpu": platform.processor() or
-                                                                       platform.machine(), "rows": {}}
+    data = json.loads(path.read_text()) if path and path.is_file() else {"cpu": cpu_description(), "rows": {}}
     for name in args.rows:
         row = run_row(name, args.timeout)
         data["rows"][name] = row

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..conditioning import Conditioning
+from ..conditioning import Conditioning, as_conditioning
 from ..deep_cache import DeepCacheConfig, DeepCacheRun
 from ..token_merging import TokenMergeState, TokenMergingConfig
 
@@ -46,6 +46,7 @@ class RunSettings:
     bounded_unet_run_ahead: bool = True  # MLX's CPU build: UNet passes allocate ahead at most its VAE headroom
     deep_cache: DeepCacheConfig | None = None  # reuse deep UNet features across evaluations (deep_cache.py)
     token_merging: TokenMergingConfig | None = None  # ToMe in the transformer blocks (token_merging.py)
+    unet_batch_size: int | None = None  # samples per UNet pass, one pass after the other (None: the whole batch)
 
 
 class Backend(ABC):
@@ -95,6 +96,23 @@ class Backend(ABC):
         Its ``image_channels`` are concatenated to the input's channels. A video latent (5-D) runs every
         frame through the UNet with one text embedding per video.
         """
+
+    def in_unet_passes(self, unet_pass: Any, latent: Array, timestep: float,
+                       conditioning: Conditioning | Array) -> Array:
+        """``unet_pass(latent, timestep, conditioning)`` over at most ``settings.unet_batch_size`` samples at a time,
+        each part computed before the next is built: the low-memory preset's guidance halves one after the
+        other, so a step holds one sample's activations (each sample's numbers are its own: exact).
+        One pass over the whole batch when unset."""
+        cond = as_conditioning(conditioning)
+        size, total = self.settings.unet_batch_size, int(latent.shape[0])
+        if size is None or total <= size or cond.batch_size != total:
+            return unet_pass(latent, timestep, cond)
+        starts = range(0, total, size)
+        outs = []
+        for start, part in zip(starts, cond.split([min(size, total - s) for s in starts])):
+            outs.append(unet_pass(latent[start:start + size], timestep, part))
+            self.evaluate(outs[-1])
+        return self.concat(outs)
 
     @staticmethod
     def unet_keywords(cond: Conditioning, cast: Any) -> dict[str, Any]:

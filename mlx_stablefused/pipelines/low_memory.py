@@ -9,6 +9,10 @@
   the converted file: 1.6 GB for SD 1.5, 4.9 GB for SDXL in fp16), so the VAE decodes beside only itself;
   kept where the file does not hold them (a motion UNet, LoRA adapters, a quantized UNet) and on torch;
 * attention in slices of at most ``base.AUTO_ATTENTION_CHUNK`` query tokens (exact);
+* the UNet's batch one sample per pass, each pass computed before the next (``RunSettings.unet_batch_size``
+  = 1): with classifier-free guidance the unconditional and conditional halves one after the other, so a
+  step holds one sample's activations, not two (exact: each sample's numbers are its own). On MLX's CPU
+  build the halves no longer run on two cores at once (see the README's time cost);
 * MLX's CPU build: each UNet pass allocates at most 512 MB ahead of the threads computing it
   (``cpu_memory.bounded_run_ahead``, as VAE passes do; on by default since it measured no slower, and
   kept on here even where a pipeline turned it off): unbounded, an SD 1.5 step at 512x512 held 2.2 GB
@@ -40,18 +44,21 @@ class MemoryOptions:
     release_unet: bool
     attention_chunk: int | None
     bounded_unet_run_ahead: bool
+    unet_batch_size: int | None
     decode_batch_size: int | None
     tiling: Any
 
     @classmethod
     def of(cls, pipe: Pipeline) -> "MemoryOptions":
         return cls(pipe.release_text_encoder, pipe.release_unet, pipe.settings.attention_chunk,
-                   pipe.settings.bounded_unet_run_ahead, pipe.decode_batch_size, pipe.tiling)
+                   pipe.settings.bounded_unet_run_ahead, pipe.settings.unet_batch_size, pipe.decode_batch_size,
+                   pipe.tiling)
 
     def apply_to(self, pipe: Pipeline) -> None:
         pipe.release_text_encoder, pipe.release_unet = self.release_text_encoder, self.release_unet
         pipe.settings = replace(pipe.settings, attention_chunk=self.attention_chunk,
-                                bounded_unet_run_ahead=self.bounded_unet_run_ahead)
+                                bounded_unet_run_ahead=self.bounded_unet_run_ahead,
+                                unet_batch_size=self.unet_batch_size)
         pipe.decode_batch_size, pipe.tiling = self.decode_batch_size, self.tiling
 
 
@@ -78,7 +85,7 @@ def enable_low_memory(pipe: Pipeline, enabled: bool = True, unet_bits: int | Non
     chunk = pipe.settings.attention_chunk
     MemoryOptions(release_text_encoder=True, release_unet=True,
                   attention_chunk=min(chunk, attention_chunk) if chunk else attention_chunk,
-                  bounded_unet_run_ahead=True,
+                  bounded_unet_run_ahead=True, unet_batch_size=1,
                   decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
     if unet_bits is not None and not _quantized(pipe.backend.unet_model):
         pipe.quantize(bits=unet_bits, components=("unet",))

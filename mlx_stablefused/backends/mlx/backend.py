@@ -182,6 +182,10 @@ class MLXBackend(Backend):
             model = {"unet": self.unet_model, "text_encoder": self.text_encoder}[name]
             nn.quantize(model, group_size=group_size, bits=bits,
                         class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
+            if self.dtype != mx.float32 and mx.default_device() == mx.cpu:  # as the plain layers (see __init__)
+                from .cpu_math import half_quantized_linears_in_float32
+
+                half_quantized_linears_in_float32(model)
         if lora is not None:
             lora.refresh()  # quantized layers replaced the patched ones: attach the terms again
         self.unet_changed()
@@ -203,12 +207,12 @@ class MLXBackend(Backend):
 
     def unet(self, latent: mx.array, timestep: float, conditioning: Conditioning | mx.array) -> mx.array:
         if not self.settings.bounded_unet_run_ahead or mx.default_device() != mx.cpu:
-            return self._unet_parts(latent, timestep, conditioning)
+            return self.in_unet_passes(self._unet_parts, latent, timestep, conditioning)
         # One UNet pass is one graph: unbounded, MLX's CPU build allocates the buffers of all its attention
         # slices ahead of the threads computing them. Weights first, so the bound is over them (cpu_memory).
         mx.eval(self.unet_model.parameters())
         with bounded_run_ahead(self.cpu_run_ahead):
-            out = self._unet_parts(latent, timestep, conditioning)
+            out = self.in_unet_passes(self._unet_parts, latent, timestep, conditioning)
             mx.eval(out)
         return out
 

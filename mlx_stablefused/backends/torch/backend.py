@@ -70,7 +70,9 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def unet(self, latent: torch.Tensor, timestep: float, conditioning: Conditioning | torch.Tensor) -> torch.Tensor:
-        cond = as_conditioning(conditioning)
+        return self.in_unet_passes(self._unet_pass, latent, timestep, conditioning)
+
+    def _unet_pass(self, latent: torch.Tensor, timestep: float, cond: Conditioning) -> torch.Tensor:
         t = torch.tensor([float(timestep)], dtype=torch.float32, device=self.device)
         if cond.image_channels is not None:
             latent = torch.cat([latent, cond.image_channels], dim=1)
