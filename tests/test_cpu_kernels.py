@@ -41,6 +41,21 @@ def test_cpu_attention_matches_the_fused_kernel_and_float64(lq, lk, d):
     assert half.dtype == mx.float16 and np.abs(np.asarray(half.astype(mx.float32)) - ref).max() < 2e-2
 
 
+def test_cpu_attention_slices_shrink_with_the_batch_and_keep_the_numbers(monkeypatch):
+    """Sliced attention on the CPU: a batch whose score slice would pass the byte cap is cut into smaller query
+    slices (the 16 frames of a video), with the same numbers as one slice (each query's softmax is its own)."""
+    rng = np.random.default_rng(9)
+    q, k, v = (mx.array(rng.standard_normal((4, 2, n, 16)).astype(np.float32)) for n in (96, 80, 80))
+    whole = np.asarray(cpu_math.attention(q, k, v, 0.25))
+    sizes = []
+    original = cpu_math.attention
+    monkeypatch.setattr(cpu_math, "attention", lambda q, *a, **kw: sizes.append(q.shape[2]) or original(q, *a, **kw))
+    monkeypatch.setattr(cpu_math, "CPU_SLICE_SCORE_BYTES", 4 * 2 * 20 * 80 * 4)  # 20 queries of this batch
+    sliced = np.asarray(original(q, k, v, 0.25, query_chunk=64))
+    assert sizes == [20, 20, 20, 20, 16]  # 64 queries asked, 20 fit the cap
+    assert report("CPU attention, slices cut by the byte cap vs one slice (max abs)", np.abs(sliced - whole).max()) < 1e-6
+
+
 def test_cpu_activations_match_mlx_and_float64():
     x = mx.array(np.concatenate([np.linspace(-120, 120, 20001), [-1e30, 1e30, 0.0]]).astype(np.float32))
     x64 = np.asarray(x, np.float64)

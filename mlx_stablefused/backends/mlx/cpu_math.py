@@ -18,6 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 LOG2E = 1.4426950408889634
+# Sliced attention on the CPU: the float32 score slice of a whole batch holds at most this many bytes, so a slice
+# of N queries shrinks for large batches (16 video frames at 512x512 would hold 2 GB per 1024-query slice).
+# Metal's fused kernel holds no score matrix.
+CPU_SLICE_SCORE_BYTES = 128 * 2**20
 
 
 def on_cpu() -> bool:
@@ -26,7 +30,10 @@ def on_cpu() -> bool:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, query_chunk: int | None = None) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, L, D) arrays, without a mask; ``query_chunk`` queries at a time
-    (each query's softmax is its own, so chunks give the same numbers and cap the score matrix)."""
+    (each query's softmax is its own, so chunks give the same numbers and cap the score matrix); on the CPU,
+    fewer where the batch's score slice would pass ``CPU_SLICE_SCORE_BYTES``."""
+    if query_chunk and on_cpu():
+        query_chunk = min(query_chunk, max(1, CPU_SLICE_SCORE_BYTES // (q.shape[0] * q.shape[1] * k.shape[2] * 4)))
     if query_chunk and q.shape[2] > query_chunk:
         return mx.concatenate([attention(q[:, :, s:s + query_chunk], k, v, scale)
                                for s in range(0, q.shape[2], query_chunk)], axis=2)
