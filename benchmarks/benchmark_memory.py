@@ -156,7 +156,14 @@ def run_row(name: str, timeout_s: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1]),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}  # 1, 5, 15 min
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "commit": _commit()}  # loads: 1, 5, 15 min
+
+
+def _commit() -> str:
+    """The checkout's commit (``+`` when files differ from it): which code a row measured."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def markdown_table(data: dict) -> str:
