@@ -82,7 +82,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-slicing", action="store_true", help="attend in slices of 1024 queries")
     p.add_argument("--low-memory", action="store_true",
                    help="the low-memory preset: text encoders and UNet freed when not in use, attention and VAE "
-                        "slicing; exact (see the README's memory section)")
+                        "slicing, the guidance halves one after the other; exact (see the README's memory section)")
     p.add_argument("--low-memory-8bit-unet", action="store_true",
                    help="with --low-memory: also quantize the UNet's Linear layers to 8 bits (MLX backend only)")
 

@@ -264,9 +264,9 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
 
     def enable_low_memory(self, enabled: bool = True, unet_bits: int | None = None) -> None:
         """The low-memory preset (``low_memory.py``): text encoders freed after each encoding and the UNet after
-        each denoising loop (MLX: re-read lazily when next needed), attention slicing, one image at a time
-        through the VAE; exact. ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options
-        before it."""
+        each denoising loop (MLX: re-read lazily when next needed), attention slicing, the UNet's batch one
+        sample per pass (the guidance halves one after the other), one image at a time through the VAE; exact.
+        ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options before it."""
         from .low_memory import enable_low_memory
 
         enable_low_memory(self, enabled, unet_bits, attention_chunk=AUTO_ATTENTION_CHUNK)
