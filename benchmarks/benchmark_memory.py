@@ -167,14 +167,19 @@ def _commit() -> str:
 
 
 def markdown_table(data: dict) -> str:
-    """The README's table: one line per measured row, peaks in MB (2^20 bytes)."""
-    out = ["| row | pipeline | size | preset | peak MB | encode+step MB | decode MB | run s |", "|---|---|---|---|---|---|---|---|"]
+    """The README's table: one line per measured row, peaks in MB (2^20 bytes) and in GB (10^9 bytes)."""
+    out = ["| row | pipeline | size | preset | peak MB | peak GB | encode+step MB | decode MB | run s | load avg |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data["rows"].items():
+        if "peak_mb" not in r:  # a row that did not finish (its note says why)
+            continue
         preset = "low_memory" + (f" + {r['unet_bits']}-bit UNet" if r["unet_bits"] else "") if r["low_memory"] else "default"
-        what = r["pipeline"] + (f", {r['frames']} frames" if r["frames"] else "") + f" ({r['backend']})"
+        what = r["pipeline"] + (f", {r['frames']} frames" if r["frames"] else "") + \
+            f" ({r['backend']}, {r.get('dtype', 'float16')})"
         ph = r["phase_peak_mb"]
-        out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {ph['encode+step']:.0f} | "
-                   f"{ph['decode']:.0f} | {r['run_s']:.0f} |")
+        load = "/".join(f"{x:.1f}" for x in r["loadavg_before"]) if "loadavg_before" in r else ""
+        out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / 1e9:.2f} | "
+                   f"{ph['encode+step']:.0f} | {ph['decode']:.0f} | {r['run_s']:.0f} | {load} |")
     return "\n".join(out)
 
 
