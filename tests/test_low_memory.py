@@ -42,6 +42,8 @@ def test_low_memory_preset_keeps_the_images(sd1, pipelines, backend_name, monkey
         (None, None, None, False, False, True, None)
     with pytest.raises(ValueError, match="unet_bits"):
         low.enable_low_memory(unet_bits=4)
+    with pytest.raises(ValueError, match="unet_batch_size"):
+        low.enable_low_memory(unet_batch_size=0)
     if backend_name == "torch":
         with pytest.raises(NotImplementedError, match="torch backend has no quantized path"):
             low.enable_low_memory(unet_bits=8)

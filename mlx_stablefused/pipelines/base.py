@@ -262,14 +262,17 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
         load_tiny_autoencoder(self.backend, pretrained_model_name_or_path, subfolder=subfolder, revision=revision,
                               local_files_only=local_files_only)
 
-    def enable_low_memory(self, enabled: bool = True, unet_bits: int | None = None) -> None:
+    def enable_low_memory(self, enabled: bool = True, unet_bits: int | None = None,
+                          unet_batch_size: int | None = 1) -> None:
         """The low-memory preset (``low_memory.py``): text encoders freed after each encoding and the UNet after
         each denoising loop (MLX: re-read lazily when next needed), attention slicing, the UNet's batch one
         sample per pass (the guidance halves one after the other), one image at a time through the VAE; exact.
-        ``unet_bits=8`` also quantizes the UNet (MLX). ``enabled=False``: the options before it."""
+        ``unet_bits=8`` also quantizes the UNet (MLX); ``unet_batch_size=None`` keeps the halves side by side.
+        ``enabled=False``: the options before it."""
         from .low_memory import enable_low_memory
 
-        enable_low_memory(self, enabled, unet_bits, attention_chunk=AUTO_ATTENTION_CHUNK)
+        enable_low_memory(self, enabled, unet_bits, attention_chunk=AUTO_ATTENTION_CHUNK,
+                          unet_batch_size=unet_batch_size)
 
     def _require(self, capability: str, what: str) -> None:
         if not self.backend.supports(capability):

@@ -63,14 +63,20 @@ class MemoryOptions:
 
 
 def enable_low_memory(pipe: Pipeline, enabled: bool = True, unet_bits: int | None = None,
-                      attention_chunk: int = 1024) -> None:
+                      attention_chunk: int = 1024, unet_batch_size: int | None = 1) -> None:
     """Switch the preset on (or, ``enabled=False``, back to the options chosen before it; a quantized UNet
     stays quantized). Refused before anything changes: ``unet_bits`` other than None or 8, or 8 bits on a
-    backend without quantization. ``attention_chunk``: the slice size (the pipeline's automatic one)."""
+    backend without quantization, ``unet_batch_size`` not None or a positive whole number.
+    ``attention_chunk``: the slice size (the pipeline's automatic one). ``unet_batch_size``: samples per UNet
+    pass (None: the whole batch at once, the guidance halves side by side: faster on a multi-core CPU)."""
     from ..backends.base import QUANTIZE
 
     if unet_bits not in (None, 8):
         raise ValueError(f"enable_low_memory: unet_bits is None or 8, got {unet_bits!r}")
+    if unet_batch_size is not None and (isinstance(unet_batch_size, bool) or not isinstance(unet_batch_size, int)
+                                        or unet_batch_size < 1):
+        raise ValueError(f"enable_low_memory: unet_batch_size is None or a positive whole number, got "
+                         f"{unet_batch_size!r}")
     if unet_bits is not None and not pipe.backend.supports(QUANTIZE):
         raise NotImplementedError(f"enable_low_memory(unet_bits=8): the {pipe.backend.name} backend has no "
                                   "quantized path (use the MLX backend, or leave unet_bits=None)")
@@ -85,7 +91,7 @@ def enable_low_memory(pipe: Pipeline, enabled: bool = True, unet_bits: int | Non
     chunk = pipe.settings.attention_chunk
     MemoryOptions(release_text_encoder=True, release_unet=True,
                   attention_chunk=min(chunk, attention_chunk) if chunk else attention_chunk,
-                  bounded_unet_run_ahead=True, unet_batch_size=1,
+                  bounded_unet_run_ahead=True, unet_batch_size=unet_batch_size,
                   decode_batch_size=1, tiling=pipe.tiling).apply_to(pipe)
     if unet_bits is not None and not _quantized(pipe.backend.unet_model):
         pipe.quantize(bits=unet_bits, components=("unet",))
