@@ -49,6 +49,7 @@ ROWS = {
     **{f"sd15-{s}-low": _row("sd15", s, low=True) for s in (256, 512, 768, 1024)},
     "sd15-512-low-8bit": _row("sd15", 512, low=True, unet_bits=8),
     "sd15-512-low-halves-together": {**_row("sd15", 512, low=True), "unet_batch_size": None},
+    "sd15-512-sliced": {**_row("sd15", 512), "attention_slicing": True},  # the default + enable_attention_slicing()
     "sd15-512-torch": _row("sd15", 512, backend="torch", dtype=TORCH_CPU_DTYPE),
     "sd15-512-torch-low": _row("sd15", 512, backend="torch", low=True, dtype=TORCH_CPU_DTYPE),
     **{f"sdxl-{s}": _row("sdxl", s) for s in (256, 512, 768, 1024)},
@@ -84,6 +85,8 @@ def worker(spec: dict) -> dict:
         pipe = TextToImageDiffusion(str(model), backend=backend, dtype=dtype, progress=False)
     if spec["low_memory"]:
         pipe.enable_low_memory(unet_bits=spec["unet_bits"], unet_batch_size=spec.get("unet_batch_size", 1))
+    if spec.get("attention_slicing"):
+        pipe.enable_attention_slicing()
     load_s = time.perf_counter() - t0
     peak = _peak_reader(backend)
     phases = {"load": peak(reset=True)}
@@ -176,7 +179,7 @@ def markdown_table(data: dict) -> str:
             continue
         preset = "low_memory" + (f" + {r['unet_bits']}-bit UNet" if r["unet_bits"] else "") + \
             (", guidance halves side by side" if r.get("unet_batch_size", 1) is None else "") \
-            if r["low_memory"] else "default"
+            if r["low_memory"] else "default" + (" + attention slicing" if r.get("attention_slicing") else "")
         what = r["pipeline"] + (f", {r['frames']} frames" if r["frames"] else "") + \
             f" ({r['backend']}, {r.get('dtype', 'float16')})"
         ph = r["phase_peak_mb"]
