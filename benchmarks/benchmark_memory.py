@@ -77,10 +77,12 @@ def worker(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     peak = _peak_reader(backend)
     phases = {"load": peak(reset=True)}
+    phase_s = {}
 
     def after_first_step(p, step, timestep, tensors):
         if step == 0:
             phases["encode+step"] = peak(reset=True)
+            phase_s["encode+step"] = time.perf_counter() - t1
         return tensors
 
     size, frames = spec["size"], spec["frames"]
@@ -91,7 +93,8 @@ def worker(spec: dict) -> dict:
                latent=latent, output_type="np", callback_on_step_end=after_first_step)
     run_s = time.perf_counter() - t1
     phases["decode"] = peak(reset=False)
-    result = {**spec, "load_s": load_s, "run_s": run_s, "steps": 1,
+    phase_s["decode"] = run_s - phase_s.get("encode+step", 0.0)
+    result = {**spec, "cpu": cpu_description(), "load_s": load_s, "run_s": run_s, "phase_s": phase_s, "steps": 1,
               "peak_mb": max(phases.values()), "phase_peak_mb": phases,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "finite": bool(np.isfinite(np.asarray(out)).all())}
@@ -105,6 +108,19 @@ def worker(spec: dict) -> dict:
         result["weights_mb"] = mx.get_active_memory() / 2**20  # every network materialised (the text encoder
         # re-read lazily when released, so not counted then)
     return result
+
+
+def cpu_description() -> str:
+    """This machine's CPU as the row ran on it: model name, core count and its vector extensions."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        pass
+    extensions = ", ".join(f for f in ("avx", "avx2", "fma", "avx512f") if f in flags) or "no AVX"
+    return f"{model}, {os.cpu_count()} cores ({extensions})"
 
 
 def _peak_reader(backend: str):
