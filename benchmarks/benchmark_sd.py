@@ -36,6 +36,13 @@ def default_model_dir() -> Path:
     return base / "bench-sd15-random"
 
 
+def pipeline_class(model: str | Path) -> str:
+    """The diffusers pipeline a model folder names (``model_index.json``'s ``_class_name``)."""
+    index = Path(model) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "StableDiffusionPipeline") if index.is_file() else \
+        "StableDiffusionPipeline"
+
+
 def build_random_sd15(folder: Path) -> None:
     """The SD 1.5 architecture (diffusers' default configs) with random weights, as a diffusers folder."""
     import torch
@@ -136,6 +143,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     shape = (batch, 4, size // 8, size // 8) if not frames else (batch, 4, frames, size // 8, size // 8)
     latents = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t0 = time.perf_counter()
+    streams = None
     if impl == "diffusers":
         import torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -167,6 +175,13 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                 requires_safety_checker=False).to(args.device)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             extra = {"image": bench_control_image(size)}
+        elif pipeline_class(args.model) == "StableDiffusionXLPipeline":
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype,
+                                                             add_watermarker=False).to(args.device)  # ours has none
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            extra = {}
         else:
             pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False).to(args.device)
@@ -175,14 +190,15 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
 
-        def run(n):
+        def run(n, **callback):
             with torch.inference_mode():
                 pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                     width=size, output_type="np", **extra)
+                     width=size, output_type="np", **extra, **callback)
             if args.device == "cuda":
                 torch.cuda.synchronize()
     else:
         kwargs = {}
+        streams = None
         if impl == "torch":
             import torch  # before mlx_stablefused, whose import preloads OpenBLAS globally
 
@@ -207,10 +223,13 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         if impl == "mlx":
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
-        def run(n):
-            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np", **extra)
+        def run(n, **callback):
+            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np", **extra,
+                 **callback)
 
     load_s = time.perf_counter() - t0
+    if args.single_run:
+        return {"impl": impl, "load_s": load_s, **timed_single_run(impl, run, steps), **process_stats(impl, args, streams)}
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
     t1 = time.perf_counter()
     run(steps)
@@ -219,8 +238,37 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     run(1)
     one_step_total = time.perf_counter() - t2
     per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
-    result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step, **process_stats(impl, args, streams)}
+
+
+def timed_single_run(impl: str, run, steps: int) -> dict:
+    """One cold run (no warm-up; for work too long to repeat), timed at each step's end by a step callback.
+
+    ``first_step_s``: from the call to the first step's end (text encoding and first-call overheads included);
+    ``per_step_s``: the later steps' mean (the first step's time when there is one step); ``decode_s``: from the
+    last step's end to the images (the VAE decode)."""
+    marks: list[float] = []
+
+    def mark(pipe, step, timestep, tensors):
+        if impl == "mlx":  # MLX is lazy: the step's latents exist before its time is taken
+            import mlx.core as mx
+
+            mx.eval(tensors["latents"])
+        marks.append(time.perf_counter())
+        return {}
+
+    t1 = time.perf_counter()
+    run(steps, callback_on_step_end=mark)
+    end = time.perf_counter()
+    first = marks[0] - t1
+    per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else first
+    return {"end_to_end_s": end - t1, "first_step_s": first, "per_step_s": per_step, "decode_s": end - marks[-1],
+            "steps_timed": len(marks), "load_average": os.getloadavg()[0]}
+
+
+def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -> dict:
+    """Peak RSS, page faults and (MLX) the allocator peak, BLAS and streams of this worker process."""
+    result = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
     if impl == "mlx":
         import mlx.core as mx
@@ -246,7 +294,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
         (["--fair-malloc"] if args.fair_malloc else []) + \
         (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else []) + \
-        (["--controlnet", str(args.controlnet)] if args.controlnet else [])
+        (["--controlnet", str(args.controlnet)] if args.controlnet else []) + \
+        (["--single-run"] if args.single_run else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -265,14 +314,16 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     base = out.get("diffusers")
     if base:
         for impl, row in out.items():
-            for k in ("per_step_s", "end_to_end_s", "peak_rss_mb"):
-                row[f"{k}_ratio"] = row[k] / base[k]
+            for k in ("per_step_s", "end_to_end_s", "peak_rss_mb", "first_step_s", "decode_s"):
+                if k in row and k in base:
+                    row[f"{k}_ratio"] = row[k] / base[k]
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers SD folder (default: random SD 1.5, built once)")
+    p.add_argument("--model", default=None, help="diffusers SD or SDXL folder (default: random SD 1.5, built once; "
+                                                 "'sdxl': the random full SDXL of random_models.py, built once)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
@@ -294,12 +345,25 @@ def main() -> None:
                    help="with --frames: a diffusers MotionAdapter folder (default: random v1-5-2 shape, built once)")
     p.add_argument("--controlnet", default=None,
                    help="text-to-image with this ControlNet folder ('default': a random SD 1.5 ControlNet, built once)")
+    p.add_argument("--single-run", action="store_true",
+                   help="one cold run per implementation, timed by step callbacks (no warm-up: for SDXL at 1024)")
+    p.add_argument("--append", action="store_true",
+                   help="merge these runs into the --json file's runs of the same work (one implementation per "
+                        "invocation), and summarise them all")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
+    if args.model == "sdxl":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import random_models
+
+        args.model = default_model_dir().with_name("bench-sdxl-random")
+        if not (args.model / "model_index.json").is_file():
+            print(f"building the random SDXL model in {args.model} (once) ...", file=sys.stderr)
+            random_models.build_sdxl(args.model)
     if args.model is None:
         args.model = default_model_dir()
         if not (Path(args.model) / "model_index.json").is_file():
@@ -322,17 +386,27 @@ def main() -> None:
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
             print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
-    summary = summarise(results)
-    what = f"AnimateDiff {args.frames} frames" if args.frames else "SD1.5 + ControlNet" if args.controlnet else "SD1.5"
+    family = "SDXL" if pipeline_class(args.model) == "StableDiffusionXLPipeline" else "SD1.5"
+    what = f"AnimateDiff {args.frames} frames" if args.frames else f"{family} + ControlNet" if args.controlnet else family
     work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
-           f"device {args.device}"
-    print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")
+           f"device {args.device}" + (", one cold run" if args.single_run else "")
+    if args.append and args.json and Path(args.json).is_file():
+        earlier = json.loads(Path(args.json).read_text()).get("works", {}).get(work, {}).get("runs", {})
+        results = {impl: earlier.get(impl, []) + results.get(impl, []) for impl in IMPLEMENTATIONS
+                   if earlier.get(impl) or results.get(impl)}
+    summary = summarise(results)
+    print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians")
     print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
     for impl, row in summary.items():
         print(f"{impl:10s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
               f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
               f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
-    if args.json:
+    if args.json and args.append:
+        path = Path(args.json)
+        data = json.loads(path.read_text()) if path.is_file() else {"works": {}}
+        data["works"][work] = {"summary": summary, "runs": results}
+        path.write_text(json.dumps(data, indent=2))
+    elif args.json:
         Path(args.json).write_text(json.dumps({"work": work, "summary": summary, "runs": results}, indent=2))
 
 
