@@ -161,3 +161,33 @@ def test_half_linear_on_cpu_matches_mlx_and_float64(dtype, bias):
     err = report(f"CPU {dtype} Linear via float32 BLAS vs float64 (max abs)", np.abs(ours - f64).max())
     assert err <= np.abs(own - f64).max() * 1.01 + 1e-7  # as close as MLX's half-precision kernel
     assert np.abs(layer(x.astype(mx.float32)) - nn.Linear.__call__(layer, x.astype(mx.float32))).max() == 0
+
+
+def test_vae_attention_slices_itself_at_large_sizes_exactly(monkeypatch):
+    """The VAE's one-head attention over every pixel takes automatic query slices once its float32 scores outgrow
+    ``SCORE_SLICE_BYTES`` (at SDXL's 1024x1024: 8 slices of 2048 of the 16384 queries, where the whole held 2 GiB
+    of scores and softmax weights; the memory rows measure the decode's peak); uneven automatic slices and a
+    caller's smaller slice give the unsliced output."""
+    from mlx_stablefused.backends.mlx import vae
+
+    assert vae.automatic_query_chunk(1, 128 * 128) == 2048 and vae.automatic_query_chunk(2, 128 * 128) == 1024
+    assert vae.automatic_query_chunk(1, 64 * 64) is None  # SD 1.x at 512x512: 64 MiB, whole as before
+    attn = vae.SpatialSelfAttention(16, 4)
+    x = mx.random.normal((2, 32, 32, 16))
+    mx.eval(x, attn.parameters())
+    chunks = []
+
+    def recorded(q, k, v, scale, query_chunk=None):
+        chunks.append(query_chunk)
+        return cpu_math.attention(q, k, v, scale, query_chunk)
+
+    monkeypatch.setattr(vae, "attention", recorded)
+    whole = np.asarray(attn(x))
+    monkeypatch.setattr(vae, "SCORE_SLICE_BYTES", 4 * 2 * 1024 * 300)  # 300 queries a slice, the last one 124
+    assert vae.automatic_query_chunk(2, 1024) == 300
+    sliced = np.asarray(attn(x))
+    attn.set_query_chunk(256)  # the caller's smaller slice wins
+    smaller = np.asarray(attn(x))
+    assert chunks == [None, 300, 256]
+    assert report("VAE attention, automatic query slices vs whole", max_abs_error(sliced, whole)) < 1e-6
+    assert max_abs_error(smaller, whole) < 1e-6
