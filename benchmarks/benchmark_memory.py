@@ -54,7 +54,11 @@ ROWS = {
 
 # ----------------------------------------------------------------------------------- worker side
 def worker(spec: dict) -> dict:
-    """Load, generate one step at ``spec``'s size, report the peaks (this process is the row's alone)."""
+    """Load, generate one step at ``spec``'s size, report the peaks (this process is the row's alone).
+
+    ``spec["phase"]``: "all" (one run), or one phase per process where a row would not fit ten minutes
+    (SDXL at 1024x1024 on two cores): "step" (text encoding and the first step, no decode) or "decode" (the
+    VAE decoding the row's latent after a small run has left the networks as a full run leaves them)."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
@@ -88,12 +92,22 @@ def worker(spec: dict) -> dict:
     size, frames = spec["size"], spec["frames"]
     latent_shape = (1, 4, frames, size // 8, size // 8) if frames else (1, 4, size // 8, size // 8)
     latent = np.random.default_rng(0).standard_normal(latent_shape).astype(np.float32)
-    t1 = time.perf_counter()
-    out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=1, guidance_scale=7.5,
-               latent=latent, output_type="np", callback_on_step_end=after_first_step)
+    prompt, phase = "a photograph of an astronaut riding a horse", spec.get("phase", "all")
+    if phase == "decode":  # the networks as a run leaves them for its decode: one guided step at 64x64 loads and
+        # runs them, and (low_memory) frees the text encoders and the UNet, as at any size
+        small = np.random.default_rng(0).standard_normal(latent_shape[:-2] + (8, 8)).astype(np.float32)
+        pipe(prompt, num_inference_steps=1, guidance_scale=7.5, latent=small, output_type="latent")
+        phases["before decode"] = peak(reset=True)
+        t1 = time.perf_counter()
+        out = pipe.resolve_output(latent=latent, output_type="np")
+    else:
+        t1 = time.perf_counter()
+        out = pipe(prompt, num_inference_steps=1, guidance_scale=7.5, latent=latent,
+                   output_type="latent" if phase == "step" else "np", callback_on_step_end=after_first_step)
     run_s = time.perf_counter() - t1
-    phases["decode"] = peak(reset=False)
-    phase_s["decode"] = run_s - phase_s.get("encode+step", 0.0)
+    if phase != "step":
+        phases["decode"] = peak(reset=False)
+        phase_s["decode"] = run_s - phase_s.get("encode+step", 0.0)
     result = {**spec, "cpu": cpu_description(), "load_s": load_s, "run_s": run_s, "phase_s": phase_s, "steps": 1,
               "peak_mb": max(phases.values()), "phase_peak_mb": phases,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -153,8 +167,8 @@ def prepare(spec: dict) -> None:
         build_random_motion_adapter(ADAPTER)
 
 
-def run_row(name: str, timeout_s: float) -> dict:
-    spec = ROWS[name]
+def run_row(name: str, timeout_s: float, phase: str = "all") -> dict:
+    spec = {**ROWS[name], **({"phase": phase} if phase != "all" else {})}
     prepare(spec)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
@@ -162,6 +176,20 @@ def run_row(name: str, timeout_s: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
     return {"row": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def merge_phase(earlier: dict | None, run: dict) -> dict:
+    """A row from its phases measured in separate processes: each phase's peak from its own run (the later run
+    of a phase replaces the earlier), the row's peak the largest; ``phase_runs`` keeps every run whole."""
+    runs = dict((earlier or {}).get("phase_runs", {}))
+    runs[run["phase"]] = run
+    phases = {k: v for r in runs.values() for k, v in r["phase_peak_mb"].items() if k in ("encode+step", "decode")}
+    return {**{k: v for k, v in run.items() if k not in ("phase", "phase_peak_mb", "phase_s", "run_s", "load_s",
+                                                         "peak_rss_mb", "finite")},
+            "peak_mb": max(phases.values()), "phase_peak_mb": phases,
+            "phase_s": {k: v for r in runs.values() for k, v in r["phase_s"].items()},
+            "run_s": sum(r["run_s"] for r in runs.values()), "measured_in": "one process per phase",
+            "phase_runs": runs}
 
 
 def markdown_table(data: dict) -> str:
@@ -183,6 +211,9 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the --json file's rows as a markdown table")
     p.add_argument("--json", default=None, help="merge the results into this file")
     p.add_argument("--timeout", type=float, default=600, help="seconds a row may run (default 600)")
+    p.add_argument("--phase", default="all", choices=("all", "step", "decode"),
+                   help="measure one phase of the rows in this process (merged into the --json row): for rows "
+                        "longer than one sitting")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -198,7 +229,9 @@ def main() -> None:
     data = json.loads(path.read_text()) if path and path.is_file() else {"cpu": platform.processor() or
                                                                        platform.machine(), "rows": {}}
     for name in args.rows:
-        row = run_row(name, args.timeout)
+        row = run_row(name, args.timeout, args.phase)
+        if args.phase != "all":
+            row = merge_phase(data["rows"].get(name) if "phase_runs" in data["rows"].get(name, {}) else None, row)
         data["rows"][name] = row
         print(f"{name:22s} peak {row['peak_mb']:8.0f} MB  phases {row['phase_peak_mb']}  "
               f"{row['run_s']:.0f} s", file=sys.stderr)
