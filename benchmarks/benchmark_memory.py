@@ -183,11 +183,12 @@ def merge_phase(earlier: dict | None, run: dict) -> dict:
     of a phase replaces the earlier), the row's peak the largest; ``phase_runs`` keeps every run whole."""
     runs = dict((earlier or {}).get("phase_runs", {}))
     runs[run["phase"]] = run
-    phases = {k: v for r in runs.values() for k, v in r["phase_peak_mb"].items() if k in ("encode+step", "decode")}
+    own = {"step": "encode+step", "decode": "decode"}  # the phase each run measured
+    phases = {own[name]: r["phase_peak_mb"][own[name]] for name, r in runs.items()}
     return {**{k: v for k, v in run.items() if k not in ("phase", "phase_peak_mb", "phase_s", "run_s", "load_s",
                                                          "peak_rss_mb", "finite")},
             "peak_mb": max(phases.values()), "phase_peak_mb": phases,
-            "phase_s": {k: v for r in runs.values() for k, v in r["phase_s"].items()},
+            "phase_s": {own[name]: r["phase_s"][own[name]] for name, r in runs.items()},
             "run_s": sum(r["run_s"] for r in runs.values()), "measured_in": "one process per phase",
             "phase_runs": runs}
 
