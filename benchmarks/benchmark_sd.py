@@ -190,10 +190,15 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
 
-        def run(n, **callback):
+        def run(n, output_type="np", **callback):
             with torch.inference_mode():
                 pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                     width=size, output_type="np", **extra, **callback)
+                     width=size, output_type=output_type, **extra, **callback)
+
+        def decode():  # what the pipeline does after its last step (the VAE runs in its own dtype: fp32 here)
+            with torch.inference_mode():
+                image = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                pipe.image_processor.postprocess(image, output_type="np")
             if args.device == "cuda":
                 torch.cuda.synchronize()
     else:
@@ -223,13 +228,22 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         if impl == "mlx":
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
-        def run(n, **callback):
-            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np", **extra,
-                 **callback)
+        def run(n, output_type="np", **callback):
+            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type=output_type,
+                 **extra, **callback)
+
+        def decode():
+            pipe.resolve_output(latent=latents, output_type="np")
+
+        if args.single_run and impl == "mlx":  # weights read before the clock starts, as diffusers' are
+            import mlx.core as mx
+
+            mx.eval([m.parameters() for m in pipe.backend.components.values()])
 
     load_s = time.perf_counter() - t0
     if args.single_run:
-        return {"impl": impl, "load_s": load_s, **timed_single_run(impl, run, steps), **process_stats(impl, args, streams)}
+        return {"impl": impl, "load_s": load_s, **timed_single_run(impl, run, decode, steps, args.phase),
+                **process_stats(impl, args, streams)}
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
     t1 = time.perf_counter()
     run(steps)
@@ -241,12 +255,19 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     return {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step, **process_stats(impl, args, streams)}
 
 
-def timed_single_run(impl: str, run, steps: int) -> dict:
+def timed_single_run(impl: str, run, decode, steps: int, phase: str = "all") -> dict:
     """One cold run (no warm-up; for work too long to repeat), timed at each step's end by a step callback.
 
     ``first_step_s``: from the call to the first step's end (text encoding and first-call overheads included);
     ``per_step_s``: the later steps' mean (the first step's time when there is one step); ``decode_s``: from the
-    last step's end to the images (the VAE decode)."""
+    last step's end to the images (the VAE decode). ``phase`` "latent": the run stops at the latents (no decode);
+    "decode": only the decode of the run's latent, timed alone (for work longer than one sitting: the two phases
+    in two processes add up to the run)."""
+    if phase == "decode":
+        t1 = time.perf_counter()
+        decode()
+        took = time.perf_counter() - t1
+        return {"end_to_end_s": took, "decode_s": took, "phase": phase, "load_average": os.getloadavg()[0]}
     marks: list[float] = []
 
     def mark(pipe, step, timestep, tensors):
@@ -258,12 +279,13 @@ def timed_single_run(impl: str, run, steps: int) -> dict:
         return {}
 
     t1 = time.perf_counter()
-    run(steps, callback_on_step_end=mark)
+    run(steps, output_type="latent" if phase == "latent" else "np", callback_on_step_end=mark)
     end = time.perf_counter()
     first = marks[0] - t1
     per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else first
-    return {"end_to_end_s": end - t1, "first_step_s": first, "per_step_s": per_step, "decode_s": end - marks[-1],
-            "steps_timed": len(marks), "load_average": os.getloadavg()[0]}
+    out = {"end_to_end_s": end - t1, "first_step_s": first, "per_step_s": per_step, "steps_timed": len(marks),
+           "phase": phase, "load_average": os.getloadavg()[0]}
+    return out if phase == "latent" else {**out, "decode_s": end - marks[-1]}
 
 
 def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -> dict:
@@ -295,7 +317,7 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
         (["--fair-malloc"] if args.fair_malloc else []) + \
         (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else []) + \
         (["--controlnet", str(args.controlnet)] if args.controlnet else []) + \
-        (["--single-run"] if args.single_run else [])
+        (["--single-run", "--phase", args.phase] if args.single_run else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -347,6 +369,8 @@ def main() -> None:
                    help="text-to-image with this ControlNet folder ('default': a random SD 1.5 ControlNet, built once)")
     p.add_argument("--single-run", action="store_true",
                    help="one cold run per implementation, timed by step callbacks (no warm-up: for SDXL at 1024)")
+    p.add_argument("--phase", default="all", choices=("all", "latent", "decode"),
+                   help="with --single-run: the run up to the latents only, or only the decode of its latent")
     p.add_argument("--append", action="store_true",
                    help="merge these runs into the --json file's runs of the same work (one implementation per "
                         "invocation), and summarise them all")
@@ -385,11 +409,14 @@ def main() -> None:
     for r in range(args.rounds):
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
-            print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
+            last = results[impl][-1]
+            print(f"round {r + 1}: {impl:9s} {last.get('per_step_s', float('nan')):.3f} s/step, "
+                  f"{last['end_to_end_s']:.2f} s end to end", file=sys.stderr)
     family = "SDXL" if pipeline_class(args.model) == "StableDiffusionXLPipeline" else "SD1.5"
     what = f"AnimateDiff {args.frames} frames" if args.frames else f"{family} + ControlNet" if args.controlnet else family
     work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
-           f"device {args.device}" + (", one cold run" if args.single_run else "")
+           f"device {args.device}" + (", one cold run" if args.single_run else "") + \
+        {"all": "", "latent": ", to the latents", "decode": ", the decode alone"}[args.phase]
     if args.append and args.json and Path(args.json).is_file():
         earlier = json.loads(Path(args.json).read_text()).get("works", {}).get(work, {}).get("runs", {})
         results = {impl: earlier.get(impl, []) + results.get(impl, []) for impl in IMPLEMENTATIONS
@@ -398,7 +425,7 @@ def main() -> None:
     print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians")
     print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
     for impl, row in summary.items():
-        print(f"{impl:10s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
+        print(f"{impl:10s} {row.get('per_step_s', float('nan')):8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
               f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
               f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
     if args.json and args.append:
