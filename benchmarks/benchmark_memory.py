@@ -197,11 +197,14 @@ def markdown_table(data: dict) -> str:
     """The README's table: one line per measured row, peaks in MB (2^20 bytes)."""
     out = ["| row | pipeline | size | preset | peak MB | encode+step MB | decode MB | run s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in data["rows"].items():
+        if "peak_mb" not in r:  # a row that did not finish (its note says why)
+            out.append(f"| {name} | {r.get('note', 'not measured')} | | | | | | |")
+            continue
         preset = "low_memory" + (f" + {r['unet_bits']}-bit UNet" if r["unet_bits"] else "") if r["low_memory"] else "default"
         what = r["pipeline"] + (f", {r['frames']} frames" if r["frames"] else "") + f" ({r['backend']})"
         ph = r["phase_peak_mb"]
-        out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {ph['encode+step']:.0f} | "
-                   f"{ph['decode']:.0f} | {r['run_s']:.0f} |")
+        out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {ph.get('encode+step', 0):.0f} | "
+                   f"{ph.get('decode', 0):.0f} | {r['run_s']:.0f} |")
     return "\n".join(out)
 
 
