@@ -9,6 +9,8 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
     python benchmarks/benchmark_sd.py --frames 16 --size 128 --steps 2  # AnimateDiff: 16 frames, random adapter
     python benchmarks/benchmark_sd.py --controlnet default   # + a random SD 1.5 ControlNet (StableDiffusionControlNetPipeline)
+    python benchmarks/benchmark_sd.py --model sdxl --size 512 --steps 2 --rounds 1 --impl mlx --single-run \
+        --append --json benchmarks/results-sdxl-cpu-2core.json   # SDXL vs StableDiffusionXLPipeline, one side a call
 
 Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
 ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
