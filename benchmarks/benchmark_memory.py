@@ -11,6 +11,8 @@ and ``decode`` (the VAE; with more steps, the later steps too).
 
     python benchmarks/benchmark_memory.py --rows sd15-512 sd15-512-low --json benchmarks/results-memory-cpu-2core.json
     python benchmarks/benchmark_memory.py --list
+    python benchmarks/benchmark_memory.py --rows sdxl-1024 --phase step --json ...   # then --phase decode: a row
+                                                    # longer than one sitting, one phase per process, merged
 
 Rows already in the JSON file are kept (rows are run one at a time, each under ten minutes here).
 """
