@@ -9,6 +9,9 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
     python benchmarks/benchmark_sd.py --frames 16 --size 128 --steps 2  # AnimateDiff: 16 frames, random adapter
     python benchmarks/benchmark_sd.py --controlnet default   # + a random SD 1.5 ControlNet (StableDiffusionControlNetPipeline)
+    python benchmarks/benchmark_sd.py --architecture sd21 --scheduler euler --impl diffusers mlx diffuse-mlx
+        # SD 2.1-base (random, built once) against diffuse-mlx, PyPI's package of mlx-examples' stable_diffusion
+    python benchmarks/benchmark_sd.py --architecture sd21 --agreement   # one UNet evaluation, same inputs, compared
 
 Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
 ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
@@ -28,12 +31,36 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLEMENTATIONS = ("diffusers", "mlx", "torch")
+IMPLEMENTATIONS = ("diffusers", "mlx", "torch", "diffuse-mlx")
+DEFAULT_IMPLEMENTATIONS = ("diffusers", "mlx", "torch")
+ARCHITECTURES = {"sd15": "bench-sd15-random", "sd21": "bench-sd21-random"}  # --architecture: the random model's folder
+# diffuse-mlx (mlx-examples' stable_diffusion) loads only hub ids it knows; this one is SD 2.1-base.
+DIFFUSE_MLX_REPO = "stabilityai/stable-diffusion-2-1-base"
 
 
-def default_model_dir() -> Path:
+def default_model_dir(architecture: str = "sd15") -> Path:
     base = Path(os.environ.get("MLX_STABLEFUSED_CACHE", Path.home() / ".cache" / "mlx-stablefused"))
-    return base / "bench-sd15-random"
+    return base / ARCHITECTURES[architecture]
+
+
+def diffuse_mlx_hub_cache(model: Path) -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE, next to ``model``) in which DIFFUSE_MLX_REPO's files are links
+    into the diffusers folder ``model``: with HF_HUB_OFFLINE=1, diffuse-mlx's own hf_hub_download finds them there.
+    """
+    import hashlib
+
+    model = Path(model).resolve()
+    commit = hashlib.sha1(str(model).encode()).hexdigest()  # any 40-hex name; refs/main points at it
+    repo = model.parent / f"{model.name}-hub" / f"models--{DIFFUSE_MLX_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for file in model.rglob("*"):
+        link = snapshot / file.relative_to(model)
+        if file.is_file() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(file)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo.parent
 
 
 def build_random_sd15(folder: Path) -> None:
@@ -168,9 +195,12 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             extra = {"image": bench_control_image(size)}
         else:
+            from diffusers import EulerDiscreteScheduler
+
             pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False).to(args.device)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            sampler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.scheduler]
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {}
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
@@ -181,6 +211,18 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                      width=size, output_type="np", **extra)
             if args.device == "cuda":
                 torch.cuda.synchronize()
+    elif impl == "diffuse-mlx":
+        sd, mx = load_diffuse_mlx(args)
+
+        def run(n):  # as mlx-examples' txt2image: evaluate each step, then decode
+            x = None
+            for x in sd.generate_latents(prompt, n_images=batch, num_steps=n, cfg_weight=7.5,
+                                         latent_size=(size // 8, size // 8), seed=0):
+                mx.eval(x)
+            image = sd.decode(x)
+            mx.eval(image)
+            if not np.isfinite(np.asarray(image)).all():
+                raise FloatingPointError("diffuse-mlx produced a non-finite image")
     else:
         kwargs = {}
         if impl == "torch":
@@ -198,7 +240,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             if args.controlnet:
                 kwargs["controlnet"] = args.controlnet
             pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False,
-                                        scheduler="ddim", **kwargs)
+                                        scheduler=args.scheduler, **kwargs)
         extra = {"control_image": bench_control_image(size)} if args.controlnet else {}
         if args.low_memory:
             pipe.enable_low_memory()
@@ -222,13 +264,14 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
-    if impl == "mlx":
+    if impl in ("mlx", "diffuse-mlx"):
         import mlx.core as mx
 
         result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
         from mlx_stablefused import _blas
 
         result["blas"] = _blas.status
+    if impl == "mlx":
         result["cpu_streams"] = streams
     if impl != "diffusers" or args.fair_malloc:
         from mlx_stablefused import _malloc
@@ -237,11 +280,62 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def load_diffuse_mlx(args: argparse.Namespace):
+    """diffuse-mlx's StableDiffusion on the benchmark folder (through the hub cache run_worker points it at),
+    with the same OpenBLAS and (--fair-malloc) glibc settings as our MLX backend; weights evaluated."""
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused._blas import preload_openblas
+
+    preload_openblas()  # before mlx.core is imported, as our MLX backend does
+    if args.fair_malloc:
+        from mlx_stablefused._malloc import keep_freed_memory
+
+        keep_freed_memory()
+    import mlx.core as mx
+    from diffuse_mlx.stable_diffusion import StableDiffusion
+
+    sd = StableDiffusion(DIFFUSE_MLX_REPO, float16=args.dtype == "float16")  # its VAE stays float32
+    sd.ensure_models_are_loaded()
+    return sd, mx
+
+
+def unet_prediction(impl: str, args: argparse.Namespace) -> "np.ndarray":
+    """One UNet evaluation on fixed inputs (latent, timestep 500, random text states of 77 tokens), (B, 4, h, w):
+    whether two implementations do the same work, whatever their samplers and prompt handling."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((1, 4, args.size // 8, args.size // 8)).astype(np.float32)
+    width = json.loads((Path(args.model) / "unet" / "config.json").read_text())["cross_attention_dim"]
+    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    if impl == "diffusers":
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        torch.set_num_threads(args.threads)
+        unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+        with torch.inference_mode():
+            return unet(torch.from_numpy(latent), 500, encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+    if impl == "diffuse-mlx":
+        sd, mx = load_diffuse_mlx(args)
+        out = sd.unet(mx.array(latent.transpose(0, 2, 3, 1)), mx.array([500.0]), encoder_x=mx.array(context))
+        return np.asarray(out).transpose(0, 3, 1, 2)
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused import TextToImageDiffusion
+
+    pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False)
+    backend = pipe.backend
+    prediction = backend.unet(backend.latent_from_numpy(latent), 500.0, backend.from_numpy(context))
+    return backend.latent_to_numpy(prediction)
+
+
 # ------------------------------------------------------------------------------ orchestrator side
-def run_worker(impl: str, args: argparse.Namespace) -> dict:
+def run_worker(impl: str, args: argparse.Namespace, prediction_file: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(args.model), "--size", str(args.size),
            "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype, "--device", args.device,
-           "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
+           "--threads", str(args.threads), "--scheduler", args.scheduler, "--architecture", args.architecture] + \
+        (["--prediction-file", str(prediction_file)] if prediction_file else []) + \
+        (["--low-memory"] if args.low_memory else []) + \
         (["--compile"] if args.compile else []) + \
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
         (["--fair-malloc"] if args.fair_malloc else []) + \
@@ -250,6 +344,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
+    if impl == "diffuse-mlx":  # its own loader, offline, from a hub cache of links to the benchmark folder
+        env.update(HF_HUB_CACHE=str(diffuse_mlx_hub_cache(Path(args.model))), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} run failed:\n{proc.stderr[-4000:]}")
@@ -270,6 +366,23 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
+def agreement(args: argparse.Namespace) -> dict[str, dict]:
+    """One UNet evaluation per implementation (fresh processes, same inputs), each against the first one's."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = {}
+        for impl in args.impl:
+            run_worker(impl, args, Path(tmp) / f"{impl}.npy")
+            outputs[impl] = np.load(Path(tmp) / f"{impl}.npy")
+    reference = outputs[args.impl[0]]
+    return {impl: {"reference": args.impl[0], "finite": bool(np.isfinite(out).all()),
+                   "max_abs": float(np.abs(out).max()), "max_abs_diff": float(np.abs(out - reference).max()),
+                   "mean_abs_diff": float(np.abs(out - reference).mean())} for impl, out in outputs.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers SD folder (default: random SD 1.5, built once)")
@@ -280,7 +393,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="torch device for diffusers and the torch backend")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    p.add_argument("--impl", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                   help="diffuse-mlx: PyPI's package of mlx-examples' stable_diffusion (SD 2.1-base; pip install diffuse-mlx)")
+    p.add_argument("--architecture", default="sd15", choices=sorted(ARCHITECTURES),
+                   help="the random model built (once) when --model is not given")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler"],
+                   help="text-to-image sampler on our side and diffusers' (diffuse-mlx always runs its own Euler)")
+    p.add_argument("--agreement", action="store_true",
+                   help="instead of timing: one UNet evaluation per --impl on the same inputs, compared")
     p.add_argument("--no-openblas", action="store_true", help="MLX with its bundled reference BLAS")
     p.add_argument("--low-memory", action="store_true", help="ours: the low-memory preset (enable_low_memory(): text encoder freed, attention and VAE slicing)")
     p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
@@ -296,15 +416,36 @@ def main() -> None:
                    help="text-to-image with this ControlNet folder ('default': a random SD 1.5 ControlNet, built once)")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prediction-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+        if args.prediction_file:
+            import numpy as np
+
+            np.save(args.prediction_file, unet_prediction(args.worker, args))
+            print(json.dumps({}))
+        else:
+            print(json.dumps(worker(args.worker, args)))
         return
     if args.model is None:
-        args.model = default_model_dir()
+        args.model = default_model_dir(args.architecture)
         if not (Path(args.model) / "model_index.json").is_file():
-            print(f"building the random SD 1.5 model in {args.model} (once) ...", file=sys.stderr)
-            build_random_sd15(Path(args.model))
+            print(f"building the random {args.architecture} model in {args.model} (once) ...", file=sys.stderr)
+            if args.architecture == "sd21":
+                sys.path.insert(0, str(Path(__file__).parent))
+                from random_models import build_sd21
+
+                build_sd21(Path(args.model))
+            else:
+                build_random_sd15(Path(args.model))
+    if args.agreement:
+        found = agreement(args)
+        print(json.dumps(found, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"work": f"one UNet evaluation, {args.architecture} "
+                                                           f"{args.size}x{args.size}, {args.dtype}",
+                                                   "agreement": found}, indent=2))
+        return
     if args.frames < 0:
         p.error("--frames must be 0 (images) or a positive frame count")
     if args.frames and args.motion_adapter is None:
@@ -321,15 +462,17 @@ def main() -> None:
     for r in range(args.rounds):
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
-            print(f"round {r + 1}: {impl:9s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
+            print(f"round {r + 1}: {impl:11s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
     summary = summarise(results)
-    what = f"AnimateDiff {args.frames} frames" if args.frames else "SD1.5 + ControlNet" if args.controlnet else "SD1.5"
-    work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
+    arch = {"sd15": "SD1.5", "sd21": "SD2.1-base"}[args.architecture]
+    what = f"AnimateDiff {args.frames} frames" if args.frames else f"{arch} + ControlNet" if args.controlnet else arch
+    sampler = "DDIM" if args.frames else {"ddim": "DDIM", "euler": "Euler"}[args.scheduler]
+    work = f"{what} {args.size}x{args.size}, {args.steps} {sampler} steps, CFG, batch {args.batch}, {args.dtype}, " \
            f"device {args.device}"
     print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")
-    print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
+    print(f"{'impl':11s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
     for impl, row in summary.items():
-        print(f"{impl:10s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
+        print(f"{impl:11s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
               f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
               f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
     if args.json:
