@@ -207,10 +207,11 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
 
         def run(n):
             with torch.inference_mode():
-                pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                     width=size, output_type="np", **extra)
+                out = pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
+                           width=size, output_type="np", **extra)
             if args.device == "cuda":
                 torch.cuda.synchronize()
+            return out.frames if frames else out.images
     elif impl == "diffuse-mlx":
         sd, mx = load_diffuse_mlx(args)
 
@@ -221,8 +222,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                 mx.eval(x)
             image = sd.decode(x)
             mx.eval(image)
-            if not np.isfinite(np.asarray(image)).all():
-                raise FloatingPointError("diffuse-mlx produced a non-finite image")
+            return np.asarray(image)
     else:
         kwargs = {}
         if impl == "torch":
@@ -250,12 +250,13 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
         def run(n):
-            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np", **extra)
+            return pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np",
+                        **extra)
 
     load_s = time.perf_counter() - t0
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
     t1 = time.perf_counter()
-    run(steps)
+    images = run(steps)
     total = time.perf_counter() - t1
     t2 = time.perf_counter()
     run(1)
@@ -263,7 +264,8 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
     result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
+              "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
+              "finite": bool(np.isfinite(np.asarray(images, dtype=np.float32)).all())}
     if impl in ("mlx", "diffuse-mlx"):
         import mlx.core as mx
 
@@ -355,9 +357,10 @@ def run_worker(impl: str, args: argparse.Namespace, prediction_file: Path | None
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for impl, runs in results.items():
-        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[impl] = {k: statistics.median(r[k] for r in runs) for k in keys}
         out[impl].update({k: v for k, v in runs[0].items() if isinstance(v, str)})
+        out[impl].update({k: all(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, bool)})
     base = out.get("diffusers")
     if base:
         for impl, row in out.items():
