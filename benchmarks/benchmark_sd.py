@@ -9,6 +9,8 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py --model /path/to/diffusers/sd15   # real weights instead
     python benchmarks/benchmark_sd.py --frames 16 --size 128 --steps 2  # AnimateDiff: 16 frames, random adapter
     python benchmarks/benchmark_sd.py --controlnet default   # + a random SD 1.5 ControlNet (StableDiffusionControlNetPipeline)
+    python benchmarks/benchmark_sd.py --model sdxl --size 512 --steps 2 --rounds 1 --impl mlx --single-run \
+        --append --json benchmarks/results-sdxl-cpu-2core.json   # SDXL vs StableDiffusionXLPipeline, one side a call
     python benchmarks/benchmark_sd.py --architecture sd21 --scheduler euler --impl diffusers mlx diffuse-mlx
         # SD 2.1-base (random, built once) against diffuse-mlx, PyPI's package of mlx-examples' stable_diffusion
     python benchmarks/benchmark_sd.py --architecture sd21 --agreement   # one UNet evaluation, same inputs, compared
@@ -61,6 +63,13 @@ def diffuse_mlx_hub_cache(model: Path) -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return repo.parent
+
+
+def pipeline_class(model: str | Path) -> str:
+    """The diffusers pipeline a model folder names (``model_index.json``'s ``_class_name``)."""
+    index = Path(model) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "StableDiffusionPipeline") if index.is_file() else \
+        "StableDiffusionPipeline"
 
 
 def build_random_sd15(folder: Path) -> None:
@@ -163,11 +172,13 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     shape = (batch, 4, size // 8, size // 8) if not frames else (batch, 4, frames, size // 8, size // 8)
     latents = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t0 = time.perf_counter()
+    streams = None
     if impl == "diffusers":
         import torch
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
         torch.set_num_threads(args.threads)
+        sampler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.scheduler]  # text-to-image
         if args.fair_malloc:  # the glibc settings our torch backend uses, so allocator luck is not measured
             sys.path.insert(0, str(ROOT))
             from mlx_stablefused._malloc import keep_freed_memory
@@ -192,28 +203,40 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             pipe = StableDiffusionControlNetPipeline.from_pretrained(
                 args.model, controlnet=net, torch_dtype=dtype, safety_checker=None,
                 requires_safety_checker=False).to(args.device)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {"image": bench_control_image(size)}
-        else:
-            from diffusers import EulerDiscreteScheduler
+        elif pipeline_class(args.model) == "StableDiffusionXLPipeline":
+            from diffusers import StableDiffusionXLPipeline
 
+            pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype,
+                                                             add_watermarker=False).to(args.device)  # ours has none
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
+            extra = {}
+        else:
             pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False).to(args.device)
-            sampler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.scheduler]
             pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {}
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
 
-        def run(n):
+        def run(n, output_type="np", **callback):
             with torch.inference_mode():
                 out = pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                           width=size, output_type="np", **extra)
+                           width=size, output_type=output_type, **extra, **callback)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             return out.frames if frames else out.images
+
+        def decode():  # what the pipeline does after its last step (the VAE runs in its own dtype: fp32 here)
+            with torch.inference_mode():
+                image = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
+                pipe.image_processor.postprocess(image, output_type="np")
+            if args.device == "cuda":
+                torch.cuda.synchronize()
     elif impl == "diffuse-mlx":
         sd, mx = load_diffuse_mlx(args)
+        decode = None  # --single-run is refused for it (its loop has no step callbacks)
 
         def run(n):  # as mlx-examples' txt2image: evaluate each step, then decode
             x = None
@@ -225,6 +248,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             return np.asarray(image)
     else:
         kwargs = {}
+        streams = None
         if impl == "torch":
             import torch  # before mlx_stablefused, whose import preloads OpenBLAS globally
 
@@ -249,11 +273,22 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
         if impl == "mlx":
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
-        def run(n):
-            return pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type="np",
-                        **extra)
+        def run(n, output_type="np", **callback):
+            return pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5,
+                        output_type=output_type, **extra, **callback)
+
+        def decode():
+            pipe.resolve_output(latent=latents, output_type="np")
+
+        if args.single_run and impl == "mlx":  # weights read before the clock starts, as diffusers' are
+            import mlx.core as mx
+
+            mx.eval([m.parameters() for m in pipe.backend.components.values()])
 
     load_s = time.perf_counter() - t0
+    if args.single_run:
+        return {"impl": impl, "load_s": load_s, **timed_single_run(impl, run, decode, steps, args.phase),
+                **process_stats(impl, args, streams)}
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
     t1 = time.perf_counter()
     images = run(steps)
@@ -262,10 +297,47 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     run(1)
     one_step_total = time.perf_counter() - t2
     per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
-    result = {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
-              "finite": bool(np.isfinite(np.asarray(images, dtype=np.float32)).all())}
+    return {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
+            "finite": bool(np.isfinite(np.asarray(images, dtype=np.float32)).all()), **process_stats(impl, args, streams)}
+
+
+def timed_single_run(impl: str, run, decode, steps: int, phase: str = "all") -> dict:
+    """One cold run (no warm-up; for work too long to repeat), timed at each step's end by a step callback.
+
+    ``first_step_s``: from the call to the first step's end (text encoding and first-call overheads included);
+    ``per_step_s``: the later steps' mean (the first step's time when there is one step); ``decode_s``: from the
+    last step's end to the images (the VAE decode). ``phase`` "latent": the run stops at the latents (no decode);
+    "decode": only the decode of the run's latent, timed alone (for work longer than one sitting: the two phases
+    in two processes add up to the run)."""
+    if phase == "decode":
+        t1 = time.perf_counter()
+        decode()
+        took = time.perf_counter() - t1
+        return {"end_to_end_s": took, "decode_s": took, "phase": phase, "load_average": os.getloadavg()[0]}
+    marks: list[float] = []
+
+    def mark(pipe, step, timestep, tensors):
+        if impl == "mlx":  # MLX is lazy: the step's latents exist before its time is taken
+            import mlx.core as mx
+
+            mx.eval(tensors["latents"])
+        marks.append(time.perf_counter())
+        return {}
+
+    t1 = time.perf_counter()
+    run(steps, output_type="latent" if phase == "latent" else "np", callback_on_step_end=mark)
+    end = time.perf_counter()
+    first = marks[0] - t1
+    per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else first
+    out = {"end_to_end_s": end - t1, "first_step_s": first, "per_step_s": per_step, "steps_timed": len(marks),
+           "phase": phase, "load_average": os.getloadavg()[0]}
+    return out if phase == "latent" else {**out, "decode_s": end - marks[-1]}
+
+
+def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -> dict:
+    """Peak RSS, page faults and (MLX) the allocator peak, BLAS and streams of this worker process."""
+    result = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
     if impl in ("mlx", "diffuse-mlx"):
         import mlx.core as mx
 
@@ -342,7 +414,8 @@ def run_worker(impl: str, args: argparse.Namespace, prediction_file: Path | None
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
         (["--fair-malloc"] if args.fair_malloc else []) + \
         (["--frames", str(args.frames), "--motion-adapter", str(args.motion_adapter)] if args.frames else []) + \
-        (["--controlnet", str(args.controlnet)] if args.controlnet else [])
+        (["--controlnet", str(args.controlnet)] if args.controlnet else []) + \
+        (["--single-run", "--phase", args.phase] if args.single_run else [])
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
@@ -364,8 +437,9 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     base = out.get("diffusers")
     if base:
         for impl, row in out.items():
-            for k in ("per_step_s", "end_to_end_s", "peak_rss_mb"):
-                row[f"{k}_ratio"] = row[k] / base[k]
+            for k in ("per_step_s", "end_to_end_s", "peak_rss_mb", "first_step_s", "decode_s"):
+                if k in row and k in base:
+                    row[f"{k}_ratio"] = row[k] / base[k]
     return out
 
 
@@ -388,7 +462,8 @@ def agreement(args: argparse.Namespace) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers SD folder (default: random SD 1.5, built once)")
+    p.add_argument("--model", default=None, help="diffusers SD or SDXL folder (default: random SD 1.5, built once; "
+                                                 "'sdxl': the random full SDXL of random_models.py, built once)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
@@ -417,6 +492,13 @@ def main() -> None:
                    help="with --frames: a diffusers MotionAdapter folder (default: random v1-5-2 shape, built once)")
     p.add_argument("--controlnet", default=None,
                    help="text-to-image with this ControlNet folder ('default': a random SD 1.5 ControlNet, built once)")
+    p.add_argument("--single-run", action="store_true",
+                   help="one cold run per implementation, timed by step callbacks (no warm-up: for SDXL at 1024)")
+    p.add_argument("--phase", default="all", choices=("all", "latent", "decode"),
+                   help="with --single-run: the run up to the latents only, or only the decode of its latent")
+    p.add_argument("--append", action="store_true",
+                   help="merge these runs into the --json file's runs of the same work (one implementation per "
+                        "invocation), and summarise them all")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prediction-file", default=None, help=argparse.SUPPRESS)
@@ -430,6 +512,16 @@ def main() -> None:
         else:
             print(json.dumps(worker(args.worker, args)))
         return
+    if args.single_run and "diffuse-mlx" in args.impl:
+        p.error("--single-run times steps by our and diffusers' step callbacks; diffuse-mlx has none")
+    if args.model == "sdxl":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import random_models
+
+        args.model = default_model_dir().with_name("bench-sdxl-random")
+        if not (args.model / "model_index.json").is_file():
+            print(f"building the random SDXL model in {args.model} (once) ...", file=sys.stderr)
+            random_models.build_sdxl(args.model)
     if args.model is None:
         args.model = default_model_dir(args.architecture)
         if not (Path(args.model) / "model_index.json").is_file():
@@ -465,20 +557,33 @@ def main() -> None:
     for r in range(args.rounds):
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
-            print(f"round {r + 1}: {impl:11s} {results[impl][-1]['per_step_s']:.3f} s/step", file=sys.stderr)
-    summary = summarise(results)
-    arch = {"sd15": "SD1.5", "sd21": "SD2.1-base"}[args.architecture]
-    what = f"AnimateDiff {args.frames} frames" if args.frames else f"{arch} + ControlNet" if args.controlnet else arch
+            last = results[impl][-1]
+            print(f"round {r + 1}: {impl:11s} {last.get('per_step_s', float('nan')):.3f} s/step, "
+                  f"{last['end_to_end_s']:.2f} s end to end", file=sys.stderr)
+    family = "SDXL" if pipeline_class(args.model) == "StableDiffusionXLPipeline" else \
+        {"sd15": "SD1.5", "sd21": "SD2.1-base"}[args.architecture]
+    what = f"AnimateDiff {args.frames} frames" if args.frames else f"{family} + ControlNet" if args.controlnet else family
     sampler = "DDIM" if args.frames else {"ddim": "DDIM", "euler": "Euler"}[args.scheduler]
     work = f"{what} {args.size}x{args.size}, {args.steps} {sampler} steps, CFG, batch {args.batch}, {args.dtype}, " \
-           f"device {args.device}"
-    print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians of {args.rounds}")
+           f"device {args.device}" + (", one cold run" if args.single_run else "") + \
+        {"all": "", "latent": ", to the latents", "decode": ", the decode alone"}[args.phase]
+    if args.append and args.json and Path(args.json).is_file():
+        earlier = json.loads(Path(args.json).read_text()).get("works", {}).get(work, {}).get("runs", {})
+        results = {impl: earlier.get(impl, []) + results.get(impl, []) for impl in IMPLEMENTATIONS
+                   if earlier.get(impl) or results.get(impl)}
+    summary = summarise(results)
+    print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians")
     print(f"{'impl':11s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
     for impl, row in summary.items():
-        print(f"{impl:11s} {row['per_step_s']:8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
+        print(f"{impl:11s} {row.get('per_step_s', float('nan')):8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
               f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
               f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
-    if args.json:
+    if args.json and args.append:
+        path = Path(args.json)
+        data = json.loads(path.read_text()) if path.is_file() else {"works": {}}
+        data["works"][work] = {"summary": summary, "runs": results}
+        path.write_text(json.dumps(data, indent=2))
+    elif args.json:
         Path(args.json).write_text(json.dumps({"work": work, "summary": summary, "runs": results}, indent=2))
 
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .env_settings import positive_from_env
 from .errors import DistributedError
 
 ENV_TIMEOUT = "MLX_STABLEFUSED_DISTRIBUTED_TIMEOUT"  # seconds any rank waits for the others (default 600)
@@ -41,16 +42,7 @@ MLX_LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")  # ring / JACCL / NC
 
 def timeout_seconds() -> float:
     """The bound on every wait for another rank: ``MLX_STABLEFUSED_DISTRIBUTED_TIMEOUT`` or 600 s."""
-    value = os.environ.get(ENV_TIMEOUT)
-    if value is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{ENV_TIMEOUT} must be a number of seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"{ENV_TIMEOUT} must be positive, got {value!r}")
-    return seconds
+    return positive_from_env(ENV_TIMEOUT, DEFAULT_TIMEOUT_S, float, "seconds")
 
 
 def launcher() -> str | None:

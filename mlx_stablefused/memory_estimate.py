@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .env_settings import positive_from_env
+
 MAX_PIXELS_ENV = "MLX_STABLEFUSED_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 8192 * 8192  # 64 MP: eight times an SDXL upscale to 4096x4096 with tiling
 GiB = 1024 ** 3
@@ -35,16 +37,7 @@ class Request:
 
 def max_pixels() -> int:
     """The hard cap on height x width (``MLX_STABLEFUSED_MAX_PIXELS``, else 64 MP)."""
-    text = os.environ.get(MAX_PIXELS_ENV)
-    if text is None:
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{MAX_PIXELS_ENV}={text!r} must be a positive integer (pixels)") from None
-    if value < 1:
-        raise ValueError(f"{MAX_PIXELS_ENV}={text!r} must be a positive integer (pixels)")
-    return value
+    return positive_from_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, int, "pixels")
 
 
 def check_pixel_cap(height: int, width: int, names: tuple[str, str] = ("image_height", "image_width")) -> None:

@@ -224,3 +224,21 @@ def test_progress_off_a_terminal_is_plain_lines_from_the_outer_bar_only(monkeypa
     with progress.progress_bar(5, "hidden", enabled=False) as bar:
         bar.update(5)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name,text", [("MLX_STABLEFUSED_CPU_STREAMS", "0"), ("MLX_STABLEFUSED_CPU_STREAMS", "1.5"),
+                                       ("MLX_STABLEFUSED_DISTRIBUTED_TIMEOUT", "inf"),
+                                       ("MLX_STABLEFUSED_DISTRIBUTED_TIMEOUT", "-3"),
+                                       ("MLX_STABLEFUSED_MAX_PIXELS", "nan")])
+def test_malformed_numeric_settings_are_refused_by_name(monkeypatch, name, text):
+    from mlx_stablefused.backends.mlx.cpu_streams import default_stream_count
+    from mlx_stablefused.distributed import timeout_seconds
+    from mlx_stablefused.memory_estimate import max_pixels
+
+    read = {"MLX_STABLEFUSED_CPU_STREAMS": default_stream_count, "MLX_STABLEFUSED_DISTRIBUTED_TIMEOUT": timeout_seconds,
+            "MLX_STABLEFUSED_MAX_PIXELS": max_pixels}[name]
+    monkeypatch.setenv(name, text)
+    with pytest.raises(ValueError, match=f"{name}='{text}' must be a positive"):
+        read()
+    monkeypatch.setenv(name, "7")
+    assert read() == 7

@@ -18,6 +18,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ... import _blas
+from ...env_settings import positive_from_env
 
 ENV_STREAMS = "MLX_STABLEFUSED_CPU_STREAMS"
 
@@ -32,15 +33,8 @@ def cpu_core_count() -> int:
 
 def default_stream_count() -> int:
     """Streams to use by default: one per core (at most 8) on the CPU build, 1 elsewhere."""
-    env = os.environ.get(ENV_STREAMS)
-    if env:
-        try:
-            count = int(env)
-        except ValueError:
-            raise ValueError(f"{ENV_STREAMS} must be a whole number of streams, got {env!r}") from None
-        if count < 1:
-            raise ValueError(f"{ENV_STREAMS} must be at least 1, got {count}")
-        return count
+    if os.environ.get(ENV_STREAMS, "").strip():
+        return positive_from_env(ENV_STREAMS, 1, int, "CPU streams")
     if mx.default_device() != mx.cpu:
         return 1
     return min(8, cpu_core_count())
