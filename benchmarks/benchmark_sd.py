@@ -503,6 +503,11 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--prediction-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "diffuse-mlx" in args.impl and not args.worker:
+        import importlib.util
+
+        if importlib.util.find_spec("diffuse_mlx") is None:
+            p.error("--impl diffuse-mlx: the package is not installed (pip install -e \".[bench]\")")
     if args.worker:
         if args.prediction_file:
             import numpy as np
