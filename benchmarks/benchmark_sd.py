@@ -11,6 +11,9 @@ random weights (built once, cached), 256x256, 4 DDIM steps, classifier-free guid
     python benchmarks/benchmark_sd.py --controlnet default   # + a random SD 1.5 ControlNet (StableDiffusionControlNetPipeline)
     python benchmarks/benchmark_sd.py --model sdxl --size 512 --steps 2 --rounds 1 --impl mlx --single-run \
         --append --json benchmarks/results-sdxl-cpu-2core.json   # SDXL vs StableDiffusionXLPipeline, one side a call
+    python benchmarks/benchmark_sd.py --architecture sd21 --scheduler euler --impl diffusers mlx diffuse-mlx
+        # SD 2.1-base (random, built once) against diffuse-mlx, PyPI's package of mlx-examples' stable_diffusion
+    python benchmarks/benchmark_sd.py --architecture sd21 --agreement   # one UNet evaluation, same inputs, compared
 
 Prints seconds per step, end-to-end seconds, peak process RSS and (MLX) mx.get_peak_memory, and the
 ratios against diffusers; writes all numbers as JSON with --json. Timings never enter the tests.
@@ -30,12 +33,36 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPLEMENTATIONS = ("diffusers", "mlx", "torch")
+IMPLEMENTATIONS = ("diffusers", "mlx", "torch", "diffuse-mlx")
+DEFAULT_IMPLEMENTATIONS = ("diffusers", "mlx", "torch")
+ARCHITECTURES = {"sd15": "bench-sd15-random", "sd21": "bench-sd21-random"}  # --architecture: the random model's folder
+# diffuse-mlx (mlx-examples' stable_diffusion) loads only hub ids it knows; this one is SD 2.1-base.
+DIFFUSE_MLX_REPO = "stabilityai/stable-diffusion-2-1-base"
 
 
-def default_model_dir() -> Path:
+def default_model_dir(architecture: str = "sd15") -> Path:
     base = Path(os.environ.get("MLX_STABLEFUSED_CACHE", Path.home() / ".cache" / "mlx-stablefused"))
-    return base / "bench-sd15-random"
+    return base / ARCHITECTURES[architecture]
+
+
+def diffuse_mlx_hub_cache(model: Path) -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE, next to ``model``) in which DIFFUSE_MLX_REPO's files are links
+    into the diffusers folder ``model``: with HF_HUB_OFFLINE=1, diffuse-mlx's own hf_hub_download finds them there.
+    """
+    import hashlib
+
+    model = Path(model).resolve()
+    commit = hashlib.sha1(str(model).encode()).hexdigest()  # any 40-hex name; refs/main points at it
+    repo = model.parent / f"{model.name}-hub" / f"models--{DIFFUSE_MLX_REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    for file in model.rglob("*"):
+        link = snapshot / file.relative_to(model)
+        if file.is_file() and not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(file)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo.parent
 
 
 def pipeline_class(model: str | Path) -> str:
@@ -148,9 +175,10 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
     streams = None
     if impl == "diffusers":
         import torch
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
         torch.set_num_threads(args.threads)
+        sampler = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[args.scheduler]  # text-to-image
         if args.fair_malloc:  # the glibc settings our torch backend uses, so allocator luck is not measured
             sys.path.insert(0, str(ROOT))
             from mlx_stablefused._malloc import keep_freed_memory
@@ -175,27 +203,30 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             pipe = StableDiffusionControlNetPipeline.from_pretrained(
                 args.model, controlnet=net, torch_dtype=dtype, safety_checker=None,
                 requires_safety_checker=False).to(args.device)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {"image": bench_control_image(size)}
         elif pipeline_class(args.model) == "StableDiffusionXLPipeline":
             from diffusers import StableDiffusionXLPipeline
 
             pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype,
                                                              add_watermarker=False).to(args.device)  # ours has none
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {}
         else:
             pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
                                                            requires_safety_checker=False).to(args.device)
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
             extra = {}
         pipe.set_progress_bar_config(disable=True)
         lat = torch.from_numpy(latents).to(args.device, dtype)
 
         def run(n, output_type="np", **callback):
             with torch.inference_mode():
-                pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
-                     width=size, output_type=output_type, **extra, **callback)
+                out = pipe([prompt] * batch, num_inference_steps=n, guidance_scale=7.5, latents=lat, height=size,
+                           width=size, output_type=output_type, **extra, **callback)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            return out.frames if frames else out.images
 
         def decode():  # what the pipeline does after its last step (the VAE runs in its own dtype: fp32 here)
             with torch.inference_mode():
@@ -203,6 +234,18 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                 pipe.image_processor.postprocess(image, output_type="np")
             if args.device == "cuda":
                 torch.cuda.synchronize()
+    elif impl == "diffuse-mlx":
+        sd, mx = load_diffuse_mlx(args)
+        decode = None  # --single-run is refused for it (its loop has no step callbacks)
+
+        def run(n):  # as mlx-examples' txt2image: evaluate each step, then decode
+            x = None
+            for x in sd.generate_latents(prompt, n_images=batch, num_steps=n, cfg_weight=7.5,
+                                         latent_size=(size // 8, size // 8), seed=0):
+                mx.eval(x)
+            image = sd.decode(x)
+            mx.eval(image)
+            return np.asarray(image)
     else:
         kwargs = {}
         streams = None
@@ -221,7 +264,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             if args.controlnet:
                 kwargs["controlnet"] = args.controlnet
             pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False,
-                                        scheduler="ddim", **kwargs)
+                                        scheduler=args.scheduler, **kwargs)
         extra = {"control_image": bench_control_image(size)} if args.controlnet else {}
         if args.low_memory:
             pipe.enable_low_memory()
@@ -231,8 +274,8 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
             streams = pipe.set_cpu_streams(args.cpu_streams)
 
         def run(n, output_type="np", **callback):
-            pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5, output_type=output_type,
-                 **extra, **callback)
+            return pipe([prompt] * batch, latent=latents, num_inference_steps=n, guidance_scale=7.5,
+                        output_type=output_type, **extra, **callback)
 
         def decode():
             pipe.resolve_output(latent=latents, output_type="np")
@@ -248,13 +291,14 @@ def worker(impl: str, args: argparse.Namespace) -> dict:
                 **process_stats(impl, args, streams)}
     run(1)  # warm-up: kernel selection, lazy weight materialisation, first-call overheads
     t1 = time.perf_counter()
-    run(steps)
+    images = run(steps)
     total = time.perf_counter() - t1
     t2 = time.perf_counter()
     run(1)
     one_step_total = time.perf_counter() - t2
     per_step = (total - one_step_total) / max(steps - 1, 1)  # the step cost without text encoding and decoding
-    return {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step, **process_stats(impl, args, streams)}
+    return {"impl": impl, "load_s": load_s, "end_to_end_s": total, "per_step_s": per_step,
+            "finite": bool(np.isfinite(np.asarray(images, dtype=np.float32)).all()), **process_stats(impl, args, streams)}
 
 
 def timed_single_run(impl: str, run, decode, steps: int, phase: str = "all") -> dict:
@@ -294,13 +338,14 @@ def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -
     """Peak RSS, page faults and (MLX) the allocator peak, BLAS and streams of this worker process."""
     result = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "minor_page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
-    if impl == "mlx":
+    if impl in ("mlx", "diffuse-mlx"):
         import mlx.core as mx
 
         result["mlx_peak_mb"] = mx.get_peak_memory() / 2**20
         from mlx_stablefused import _blas
 
         result["blas"] = _blas.status
+    if impl == "mlx":
         result["cpu_streams"] = streams
     if impl != "diffusers" or args.fair_malloc:
         from mlx_stablefused import _malloc
@@ -309,11 +354,62 @@ def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -
     return result
 
 
+def load_diffuse_mlx(args: argparse.Namespace):
+    """diffuse-mlx's StableDiffusion on the benchmark folder (through the hub cache run_worker points it at),
+    with the same OpenBLAS and (--fair-malloc) glibc settings as our MLX backend; weights evaluated."""
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused._blas import preload_openblas
+
+    preload_openblas()  # before mlx.core is imported, as our MLX backend does
+    if args.fair_malloc:
+        from mlx_stablefused._malloc import keep_freed_memory
+
+        keep_freed_memory()
+    import mlx.core as mx
+    from diffuse_mlx.stable_diffusion import StableDiffusion
+
+    sd = StableDiffusion(DIFFUSE_MLX_REPO, float16=args.dtype == "float16")  # its VAE stays float32
+    sd.ensure_models_are_loaded()
+    return sd, mx
+
+
+def unet_prediction(impl: str, args: argparse.Namespace) -> "np.ndarray":
+    """One UNet evaluation on fixed inputs (latent, timestep 500, random text states of 77 tokens), (B, 4, h, w):
+    whether two implementations do the same work, whatever their samplers and prompt handling."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((1, 4, args.size // 8, args.size // 8)).astype(np.float32)
+    width = json.loads((Path(args.model) / "unet" / "config.json").read_text())["cross_attention_dim"]
+    context = rng.standard_normal((1, 77, width)).astype(np.float32)
+    if impl == "diffusers":
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        torch.set_num_threads(args.threads)
+        unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+        with torch.inference_mode():
+            return unet(torch.from_numpy(latent), 500, encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+    if impl == "diffuse-mlx":
+        sd, mx = load_diffuse_mlx(args)
+        out = sd.unet(mx.array(latent.transpose(0, 2, 3, 1)), mx.array([500.0]), encoder_x=mx.array(context))
+        return np.asarray(out).transpose(0, 3, 1, 2)
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused import TextToImageDiffusion
+
+    pipe = TextToImageDiffusion(args.model, backend=impl, dtype=args.dtype, progress=False)
+    backend = pipe.backend
+    prediction = backend.unet(backend.latent_from_numpy(latent), 500.0, backend.from_numpy(context))
+    return backend.latent_to_numpy(prediction)
+
+
 # ------------------------------------------------------------------------------ orchestrator side
-def run_worker(impl: str, args: argparse.Namespace) -> dict:
+def run_worker(impl: str, args: argparse.Namespace, prediction_file: Path | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(args.model), "--size", str(args.size),
            "--steps", str(args.steps), "--batch", str(args.batch), "--dtype", args.dtype, "--device", args.device,
-           "--threads", str(args.threads)] + (["--low-memory"] if args.low_memory else []) + \
+           "--threads", str(args.threads), "--scheduler", args.scheduler, "--architecture", args.architecture] + \
+        (["--prediction-file", str(prediction_file)] if prediction_file else []) + \
+        (["--low-memory"] if args.low_memory else []) + \
         (["--compile"] if args.compile else []) + \
         (["--cpu-streams", str(args.cpu_streams)] if args.cpu_streams is not None else []) + \
         (["--fair-malloc"] if args.fair_malloc else []) + \
@@ -323,6 +419,8 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     if args.no_openblas:
         env["MLX_STABLEFUSED_NO_OPENBLAS"] = "1"
+    if impl == "diffuse-mlx":  # its own loader, offline, from a hub cache of links to the benchmark folder
+        env.update(HF_HUB_CACHE=str(diffuse_mlx_hub_cache(Path(args.model))), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} run failed:\n{proc.stderr[-4000:]}")
@@ -332,9 +430,10 @@ def run_worker(impl: str, args: argparse.Namespace) -> dict:
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for impl, runs in results.items():
-        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[impl] = {k: statistics.median(r[k] for r in runs) for k in keys}
         out[impl].update({k: v for k, v in runs[0].items() if isinstance(v, str)})
+        out[impl].update({k: all(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, bool)})
     base = out.get("diffusers")
     if base:
         for impl, row in out.items():
@@ -342,6 +441,23 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
                 if k in row and k in base:
                     row[f"{k}_ratio"] = row[k] / base[k]
     return out
+
+
+def agreement(args: argparse.Namespace) -> dict[str, dict]:
+    """One UNet evaluation per implementation (fresh processes, same inputs), each against the first one's."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = {}
+        for impl in args.impl:
+            run_worker(impl, args, Path(tmp) / f"{impl}.npy")
+            outputs[impl] = np.load(Path(tmp) / f"{impl}.npy")
+    reference = outputs[args.impl[0]]
+    return {impl: {"reference": args.impl[0], "finite": bool(np.isfinite(out).all()),
+                   "max_abs": float(np.abs(out).max()), "max_abs_diff": float(np.abs(out - reference).max()),
+                   "mean_abs_diff": float(np.abs(out - reference).mean())} for impl, out in outputs.items()}
 
 
 def main() -> None:
@@ -355,7 +471,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="torch device for diffusers and the torch backend")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    p.add_argument("--impl", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                   help="diffuse-mlx: PyPI's package of mlx-examples' stable_diffusion (SD 2.1-base; pip install diffuse-mlx)")
+    p.add_argument("--architecture", default="sd15", choices=sorted(ARCHITECTURES),
+                   help="the random model built (once) when --model is not given")
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler"],
+                   help="text-to-image sampler on our side and diffusers' (diffuse-mlx always runs its own Euler)")
+    p.add_argument("--agreement", action="store_true",
+                   help="instead of timing: one UNet evaluation per --impl on the same inputs, compared")
     p.add_argument("--no-openblas", action="store_true", help="MLX with its bundled reference BLAS")
     p.add_argument("--low-memory", action="store_true", help="ours: the low-memory preset (enable_low_memory(): text encoder freed, attention and VAE slicing)")
     p.add_argument("--compile", action="store_true", help="MLX: mx.compile the UNet step")
@@ -378,10 +501,24 @@ def main() -> None:
                         "invocation), and summarise them all")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prediction-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "diffuse-mlx" in args.impl and not args.worker:
+        import importlib.util
+
+        if importlib.util.find_spec("diffuse_mlx") is None:
+            p.error("--impl diffuse-mlx: the package is not installed (pip install -e \".[bench]\")")
     if args.worker:
-        print(json.dumps(worker(args.worker, args)))
+        if args.prediction_file:
+            import numpy as np
+
+            np.save(args.prediction_file, unet_prediction(args.worker, args))
+            print(json.dumps({}))
+        else:
+            print(json.dumps(worker(args.worker, args)))
         return
+    if args.single_run and "diffuse-mlx" in args.impl:
+        p.error("--single-run times steps by our and diffusers' step callbacks; diffuse-mlx has none")
     if args.model == "sdxl":
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import random_models
@@ -391,10 +528,24 @@ def main() -> None:
             print(f"building the random SDXL model in {args.model} (once) ...", file=sys.stderr)
             random_models.build_sdxl(args.model)
     if args.model is None:
-        args.model = default_model_dir()
+        args.model = default_model_dir(args.architecture)
         if not (Path(args.model) / "model_index.json").is_file():
-            print(f"building the random SD 1.5 model in {args.model} (once) ...", file=sys.stderr)
-            build_random_sd15(Path(args.model))
+            print(f"building the random {args.architecture} model in {args.model} (once) ...", file=sys.stderr)
+            if args.architecture == "sd21":
+                sys.path.insert(0, str(Path(__file__).parent))
+                from random_models import build_sd21
+
+                build_sd21(Path(args.model))
+            else:
+                build_random_sd15(Path(args.model))
+    if args.agreement:
+        found = agreement(args)
+        print(json.dumps(found, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"work": f"one UNet evaluation, {args.architecture} "
+                                                           f"{args.size}x{args.size}, {args.dtype}",
+                                                   "agreement": found}, indent=2))
+        return
     if args.frames < 0:
         p.error("--frames must be 0 (images) or a positive frame count")
     if args.frames and args.motion_adapter is None:
@@ -412,11 +563,13 @@ def main() -> None:
         for impl in args.impl:
             results[impl].append(run_worker(impl, args))
             last = results[impl][-1]
-            print(f"round {r + 1}: {impl:9s} {last.get('per_step_s', float('nan')):.3f} s/step, "
+            print(f"round {r + 1}: {impl:11s} {last.get('per_step_s', float('nan')):.3f} s/step, "
                   f"{last['end_to_end_s']:.2f} s end to end", file=sys.stderr)
-    family = "SDXL" if pipeline_class(args.model) == "StableDiffusionXLPipeline" else "SD1.5"
+    family = "SDXL" if pipeline_class(args.model) == "StableDiffusionXLPipeline" else \
+        {"sd15": "SD1.5", "sd21": "SD2.1-base"}[args.architecture]
     what = f"AnimateDiff {args.frames} frames" if args.frames else f"{family} + ControlNet" if args.controlnet else family
-    work = f"{what} {args.size}x{args.size}, {args.steps} DDIM steps, CFG, batch {args.batch}, {args.dtype}, " \
+    sampler = "DDIM" if args.frames else {"ddim": "DDIM", "euler": "Euler"}[args.scheduler]
+    work = f"{what} {args.size}x{args.size}, {args.steps} {sampler} steps, CFG, batch {args.batch}, {args.dtype}, " \
            f"device {args.device}" + (", one cold run" if args.single_run else "") + \
         {"all": "", "latent": ", to the latents", "decode": ", the decode alone"}[args.phase]
     if args.append and args.json and Path(args.json).is_file():
@@ -425,9 +578,9 @@ def main() -> None:
                    if earlier.get(impl) or results.get(impl)}
     summary = summarise(results)
     print(f"\n{work} ({platform.machine()}, {os.cpu_count()} cores, {args.threads} threads); medians")
-    print(f"{'impl':10s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
+    print(f"{'impl':11s} {'s/step':>8s} {'x':>6s} {'e2e s':>8s} {'x':>6s} {'RSS MB':>8s} {'x':>6s} {'MLX MB':>8s}")
     for impl, row in summary.items():
-        print(f"{impl:10s} {row.get('per_step_s', float('nan')):8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
+        print(f"{impl:11s} {row.get('per_step_s', float('nan')):8.3f} {row.get('per_step_s_ratio', 1):6.2f} {row['end_to_end_s']:8.2f} "
               f"{row.get('end_to_end_s_ratio', 1):6.2f} {row['peak_rss_mb']:8.0f} {row.get('peak_rss_mb_ratio', 1):6.2f} "
               f"{row.get('mlx_peak_mb', float('nan')):8.0f}")
     if args.json and args.append:
