@@ -11,6 +11,8 @@ and ``decode`` (the VAE; with more steps, the later steps too).
 
     python benchmarks/benchmark_memory.py --rows sd15-512 sd15-512-low --json benchmarks/results-memory-cpu-2core.json
     python benchmarks/benchmark_memory.py --list
+    python benchmarks/benchmark_memory.py --rows sdxl-1024 --phase step --json ...   # then --phase decode: a row
+                                                    # longer than one sitting, one phase per process, merged
 
 Rows already in the JSON file are kept (rows are run one at a time, each under ten minutes here).
 """
@@ -64,7 +66,11 @@ ROWS = {
 
 # ----------------------------------------------------------------------------------- worker side
 def worker(spec: dict) -> dict:
-    """Load, generate one step at ``spec``'s size, report the peaks (this process is the row's alone)."""
+    """Load, generate one step at ``spec``'s size, report the peaks (this process is the row's alone).
+
+    ``spec["phase"]``: "all" (one run), or one phase per process where a row would not fit ten minutes
+    (SDXL at 1024x1024 on two cores): "step" (text encoding and the first step, no decode) or "decode" (the
+    VAE decoding the row's latent after a small run has left the networks as a full run leaves them)."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
@@ -90,21 +96,34 @@ def worker(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     peak = _peak_reader(backend)
     phases = {"load": peak(reset=True)}
+    phase_s = {}
 
     def after_first_step(p, step, timestep, tensors):
         if step == 0:
             phases["encode+step"] = peak(reset=True)
+            phase_s["encode+step"] = time.perf_counter() - t1
         return tensors
 
     size, frames = spec["size"], spec["frames"]
     latent_shape = (1, 4, frames, size // 8, size // 8) if frames else (1, 4, size // 8, size // 8)
     latent = np.random.default_rng(0).standard_normal(latent_shape).astype(np.float32)
-    t1 = time.perf_counter()
-    out = pipe("a photograph of an astronaut riding a horse", num_inference_steps=1, guidance_scale=7.5,
-               latent=latent, output_type="np", callback_on_step_end=after_first_step)
+    prompt, phase = "a photograph of an astronaut riding a horse", spec.get("phase", "all")
+    if phase == "decode":  # the networks as a run leaves them for its decode: one guided step at 64x64 loads and
+        # runs them, and (low_memory) frees the text encoders and the UNet, as at any size
+        small = np.random.default_rng(0).standard_normal(latent_shape[:-2] + (8, 8)).astype(np.float32)
+        pipe(prompt, num_inference_steps=1, guidance_scale=7.5, latent=small, output_type="latent")
+        phases["before decode"] = peak(reset=True)
+        t1 = time.perf_counter()
+        out = pipe.resolve_output(latent=latent, output_type="np")
+    else:
+        t1 = time.perf_counter()
+        out = pipe(prompt, num_inference_steps=1, guidance_scale=7.5, latent=latent,
+                   output_type="latent" if phase == "step" else "np", callback_on_step_end=after_first_step)
     run_s = time.perf_counter() - t1
-    phases["decode"] = peak(reset=False)
-    result = {**spec, "load_s": load_s, "run_s": run_s, "steps": 1,
+    if phase != "step":
+        phases["decode"] = peak(reset=False)
+        phase_s["decode"] = run_s - phase_s.get("encode+step", 0.0)
+    result = {**spec, "cpu": cpu_description(), "load_s": load_s, "run_s": run_s, "phase_s": phase_s, "steps": 1,
               "peak_mb": max(phases.values()), "phase_peak_mb": phases,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "finite": bool(np.isfinite(np.asarray(out)).all())}
@@ -118,6 +137,19 @@ def worker(spec: dict) -> dict:
         result["weights_mb"] = mx.get_active_memory() / 2**20  # every network materialised (the text encoder
         # re-read lazily when released, so not counted then)
     return result
+
+
+def cpu_description() -> str:
+    """This machine's CPU as the row ran on it: model name, core count and its vector extensions."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        pass
+    extensions = ", ".join(f for f in ("avx", "avx2", "fma", "avx512f") if f in flags) or "no AVX"
+    return f"{model}, {os.cpu_count()} cores ({extensions})"
 
 
 def _peak_reader(backend: str):
@@ -150,8 +182,8 @@ def prepare(spec: dict) -> None:
         build_random_motion_adapter(ADAPTER)
 
 
-def run_row(name: str, timeout_s: float) -> dict:
-    spec = ROWS[name]
+def run_row(name: str, timeout_s: float, phase: str = "all") -> dict:
+    spec = {**ROWS[name], **({"phase": phase} if phase != "all" else {})}
     prepare(spec)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     load_before = os.getloadavg()
@@ -170,12 +202,28 @@ def _commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def merge_phase(earlier: dict | None, run: dict) -> dict:
+    """A row from its phases measured in separate processes: each phase's peak from its own run (the later run
+    of a phase replaces the earlier), the row's peak the largest; ``phase_runs`` keeps every run whole."""
+    runs = dict((earlier or {}).get("phase_runs", {}))
+    runs[run["phase"]] = run
+    own = {"step": "encode+step", "decode": "decode"}  # the phase each run measured
+    phases = {own[name]: r["phase_peak_mb"][own[name]] for name, r in runs.items()}
+    return {**{k: v for k, v in run.items() if k not in ("phase", "phase_peak_mb", "phase_s", "run_s", "load_s",
+                                                         "peak_rss_mb", "finite")},
+            "peak_mb": max(phases.values()), "phase_peak_mb": phases,
+            "phase_s": {own[name]: r["phase_s"][own[name]] for name, r in runs.items()},
+            "run_s": sum(r["run_s"] for r in runs.values()), "measured_in": "one process per phase",
+            "phase_runs": runs}
+
+
 def markdown_table(data: dict) -> str:
     """The README's table: one line per measured row, peaks in MB (2^20 bytes) and in GB (10^9 bytes)."""
     out = ["| row | pipeline | size | preset | peak MB | peak GB | encode+step MB | decode MB | run s | load avg |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data["rows"].items():
         if "peak_mb" not in r:  # a row that did not finish (its note says why)
+            out.append(f"| {name} | {r.get('note', 'not measured')} | | | | | | | | |")
             continue
         preset = "low_memory" + (f" + {r['unet_bits']}-bit UNet" if r["unet_bits"] else "") + \
             (", guidance halves side by side" if r.get("unet_batch_size", 1) is None else "") \
@@ -185,7 +233,7 @@ def markdown_table(data: dict) -> str:
         ph = r["phase_peak_mb"]
         load = "/".join(f"{x:.1f}" for x in r["loadavg_before"]) if "loadavg_before" in r else ""
         out.append(f"| {name} | {what} | {r['size']} | {preset} | {r['peak_mb']:.0f} | {r['peak_mb'] * 2**20 / 1e9:.2f} | "
-                   f"{ph['encode+step']:.0f} | {ph['decode']:.0f} | {r['run_s']:.0f} | {load} |")
+                   f"{ph.get('encode+step', 0):.0f} | {ph.get('decode', 0):.0f} | {r['run_s']:.0f} | {load} |")
     return "\n".join(out)
 
 
@@ -209,6 +257,9 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the --json file's rows as a markdown table")
     p.add_argument("--json", default=None, help="merge the results into this file")
     p.add_argument("--timeout", type=float, default=600, help="seconds a row may run (default 600)")
+    p.add_argument("--phase", default="all", choices=("all", "step", "decode"),
+                   help="measure one phase of the rows in this process (merged into the --json row): for rows "
+                        "longer than one sitting")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -223,7 +274,9 @@ def main() -> None:
     path = Path(args.json) if args.json else None
     data = json.loads(path.read_text()) if path and path.is_file() else {"cpu": cpu_description(), "rows": {}}
     for name in args.rows:
-        row = run_row(name, args.timeout)
+        row = run_row(name, args.timeout, args.phase)
+        if args.phase != "all":
+            row = merge_phase(data["rows"].get(name) if "phase_runs" in data["rows"].get(name, {}) else None, row)
         data["rows"][name] = row
         print(f"{name:22s} peak {row['peak_mb']:8.0f} MB  phases {row['phase_peak_mb']}  "
               f"{row['run_s']:.0f} s", file=sys.stderr)

@@ -6,6 +6,7 @@ table (the memory of the real one) behind a small byte-level tokenizer whose ids
 
     python benchmarks/random_models.py sd15 ~/.cache/mlx-stablefused/bench-sd15-full
     python benchmarks/random_models.py sdxl ~/.cache/mlx-stablefused/bench-sdxl-random
+    python benchmarks/random_models.py sd21 ~/.cache/mlx-stablefused/bench-sd21-random
 
 SDXL is built and saved one component at a time in float16 (2.6 B UNet parameters: 5.2 GB; float32 would
 be 10 GB), with diffusers' own initialisation; its VAE is the fp16-safe kind (``force_upcast`` False, as
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +30,11 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               max_position_embeddings=77, hidden_act="quick_gelu")
 OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                      max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=512)  # SD 2.x: the penultimate layer's 23
+SD21_UNET = dict(sample_size=64, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
+SD21_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, prediction_type="epsilon")
 SDXL_UNET = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -86,6 +93,35 @@ def build_sd15(folder: Path) -> None:
             "feature_extractor": (None, None)}, requires_safety_checker=False)
 
 
+def build_sd21(folder: Path) -> None:
+    """SD 2.1-base (stabilityai/stable-diffusion-2-1-base's configs): OpenCLIP-H text encoder (1024 wide, 23
+    layers, GELU, "!" padding), the linear-projection UNet with (5, 10, 20, 20) heads and 1024-wide cross
+    attention, the SD VAE, its PNDM scheduler config (epsilon prediction); float32."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(ROOT))
+    from mlx_stablefused.checkpoint_io import atomic_directory
+
+    torch.manual_seed(0)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        tok, size = _tokenizer(tmp, "!")
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        for name in ("vocab.json", "merges.txt"):  # the hub repo's files too (mlx-examples' tokenizer reads these)
+            shutil.copy(tmp / "_tok" / name, tmp / "tokenizer" / name)
+        _save(CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB, eos_token_id=size - 1, bos_token_id=size - 2,
+                                           pad_token_id=tok.pad_token_id, **OPENCLIP_H)), tmp / "text_encoder")
+        _save(UNet2DConditionModel(**SD21_UNET), tmp / "unet")
+        _save(AutoencoderKL(**SD_VAE, sample_size=512), tmp / "vae")
+        PNDMScheduler(**SD21_SCHEDULER).save_pretrained(str(tmp / "scheduler"))
+        _model_index(tmp, "StableDiffusionPipeline", {
+            "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+            "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+            "scheduler": ("diffusers", "PNDMScheduler"), "safety_checker": (None, None),
+            "feature_extractor": (None, None)}, requires_safety_checker=False)
+
+
 def build_sdxl(folder: Path) -> None:
     """SDXL base 1.0's architecture (CLIP-L + OpenCLIP-bigG with projection, the text_time UNet), float16."""
     import torch
@@ -119,7 +155,7 @@ def build_sdxl(folder: Path) -> None:
     torch.set_default_dtype(torch.float32)
 
 
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
+BUILDERS = {"sd15": build_sd15, "sd21": build_sd21, "sdxl": build_sdxl}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in BUILDERS:

@@ -9,7 +9,7 @@ from helpers import max_abs_error, report
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_stablefused import TextToImageDiffusion
-from mlx_stablefused.backends.mlx import cpu_math
+from mlx_stablefused.backends.mlx import cpu_math, layers
 from mlx_stablefused.backends.mlx.cpu_memory import bounded_run_ahead
 from mlx_stablefused.backends.mlx.cpu_streams import StreamSet, split_axis
 from mlx_stablefused.backends.mlx.layers import GroupNorm, StripConv2d
@@ -103,11 +103,13 @@ def group_norm_64(x, groups, weight, bias, eps):
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("form", ["cpu", "metal"])
+@pytest.mark.parametrize("form", ["cpu", "metal", "pieces"])
 @pytest.mark.parametrize("shape,groups", [((2, 24, 20, 64), 32), ((1, 5, 3, 7, 48), 4), ((3, 77, 32), 8)])
-def test_group_norm_matches_float64(request, form, shape, groups):
+def test_group_norm_matches_float64(request, monkeypatch, form, shape, groups):
     if form == "metal":
         request.getfixturevalue("metal_forms")
+    if form == "pieces":  # large inputs go in row pieces: here uneven ones of 2 rows (tokens), as bands and whole
+        monkeypatch.setattr(layers, "PIECE_BYTES", 4 * 2 * int(np.prod(shape[2:])) * shape[0])
     rng = np.random.default_rng(1)
     x = mx.array((rng.standard_normal(shape) * 3 + 5).astype(np.float32))  # an offset mean tests the two passes
     norm = GroupNorm(groups, shape[-1], 1e-6)
@@ -198,3 +200,65 @@ def test_quantized_half_linear_on_cpu_is_the_dequantized_product(dtype, eps):
                  np.abs(np.asarray(ours.astype(mx.float32)) - f64).max())
     assert err <= np.abs(f64).max() * eps  # the result's own rounding (half an ulp), plus float32 accumulation
     assert err <= np.abs(own - f64).max() * 1.01 + 1e-7
+
+
+def test_vae_attention_slices_itself_at_large_sizes_exactly(monkeypatch):
+    """The VAE's one-head attention over every pixel takes automatic query slices once its float32 scores outgrow
+    ``SCORE_SLICE_BYTES`` (at SDXL's 1024x1024: 8 slices of 2048 of the 16384 queries, where the whole held 2 GiB
+    of scores and softmax weights; the memory rows measure the decode's peak); uneven automatic slices and a
+    caller's smaller slice give the unsliced output."""
+    from mlx_stablefused.backends.mlx import vae
+
+    assert vae.automatic_query_chunk(1, 128 * 128) == 2048 and vae.automatic_query_chunk(2, 128 * 128) == 1024
+    assert vae.automatic_query_chunk(1, 64 * 64) is None  # SD 1.x at 512x512: 64 MiB, whole as before
+    attn = vae.SpatialSelfAttention(16, 4)
+    x = mx.random.normal((2, 32, 32, 16))
+    mx.eval(x, attn.parameters())
+    chunks = []
+
+    def recorded(q, k, v, scale, query_chunk=None):
+        chunks.append(query_chunk)
+        return cpu_math.attention(q, k, v, scale, query_chunk)
+
+    monkeypatch.setattr(vae, "attention", recorded)
+    whole = np.asarray(attn(x))
+    monkeypatch.setattr(vae, "SCORE_SLICE_BYTES", 4 * 2 * 1024 * 300)  # 300 queries a slice, the last one 124
+    assert vae.automatic_query_chunk(2, 1024) == 300
+    sliced = np.asarray(attn(x))
+    attn.set_query_chunk(256)  # the caller's smaller slice wins
+    smaller = np.asarray(attn(x))
+    assert chunks == [None, 300, 256]
+    assert report("VAE attention, automatic query slices vs whole", max_abs_error(sliced, whole)) < 1e-6
+    assert max_abs_error(smaller, whole) < 1e-6
+
+
+def test_group_norm_in_row_pieces_lowers_the_peak_under_the_run_ahead_bound(monkeypatch):
+    """A float16 map normalised whole held its float32 copy, deviations and output at once (4x the map under the
+    bound VAE passes run with); in row pieces about 2x (SDXL's VAE decode at 1024x1024: 256-channel maps of
+    512 MiB), whole-image call and row bands alike, to float16 rounding of the same values."""
+    x = mx.random.normal((1, 128, 128, 128)).astype(mx.float16)  # a 4 MiB map
+    norm = GroupNorm(32, 128, 1e-6)
+    mx.eval(x, norm.parameters())
+    streams = StreamSet(2).streams
+
+    def peaks():
+        out = {}
+        for form, run in (("whole", lambda: [norm(x)]), ("bands", lambda: norm.over_bands(split_axis(x, 2, axis=1),
+                                                                                          streams, silu=True))):
+            start = mx.get_active_memory()
+            mx.reset_peak_memory()
+            with bounded_run_ahead(4 * 2**20):
+                y = mx.concatenate(run(), axis=1)
+                mx.eval(y)
+            out[form] = ((mx.get_peak_memory() - start) / 2**20, np.asarray(y.astype(mx.float32)))
+        return out
+
+    monkeypatch.setattr(layers, "PIECE_BYTES", 2**40)
+    whole = peaks()
+    monkeypatch.setattr(layers, "PIECE_BYTES", 2**19)  # 16 pieces
+    pieces = peaks()
+    for form in ("whole", "bands"):
+        report(f"GroupNorm peak MB, 4 MiB fp16 map, {form}: whole (a size, not an error)", whole[form][0])
+        report(f"GroupNorm peak MB, 4 MiB fp16 map, {form}: row pieces (a size, not an error)", pieces[form][0])
+        assert pieces[form][0] < 0.7 * whole[form][0]
+        assert max_abs_error(pieces[form][1], whole[form][1]) < 1e-2  # float16 outputs of values ~4

@@ -70,6 +70,22 @@ def test_convert_float16_halves_the_weights(sd1, pipelines, tmp_path):
     assert np.abs(img16 - img32).max() < 0.05
 
 
+def test_fp16_safe_vae_config_is_honoured(model_copy):
+    """A VAE whose config says ``force_upcast: false`` (madebyollin/sdxl-vae-fp16-fix) stays in float16, as in
+    diffusers (it upcasts only when the config asks); the default (true) VAE runs in float32."""
+    import torch
+
+    config_file = model_copy / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    for force_upcast in (False, True):
+        config_file.write_text(json.dumps({**config, "force_upcast": force_upcast}))
+        mlx_pipe = TextToImageDiffusion(model_copy, dtype="float16", progress=False, use_cache=False)
+        torch_pipe = TextToImageDiffusion(model_copy, backend="torch", dtype="float16", progress=False)
+        assert mlx_pipe.backend.vae.decoder.conv_in.weight.dtype == (mx.float32 if force_upcast else mx.float16)
+        assert torch_pipe.backend.vae_dtype == (torch.float32 if force_upcast else torch.float16)
+        assert next(torch_pipe.backend.vae.parameters()).dtype == torch_pipe.backend.vae_dtype
+
+
 def test_convert_refuses_to_overwrite_and_cli_works(sd1, tmp_path):
     from mlx_stablefused.cli import main
 

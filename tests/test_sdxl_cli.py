@@ -56,3 +56,30 @@ def test_sdxl_pair_flags_take_two_numbers(sdxl, tmp_path):
         main(["txt2img", "--model", str(sdxl[1]), "--prompt", "x", "--output", str(tmp_path / "x.png"),
               "--target-size", "64"])
     assert e.value.code == 2
+
+
+def test_every_sdxl_flag_reaches_its_diffusers_keyword():
+    """Each SDXL flag of the generating subcommands maps to the keyword diffusers names (the run above and the
+    API tests cover what the keywords do); the aesthetic scores belong to the image subcommands only."""
+    from mlx_stablefused.cli import build_parser
+    from mlx_stablefused.cli_sdxl import sdxl_keywords
+
+    common = ["--prompt-2", "p2", "--negative-prompt-2", "n2", "--original-size", "96", "80",
+              "--negative-original-size", "64", "48", "--crops-coords-top-left", "8", "16",
+              "--negative-crops-coords-top-left", "0", "4", "--target-size", "72", "48",
+              "--negative-target-size", "40", "32"]
+    expected = dict(prompt_2="p2", negative_prompt_2="n2", original_size=(96, 80), negative_original_size=(64, 48),
+                    crops_coords_top_left=(8, 16), negative_crops_coords_top_left=(0, 4), target_size=(72, 48),
+                    negative_target_size=(40, 32))
+    scores = ["--aesthetic-score", "7", "--negative-aesthetic-score", "1.5"]
+    inputs = {"txt2img": [], "img2img": ["--image", "in.png"], "inpaint": ["--image", "in.png", "--mask", "m.png"]}
+    parser = build_parser()
+    for command, required in inputs.items():
+        image = command != "txt2img"
+        args = parser.parse_args([command, "--model", "m", "--prompt", "x", *required, *common,
+                                  *(scores if image else [])])
+        assert sdxl_keywords(args) == {**expected, **(dict(aesthetic_score=7.0, negative_aesthetic_score=1.5)
+                                                      if image else {})}, command
+        assert sdxl_keywords(parser.parse_args([command, "--model", "m", "--prompt", "x", *required])) == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["txt2img", "--model", "m", "--prompt", "x", *scores])

@@ -12,8 +12,21 @@ from .cpu_streams import StreamSet, split_axis
 from .layers import Downsample2D, ResnetBlock2D, StripConv2d, Upsample2D, group_norm
 
 
+SCORE_SLICE_BYTES = 128 * 2**20  # the VAE attention's automatic query slices keep a float32 score slice under this
+
+
+def automatic_query_chunk(batch: int, tokens: int, budget: int | None = None) -> int | None:
+    """Queries per slice so that one slice's (batch, chunk, tokens) float32 scores fit ``budget``; None when
+    the whole matrix does. The VAE's one head attends over every pixel, so its scores grow with the square
+    of the image area: at 1024x1024 (SDXL's size) 16384 x 16384 floats, 1 GiB, and as much again for the
+    softmax weights, which held the decode's peak; in slices each query's softmax is its own (exact)."""
+    chunk = max(1, (SCORE_SLICE_BYTES if budget is None else budget) // (4 * batch * tokens))
+    return None if chunk >= tokens else chunk
+
+
 class SpatialSelfAttention(nn.Module):
-    """The VAE mid-block attention: one head over all pixels, with its own GroupNorm and residual."""
+    """The VAE mid-block attention: one head over all pixels, with its own GroupNorm and residual. Attends in
+    query slices of ``automatic_query_chunk`` at large sizes (or the caller's smaller ``set_query_chunk``)."""
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -32,7 +45,8 @@ class SpatialSelfAttention(nn.Module):
         y = self.group_norm(x).reshape(b, 1, h * w, c)
         q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
         scale = c**-0.5
-        o = attention(q, k, v, scale, self._query_chunk)
+        chunks = [n for n in (self._query_chunk, automatic_query_chunk(b, h * w)) if n]
+        o = attention(q, k, v, scale, min(chunks) if chunks else None)
         return x + self.to_out[0](o).reshape(b, h, w, c)
 
 
