@@ -67,6 +67,15 @@ def _model_index(folder: Path, cls: str, parts: dict[str, tuple[str, str]], **ex
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
+def _sd_model_index(folder: Path, scheduler: str) -> None:
+    """An SD 1.x / 2.x pipeline's model_index.json (no safety checker), with ``scheduler`` as its scheduler class."""
+    _model_index(folder, "StableDiffusionPipeline", {
+        "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+        "scheduler": ("diffusers", scheduler), "safety_checker": (None, None),
+        "feature_extractor": (None, None)}, requires_safety_checker=False)
+
+
 def build_sd15(folder: Path) -> None:
     """SD 1.5: CLIP-L text encoder, diffusers' default UNet (cross-attention 768), the SD VAE; float32."""
     import torch
@@ -86,11 +95,7 @@ def build_sd15(folder: Path) -> None:
         _save(AutoencoderKL(**SD_VAE, sample_size=512), tmp / "vae")
         DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       set_alpha_to_one=False, steps_offset=1).save_pretrained(str(tmp / "scheduler"))
-        _model_index(tmp, "StableDiffusionPipeline", {
-            "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
-            "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "scheduler": ("diffusers", "DDIMScheduler"), "safety_checker": (None, None),
-            "feature_extractor": (None, None)}, requires_safety_checker=False)
+        _sd_model_index(tmp, "DDIMScheduler")
 
 
 def build_sd21(folder: Path) -> None:
@@ -115,11 +120,7 @@ def build_sd21(folder: Path) -> None:
         _save(UNet2DConditionModel(**SD21_UNET), tmp / "unet")
         _save(AutoencoderKL(**SD_VAE, sample_size=512), tmp / "vae")
         PNDMScheduler(**SD21_SCHEDULER).save_pretrained(str(tmp / "scheduler"))
-        _model_index(tmp, "StableDiffusionPipeline", {
-            "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
-            "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "scheduler": ("diffusers", "PNDMScheduler"), "safety_checker": (None, None),
-            "feature_extractor": (None, None)}, requires_safety_checker=False)
+        _sd_model_index(tmp, "PNDMScheduler")
 
 
 def build_sdxl(folder: Path) -> None:
