@@ -108,13 +108,16 @@ def launch(args: argparse.Namespace, work: str, ranks: int) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from benchmark_sd import positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers SD folder (default: benchmark_sd's random SD 1.5)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=2, help="denoising steps per frame (one image: at least 3)")
-    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--frames", type=positive_int, default=16)
     p.add_argument("--batch-size", type=int, default=4, help="interpolate's batch_size (split across the ranks)")
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=positive_int, default=1)
     p.add_argument("--only", choices=["interpolate", "guidance"], default=None)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--launcher", action="store_true", help="start the ranks with mlx.launch (default: directly)")

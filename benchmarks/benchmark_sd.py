@@ -460,6 +460,14 @@ def agreement(args: argparse.Namespace) -> dict[str, dict]:
                    "mean_abs_diff": float(np.abs(out - reference).mean())} for impl, out in outputs.items()}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag when it is not)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers SD or SDXL folder (default: random SD 1.5, built once; "
@@ -470,7 +478,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="torch device for diffusers and the torch backend")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--impl", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                    help="diffuse-mlx: PyPI's package of mlx-examples' stable_diffusion (SD 2.1-base; pip install diffuse-mlx)")
     p.add_argument("--architecture", default="sd15", choices=sorted(ARCHITECTURES),
