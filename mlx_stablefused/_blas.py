@@ -39,7 +39,7 @@ def preload_openblas() -> str:
         try:  # named explicitly: a failure is an error, not a silent fall-back to the slow BLAS
             _library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
         except OSError as error:
-            raise RuntimeError(f"MLX_STABLEFUSED_OPENBLAS={path} could not be loaded: {error}") from None
+            raise ValueError(f"MLX_STABLEFUSED_OPENBLAS={path} could not be loaded: {error}") from None
         status = f"loaded {path}"
     else:
         found = ctypes.util.find_library("openblas")
