@@ -114,8 +114,11 @@ def test_vae_row_bands_match_the_whole_image(sd1, monkeypatch):
             assert report(f"VAE {name} on {count} row bands (rel)", float(mx.abs(a - b).max()) / scale) < 1e-5
 
 
-def test_unet_batch_split_over_streams(sd1):
-    """An odd batch split over streams (2 + 1) and a context batch that cannot be split."""
+def test_unet_batch_split_over_streams(sd1, monkeypatch):
+    """An odd batch split over streams (2 + 1) and a context batch that cannot be split; the streams' graphs
+    are encoded in turn, layer by layer (every resnet layer of each part marked, the lists consumed)."""
+    from mlx_stablefused.backends.mlx import backend as mlx_backend
+
     _, root = sd1
     backend = TextToImageDiffusion(root, progress=False).backend  # its own load: streams are backend-wide
     lat = mx.random.normal((3, 8, 8, 4), key=mx.random.key(2))
@@ -123,8 +126,16 @@ def test_unet_batch_split_over_streams(sd1):
     backend.set_cpu_streams(1)
     one = backend.unet(lat, 321.0, ctx)
     backend.set_cpu_streams(2)
+    seen = []
+    lockstep = mlx_backend.eval_in_lockstep
+    monkeypatch.setattr(mlx_backend, "eval_in_lockstep", lambda marks, out: (
+        seen.append([len(m) for m in marks]), lockstep(marks, out), seen.append([len(m) for m in marks])))
     two = backend.unet(lat, 321.0, ctx)
-    assert float(mx.abs(one - two).max()) < 1e-5 * float(mx.abs(one).max())
+    layers = sum(len(b.resnets) for b in [*backend.unet_model.down_blocks, *backend.unet_model.up_blocks]) + 2
+    assert seen[0][0] == seen[0][1] >= layers and seen[1] == [0, 0]
+    rel = report("UNet batch of 3 on two CPU streams in lockstep vs one stream (rel)",
+                 float(mx.abs(one - two).max()) / float(mx.abs(one).max()))
+    assert rel < 1e-5
     shared = backend.unet(lat[:1], 321.0, ctx[:1])  # batch 1: nothing to split
     np.testing.assert_allclose(np.array(shared), np.array(one[:1]), atol=1e-5)
 

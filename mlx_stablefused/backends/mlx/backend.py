@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Sequence
 
@@ -14,7 +15,7 @@ from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ..base import COMPILE, CPU_STREAMS, QUANTIZE, Backend, RunSettings
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
-from .cpu_streams import StreamSet, default_stream_count, split_axis, split_sizes
+from .cpu_streams import StreamSet, default_stream_count, eval_in_lockstep, marking, split_axis, split_sizes
 from .loading import MLXNetworks, load_model
 
 
@@ -222,14 +223,16 @@ class MLXBackend(Backend):
         if len(streams) < 2 or cond.batch_size != latent.shape[0]:
             return self._unet_once(latent, timestep, cond)
         # CPU: each part of the batch (e.g. the unconditional and conditional halves) on its own core.
-        parts = []
+        parts, marks = [], []
         sizes = split_sizes(latent.shape[0], len(streams))
         for stream, lat, part in zip(streams, split_axis(latent, len(streams), 0), cond.split(sizes)):
-            with mx.stream(stream):
+            recording = marking() if self._unet_fn is None else contextlib.nullcontext([])  # not tracers
+            with mx.stream(stream), recording as layer_outputs:
                 parts.append(self._unet_once(lat, timestep, part))
+            marks.append(layer_outputs)
         with self.stream_set.sharing_cores(len(parts)):
             out = mx.concatenate(parts, axis=0)
-            mx.eval(out)
+            eval_in_lockstep(marks, out)
         return out
 
     def _unet_once(self, latent: mx.array, timestep: float, cond: Conditioning) -> mx.array:

@@ -12,8 +12,9 @@ On Metal (and CUDA) there is one device queue and nothing here is used.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 
@@ -75,3 +76,43 @@ def split_axis(x: mx.array, pieces: int, axis: int) -> list[mx.array]:
     sizes = split_sizes(x.shape[axis], pieces)
     bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
     return mx.split(x, bounds, axis=axis) if bounds else [x]
+
+
+# Points where the graphs of parallel streams may be encoded in turn (see eval_in_lockstep); None: not recording.
+_marks: contextvars.ContextVar[list[mx.array] | None] = contextvars.ContextVar("lockstep_marks", default=None)
+
+
+def mark(x: mx.array) -> mx.array:
+    """Note ``x`` (a layer's output) as a lockstep point while a ``marking()`` block records; returns ``x``."""
+    marks = _marks.get()
+    if marks is not None:
+        marks.append(x)
+    return x
+
+
+@contextlib.contextmanager
+def marking() -> Iterator[list[mx.array]]:
+    """Collect the ``mark``ed arrays of the graph built inside (not under ``mx.compile``: they would be tracers)."""
+    marks: list[mx.array] = []
+    token = _marks.set(marks)
+    try:
+        yield marks
+    finally:
+        _marks.reset(token)
+
+
+def eval_in_lockstep(marks: Sequence[list[mx.array]], out: mx.array) -> None:
+    """Evaluate ``out``, encoding the streams' graphs in turn, one marked layer of each at a time; the lists
+    in ``marks`` are emptied as they are encoded, so no layer output is held longer than the graph needs it.
+
+    MLX encodes a graph depth first from its outputs, so one ``mx.eval`` of two halves' results encodes all
+    of the first half before any of the second. Under the CPU's bounded run-ahead (cpu_memory) the second
+    stream then waits for memory the first holds, and the halves run one after the other: an SD 1.5 step at
+    512x512 took 21 s on two streams with a 512 MB bound against 16.5 s unbounded (2-core EPYC, measured).
+    Encoded in turn, both streams stay busy under the same bound."""
+    queues = [list(reversed(m)) for m in marks]
+    for m in marks:
+        m.clear()
+    while any(queues):
+        mx.async_eval(*[q.pop() for q in queues if q])
+    mx.eval(out)

@@ -13,6 +13,7 @@ from ...deep_cache import FeatureSlot
 from ...token_merging import NO_TOKEN_MERGE
 from ...topology import AttentionPlan, DownBlockPlan, MidBlockPlan, UNetPlan, UpBlockPlan, unet_plan
 from .cpu_math import silu
+from .cpu_streams import mark
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, Upsample2D, group_norm,
                      timestep_embedding)
 from .motion import TemporalConvLayer, TemporalTransformer
@@ -89,7 +90,7 @@ class LayeredBlock(nn.Module):
                 x = self.temp_attentions[j](x, num_frames)
             if num_frames is not None and "motion_modules" in self:
                 x = self.motion_modules[j](x, num_frames)
-        return x
+        return mark(x)  # a point where parallel CPU streams are encoded in turn (cpu_streams.eval_in_lockstep)
 
 
 class DownBlock(LayeredBlock):
