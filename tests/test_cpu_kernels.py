@@ -43,17 +43,35 @@ def test_cpu_attention_matches_the_fused_kernel_and_float64(lq, lk, d):
 
 def test_cpu_attention_slices_shrink_with_the_batch_and_keep_the_numbers(monkeypatch):
     """Sliced attention on the CPU: a batch whose score slice would pass the byte cap is cut into smaller query
-    slices (the 16 frames of a video), with the same numbers as one slice (each query's softmax is its own)."""
+    slices (the 16 frames of a video), asked for or not, with the same numbers as one slice (each query's
+    softmax is its own)."""
     rng = np.random.default_rng(9)
     q, k, v = (mx.array(rng.standard_normal((4, 2, n, 16)).astype(np.float32)) for n in (96, 80, 80))
     whole = np.asarray(cpu_math.attention(q, k, v, 0.25))
     sizes = []
-    original = cpu_math.attention
-    monkeypatch.setattr(cpu_math, "attention", lambda q, *a, **kw: sizes.append(q.shape[2]) or original(q, *a, **kw))
+    product = cpu_math.softmax_product
+    monkeypatch.setattr(cpu_math, "softmax_product", lambda q, *a: sizes.append(q.shape[2]) or product(q, *a))
     monkeypatch.setattr(cpu_math, "CPU_SLICE_SCORE_BYTES", 4 * 2 * 20 * 80 * 4)  # 20 queries of this batch
-    sliced = np.asarray(original(q, k, v, 0.25, query_chunk=64))
+    sliced = np.asarray(cpu_math.attention(q, k, v, 0.25, query_chunk=64))
     assert sizes == [20, 20, 20, 20, 16]  # 64 queries asked, 20 fit the cap
+    unasked = np.asarray(cpu_math.attention(q, k, v, 0.25))  # on the CPU sliced by the cap, asked for or not
+    assert sizes == [20, 20, 20, 20, 16] * 2 and np.abs(unasked - whole).max() < 1e-6
     assert report("CPU attention, slices cut by the byte cap vs one slice (max abs)", np.abs(sliced - whole).max()) < 1e-6
+
+
+def test_cpu_exp2_matches_float64_fused_or_not(monkeypatch):
+    """The attention softmax's 2^x for x <= 0 (fused polynomial with exponent bits where MLX's CPU build can
+    compile, mx.power where it cannot): both within 2e-7 relative of float64 down to -126, clamped below it,
+    NaN kept."""
+    x = mx.array(np.concatenate([np.linspace(-140, 0, 200001), [-np.inf, 0.0, np.nan]]).astype(np.float32))
+    ref = 2.0 ** np.maximum(np.asarray(x, np.float64), -126.0)
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_math, "FUSED_EXP2", fused)
+        ours = np.asarray(cpu_math.exp2_nonpositive(x), np.float64)
+        normal = np.asarray(x)[:-3] >= -126  # below, the fused form clamps and the power goes subnormal
+        rel = (np.abs(ours[:-3] - ref[:-3]) / ref[:-3])[normal]
+        assert report(f"CPU exp2 ({'fused' if fused else 'mx.power'}) vs float64 (max rel)", rel.max()) < 2e-7
+        assert ours[-3] <= 2.0**-126 and ours[-2] == 1.0 and np.isnan(ours[-1])
 
 
 def test_cpu_activations_match_mlx_and_float64():

@@ -5,8 +5,9 @@ On MLX's CPU build ``mx.exp`` (and with it ``mx.sigmoid``, ``nn.silu`` and the s
 ``mx.power(2.0, x)`` runs at 160 M/s to the same float32 accuracy (relative error 8.6e-7 against a
 float64 reference for both, measured on 8M normal samples). The attention softmax alone was a third
 of a UNet step on the CPU (1.7 of 5.3 s per sample at 256x256). So on the CPU: attention scores are
-taken in base 2 (the log2(e) factor folded into the query scale) and normalised after the product
-with the values, and SiLU is ``x / (1 + 2^(-x log2 e))``. ``mx.erf`` is slower still (20-30 M/s):
+taken in base 2 (the log2(e) factor folded into the query scale), exponentiated by one compiled kernel
+(``exp2_nonpositive``) and normalised after the product with the values, in slices; SiLU is
+``x / (1 + 2^(-x log2 e))``. ``mx.erf`` is slower still (20-30 M/s):
 GELU uses erfc from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32's rounding
 of the result: max abs error 4.7e-7 against float64 on 1.3M samples in [-15, 15], as nn.gelu's 4.65e-7)
 at 1.8x the speed. On Metal and CUDA the fused kernels and MLX's own functions run.
@@ -14,14 +15,23 @@ at 1.8x the speed. On Metal and CUDA the fused kernels and MLX's own functions r
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu_streams import mark
+
 LOG2E = 1.4426950408889634
-# Sliced attention on the CPU: the float32 score slice of a whole batch holds at most this many bytes, so a slice
-# of N queries shrinks for large batches (16 video frames at 512x512 would hold 2 GB per 1024-query slice).
-# Metal's fused kernel holds no score matrix.
-CPU_SLICE_SCORE_BYTES = 128 * 2**20
+# Attention on the CPU is always sliced: the float32 score slice of a whole batch holds at most this many bytes, so
+# a slice of N queries shrinks for large batches (16 video frames at 512x512: 16 queries a slice). Whole 4096-token
+# score matrices (537 MB per guidance half at 512x512) outgrew the 512 MB run-ahead bound of a UNet pass
+# (cpu_memory): the second CPU stream waited for the first. An SD 1.5 step at 512x512 with guidance on two
+# streams (fp32, 2-core EPYC, measured): whole matrices 20.8 s and 4.9 GB peak; slices encoded in turn on both
+# streams (cpu_streams.eval_in_lockstep) of 128 MB 16.6 s / 3.9 GB, of 32 MB with the fused exp2 below 14.4 s /
+# 3.8 GB (64 MB: 15.4 s, 16 MB: 14.8 s). Metal's fused kernel holds no score matrix.
+CPU_SLICE_SCORE_BYTES = 32 * 2**20
 
 
 def on_cpu() -> bool:
@@ -30,22 +40,75 @@ def on_cpu() -> bool:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, query_chunk: int | None = None) -> mx.array:
     """softmax(q k^T * scale) v for (B, H, L, D) arrays, without a mask; ``query_chunk`` queries at a time
-    (each query's softmax is its own, so chunks give the same numbers and cap the score matrix); on the CPU,
-    fewer where the batch's score slice would pass ``CPU_SLICE_SCORE_BYTES``."""
-    if query_chunk and on_cpu():
-        query_chunk = min(query_chunk, max(1, CPU_SLICE_SCORE_BYTES // (q.shape[0] * q.shape[1] * k.shape[2] * 4)))
-    if query_chunk and q.shape[2] > query_chunk:
-        return mx.concatenate([attention(q[:, :, s:s + query_chunk], k, v, scale)
-                               for s in range(0, q.shape[2], query_chunk)], axis=2)
+    (each query's softmax is its own, so chunks give the same numbers and cap the score matrix); on the CPU
+    always in slices of at most ``CPU_SLICE_SCORE_BYTES`` of scores, fewer queries if ``query_chunk`` says so."""
     if not on_cpu():
+        if query_chunk and q.shape[2] > query_chunk:
+            return mx.concatenate([mx.fast.scaled_dot_product_attention(q[:, :, s:s + query_chunk], k, v, scale=scale)
+                                   for s in range(0, q.shape[2], query_chunk)], axis=2)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    cap = max(1, CPU_SLICE_SCORE_BYTES // (q.shape[0] * q.shape[1] * k.shape[2] * 4))
+    query_chunk = min(query_chunk or cap, cap)
     dtype = q.dtype
     if dtype != mx.float32:  # softmax statistics in float32, as the fused kernel keeps them
         q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    scores = (q * (scale * LOG2E)) @ k.swapaxes(-1, -2)
-    weights = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
-    out = (weights @ v) / weights.sum(axis=-1, keepdims=True)
+    q = q * (scale * LOG2E)  # base-2 scores
+    k_t = k.swapaxes(-1, -2)
+    # A column of ones after the values: the product with the weights brings each row's sum with it, one BLAS
+    # call instead of a reduction pass over the score-sized weights.
+    v_ones = mx.concatenate([v, mx.ones((*v.shape[:-1], 1), dtype=v.dtype)], axis=-1)
+    if q.shape[2] > query_chunk:
+        out = mx.concatenate([mark(softmax_product(q[:, :, s:s + query_chunk], k_t, v_ones))
+                              for s in range(0, q.shape[2], query_chunk)], axis=2)
+    else:
+        out = softmax_product(q, k_t, v_ones)
     return out if dtype == mx.float32 else out.astype(dtype)
+
+
+def softmax_product(q: mx.array, k_t: mx.array, v_ones: mx.array) -> mx.array:
+    """softmax_2(q k_t) v for base-2 scores, ``v_ones`` being v with a column of ones appended (its product
+    column is the weights' row sum, so the normalisation comes after the product, on D columns)."""
+    scores = q @ k_t
+    out = exp2_nonpositive(scores - scores.max(axis=-1, keepdims=True)) @ v_ones
+    return out[..., :-1] / out[..., -1:]
+
+
+# 2^f for f in [0, 1): a degree-6 polynomial fit for relative error (Lawson-weighted least squares on Chebyshev
+# nodes; max relative error 8.4e-8 evaluated in float32, about one ulp).
+EXP2_COEFFICIENTS = (1.0, 0.6931470036506653, 0.24022983014583588, 0.055483341217041016, 0.009678840637207031,
+                     0.0012439695419743657, 0.00021702230151277035)
+
+
+def _exp2_by_bits(x: mx.array) -> mx.array:
+    x = mx.maximum(x, -126.0)
+    n = mx.floor(x)
+    f = x - n  # exact in float32
+    p = EXP2_COEFFICIENTS[-1]
+    for c in EXP2_COEFFICIENTS[-2::-1]:
+        p = p * f + c
+    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # 2^n from its exponent bits
+
+
+_exp2_compiled = mx.compile(_exp2_by_bits)  # one kernel (not shapeless: MLX cannot infer a view's shape)
+
+
+def cpu_kernels_compile() -> bool:
+    """Whether MLX's CPU build can fuse a compiled graph into one kernel here: on Linux it compiles the
+    generated C++ with ``g++`` at run time, and without one it runs the graph op by op."""
+    return not sys.platform.startswith("linux") or shutil.which("g++") is not None
+
+
+FUSED_EXP2 = cpu_kernels_compile()
+
+
+def exp2_nonpositive(x: mx.array) -> mx.array:
+    """2^x for float32 x <= 0 (softmax scores less their maximum); values below -126 give 2^-126.
+
+    MLX's CPU ``mx.power(2, x)`` runs at about 180 M elements/s per core and ``mx.exp`` at 65 M/s (one
+    (8, 1024, 4096) score slice: 0.185 and 0.5 s); this fused polynomial with exponent bits at 250 M/s
+    (0.135 s), to a relative error of 7.7e-7 against float64 where the power's was 2.7e-6 (2-core EPYC, MLX
+    0.32.4, measured). Without a compiler the op-by-op graph would be slower than the power, which then runs."""
+    return _exp2_compiled(x) if FUSED_EXP2 else mx.power(2.0, x)
 
 
 def channel_sums(y: mx.array) -> mx.array:
