@@ -26,3 +26,17 @@ def test_opt_out_wins_over_a_named_library(tmp_path):
     done = preload({"MLX_STABLEFUSED_OPENBLAS": str(tmp_path / "x.so"), "MLX_STABLEFUSED_NO_OPENBLAS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "disabled by MLX_STABLEFUSED_NO_OPENBLAS"
+
+
+def test_status_names_the_kernels_openblas_chose():
+    """With a system OpenBLAS, the status says which core's kernels it runs (a library that does not say: nothing)."""
+    import ctypes.util
+
+    from mlx_stablefused._blas import core_note
+
+    assert core_note(ctypes.CDLL(ctypes.util.find_library("m"))) == ""
+    found = ctypes.util.find_library("openblas") or os.environ.get("MLX_STABLEFUSED_OPENBLAS")
+    if found:
+        done = preload({"MLX_STABLEFUSED_OPENBLAS": found})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"loaded {found} (core "), done.stdout
