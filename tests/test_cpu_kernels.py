@@ -108,6 +108,11 @@ def test_cpu_gelu_matches_float64_as_closely_as_mlx(monkeypatch):
         small = np.abs(x64) < 1  # near zero GELU ~ x/2: relative accuracy matters
         assert np.max(np.abs(ours - ref)[small] / np.maximum(np.abs(ref[small]), 1e-30)) < 1e-5
         np.testing.assert_array_equal(ours[-5:], theirs[-5:])  # -0, 1e30, 0, +-5e-31: limits and tiny inputs
+        half = x[:-5].astype(mx.float16)  # computed in float32 inside, rounded once to half
+        want = np.asarray(nn.gelu(half.astype(mx.float32)).astype(mx.float16), np.float64)
+        got = np.asarray(cpu_math.gelu(half), np.float64)
+        assert cpu_math.gelu(half).dtype == mx.float16 and np.isfinite(got).all()
+        assert np.abs(got - want).max() <= 2.0**-10 * np.abs(want).max()
 
 
 def test_metal_forms_are_the_fused_ones(metal_forms):

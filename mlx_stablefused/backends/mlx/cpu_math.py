@@ -117,7 +117,7 @@ def exp2_nonpositive(x: mx.array, shift: mx.array | float = 0.0) -> mx.array:
     kernels at 385 M/s. Without a compiler the op-by-op graph would be slower than the power, which then runs."""
     if not FUSED_EXP2:
         return mx.power(2.0, x - shift)
-    p, bits = _exp2_parts_compiled(x, mx.array(shift, mx.float32))
+    p, bits = _exp2_parts_compiled(x.astype(mx.float32), mx.array(shift, mx.float32))  # float32 bits (a no-op cast)
     return _times_compiled(p, bits.view(mx.float32))
 
 
@@ -171,9 +171,11 @@ def gelu(x: mx.array) -> mx.array:
     float32 rounding."""
     if not on_cpu():
         return nn.gelu(x)
-    if FUSED_EXP2:
-        part, bits = _gelu_parts_compiled(x)
-        return _gelu_finish_compiled(x, part, bits.view(mx.float32))
+    if FUSED_EXP2:  # in float32: the rounding shift and exponent bits are float32's (half inputs would overflow)
+        x32 = x if x.dtype == mx.float32 else x.astype(mx.float32)
+        part, bits = _gelu_parts_compiled(x32)
+        out = _gelu_finish_compiled(x32, part, bits.view(mx.float32))
+        return out if x.dtype == mx.float32 else out.astype(x.dtype)
     z = mx.abs(x) * 0.7071067811865476
     t = 1.0 / (1.0 + _AS_P * z)
     a1, a2, a3, a4, a5 = _AS_A
