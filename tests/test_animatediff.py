@@ -163,6 +163,18 @@ def test_outputs_and_decode_batches(sd1, motion_adapters, pipelines, backend_nam
     b = video(output_type="np", decode_batch_size=5, **args)
     np.testing.assert_allclose(a, b, atol=1e-5)  # batch size changes kernel choice, not results
     assert video(output_type="latent", **args).shape == (2, 4, 3, 8, 6)
+    decoded = []  # enable_slicing() (the low-memory preset's VAE setting) caps the call's decode_batch_size
+    vae_decode = video.backend.vae_decode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(video.backend, "vae_decode", lambda z: (decoded.append(video.backend.latent_shape(z)[0]),
+                                                              vae_decode(z))[1])
+        video.enable_slicing()
+        try:
+            sliced = video(output_type="np", **args)  # decode_batch_size's default, 4
+        finally:
+            video.disable_slicing()
+    assert decoded == [1] * 6
+    np.testing.assert_allclose(sliced, a, atol=1e-5)
     native = video(output_type=video.backend.native_output_type, **args)
     expected_shape = (2, 3, 64, 48, 3) if video.backend.name == "mlx" else (2, 3, 3, 64, 48)
     assert tuple(native.shape) == expected_shape

@@ -57,6 +57,8 @@ class VAEIO:
         cfg = backend.vae_config
         n = latents.shape[0]
         step = batch_size or self.decode_batch_size or n
+        if self.decode_batch_size:  # enable_slicing() (and the low-memory preset) caps any asked batch
+            step = min(step, self.decode_batch_size)
         chunks = []
         with progress_bar(n, "decoding", self.progress and n > step, unit="image") as bar:
             for s in range(0, n, step):
