@@ -345,6 +345,8 @@ def process_stats(impl: str, args: argparse.Namespace, streams: object = None) -
         from mlx_stablefused import _blas
 
         result["blas"] = _blas.status
+        if os.environ.get("OPENBLAS_CORETYPE"):  # it overrides OpenBLAS's own kernel choice (see _blas)
+            result["openblas_coretype_env"] = os.environ["OPENBLAS_CORETYPE"]
     if impl == "mlx":
         result["cpu_streams"] = streams
     if impl != "diffusers" or args.fair_malloc:
