@@ -214,6 +214,35 @@ class CoderPlan:
     mid_block: VAEMidBlockPlan
     conv_out: tuple[int, int]
     groups: int
+    upsamples: bool = False  # the decoder: each resampling block doubles the size (the encoder's halves it)
+
+    def largest_map(self, height: int, width: int) -> int:
+        """The most elements of any one sample's feature map in a pass over a ``height`` x ``width`` input
+        (the decoder: latent pixels): what the run-ahead bound of a VAE pass scales with (cpu_memory)."""
+        size = [height, width]
+
+        def blocks() -> int:
+            most = 0
+            for block in self.blocks:
+                most = max(most, size[0] * size[1] * max(max(r.in_channels, r.out_channels) for r in block.resnets))
+                if not block.resample:
+                    continue
+                channels = block.resnets[-1].out_channels
+                if self.upsamples:  # 2x nearest
+                    size[:] = [2 * s for s in size]
+                else:  # stride 2 after a row and a column of padding (the padded map is one too)
+                    most = max(most, (size[0] + 1) * (size[1] + 1) * channels)
+                    size[:] = [(s - 2) // 2 + 1 for s in size]
+                most = max(most, size[0] * size[1] * channels)
+            return most
+
+        largest = height * width * max(self.conv_in)
+        if not self.upsamples:  # the encoder's blocks run before its mid block, the decoder's after it
+            largest = max(largest, blocks())
+        largest = max(largest, size[0] * size[1] * self.mid_block.channels)
+        if self.upsamples:
+            largest = max(largest, blocks())
+        return max(largest, size[0] * size[1] * max(self.conv_out))
 
 
 @dataclass(frozen=True)
@@ -371,7 +400,7 @@ def vae_plan(config: VAEConfig) -> VAEPlan:
         encoder=CoderPlan((config.in_channels, ch[0]), blocks(ch, config.layers_per_block), mid(ch[-1]),
                           (ch[-1], 2 * config.latent_channels), groups),
         decoder=CoderPlan((config.latent_channels, rev[0]), blocks(rev, config.layers_per_block + 1), mid(rev[0]),
-                          (rev[-1], config.out_channels), groups),
+                          (rev[-1], config.out_channels), groups, upsamples=True),
         latent_channels=config.latent_channels, quant_conv=config.use_quant_conv,
         post_quant_conv=config.use_post_quant_conv)
 

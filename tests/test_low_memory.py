@@ -50,6 +50,32 @@ def test_low_memory_preset_keeps_the_images(sd1, pipelines, backend_name, monkey
     assert low.settings.attention_chunk is None  # refused before anything changed
 
 
+def test_vae_passes_run_ahead_by_their_maps_and_the_preset_keeps_the_flat_bound(sd1, pipelines, monkeypatch):
+    """On MLX's CPU build a VAE pass may allocate ahead a few of its largest feature maps (cpu_memory: a flat 512 MB
+    starved the second CPU stream at 512x512), the low-memory preset the flat bound; the images stay the same."""
+    from mlx_stablefused.backends.mlx import backend as mlx_backend
+    from mlx_stablefused.backends.mlx.cpu_memory import vae_headroom
+
+    pipe = pipelines.pipeline(TextToImageDiffusion, sd1[1], backend="mlx", scheduler="ddim")
+    seen, bound = [], mlx_backend.bounded_run_ahead
+    monkeypatch.setattr(mlx_backend, "bounded_run_ahead", lambda headroom: seen.append(headroom) or bound(headroom))
+    monkeypatch.setattr(pipe.backend, "cpu_run_ahead", 1024)  # a floor under the tiny maps' bound
+    plan = pipe.backend.vae.plan
+    latent = np.random.default_rng(0).standard_normal((2, 4, 8, 6)).astype(np.float32)
+    default = pipe.latent_to_image(latent, output_type="np")
+    pipe.image_to_latent(default)
+    expected = [vae_headroom(2 * plan.decoder.largest_map(8, 6), 1024), vae_headroom(2 * plan.encoder.largest_map(64, 48),
+                                                                                     1024)]
+    assert seen == expected and min(expected) == 4 * 4 * 2 * 64 * 48 * 16 > 1024  # 16 channels at full size
+    pipe.enable_low_memory()
+    seen.clear()
+    low = pipe.latent_to_image(latent, output_type="np")
+    pipe.enable_low_memory(False)
+    assert seen == [1024, 1024]  # one image at a time, each with the flat bound
+    assert report("mlx: VAE decode under the preset's run-ahead bound vs the default's (max abs, [0, 1] images)",
+                  max_abs_error(low, default)) < 1e-6
+
+
 @pytest.mark.slow  # its own model load; 8-bit closeness is also checked by default in test_performance_paths
 def test_low_memory_8bit_unet_stays_close(sd1):
     """The 8-bit UNet is the preset's one inexact option: on its own load (quantizing changes the weights)."""

@@ -297,3 +297,37 @@ def test_plan_keeps_per_block_transformer_depth_and_heads():
     assert (plan.mid_block.attention.layers, plan.mid_block.attention.heads) == (10, 20)
     # diffusers' skip bookkeeping: the up path takes every skip the down path leaves, finest last
     assert sum((b.skip_channels for b in plan.up_blocks), ()) == plan.skip_channels[::-1]
+
+
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+@pytest.mark.parametrize("vae,height,width", [(SD1.vae, 64, 40), (SD1.vae, 24, 72), (SD15_VAE, 32, 48)],
+                         ids=["sd1-tiny-64x40", "sd1-tiny-24x72", "sd15-32x48"])
+def test_largest_map_is_the_largest_module_output_in_diffusers(vae, height, width):
+    """The plan's largest feature map (the VAE's CPU run-ahead bound scales with it) is the largest output of any
+    module of diffusers' AutoencoderKL, per sample, on the same input: in the encoder and in the decoder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(**vae).eval()
+    plan = vae_plan(VAEConfig.from_dict(vae))
+    seen = {"encoder": 0, "decoder": 0}
+
+    def watch(part):
+        def hook(module, inputs, output):
+            for t in (output if isinstance(output, tuple) else (output,)) + tuple(inputs):
+                if isinstance(t, torch.Tensor):
+                    seen[part] = max(seen[part], t[0].numel())
+        return hook
+
+    for part in seen:
+        for module in getattr(model, part).modules():
+            module.register_forward_hook(watch(part))
+    with torch.inference_mode():
+        latent = model.encode(torch.randn(2, 3, height, width)).latent_dist.mean
+        model.decode(latent)
+    assert latent.shape[2:] == (height // 8, width // 8)
+    assert plan.encoder.largest_map(height, width) == seen["encoder"]
+    assert plan.decoder.largest_map(height // 8, width // 8) == seen["decoder"]

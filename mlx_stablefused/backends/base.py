@@ -44,6 +44,7 @@ class RunSettings:
     compile: bool = False  # run the UNet as a compiled graph (needs COMPILE)
     cpu_streams: int | None = None  # CPU streams (None: the backend's default; needs CPU_STREAMS)
     bounded_unet_run_ahead: bool = True  # MLX's CPU build: UNet passes allocate ahead at most its VAE headroom
+    vae_run_ahead_by_size: bool = True  # MLX's CPU build: VAE passes run ahead by a few feature maps (cpu_memory)
     deep_cache: DeepCacheConfig | None = None  # reuse deep UNet features across evaluations (deep_cache.py)
     token_merging: TokenMergingConfig | None = None  # ToMe in the transformer blocks (token_merging.py)
     unet_batch_size: int | None = None  # samples per UNet pass, one pass after the other (None: the whole batch)

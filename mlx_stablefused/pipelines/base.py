@@ -544,6 +544,7 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
         """
         return inputs.load_image(image, self.vae_scale_factor, size)
 
+    @with_run_settings
     def resolve_output(self, latents: list[Array] | None = None, output_type: str = "pil",
                        return_latent_history: bool = False, *, latent: Any = None,
                        history_decoder: str = "vae") -> Any:

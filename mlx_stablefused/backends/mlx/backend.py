@@ -13,8 +13,9 @@ from ...conditioning import Conditioning, as_conditioning
 from ...model_description import STABLE_DIFFUSION, ModelDescription
 from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
+from ...topology import CoderPlan
 from ..base import COMPILE, CPU_STREAMS, QUANTIZE, Backend, RunSettings
-from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead
+from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead, vae_headroom
 from .cpu_streams import StreamSet, default_stream_count, eval_in_lockstep, marking, split_axis, split_sizes
 from .loading import MLXNetworks, load_model
 
@@ -37,7 +38,7 @@ class MLXBackend(Backend):
             from ..._malloc import keep_freed_memory
 
             keep_freed_memory()  # MLX's CPU allocator has no buffer cache: no page-fault churn (see _malloc)
-        self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a VAE pass may allocate ahead on the CPU (see cpu_memory)
+        self.cpu_run_ahead = DEFAULT_HEADROOM  # bytes a pass may allocate ahead on the CPU (VAE: at least; cpu_memory)
         self.dtype = MLXNetworks.native_dtype(dtype)
         loaded = load_model(source, MLXNetworks.dtype_name(self.dtype), variant=variant, use_cache=use_cache,
                             motion_adapter=motion_adapter, description=description)
@@ -275,16 +276,23 @@ class MLXBackend(Backend):
             mid = mid.reshape(-1, frames, *mid.shape[1:])
         return tuple(down), mid
 
+    def vae_run_ahead(self, coder: CoderPlan, x: mx.array) -> int | None:
+        """The bytes a VAE pass over NHWC ``x`` may allocate ahead on the CPU: a few of its largest feature maps
+        (the flat UNet bound under the low-memory preset, or None: unbounded)."""
+        if self.cpu_run_ahead is None or not self.settings.vae_run_ahead_by_size:
+            return self.cpu_run_ahead
+        return vae_headroom(x.shape[0] * coder.largest_map(x.shape[1], x.shape[2]), self.cpu_run_ahead)
+
     def vae_decode(self, latent: mx.array) -> mx.array:
         vae_dtype = self.vae.decoder.conv_in.weight.dtype
-        with bounded_run_ahead(self.cpu_run_ahead):
+        with bounded_run_ahead(self.vae_run_ahead(self.vae.plan.decoder, latent)):
             images = self.vae.decode(latent.astype(vae_dtype)).astype(mx.float32)
             mx.eval(images)
         return images
 
     def vae_encode(self, images: mx.array) -> tuple[mx.array, mx.array]:
         vae_dtype = self.vae.encoder.conv_in.weight.dtype
-        with bounded_run_ahead(self.cpu_run_ahead):
+        with bounded_run_ahead(self.vae_run_ahead(self.vae.plan.encoder, images)):
             mean, logvar = self.vae.encode(images.astype(vae_dtype))
             mean, logvar = mean.astype(mx.float32), logvar.astype(mx.float32)
             mx.eval(mean, logvar)
