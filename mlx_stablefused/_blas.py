@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
@@ -38,6 +39,7 @@ def preload_openblas() -> str:
         status = "disabled by MLX_STABLEFUSED_NO_OPENBLAS"
     elif "mlx.core" in sys.modules:
         status = "skipped: mlx.core was imported before mlx_stablefused"
+        _warn_if_skipped_openblas()
     elif os.environ.get("MLX_STABLEFUSED_OPENBLAS"):
         path = os.environ["MLX_STABLEFUSED_OPENBLAS"]
         try:  # named explicitly: a failure is an error, not a silent fall-back to the slow BLAS
@@ -46,8 +48,7 @@ def preload_openblas() -> str:
             raise ValueError(f"MLX_STABLEFUSED_OPENBLAS={path} could not be loaded: {error}") from None
         status = f"loaded {path}"
     else:
-        found = ctypes.util.find_library("openblas")
-        paths = ([found] if found else []) + [p for p in CANDIDATES if os.path.exists(p)]
+        paths = _system_openblas()
         status = "no OpenBLAS found (apt-get install libopenblas0-pthread makes MLX's CPU matmul ~40x faster)"
         for path in paths:
             try:
@@ -59,6 +60,24 @@ def preload_openblas() -> str:
     if _library is not None:
         status += core_note(_library)
     return status
+
+
+def _system_openblas() -> list[str]:
+    found = ctypes.util.find_library("openblas")
+    return ([found] if found else []) + [p for p in CANDIDATES if os.path.exists(p)]
+
+
+def _warn_if_skipped_openblas() -> None:
+    """Say so when an OpenBLAS was there to load but MLX had already bound its own BLAS: an ``import mlx.core``
+    before the MLX backend is imported leaves every CPU matrix product ~40x slower, which nothing else shows."""
+    named = os.environ.get("MLX_STABLEFUSED_OPENBLAS")
+    available = named if named and os.path.exists(named) else None if named else next(iter(_system_openblas()), None)
+    if available is None or hasattr(ctypes.CDLL(None), "openblas_get_corename"):  # none, or already preloaded
+        return
+    warnings.warn(f"mlx.core was imported before mlx_stablefused's MLX backend, so MLX's CPU build keeps its "
+                  f"bundled reference BLAS (matrix products ~40x slower) instead of the OpenBLAS at {available}: "
+                  "import mlx_stablefused.backends.mlx before mlx.core (or set MLX_STABLEFUSED_NO_OPENBLAS=1 to "
+                  "keep the bundled BLAS without this warning)", RuntimeWarning, stacklevel=2)
 
 
 def core_note(library: ctypes.CDLL) -> str:

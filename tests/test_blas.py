@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def preload(env: dict) -> subprocess.CompletedProcess:
-    code = "from mlx_stablefused import _blas; print(_blas.preload_openblas())"
+def preload(env: dict, before: str = "") -> subprocess.CompletedProcess:
+    code = before + "from mlx_stablefused import _blas; print(_blas.preload_openblas())"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLX_STABLEFUSED_")}
     return subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": str(ROOT), **env},
                           capture_output=True, text=True, timeout=60)
@@ -40,3 +40,20 @@ def test_status_names_the_kernels_openblas_chose():
         done = preload({"MLX_STABLEFUSED_OPENBLAS": found})
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"loaded {found} (core "), done.stdout
+
+
+def test_a_skipped_openblas_is_a_warning_naming_the_fix(tmp_path):
+    """mlx.core imported first binds MLX's reference BLAS for good: said once, with the import order that avoids it;
+    quiet when there was no OpenBLAS to load or the opt-out is set."""
+    library = tmp_path / "libopenblas.so.0"
+    library.write_bytes(b"")  # only named, never loaded: MLX is already bound
+    done = preload({"MLX_STABLEFUSED_OPENBLAS": str(library)}, before="import mlx.core; ")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "skipped: mlx.core was imported before mlx_stablefused"
+    assert f"instead of the OpenBLAS at {library}" in done.stderr
+    assert "import mlx_stablefused.backends.mlx before mlx.core" in done.stderr
+    quiet = preload({"MLX_STABLEFUSED_OPENBLAS": str(tmp_path / "none.so")}, before="import mlx.core; ")
+    assert quiet.returncode == 0 and "RuntimeWarning" not in quiet.stderr, quiet.stderr
+    opted_out = preload({"MLX_STABLEFUSED_OPENBLAS": str(library), "MLX_STABLEFUSED_NO_OPENBLAS": "1"},
+                        before="import mlx.core; ")
+    assert opted_out.stdout.strip() == "disabled by MLX_STABLEFUSED_NO_OPENBLAS" and "RuntimeWarning" not in opted_out.stderr
