@@ -74,6 +74,8 @@ def test_vae_passes_run_ahead_by_their_maps_and_the_preset_keeps_the_flat_bound(
     assert seen == [1024, 1024]  # one image at a time, each with the flat bound
     assert report("mlx: VAE decode under the preset's run-ahead bound vs the default's (max abs, [0, 1] images)",
                   max_abs_error(low, default)) < 1e-6
+    # SD 1.5's decoder (largest map: 256 channels at full size) at 256, 512 and 1024 pixels
+    assert [vae_headroom(256 * side**2) >> 20 for side in (256, 512, 1024)] == [512, 1024, 2048]
 
 
 @pytest.mark.slow  # its own model load; 8-bit closeness is also checked by default in test_performance_paths

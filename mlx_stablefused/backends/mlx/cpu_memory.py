@@ -13,7 +13,8 @@ What keeps the streams fed grows with the feature maps: at 512x512 a flat 512 MB
 18.5 s against 13.3 s with 1 GB and 12.7 s unbounded (2 streams, fp32, 2-core EPYC; 640/768/896 MB:
 17.6/16.7/15.7 s; one stream measured no difference), so VAE passes get ``MAPS_AHEAD`` of their largest
 float32 feature map (``vae_headroom``; 1 GB at 512x512: decode peak 1146 instead of 877 MB over the
-weights), and the low-memory preset keeps the flat bound. UNet passes keep it too: a guided SD 1.5 pass
+weights), at most ``MAX_VAE_HEADROOM`` (at 1024x1024, float16: 512 MB 80.0 s, 2 GB 69.6 s with the same peak,
+3316 MB over the weights, 4 GB 70.5 s and 4252 MB), and the low-memory preset keeps the flat bound. UNet passes keep it too: a guided SD 1.5 pass
 at 512x512 took 8.7 s with 512 MB and 9.6 s with 1 GB.
 Not used on Metal, where MLX's own limit and command buffers govern the run-ahead.
 """
@@ -26,13 +27,14 @@ from typing import Iterator
 import mlx.core as mx
 
 DEFAULT_HEADROOM = 512 * 2**20
-MAPS_AHEAD = 4  # a VAE pass may run ahead by this many of its largest feature maps (in float32)
+MAPS_AHEAD = 4  # a VAE pass may run ahead by this many of its largest feature maps (in float32) ...
+MAX_VAE_HEADROOM = 2 * 2**30  # ... up to this
 
 
 def vae_headroom(largest_map_elements: int, floor: int = DEFAULT_HEADROOM) -> int:
     """The run-ahead bound of a VAE pass whose largest feature map (all samples) has this many elements:
-    ``MAPS_AHEAD`` float32 maps, at least ``floor``."""
-    return max(int(floor), MAPS_AHEAD * 4 * int(largest_map_elements))
+    ``MAPS_AHEAD`` float32 maps, at most ``MAX_VAE_HEADROOM``, at least ``floor``."""
+    return max(int(floor), min(MAX_VAE_HEADROOM, MAPS_AHEAD * 4 * int(largest_map_elements)))
 
 
 @contextlib.contextmanager
