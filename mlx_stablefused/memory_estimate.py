@@ -53,8 +53,11 @@ def _heads(unet: Any, level: int) -> int:
     return int(heads[min(level, len(heads) - 1)])
 
 
-def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_attention: bool) -> dict[str, int]:
-    """Bytes per part of the peak (a lower bound): ``latents``, ``unet``, ``attention``, ``vae``."""
+def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_attention: bool,
+             score_cap: int | None = None) -> dict[str, int]:
+    """Bytes per part of the peak (a lower bound): ``latents``, ``unet``, ``attention``, ``vae``.
+    ``score_cap``: the most bytes of scores an attention slice holds whatever the request's slicing (MLX's
+    CPU build always slices; see ``Backend.attention_slice_bytes``)."""
     f = 2 ** (len(vae.block_out_channels) - 1)
     h, w = request.height // f, request.width // f
     images = request.batch * request.frames
@@ -74,13 +77,15 @@ def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_atte
                 tokens = h * w // 4 ** level
                 queries = min(tokens, request.attention_chunk or tokens)
                 attention = max(attention, unet_batch * _heads(unet, level) * queries * tokens * dtype_bytes)
+        attention = min(attention, score_cap) if score_cap else attention
     tile_h, tile_w = (min(request.tile, request.height), min(request.tile, request.width)) if request.tile else \
         (request.height, request.width)
     decoded_together = min(images, request.decode_batch or images)
     vae_bytes = 2 * decoded_together * vae.block_out_channels[0] * tile_h * tile_w * dtype_bytes
     if not fused_attention and getattr(vae, "mid_block_add_attention", True):
         tokens = (tile_h // f) * (tile_w // f)
-        vae_bytes += decoded_together * tokens * tokens * dtype_bytes
+        scores = decoded_together * tokens * tokens * dtype_bytes
+        vae_bytes += min(scores, score_cap) if score_cap else scores
     vae_bytes += images * request.height * request.width * 3 * 4  # the decoded float32 images
     return {"latents": latents, "unet": unet_bytes, "attention": attention, "vae": vae_bytes}
 
@@ -126,9 +131,10 @@ def _option_sets() -> list[tuple[str, ...]]:
 
 
 def check_fits(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_attention: bool,
-               available: int | None, what: str = "this request") -> dict[str, int]:
-    """Refuse (MemoryError) a request whose lower-bound peak exceeds ``available``; returns the parts."""
-    parts = estimate(unet, vae, request, dtype_bytes, fused_attention)
+               available: int | None, what: str = "this request", score_cap: int | None = None) -> dict[str, int]:
+    """Refuse (MemoryError) a request whose lower-bound peak exceeds ``available``; returns the parts.
+    Its advice names only options that change the bound (with ``score_cap``, attention slicing may not)."""
+    parts = estimate(unet, vae, request, dtype_bytes, fused_attention, score_cap)
     need = peak(parts)
     if available is None or need <= available:
         return parts
@@ -137,7 +143,7 @@ def check_fits(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_at
         changed = request
         for name in names:
             changed = replace(changed, **OPTIONS[name](request))
-        if peak(estimate(unet, vae, changed, dtype_bytes, fused_attention)) <= available:
+        if peak(estimate(unet, vae, changed, dtype_bytes, fused_attention, score_cap)) <= available:
             advice = f"it would fit with {' + '.join(names)}"
             break
     largest = max(("UNet activations", parts["unet"]), ("attention scores", parts["attention"]),

@@ -362,6 +362,7 @@ def test_a_request_too_big_for_memory_names_the_flags_that_fit_it(tmp_path, caps
 
     monkeypatch.setattr(MLXBackend, "available_memory", lambda self: 3 * 1024 ** 3)
     monkeypatch.setattr(MLXBackend, "fused_attention", property(lambda self: False))
+    monkeypatch.setattr(MLXBackend, "attention_slice_bytes", property(lambda self: None))  # whole score matrices
     argv = IMAGE + ["--model", "demo:tiny-random", "--height", "2048", "--width", "2048", "--output",
                     str(tmp_path / "o.png")]
     err = refused(capsys, argv, "--attention-slicing", tmp_path, notice=True)

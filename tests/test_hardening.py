@@ -117,8 +117,8 @@ def test_a_request_that_cannot_fit_is_refused_before_any_work(sd1, pipelines, ba
 
 
 def test_the_refusal_names_the_options_that_would_make_it_fit(sd1, pipelines, monkeypatch):
-    """With 3 GB free, 2048x2048 on the MLX CPU path needs both the UNet's attention sliced and the VAE tiled
-    (its mid-block attention alone would take 16 GB)."""
+    """With 3 GB free, 2048x2048 with whole score matrices needs both the UNet's attention sliced and the VAE
+    tiled (its mid-block attention alone would take 16 GB)."""
     from mlx_stablefused.memory_estimate import Request, estimate, peak
 
     _, root = sd1
@@ -126,6 +126,7 @@ def test_the_refusal_names_the_options_that_would_make_it_fit(sd1, pipelines, mo
     backend = pipe.backend
     monkeypatch.setattr(type(backend), "available_memory", lambda self: 3 * 1024 ** 3)
     monkeypatch.setattr(type(backend), "fused_attention", property(lambda self: False))
+    monkeypatch.setattr(type(backend), "attention_slice_bytes", property(lambda self: None))  # whole matrices
     parts = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, False)
     assert min(parts["attention"], parts["vae"]) > 3 * 1024 ** 3  # the premise of the test
     with pytest.raises(MemoryError, match=r"it would fit with enable_tiling\(\) \+ enable_attention_slicing\(\)$"):
@@ -139,6 +140,30 @@ def test_the_refusal_names_the_options_that_would_make_it_fit(sd1, pipelines, mo
     assert peak(estimate(backend.unet_config, backend.vae_config, both, 4, False)) < 3 * 1024 ** 3
     fused = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, True)
     assert fused["attention"] == 0 and fused["vae"] < parts["vae"]  # Metal / CUDA: no score matrices
+
+
+def test_the_refusal_knows_mlx_on_the_cpu_always_slices_its_attention(sd1, pipelines, monkeypatch):
+    """MLX's CPU build holds at most CPU_SLICE_SCORE_BYTES of scores a slice whatever the pipeline asks, so
+    its bound and advice leave attention slicing out: at 2048x2048 with 400 MB free only VAE tiling is named (the
+    tiny VAE's top-resolution maps; whole score matrices would need 17 GB in its mid block alone)."""
+    from mlx_stablefused.backends.mlx import cpu_math
+    from mlx_stablefused.memory_estimate import Request, estimate
+
+    _, root = sd1
+    pipe = TextToImageDiffusion.from_pipeline(pipelines.pipeline(TextToImageDiffusion, root, "mlx"))
+    backend = pipe.backend
+    assert backend.attention_slice_bytes == cpu_math.CPU_SLICE_SCORE_BYTES  # the test machine is a CPU
+    monkeypatch.setattr(type(backend), "available_memory", lambda self: 400 * 1024 ** 2)
+    whole = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, False)
+    sliced = estimate(backend.unet_config, backend.vae_config, Request(2048, 2048, 1), 4, False,
+                      cpu_math.CPU_SLICE_SCORE_BYTES)
+    assert sliced["attention"] == cpu_math.CPU_SLICE_SCORE_BYTES < whole["attention"]
+    assert whole["vae"] - sliced["vae"] > 15 * 1024 ** 3  # the VAE's 65536-token scores, 16 GB whole
+    with pytest.raises(MemoryError, match=r"largest part: VAE decoder activations.*it would fit with "
+                                          r"enable_tiling\(\)$"):
+        pipe.check_memory(2048, 2048, 1)
+    pipe.enable_tiling()
+    pipe.check_memory(2048, 2048, 1)
 
 
 def test_the_pixel_cap_is_configurable_and_checked(monkeypatch):

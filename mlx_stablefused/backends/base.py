@@ -327,6 +327,12 @@ class Backend(ABC):
         return False
 
     @property
+    def attention_slice_bytes(self) -> int | None:
+        """The most bytes of scores one attention slice holds here whatever a pipeline's slicing asks
+        (None: the pipeline's slicing decides)."""
+        return None
+
+    @property
     def dtype_bytes(self) -> int:
         """Bytes per element of the networks' compute dtype."""
         dtype = getattr(self, "dtype", None)

@@ -370,7 +370,8 @@ class BaseDiffusion(LoRALoaderMixin, IPAdapterMixin, PromptFeaturesMixin, Contro
         backend = self.backend
         what = f"{names[0]}={height}, {names[1]}={width}" + (f", {frames} frames" if frames > 1 else "")
         check_fits(backend.unet_config, backend.vae_config, request, backend.dtype_bytes, backend.fused_attention,
-                   backend.available_memory(), what + (f", batch {batch}" if batch > 1 else ""))
+                   backend.available_memory(), what + (f", batch {batch}" if batch > 1 else ""),
+                   backend.attention_slice_bytes)
 
     @staticmethod
     def validate_steps(num_inference_steps: int) -> None:

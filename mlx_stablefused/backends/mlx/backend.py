@@ -15,6 +15,7 @@ from ...motion_adapters import MotionAdapterSource
 from ...sources import ModelSource
 from ...topology import CoderPlan
 from ..base import COMPILE, CPU_STREAMS, QUANTIZE, Backend, RunSettings
+from . import cpu_math
 from .cpu_memory import DEFAULT_HEADROOM, bounded_run_ahead, vae_headroom
 from .cpu_streams import StreamSet, default_stream_count, eval_in_lockstep, marking, split_axis, split_sizes
 from .loading import MLXNetworks, load_model
@@ -99,6 +100,11 @@ class MLXBackend(Backend):
     def fused_attention(self) -> bool:
         """mx.fast.scaled_dot_product_attention on Metal never materialises the scores."""
         return mx.default_device() == mx.gpu and mx.metal.is_available()
+
+    @property
+    def attention_slice_bytes(self) -> int | None:
+        """On the CPU attention is always sliced (cpu_math.CPU_SLICE_SCORE_BYTES of float32 scores a slice)."""
+        return cpu_math.CPU_SLICE_SCORE_BYTES if cpu_math.on_cpu() else None
 
     TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 
