@@ -71,7 +71,10 @@ def _warn_if_skipped_openblas() -> None:
     """Say so when an OpenBLAS was there to load but MLX had already bound its own BLAS: an ``import mlx.core``
     before the MLX backend is imported leaves every CPU matrix product ~40x slower, which nothing else shows."""
     named = os.environ.get("MLX_STABLEFUSED_OPENBLAS")
-    available = named if named and os.path.exists(named) else None if named else next(iter(_system_openblas()), None)
+    if named:
+        available = named if os.path.exists(named) else None
+    else:
+        available = next(iter(_system_openblas()), None)
     if available is None or hasattr(ctypes.CDLL(None), "openblas_get_corename"):  # none, or already preloaded
         return
     warnings.warn(f"mlx.core was imported before mlx_stablefused's MLX backend, so MLX's CPU build keeps its "

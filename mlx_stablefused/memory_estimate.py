@@ -58,6 +58,9 @@ def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_atte
     """Bytes per part of the peak (a lower bound): ``latents``, ``unet``, ``attention``, ``vae``.
     ``score_cap``: the most bytes of scores an attention slice holds whatever the request's slicing (MLX's
     CPU build always slices; see ``Backend.attention_slice_bytes``)."""
+    def capped(scores: int) -> int:
+        return min(scores, score_cap) if score_cap else scores
+
     f = 2 ** (len(vae.block_out_channels) - 1)
     h, w = request.height // f, request.width // f
     images = request.batch * request.frames
@@ -76,16 +79,14 @@ def estimate(unet: Any, vae: Any, request: Request, dtype_bytes: int, fused_atte
             if "CrossAttn" in kind:
                 tokens = h * w // 4 ** level
                 queries = min(tokens, request.attention_chunk or tokens)
-                attention = max(attention, unet_batch * _heads(unet, level) * queries * tokens * dtype_bytes)
-        attention = min(attention, score_cap) if score_cap else attention
+                attention = max(attention, capped(unet_batch * _heads(unet, level) * queries * tokens * dtype_bytes))
     tile_h, tile_w = (min(request.tile, request.height), min(request.tile, request.width)) if request.tile else \
         (request.height, request.width)
     decoded_together = min(images, request.decode_batch or images)
     vae_bytes = 2 * decoded_together * vae.block_out_channels[0] * tile_h * tile_w * dtype_bytes
     if not fused_attention and getattr(vae, "mid_block_add_attention", True):
         tokens = (tile_h // f) * (tile_w // f)
-        scores = decoded_together * tokens * tokens * dtype_bytes
-        vae_bytes += min(scores, score_cap) if score_cap else scores
+        vae_bytes += capped(decoded_together * tokens * tokens * dtype_bytes)
     vae_bytes += images * request.height * request.width * 3 * 4  # the decoded float32 images
     return {"latents": latents, "unet": unet_bytes, "attention": attention, "vae": vae_bytes}
 

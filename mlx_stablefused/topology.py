@@ -219,30 +219,23 @@ class CoderPlan:
     def largest_map(self, height: int, width: int) -> int:
         """The most elements of any one sample's feature map in a pass over a ``height`` x ``width`` input
         (the decoder: latent pixels): what the run-ahead bound of a VAE pass scales with (cpu_memory)."""
-        size = [height, width]
-
-        def blocks() -> int:
-            most = 0
-            for block in self.blocks:
-                most = max(most, size[0] * size[1] * max(max(r.in_channels, r.out_channels) for r in block.resnets))
-                if not block.resample:
-                    continue
+        h, w = height, width
+        maps = [h * w * max(self.conv_in)]
+        if self.upsamples:  # the decoder's mid block runs before its blocks, the encoder's after them
+            maps.append(h * w * self.mid_block.channels)
+        for block in self.blocks:
+            maps.append(h * w * max(max(r.in_channels, r.out_channels) for r in block.resnets))
+            if block.resample:
                 channels = block.resnets[-1].out_channels
                 if self.upsamples:  # 2x nearest
-                    size[:] = [2 * s for s in size]
+                    h, w = 2 * h, 2 * w
                 else:  # stride 2 after a row and a column of padding (the padded map is one too)
-                    most = max(most, (size[0] + 1) * (size[1] + 1) * channels)
-                    size[:] = [(s - 2) // 2 + 1 for s in size]
-                most = max(most, size[0] * size[1] * channels)
-            return most
-
-        largest = height * width * max(self.conv_in)
-        if not self.upsamples:  # the encoder's blocks run before its mid block, the decoder's after it
-            largest = max(largest, blocks())
-        largest = max(largest, size[0] * size[1] * self.mid_block.channels)
-        if self.upsamples:
-            largest = max(largest, blocks())
-        return max(largest, size[0] * size[1] * max(self.conv_out))
+                    maps.append((h + 1) * (w + 1) * channels)
+                    h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+                maps.append(h * w * channels)
+        if not self.upsamples:
+            maps.append(h * w * self.mid_block.channels)
+        return max(*maps, h * w * max(self.conv_out))
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ What keeps the streams fed grows with the feature maps: at 512x512 a flat 512 MB
 18.5 s against 13.3 s with 1 GB and 12.7 s unbounded (2 streams, fp32, 2-core EPYC; 640/768/896 MB:
 17.6/16.7/15.7 s; one stream measured no difference), so VAE passes get ``MAPS_AHEAD`` of their largest
 float32 feature map (``vae_headroom``; 1 GB at 512x512: decode peak 1146 instead of 877 MB over the
-weights), at most ``MAX_VAE_HEADROOM`` (at 1024x1024, float16: 512 MB 80.0 s, 2 GB 69.6 s with the same peak,
-3316 MB over the weights, 4 GB 70.5 s and 4252 MB), and the low-memory preset keeps the flat bound. UNet passes keep it too: a guided SD 1.5 pass
-at 512x512 took 8.7 s with 512 MB and 9.6 s with 1 GB.
+weights), at most ``MAX_VAE_HEADROOM`` (at 1024x1024, float16: 512 MB 80.0 s, 2 GB 69.6 s with the same
+peak, 3316 MB over the weights, 4 GB 70.5 s and 4252 MB), and the low-memory preset keeps the flat bound.
+UNet passes keep it too: a guided SD 1.5 pass at 512x512 took 8.7 s with 512 MB and 9.6 s with 1 GB.
 Not used on Metal, where MLX's own limit and command buffers govern the run-ahead.
 """
 
